@@ -1,0 +1,286 @@
+//! One function's live state: its instances, its queue of waiting requests, its start
+//! failures, and the permits that hand a request to an instance.
+//!
+//! Everything here runs under the function's mutex, which is never held across an
+//! `.await`. Permits release their slot on drop, whatever path the request took.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::instance::{Instance, Phase};
+use super::{AcquireError, Revision};
+use crate::node::Node;
+
+/// First pause after a failed start; doubles with each consecutive failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest pause between start attempts of a failing function.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A run of failed starts.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The last failure's reason.
+    pub message: String,
+    /// HTTP status that waiting requests were answered with.
+    pub status: u16,
+    /// Failures in a row.
+    pub consecutive: u32,
+    /// No new start is tried before this.
+    pub retry_at: Instant,
+}
+
+pub(super) struct Waiter {
+    pub id: u64,
+    pub tx: oneshot::Sender<Result<Permit, AcquireError>>,
+}
+
+pub(super) struct FnState {
+    pub revision: Arc<Revision>,
+    pub instances: Vec<Instance>,
+    pub queue: VecDeque<Waiter>,
+    pub next_waiter: u64,
+    pub failure: Option<Failure>,
+    pub removed: bool,
+    /// Starts attempted, for status.
+    pub starts: u64,
+}
+
+/// A deployed function's live state.
+pub struct Function {
+    name: String,
+    state: Mutex<FnState>,
+    reaper: Arc<Notify>,
+}
+
+impl Function {
+    pub(super) fn new(revision: Arc<Revision>, reaper: Arc<Notify>) -> Function {
+        Function {
+            name: revision.manifest.name.clone(),
+            state: Mutex::new(FnState {
+                revision,
+                instances: Vec::new(),
+                queue: VecDeque::new(),
+                next_waiter: 0,
+                failure: None,
+                removed: false,
+                starts: 0,
+            }),
+            reaper,
+        }
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> Arc<Revision> {
+        self.lock().revision.clone()
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, FnState> {
+        // A panic under this lock cannot leave the state half-written in a way that
+        // matters more than refusing every later request would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn wake_reaper(&self) {
+        self.reaper.notify_one();
+    }
+
+    /// Hands queued requests to free instance slots, oldest first.
+    pub(super) fn dispatch(self: &Arc<Self>, st: &mut FnState) {
+        while let Some(front) = st.queue.front() {
+            if front.tx.is_closed() {
+                st.queue.pop_front();
+                continue;
+            }
+            let Some(permit) = self.take_slot(st) else {
+                break;
+            };
+            let waiter = st.queue.pop_front().expect("front exists");
+            if let Err(Ok(permit)) = waiter.tx.send(Ok(permit)) {
+                // The waiter left between the check and the send: give the slot back here,
+                // since dropping the permit would take this lock again.
+                permit.disarm(st);
+            }
+        }
+    }
+
+    /// A permit on the ready instance with the fewest in-flight requests and a free slot.
+    pub(super) fn take_slot(self: &Arc<Self>, st: &mut FnState) -> Option<Permit> {
+        let current = st.revision.id.clone();
+        let idx = st
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.phase.can_serve() && i.has_free_slot())
+            .min_by_key(|(_, i)| (i.revision.id != current, i.in_flight))
+            .map(|(idx, _)| idx)?;
+        let inst = &mut st.instances[idx];
+        inst.in_flight += 1;
+        Some(Permit {
+            function: self.clone(),
+            instance: inst.id.clone(),
+            endpoint: inst.endpoint.expect("ready instances have an endpoint"),
+            node: inst.reservation.node().clone(),
+            container_id: inst.container_id.clone().unwrap_or_default(),
+            armed: true,
+        })
+    }
+
+    /// Removes a waiter that gave up (timeout or client gone).
+    pub(super) fn forget_waiter(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(pos) = st.queue.iter().position(|w| w.id == id) {
+            st.queue.remove(pos);
+        }
+    }
+
+    fn release(self: &Arc<Self>, instance: &str) {
+        let mut st = self.lock();
+        release_slot(&mut st, instance);
+        if st
+            .instances
+            .iter()
+            .any(|i| i.phase == Phase::Draining && i.in_flight == 0)
+        {
+            self.wake_reaper();
+        }
+        self.dispatch(&mut st);
+    }
+}
+
+fn release_slot(st: &mut FnState, instance: &str) {
+    if let Some(inst) = st.instances.iter_mut().find(|i| i.id == instance) {
+        inst.in_flight = inst.in_flight.saturating_sub(1);
+        inst.last_used = Instant::now();
+        inst.served += 1;
+    }
+}
+
+impl FnState {
+    /// Whether a failed start forbids a new attempt now.
+    pub fn backing_off(&self, now: Instant) -> Option<&Failure> {
+        self.failure.as_ref().filter(|f| f.retry_at > now)
+    }
+
+    /// Records a failed start and returns the pause before the next attempt.
+    pub fn record_failure(&mut self, message: String, status: u16) -> Duration {
+        let consecutive = self.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+        let backoff = backoff(consecutive);
+        self.failure = Some(Failure {
+            message,
+            status,
+            consecutive,
+            retry_at: Instant::now() + backoff,
+        });
+        backoff
+    }
+
+    /// Instances of the current revision that are starting or serving.
+    pub fn current_instances(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|i| i.revision.id == self.revision.id && i.phase.counts_as_capacity())
+            .count()
+    }
+
+    /// Requests waiting plus requests in flight on current-revision instances.
+    pub fn demand(&self) -> usize {
+        self.queue.len()
+            + self
+                .instances
+                .iter()
+                .filter(|i| i.revision.id == self.revision.id)
+                .map(|i| i.in_flight as usize)
+                .sum::<usize>()
+    }
+}
+
+/// The pause after `consecutive` failed starts.
+pub fn backoff(consecutive: u32) -> Duration {
+    let factor = 1u32 << consecutive.saturating_sub(1).min(16);
+    (BACKOFF_BASE * factor).min(BACKOFF_MAX)
+}
+
+/// The right to send one request to one instance. Dropping it frees the slot, updates
+/// the instance's last use, and hands the slot to the next queued request.
+pub struct Permit {
+    function: Arc<Function>,
+    instance: String,
+    endpoint: SocketAddr,
+    node: Arc<dyn Node>,
+    container_id: String,
+    armed: bool,
+}
+
+impl Permit {
+    /// Where to send the request.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    /// The instance id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The node running the instance.
+    pub fn node(&self) -> &Arc<dyn Node> {
+        &self.node
+    }
+
+    /// The container id on that node.
+    pub fn container_id(&self) -> &str {
+        &self.container_id
+    }
+
+    /// The function.
+    pub fn function(&self) -> &Arc<Function> {
+        &self.function
+    }
+
+    fn disarm(mut self, st: &mut FnState) {
+        self.armed = false;
+        release_slot(st, &self.instance);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.armed {
+            self.function.release(&self.instance);
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("function", &self.function.name)
+            .field("instance", &self.instance)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(10), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,169 @@
+//! One instance (container) of one revision on one node, and its lifecycle.
+//!
+//! starting → ready → draining → stopping → gone. Only ready instances take requests;
+//! draining ones finish what they have and are stopped when idle; stopping ones are being
+//! removed. Illegal transitions are refused by the guard methods, never by a panic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::Revision;
+use crate::scheduler::Reservation;
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Container being created, started and probed.
+    Starting,
+    /// Taking requests.
+    Ready,
+    /// No new requests; stopped once its in-flight requests finish.
+    Draining,
+    /// Being removed.
+    Stopping,
+}
+
+impl Phase {
+    /// Whether new requests may go to it.
+    pub fn can_serve(self) -> bool {
+        self == Phase::Ready
+    }
+
+    /// Whether it counts toward the function's capacity when deciding to scale.
+    pub fn counts_as_capacity(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Ready)
+    }
+
+    /// Whether it may move to `next`.
+    pub fn can_become(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Starting, Ready)
+                | (Starting, Stopping)
+                | (Ready, Draining)
+                | (Ready, Stopping)
+                | (Draining, Stopping)
+        )
+    }
+}
+
+/// One instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub(crate) id: String,
+    pub(crate) revision: Arc<Revision>,
+    pub(crate) reservation: Reservation,
+    pub(crate) container_id: Option<String>,
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) phase: Phase,
+    pub(crate) in_flight: u32,
+    pub(crate) last_used: Instant,
+    pub(crate) served: u64,
+    pub(crate) adopted: bool,
+}
+
+impl Instance {
+    pub(crate) fn starting(id: String, revision: Arc<Revision>, reservation: Reservation) -> Self {
+        Instance {
+            id,
+            revision,
+            reservation,
+            container_id: None,
+            endpoint: None,
+            phase: Phase::Starting,
+            in_flight: 0,
+            last_used: Instant::now(),
+            served: 0,
+            adopted: false,
+        }
+    }
+
+    /// Moves to `next` if the lifecycle allows it; returns whether it moved.
+    pub(crate) fn become_(&mut self, next: Phase) -> bool {
+        if self.phase.can_become(next) {
+            self.phase = next;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn has_free_slot(&self) -> bool {
+        self.in_flight < self.revision.manifest.scale.concurrency
+    }
+}
+
+/// What the API shows of an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    /// Instance id.
+    pub id: String,
+    /// Revision id.
+    pub revision: String,
+    /// Node name.
+    pub node: String,
+    /// Container id, once created.
+    pub container_id: Option<String>,
+    /// Address it answers on.
+    pub endpoint: Option<String>,
+    /// Lifecycle phase.
+    pub phase: Phase,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Requests served.
+    pub served: u64,
+    /// Milliseconds since its last request finished.
+    pub idle_ms: u64,
+    /// Whether it was adopted from before a gateway restart.
+    pub adopted: bool,
+}
+
+impl Instance {
+    pub(crate) fn status(&self, now: Instant) -> InstanceStatus {
+        InstanceStatus {
+            id: self.id.clone(),
+            revision: self.revision.id.clone(),
+            node: self.reservation.node().name().to_string(),
+            container_id: self.container_id.clone(),
+            endpoint: self.endpoint.map(|e| e.to_string()),
+            phase: self.phase,
+            in_flight: self.in_flight,
+            served: self.served,
+            idle_ms: if self.in_flight > 0 {
+                0
+            } else {
+                now.saturating_duration_since(self.last_used).as_millis() as u64
+            },
+            adopted: self.adopted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase::*;
+
+    #[test]
+    fn only_ready_instances_serve() {
+        assert!(Ready.can_serve());
+        for p in [Starting, Draining, Stopping] {
+            assert!(!p.can_serve(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_moves_forward_only() {
+        assert!(Starting.can_become(Ready));
+        assert!(Ready.can_become(Draining));
+        assert!(Draining.can_become(Stopping));
+        assert!(!Stopping.can_become(Ready));
+        assert!(!Draining.can_become(Ready));
+        assert!(!Ready.can_become(Starting));
+        assert!(!Stopping.can_become(Stopping));
+    }
+}

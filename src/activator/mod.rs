@@ -1,0 +1,470 @@
+//! The activator: turns "a request for function F" into "a permit on a ready instance of F",
+//! cold-starting instances when there is none free.
+//!
+//! It owns the live state of every function (`function.rs`), the instance lifecycle
+//! (`instance.rs`), cold starts (`start.rs`), retiring idle and draining instances
+//! (`reap.rs`) and adopting containers after a restart (`restore.rs`). It keeps the
+//! store in step with deploys and instances, and leaves HTTP to the gateway and
+//! placement to the scheduler.
+//!
+//! Requests that find no free slot wait in the function's bounded queue; many waiting
+//! requests start as many instances as their number needs (by `concurrency`), not one each.
+
+mod function;
+mod instance;
+mod reap;
+mod restore;
+mod start;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
+pub use instance::{InstanceStatus, Phase};
+
+use crate::manifest::Manifest;
+use crate::readiness::Prober;
+use crate::scheduler::Scheduler;
+use crate::store::{self, FunctionRecord, RevisionRecord, Store, StoreError};
+
+/// An immutable revision: its id and manifest.
+#[derive(Debug)]
+pub struct Revision {
+    /// Revision id (hash of the manifest).
+    pub id: String,
+    /// The manifest.
+    pub manifest: Arc<Manifest>,
+}
+
+/// Why a request got no instance.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AcquireError {
+    /// The function's queue is full.
+    #[error("function `{function}` has {capacity} requests waiting already (queue.capacity); retry shortly")]
+    QueueFull {
+        /// Function name.
+        function: String,
+        /// Its queue capacity.
+        capacity: u32,
+    },
+    /// The request waited in the queue past `queue.timeout`.
+    #[error("function `{function}` had no free instance within {} (queue.timeout)", humantime::format_duration(*waited))]
+    QueueTimeout {
+        /// Function name.
+        function: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Starting an instance failed, now or recently.
+    #[error("function `{function}` could not start: {message}")]
+    StartFailed {
+        /// Function name.
+        function: String,
+        /// Why, with the container's last output when there is some.
+        message: String,
+        /// 502 (the container misbehaved) or 503 (the node could not run it).
+        status: u16,
+        /// When a new start will be tried.
+        retry_after: Duration,
+    },
+    /// The function was removed while the request waited.
+    #[error("function `{0}` was removed")]
+    Removed(String),
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// Activator failures outside the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivatorError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No such function.
+    #[error("function `{0}` is not deployed")]
+    NotFound(String),
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployOutcome {
+    /// Function name.
+    pub name: String,
+    /// The revision now current.
+    pub revision: String,
+    /// Whether the function is new.
+    pub created: bool,
+    /// Whether the revision changed (false: same manifest, nothing done).
+    pub changed: bool,
+}
+
+/// A function's status for `ember ls` and the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStatus {
+    /// Function name.
+    pub name: String,
+    /// Current revision.
+    pub revision: String,
+    /// Image of the current revision.
+    pub image: String,
+    /// Instances starting.
+    pub starting: usize,
+    /// Instances ready.
+    pub ready: usize,
+    /// Instances draining or stopping.
+    pub draining: usize,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Requests waiting.
+    pub queued: usize,
+    /// Starts attempted since the gateway started.
+    pub starts: u64,
+    /// The current run of failed starts, if any.
+    pub failure: Option<FailureStatus>,
+    /// Each instance.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// A run of failed starts, as shown to users.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureStatus {
+    /// The last reason.
+    pub message: String,
+    /// Failures in a row.
+    pub consecutive: u32,
+    /// Milliseconds until a new start may be tried (0: now).
+    pub retry_in_ms: u64,
+}
+
+struct Inner {
+    functions: RwLock<HashMap<String, Arc<Function>>>,
+    scheduler: Scheduler,
+    store: Store,
+    prober: Prober,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    reaper: Arc<Notify>,
+    health_due: AtomicBool,
+    deploy_lock: tokio::sync::Mutex<()>,
+}
+
+/// The activator. Cheap to clone.
+#[derive(Clone)]
+pub struct Activator {
+    inner: Arc<Inner>,
+}
+
+impl Activator {
+    /// An activator over the scheduler's nodes; background work goes on `tracker` and
+    /// stops with `shutdown`.
+    pub fn new(
+        scheduler: Scheduler,
+        store: Store,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Activator {
+        Activator {
+            inner: Arc::new(Inner {
+                functions: RwLock::new(HashMap::new()),
+                scheduler,
+                store,
+                prober: Prober::default(),
+                tracker,
+                shutdown,
+                reaper: Arc::new(Notify::new()),
+                health_due: AtomicBool::new(false),
+                deploy_lock: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The scheduler (and through it the nodes).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.inner.scheduler
+    }
+
+    pub(crate) fn reaper(&self) -> &Notify {
+        &self.inner.reaper
+    }
+
+    /// Asks the reaper to check containers at its next pass (an instance looked dead).
+    pub fn request_health_check(&self) {
+        self.inner.health_due.store(true, Ordering::Release);
+        self.inner.reaper.notify_one();
+    }
+
+    /// Whether a health check was asked for since the last one; clears the request.
+    pub(crate) fn take_health_request(&self) -> bool {
+        self.inner.health_due.swap(false, Ordering::AcqRel)
+    }
+
+    /// The function named `name`, if deployed.
+    pub fn function(&self, name: &str) -> Option<Arc<Function>> {
+        self.read_functions().get(name).cloned()
+    }
+
+    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Function>>> {
+        self.inner
+            .functions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Function>>> {
+        self.inner
+            .functions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every deployed function, by name.
+    pub fn functions(&self) -> Vec<Arc<Function>> {
+        let mut all: Vec<_> = self.read_functions().values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// A permit on a ready instance of `f`, waiting in its queue (and cold-starting an
+    /// instance) when none is free.
+    pub async fn acquire(&self, f: &Arc<Function>) -> Result<Permit, AcquireError> {
+        let (rx, waiter_id, wait) = {
+            let mut st = f.lock();
+            if st.removed {
+                return Err(AcquireError::Removed(f.name().to_string()));
+            }
+            if let Some(permit) = f.take_slot(&mut st) {
+                return Ok(permit);
+            }
+            let m = st.revision.manifest.clone();
+            if st.queue.len() >= m.queue.capacity as usize {
+                return Err(AcquireError::QueueFull {
+                    function: f.name().to_string(),
+                    capacity: m.queue.capacity,
+                });
+            }
+            let now = Instant::now();
+            if st.current_instances() == 0 {
+                if let Some(failure) = st.backing_off(now) {
+                    return Err(AcquireError::StartFailed {
+                        function: f.name().to_string(),
+                        message: format!(
+                            "{} ({} failed starts in a row; the next try is in {})",
+                            failure.message,
+                            failure.consecutive,
+                            humantime::format_duration(round_up_secs(failure.retry_at - now))
+                        ),
+                        status: 503,
+                        retry_after: failure.retry_at - now,
+                    });
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_waiter;
+            st.next_waiter += 1;
+            st.queue.push_back(function::Waiter { id, tx });
+            self.scale_up(f, &mut st);
+            (rx, id, m.queue.timeout)
+        };
+        // Removes the waiter if this future is dropped (client gone) or times out.
+        let guard = WaiterGuard {
+            function: f,
+            id: waiter_id,
+            armed: true,
+        };
+        let outcome = tokio::time::timeout(wait, rx).await;
+        let mut guard = guard;
+        match outcome {
+            Ok(Ok(result)) => {
+                guard.armed = false;
+                result
+            }
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(AcquireError::Removed(f.name().to_string()))
+            }
+            Err(_) => Err(AcquireError::QueueTimeout {
+                function: f.name().to_string(),
+                waited: wait,
+            }),
+        }
+    }
+
+    /// Starts as many instances as the queue needs, within `scale.max`, unless the
+    /// function is backing off after failed starts.
+    fn scale_up(&self, f: &Arc<Function>, st: &mut function::FnState) {
+        if self.inner.shutdown.is_cancelled() || st.removed {
+            return;
+        }
+        if st.backing_off(Instant::now()).is_some() {
+            return;
+        }
+        let scale = &st.revision.manifest.scale;
+        let have = st.current_instances();
+        let want = crate::autoscaler::desired_instances(
+            st.demand(),
+            scale.concurrency,
+            scale.min,
+            scale.max,
+        );
+        for _ in have..want {
+            if !self.start_instance(f, st) {
+                break;
+            }
+        }
+    }
+
+    /// Deploys a validated manifest: a new revision when it changed, nothing otherwise.
+    pub async fn deploy(&self, manifest: Manifest) -> Result<DeployOutcome, ActivatorError> {
+        let _one_at_a_time = self.inner.deploy_lock.lock().await;
+        let name = manifest.name.clone();
+        let revision_id = manifest.revision_id();
+        let existing = self.inner.store.function(&name)?;
+        if let Some(existing) = &existing {
+            if existing.revision == revision_id && self.function(&name).is_some() {
+                return Ok(DeployOutcome {
+                    name,
+                    revision: revision_id,
+                    created: false,
+                    changed: false,
+                });
+            }
+        }
+        let now = store::now_ms();
+        let record = FunctionRecord {
+            name: name.clone(),
+            revision: revision_id.clone(),
+            created_ms: existing.as_ref().map_or(now, |e| e.created_ms),
+            updated_ms: now,
+        };
+        let revision_record = RevisionRecord {
+            id: revision_id.clone(),
+            manifest: manifest.clone(),
+            created_ms: now,
+        };
+        self.inner
+            .store
+            .put_deploy(&record, &revision_record)
+            .await?;
+        let revision = Arc::new(Revision {
+            id: revision_id.clone(),
+            manifest: Arc::new(manifest),
+        });
+        let created = match self.function(&name) {
+            Some(f) => {
+                let mut st = f.lock();
+                st.revision = revision;
+                st.failure = None;
+                // Keep serving on the old revision until the new one is ready, then drain.
+                let serving_old = st.instances.iter().any(|i| i.phase.can_serve());
+                if serving_old && st.current_instances() == 0 {
+                    self.start_instance(&f, &mut st);
+                }
+                self.scale_up(&f, &mut st);
+                false
+            }
+            None => {
+                let f = Arc::new(Function::new(revision, self.inner.reaper.clone()));
+                self.write_functions().insert(name.clone(), f.clone());
+                let mut st = f.lock();
+                self.scale_up(&f, &mut st);
+                true
+            }
+        };
+        tracing::info!(function = %name, revision = %revision_id, created, "deployed");
+        Ok(DeployOutcome {
+            name,
+            revision: revision_id,
+            created,
+            changed: true,
+        })
+    }
+
+    /// Removes a function: its queue is answered, its containers removed, its records deleted.
+    /// Returns how many containers were removed.
+    pub async fn remove(&self, name: &str) -> Result<usize, ActivatorError> {
+        let _one_at_a_time = self.inner.deploy_lock.lock().await;
+        let Some(f) = self.write_functions().remove(name) else {
+            return Err(ActivatorError::NotFound(name.to_string()));
+        };
+        let (waiters, instances) = {
+            let mut st = f.lock();
+            st.removed = true;
+            let waiters: Vec<_> = st.queue.drain(..).collect();
+            let instances: Vec<_> = st.instances.drain(..).collect();
+            (waiters, instances)
+        };
+        for w in waiters {
+            let _ = w.tx.send(Err(AcquireError::Removed(name.to_string())));
+        }
+        let mut removed = 0;
+        for inst in &instances {
+            if let Some(cid) = &inst.container_id {
+                match inst.reservation.node().stop(cid).await {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(function = %name, container = %cid, error = %e, "could not remove container")
+                    }
+                }
+            }
+        }
+        self.inner.store.delete_function(name).await?;
+        tracing::info!(function = %name, containers = removed, "removed");
+        Ok(removed)
+    }
+
+    /// The status of one function.
+    pub fn status(&self, f: &Function) -> FunctionStatus {
+        let st = f.lock();
+        let now = Instant::now();
+        let count = |p: fn(Phase) -> bool| st.instances.iter().filter(|i| p(i.phase)).count();
+        FunctionStatus {
+            name: f.name().to_string(),
+            revision: st.revision.id.clone(),
+            image: st.revision.manifest.image.clone().unwrap_or_default(),
+            starting: count(|p| p == Phase::Starting),
+            ready: count(|p| p == Phase::Ready),
+            draining: count(|p| matches!(p, Phase::Draining | Phase::Stopping)),
+            in_flight: st.instances.iter().map(|i| i.in_flight).sum(),
+            queued: st.queue.len(),
+            starts: st.starts,
+            failure: st.failure.as_ref().map(|fl| FailureStatus {
+                message: fl.message.clone(),
+                consecutive: fl.consecutive,
+                retry_in_ms: fl.retry_at.saturating_duration_since(now).as_millis() as u64,
+            }),
+            instances: st.instances.iter().map(|i| i.status(now)).collect(),
+        }
+    }
+
+    /// The manifest of the current revision of `name`.
+    pub fn manifest(&self, name: &str) -> Option<Arc<Manifest>> {
+        self.function(name).map(|f| f.revision().manifest.clone())
+    }
+}
+
+fn round_up_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+struct WaiterGuard<'a> {
+    function: &'a Arc<Function>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.function.forget_waiter(self.id);
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Retiring instances: idle ones above `scale.min`, drained ones of old revisions, and
+//! ones whose container died under them. Decisions come from `autoscaler`; this file
+//! applies them to the live state and to the nodes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::instance::Phase;
+use super::{Activator, Function};
+use crate::autoscaler::{self, InstanceView};
+use crate::node::Node;
+
+struct Victim {
+    id: String,
+    node: Arc<dyn Node>,
+    container_id: Option<String>,
+}
+
+impl Activator {
+    /// One pass over every function: retire what the autoscaler says, keep `min` warm.
+    pub async fn reap(&self) {
+        let now = Instant::now();
+        for f in self.functions() {
+            let victims = {
+                let mut st = f.lock();
+                let current = st.revision.id.clone();
+                let scale = st.revision.manifest.scale.clone();
+                let views: Vec<InstanceView> = st
+                    .instances
+                    .iter()
+                    .map(|i| InstanceView {
+                        current: i.revision.id == current,
+                        phase: i.phase,
+                        in_flight: i.in_flight,
+                        idle: now.saturating_duration_since(i.last_used),
+                    })
+                    .collect();
+                let retire = autoscaler::retire(&views, scale.idle_timeout, scale.min);
+                let victims = take_victims(&mut st.instances, &retire);
+                self.scale_up(&f, &mut st);
+                victims
+            };
+            self.stop_victims(&f, victims, "idle").await;
+        }
+    }
+
+    /// Drops instances whose containers no longer run (crashed, killed, removed by hand).
+    pub async fn check_health(&self) {
+        let mut running = HashSet::new();
+        for node in self.scheduler().nodes() {
+            match node.list_managed().await {
+                Ok(list) => running.extend(
+                    list.into_iter()
+                        .filter(|c| c.running)
+                        .map(|c| c.container_id),
+                ),
+                // An unreachable engine is not proof that containers died.
+                Err(e) => {
+                    tracing::warn!(node = %node.name(), error = %e, "health check: cannot list containers");
+                    return;
+                }
+            }
+        }
+        for f in self.functions() {
+            let victims = {
+                let mut st = f.lock();
+                let dead: Vec<usize> = st
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| {
+                        matches!(i.phase, Phase::Ready | Phase::Draining)
+                            && i.container_id
+                                .as_ref()
+                                .is_some_and(|c| !running.contains(c))
+                    })
+                    .map(|(idx, _)| idx)
+                    .collect();
+                let victims = take_victims(&mut st.instances, &dead);
+                self.scale_up(&f, &mut st);
+                victims
+            };
+            self.stop_victims(&f, victims, "container stopped").await;
+        }
+    }
+
+    async fn stop_victims(&self, f: &Arc<Function>, victims: Vec<Victim>, why: &str) {
+        for v in victims {
+            tracing::info!(function = %f.name(), instance = %v.id, node = %v.node.name(), reason = why, "retiring instance");
+            if let Some(cid) = &v.container_id {
+                if let Err(e) = v.node.stop(cid).await {
+                    tracing::warn!(function = %f.name(), container = %cid, error = %e, "could not remove container");
+                }
+            }
+            if let Err(e) = self.inner.store.delete_instance(&v.id).await {
+                tracing::warn!(instance = %v.id, error = %e, "could not delete instance record");
+            }
+            let mut st = f.lock();
+            st.instances.retain(|i| i.id != v.id);
+            // A request may have queued while this instance was stopping.
+            self.scale_up(f, &mut st);
+        }
+    }
+}
+
+/// Moves the chosen instances to `Stopping` and describes them for removal.
+fn take_victims(instances: &mut [super::instance::Instance], chosen: &[usize]) -> Vec<Victim> {
+    chosen
+        .iter()
+        .filter_map(|&idx| {
+            let inst = &mut instances[idx];
+            inst.become_(Phase::Stopping).then(|| Victim {
+                id: inst.id.clone(),
+                node: inst.reservation.node().clone(),
+                container_id: inst.container_id.clone(),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,174 @@
+//! A small HTTP client of the gateway's API, and the printing of its error bodies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+/// CLI failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway URL is malformed.
+    #[error("--gateway `{0}` is not a URL like http://127.0.0.1:8080")]
+    BadUrl(String),
+    /// The gateway could not be reached.
+    #[error("cannot reach the gateway at {url}: {reason}; is `ember serve` running there? (set --gateway or EMBER_GATEWAY)")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The gateway answered with an error.
+    #[error("{}", render_api_error(*.status, .body))]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// Response body.
+        body: Bytes,
+    },
+    /// The response could not be read.
+    #[error("reading the gateway's answer failed: {0}")]
+    Read(String),
+}
+
+/// Formats a gateway error body (`{"error":{"code","message","details"}}`) for people.
+pub fn render_api_error(status: StatusCode, body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return format!(
+            "gateway answered {status}: {}",
+            String::from_utf8_lossy(body).trim()
+        );
+    };
+    let e = &v["error"];
+    let mut out = format!(
+        "{} ({status}, {})",
+        e["message"].as_str().unwrap_or("no message"),
+        e["code"].as_str().unwrap_or("unknown")
+    );
+    if let Some(details) = e["details"].as_array() {
+        for d in details {
+            out.push_str(&format!(
+                "\n  {}: {}",
+                d["field"].as_str().unwrap_or("?"),
+                d["message"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    out
+}
+
+/// A client of one gateway.
+pub struct ApiClient {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    /// A client of the gateway at `url`.
+    pub fn new(url: &str) -> Result<ApiClient, ClientError> {
+        let base = url.trim_end_matches('/').to_string();
+        let uri: Uri = base.parse().map_err(|_| ClientError::BadUrl(url.into()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(ClientError::BadUrl(url.into()));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        Ok(ApiClient {
+            base,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    /// Sends a request; returns the streaming response whatever its status.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: chain(&e),
+            })
+    }
+
+    /// Sends a request and reads the whole answer; error statuses become `ClientError::Api`.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<Bytes, ClientError> {
+        let headers: Vec<(String, String)> = content_type
+            .map(|c| vec![("content-type".to_string(), c.to_string())])
+            .unwrap_or_default();
+        let resp = self.send(method, path, &headers, body).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Read(e.to_string()))?
+            .to_bytes();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ClientError::Api { status, body })
+        }
+    }
+
+    /// GET and decode JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        let body = self.call(Method::GET, path, None, Bytes::new()).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Read(e.to_string()))
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_print_message_code_and_fields() {
+        let body = br#"{"error":{"code":"invalid_manifest","message":"manifest is invalid","details":[{"field":"scale.max","message":"must be between 1 and 1000"}]}}"#;
+        let text = render_api_error(StatusCode::BAD_REQUEST, body);
+        assert!(text.starts_with("manifest is invalid (400 Bad Request, invalid_manifest)"));
+        assert!(text.contains("\n  scale.max: must be between 1 and 1000"));
+    }
+
+    #[test]
+    fn bad_gateway_urls_are_refused_clearly() {
+        assert!(ApiClient::new("localhost:8080").is_err());
+        assert!(ApiClient::new("http://127.0.0.1:8080").is_ok());
+    }
+}

@@ -1,0 +1,259 @@
+//! `ember deploy PATH`: read a manifest, build its image through the gateway when it has a
+//! build context and the image is missing, then deploy it.
+//!
+//! With `build` and no `image`, the image is named `ember/NAME:HASH` after a hash of the
+//! build context, so changed sources make a new image and a new revision, and an unchanged
+//! folder deploys as a no-op. The context tar is made deterministic (sorted entries, zero
+//! times and owners) for exactly that reason.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+
+use super::client::{render_api_error, ApiClient};
+use crate::manifest::{Format, Manifest, ManifestError};
+
+/// Deploys the manifest at `path` (a file, or a folder holding `ember.toml`).
+pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
+    let file = if path.is_dir() {
+        path.join("ember.toml")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read the manifest {}", file.display()))?;
+    let mut manifest = Manifest::parse(&text, Format::Toml)
+        .map_err(|e| anyhow::anyhow!(render_manifest_error(&file, &e)))?;
+    if let Some(build) = manifest.build.clone() {
+        let context = file.parent().unwrap_or(Path::new(".")).join(&build);
+        let tag = build_if_missing(client, &manifest, &context).await?;
+        manifest.image = Some(tag);
+    }
+    let body = serde_json::to_vec(&manifest)?;
+    let answer = client
+        .call(
+            Method::PUT,
+            &format!("/api/v1/functions/{}", manifest.name),
+            Some("application/json"),
+            body.into(),
+        )
+        .await?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    let revision = answer["revision"].as_str().unwrap_or("?");
+    let name = &manifest.name;
+    match (answer["created"].as_bool(), answer["changed"].as_bool()) {
+        (Some(true), _) => println!("deployed {name} (revision {revision}, new function)"),
+        (_, Some(false)) => println!("{name} is unchanged (revision {revision})"),
+        _ => println!("deployed {name} (revision {revision}); older instances drain"),
+    }
+    for w in answer["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    println!("invoke it at /fn/{name}/ on the gateway");
+    Ok(())
+}
+
+fn render_manifest_error(file: &Path, e: &ManifestError) -> String {
+    let mut out = format!("{} is not a valid manifest:", file.display());
+    for fe in e.field_errors() {
+        out.push_str(&format!("\n  {}: {}", fe.field, fe.message));
+    }
+    out
+}
+
+async fn build_if_missing(
+    client: &ApiClient,
+    manifest: &Manifest,
+    context: &Path,
+) -> anyhow::Result<String> {
+    let dockerfile = manifest.dockerfile.as_deref().unwrap_or("Dockerfile");
+    if !context.join(dockerfile).is_file() {
+        bail!(
+            "build: the context {} has no {dockerfile}; add one or set `dockerfile`",
+            context.display()
+        );
+    }
+    let tar = build_context_tar(context)?;
+    let tag = match &manifest.image {
+        Some(image) => image.clone(),
+        None => {
+            let digest = Sha256::digest(&tar);
+            let hash: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+            format!("ember/{}:{hash}", manifest.name)
+        }
+    };
+    let status = client
+        .get_json(&format!("/api/v1/images?tag={}", encode(&tag)))
+        .await?;
+    if status["exists"].as_bool() == Some(true) {
+        return Ok(tag);
+    }
+    eprintln!(
+        "building {tag} from {} ({} KiB of context)",
+        context.display(),
+        tar.len() / 1024
+    );
+    let resp = client
+        .send(
+            Method::POST,
+            &format!(
+                "/api/v1/images?tag={}&dockerfile={}",
+                encode(&tag),
+                encode(dockerfile)
+            ),
+            &[("content-type".into(), "application/x-tar".into())],
+            Bytes::from(tar),
+        )
+        .await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await?.to_bytes();
+        bail!("{}", render_api_error(status, &bytes));
+    }
+    let mut pending = Vec::new();
+    let mut done = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the build's progress stream broke")?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(p) = v["progress"].as_str() {
+                eprintln!("  | {p}");
+                let _ = std::io::stderr().flush();
+            } else if let Some(e) = v["error"].as_str() {
+                bail!("building {tag} failed: {e}");
+            } else if v["done"].as_bool() == Some(true) {
+                done = true;
+            }
+        }
+    }
+    if !done {
+        bail!("building {tag}: the gateway closed the progress stream before the build finished");
+    }
+    eprintln!("built {tag}");
+    Ok(tag)
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A deterministic tar of a build context: sorted paths, zero times and owners, `.git`
+/// left out, so the same files always give the same bytes.
+pub fn build_context_tar(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut files = Vec::new();
+    collect(dir, dir, &mut files)?;
+    files.sort();
+    let mut tar = tar::Builder::new(Vec::new());
+    for rel in files {
+        let full = dir.join(&rel);
+        let meta = std::fs::symlink_metadata(&full)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        if meta.file_type().is_symlink() {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_mode(0o777);
+            let target = std::fs::read_link(&full)?;
+            tar.append_link(&mut header, &rel, target)?;
+        } else {
+            let data =
+                std::fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
+            header.set_size(data.len() as u64);
+            header.set_mode(file_mode(&meta));
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, &rel, data.as_slice())?;
+        }
+    }
+    Ok(tar.into_inner()?)
+}
+
+#[cfg(unix)]
+fn file_mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    }
+}
+
+#[cfg(not(unix))]
+fn file_mode(_: &std::fs::Metadata) -> u32 {
+    0o644
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the build context {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            collect(root, &path, out)?;
+        } else {
+            out.push(path.strip_prefix(root)?.to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_tars_depend_on_content_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/app"), "x").unwrap();
+        let a = build_context_tar(dir.path()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("bin/app"), "x").unwrap();
+        assert_eq!(
+            a,
+            build_context_tar(dir.path()).unwrap(),
+            "rewriting the same bytes changes nothing"
+        );
+        std::fs::write(dir.path().join("bin/app"), "y").unwrap();
+        assert_ne!(a, build_context_tar(dir.path()).unwrap());
+        let mut names: Vec<String> = tar::Archive::new(a.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["Dockerfile", "bin/app"]);
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(encode("ember/echo:abc"), "ember%2Fecho%3Aabc");
+    }
+}

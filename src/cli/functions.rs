@@ -1,0 +1,132 @@
+//! `ember ls`, `ember rm`, `ember invoke`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+
+use super::client::ApiClient;
+
+/// `ember ls [--json]`.
+pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let v = client.get_json("/api/v1/functions").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let functions = v["functions"].as_array().cloned().unwrap_or_default();
+    if functions.is_empty() {
+        println!("no functions deployed; `ember deploy PATH` deploys one");
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<13} {:>5} {:>8} {:>9} {:>6} {:>6}  STATUS",
+        "NAME", "REVISION", "READY", "STARTING", "IN-FLIGHT", "QUEUED", "STARTS"
+    );
+    for f in functions {
+        let status = match f["failure"].as_object() {
+            None => "ok".to_string(),
+            Some(fl) => {
+                let message = fl["message"].as_str().unwrap_or("");
+                let first_line = message.lines().next().unwrap_or("");
+                format!(
+                    "failing ({}x, retry in {}s): {first_line}",
+                    fl["consecutive"],
+                    fl["retry_in_ms"].as_u64().unwrap_or(0).div_ceil(1000)
+                )
+            }
+        };
+        println!(
+            "{:<20} {:<13} {:>5} {:>8} {:>9} {:>6} {:>6}  {status}",
+            f["name"].as_str().unwrap_or("?"),
+            f["revision"].as_str().unwrap_or("?"),
+            f["ready"],
+            f["starting"],
+            f["in_flight"],
+            f["queued"],
+            f["starts"],
+        );
+    }
+    Ok(())
+}
+
+/// `ember rm NAME`.
+pub async fn rm(client: &ApiClient, name: &str) -> anyhow::Result<()> {
+    let body = client
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/functions/{name}"),
+            None,
+            Bytes::new(),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    println!(
+        "removed {name} ({} container{} removed)",
+        v["containers"],
+        if v["containers"] == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// `ember invoke NAME [PATH] [-d BODY] [-X METHOD] [-H 'K: V']`: the answer's body goes to
+/// stdout as it streams; a non-2xx status is reported on stderr and fails the command.
+pub async fn invoke(
+    client: &ApiClient,
+    name: &str,
+    path: Option<&str>,
+    data: Option<&str>,
+    method: Option<&str>,
+    headers: &[String],
+) -> anyhow::Result<()> {
+    let body = match data {
+        Some(d) if d.starts_with('@') => {
+            Bytes::from(std::fs::read(&d[1..]).with_context(|| format!("cannot read -d {d}"))?)
+        }
+        Some(d) => Bytes::from(d.to_string()),
+        None => Bytes::new(),
+    };
+    let method = match method {
+        Some(m) => Method::from_bytes(m.to_uppercase().as_bytes())
+            .with_context(|| format!("-X {m} is not an HTTP method"))?,
+        None if data.is_some() => Method::POST,
+        None => Method::GET,
+    };
+    let mut pairs = Vec::new();
+    for h in headers {
+        let Some((k, v)) = h.split_once(':') else {
+            bail!("-H `{h}`: expected `Name: value`");
+        };
+        pairs.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let path = path.unwrap_or("/");
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    let resp = client
+        .send(method, &format!("/fn/{name}{path}"), &pairs, body)
+        .await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut out = std::io::stdout().lock();
+    let mut collected = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the answer broke off")?;
+        if let Some(data) = frame.data_ref() {
+            if status.is_success() {
+                out.write_all(data)?;
+                out.flush()?;
+            } else {
+                collected.extend_from_slice(data);
+            }
+        }
+    }
+    if !status.is_success() {
+        bail!("{}", super::client::render_api_error(status, &collected));
+    }
+    Ok(())
+}

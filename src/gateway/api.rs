@@ -1,0 +1,151 @@
+//! The control API under `/api/v1`: deploy, list, inspect and remove functions.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::activator::{DeployOutcome, FunctionStatus};
+use crate::manifest::{FieldError, Format, Manifest};
+
+/// Largest manifest accepted.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+
+#[derive(Serialize)]
+struct DeployResponse {
+    #[serde(flatten)]
+    outcome: DeployOutcome,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+/// `PUT /api/v1/functions/{name}`: deploy a manifest (TOML or JSON).
+pub async fn put_function(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest {
+        code: "invalid_manifest",
+        message: "the manifest is not UTF-8 text".into(),
+        details: vec![],
+    })?;
+    let manifest = Manifest::parse(text, manifest_format(&headers, text))?;
+    if manifest.name != name {
+        return Err(bad_field(
+            "name",
+            format!(
+                "`{}` does not match the URL's function name `{name}`",
+                manifest.name
+            ),
+        ));
+    }
+    let Some(image) = manifest.image.clone() else {
+        return Err(bad_field(
+            "image",
+            "missing: the gateway cannot read a build context on your machine; \
+             `ember deploy PATH` builds it and sets `image`, or set `image` yourself"
+                .into(),
+        ));
+    };
+    let mut warnings = Vec::new();
+    for node in state.activator.scheduler().nodes() {
+        if let Ok(false) = node.image_exists(&image).await {
+            warnings.push(format!(
+                "image `{image}` is not on node `{}`; instances there will fail to start until it is built or loaded",
+                node.name()
+            ));
+        }
+    }
+    let outcome = state.activator.deploy(manifest).await?;
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(DeployResponse { outcome, warnings })).into_response())
+}
+
+fn manifest_format(headers: &HeaderMap, text: &str) -> Format {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.contains("json") || text.trim_start().starts_with('{') {
+        Format::Json
+    } else {
+        Format::Toml
+    }
+}
+
+fn bad_field(field: &str, message: String) -> ApiError {
+    ApiError::BadRequest {
+        code: "invalid_manifest",
+        message: format!("{field}: {message}"),
+        details: vec![FieldError {
+            field: field.into(),
+            message,
+        }],
+    }
+}
+
+#[derive(Serialize)]
+struct FunctionList {
+    functions: Vec<FunctionStatus>,
+}
+
+/// `GET /api/v1/functions`.
+pub async fn list_functions(State(state): State<AppState>) -> Json<impl Serialize> {
+    let functions = state
+        .activator
+        .functions()
+        .iter()
+        .map(|f| state.activator.status(f))
+        .collect();
+    Json(FunctionList { functions })
+}
+
+#[derive(Serialize)]
+struct FunctionDetail {
+    #[serde(flatten)]
+    status: FunctionStatus,
+    manifest: Manifest,
+}
+
+/// `GET /api/v1/functions/{name}`.
+pub async fn get_function(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<impl Serialize>, ApiError> {
+    let f = state
+        .activator
+        .function(&name)
+        .ok_or(ApiError::FunctionNotFound(name))?;
+    Ok(Json(FunctionDetail {
+        status: state.activator.status(&f),
+        manifest: (*f.revision().manifest).clone(),
+    }))
+}
+
+#[derive(Serialize)]
+struct Removed {
+    removed: String,
+    containers: usize,
+}
+
+/// `DELETE /api/v1/functions/{name}`.
+pub async fn delete_function(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<impl Serialize>, ApiError> {
+    let containers = state.activator.remove(&name).await?;
+    Ok(Json(Removed {
+        removed: name,
+        containers,
+    }))
+}

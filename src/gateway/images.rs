@@ -1,0 +1,118 @@
+//! `/api/v1/images`: whether an image is on the nodes, and building one from a build
+//! context the CLI uploads as a tar, with the build's progress streamed back as NDJSON
+//! lines (`{"progress": "..."}`, then `{"done": true}` or `{"error": "..."}`).
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::manifest::FieldError;
+
+/// Largest build context accepted.
+pub const MAX_CONTEXT_BYTES: usize = 1 << 30;
+
+/// Query of the image routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageQuery {
+    tag: String,
+    #[serde(default)]
+    dockerfile: Option<String>,
+}
+
+#[derive(Serialize)]
+struct NodeImage {
+    node: String,
+    exists: bool,
+}
+
+#[derive(Serialize)]
+struct ImageStatus {
+    tag: String,
+    exists: bool,
+    nodes: Vec<NodeImage>,
+}
+
+/// `GET /api/v1/images?tag=T`: which nodes have the image.
+pub async fn get_image(
+    State(state): State<AppState>,
+    Query(q): Query<ImageQuery>,
+) -> Result<Json<impl Serialize>, ApiError> {
+    let mut nodes = Vec::new();
+    for node in state.activator.scheduler().nodes() {
+        nodes.push(NodeImage {
+            node: node.name().to_string(),
+            exists: node.image_exists(&q.tag).await?,
+        });
+    }
+    Ok(Json(ImageStatus {
+        exists: !nodes.is_empty() && nodes.iter().all(|n| n.exists),
+        tag: q.tag,
+        nodes,
+    }))
+}
+
+/// `POST /api/v1/images?tag=T[&dockerfile=F]` with a tar body: builds on every node
+/// that lacks the image.
+pub async fn build_image(
+    State(state): State<AppState>,
+    Query(q): Query<ImageQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if q.tag.trim().is_empty() || q.tag.contains(char::is_whitespace) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_tag",
+            message: format!("`{}` is not an image tag like `repo/name:tag`", q.tag),
+            details: vec![FieldError {
+                field: "tag".into(),
+                message: "expected an image tag".into(),
+            }],
+        });
+    }
+    let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
+    let nodes: Vec<_> = state.activator.scheduler().nodes().cloned().collect();
+    let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
+    tokio::spawn(async move {
+        let mut failed = None;
+        for node in nodes {
+            let (tx, mut rx) = mpsc::channel::<String>(64);
+            let out = lines_tx.clone();
+            let node_name = node.name().to_string();
+            let forward = tokio::spawn(async move {
+                while let Some(line) = rx.recv().await {
+                    let json = serde_json::json!({ "node": node_name, "progress": line });
+                    let _ = out.send(json.to_string()).await;
+                }
+            });
+            let result = node
+                .build_image(&q.tag, &dockerfile, body.clone(), tx)
+                .await;
+            let _ = forward.await;
+            if let Err(e) = result {
+                failed = Some(format!("node `{}`: {e}", node.name()));
+                break;
+            }
+        }
+        let last = match failed {
+            Some(error) => serde_json::json!({ "error": error }),
+            None => serde_json::json!({ "done": true, "tag": q.tag }),
+        };
+        let _ = lines_tx.send(last.to_string()).await;
+    });
+    let stream = futures_util::stream::unfold(lines_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|line| (Ok::<_, std::io::Error>(format!("{line}\n")), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

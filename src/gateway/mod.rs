@@ -1,0 +1,160 @@
+//! The `serve` process: wiring, routes, and shutdown.
+//!
+//! `run` opens the store, connects the embedded node to Docker, restores state (adopting
+//! running containers), starts the reaper, and serves HTTP until the shutdown token is
+//! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
+//! `/api/v1/images` (images.rs), `/healthz`. Errors become responses in error.rs.
+
+mod api;
+pub mod error;
+mod images;
+mod invoke;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, get, put};
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use invoke::upstream_path;
+
+use crate::activator::Activator;
+use crate::config::ServeConfig;
+use crate::node::{LocalNode, Node};
+use crate::proxy::Proxy;
+use crate::runtime::{ContainerRuntime, DockerRuntime};
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+/// How long shutdown waits for in-flight requests and background tasks.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    activator: Activator,
+    proxy: Proxy,
+}
+
+/// The gateway's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/fn/{name}", any(invoke::invoke))
+        .route("/fn/{name}/", any(invoke::invoke))
+        .route("/fn/{name}/{*rest}", any(invoke::invoke))
+        .route("/api/v1/functions", get(api::list_functions))
+        .route(
+            "/api/v1/functions/{name}",
+            put(api::put_function)
+                .get(api::get_function)
+                .delete(api::delete_function)
+                .layer(DefaultBodyLimit::max(api::MAX_MANIFEST_BYTES)),
+        )
+        .route(
+            "/api/v1/images",
+            get(images::get_image)
+                .post(images::build_image)
+                .layer(DefaultBodyLimit::max(images::MAX_CONTEXT_BYTES)),
+        )
+        .with_state(state)
+}
+
+/// Runs the gateway until `shutdown` is cancelled.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the state in {} (is another `ember serve` using it?)",
+            config.data_dir.display()
+        )
+    })?;
+    let gateway_id = store.gateway_id().await?;
+    let runtime: Arc<dyn ContainerRuntime> = Arc::new(DockerRuntime::connect().await?);
+    runtime.ping().await?;
+    let local: Arc<dyn Node> = Arc::new(LocalNode::new(
+        config.node_name.clone(),
+        gateway_id.clone(),
+        config.node_address,
+        runtime,
+    ));
+    let tracker = TaskTracker::new();
+    let activator = Activator::new(
+        Scheduler::new(vec![local]),
+        store,
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    activator.restore().await?;
+    tracker.spawn(
+        crate::autoscaler::run(activator.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("reaper")),
+    );
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // One plain line on stdout for scripts and tests; the log goes to stderr.
+    println!("ember gateway listening on http://{addr}");
+    tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
+    tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
+
+    let app = router(AppState {
+        activator,
+        proxy: Proxy::default(),
+    });
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(async move { serve.await });
+    shutdown.cancelled().await;
+    tracing::info!("shutting down; running containers are kept and adopted at the next start");
+    tracker.close();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = server.await;
+        tracker.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("signal received");
+    token.cancel();
+}

@@ -1,0 +1,37 @@
+//! Ember: scattered GPU machines as one scale-to-zero function service.
+//!
+//! One HTTP gateway takes requests for functions (containers that serve HTTP). When a
+//! function has no free instance, the activator holds its requests in a bounded queue,
+//! cold-starts a container through the Docker Engine API on the least-loaded node, waits
+//! until it is ready, and releases the queue to it. Idle instances are retired, down to
+//! zero. State (functions, revisions, instances) lives in sled and survives restarts;
+//! containers still running are adopted.
+//!
+//! # Layout
+//! - [`manifest`]: the function manifest, its parsing and validation.
+//! - [`store`]: durable state in sled (the only module touching sled).
+//! - [`runtime`]: the container runtime trait and its Docker implementation (the only
+//!   module touching bollard).
+//! - [`node`]: the node trait and the embedded local node.
+//! - [`scheduler`]: placement on the least-loaded node, with reservations.
+//! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
+//! - [`autoscaler`]: scaling decisions and the reaper loop.
+//! - [`readiness`]: probing new instances.
+//! - [`proxy`]: streaming a request to an instance and the answer back.
+//! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
+//! - [`config`]: `serve` settings.
+//! - [`cli`]: the client commands.
+#![warn(missing_docs)]
+
+pub mod activator;
+pub mod autoscaler;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod manifest;
+pub mod node;
+pub mod proxy;
+pub mod readiness;
+pub mod runtime;
+pub mod scheduler;
+pub mod store;

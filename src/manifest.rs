@@ -1,0 +1,660 @@
+//! The function manifest: what a user writes in `ember.toml` (or sends as JSON).
+//!
+//! This module owns the manifest types, their defaults, parsing from TOML and JSON
+//! (parse errors carry the field path through `serde_path_to_error`), semantic
+//! validation (every error names its field path and what was expected), and the
+//! revision id, a hash of the validated manifest. It knows nothing of Docker or HTTP.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Longest function name: a DNS label.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most instances one function may ask for.
+pub const MAX_SCALE: u32 = 1000;
+/// Most in-flight requests one instance may be given.
+pub const MAX_CONCURRENCY: u32 = 10_000;
+/// Most requests one function may buffer while it is cold or saturated.
+pub const MAX_QUEUE_CAPACITY: u32 = 1_000_000;
+/// Smallest memory limit Docker accepts for a container.
+pub const MIN_MEMORY: ByteSize = ByteSize::mib(6);
+/// Largest request body a function may accept.
+pub const MAX_BODY_LIMIT: ByteSize = ByteSize::gib(4);
+/// Longest time any of the manifest's timeouts may be set to.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A function manifest, as deployed. Every field but `name` and `image`/`build` has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Lower-case DNS label; the function is invoked at `/fn/NAME/...`.
+    pub name: String,
+    /// Image to run. With `build` and no `image`, the CLI names the image after the context's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Build context, relative to the manifest file; used by the CLI when the image is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// Dockerfile inside the build context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// Port the server listens on inside the container; `PORT` is set to it.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Command (entrypoint arguments) overriding the image's; absent keeps the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How Ember decides a new instance is ready.
+    #[serde(default)]
+    pub readiness: Readiness,
+    /// Per-instance CPU and memory limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Instance counts, per-instance concurrency and idle retirement.
+    #[serde(default)]
+    pub scale: Scale,
+    /// The buffer of requests waiting for a free instance.
+    #[serde(default)]
+    pub queue: Queue,
+    /// Limits on each request.
+    #[serde(default)]
+    pub request: RequestLimits,
+}
+
+/// Readiness probe of a new instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// HTTP path polled with GET until it answers 2xx; absent: a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    /// How long an instance may take to become ready.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+}
+
+/// Per-instance limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (fractions allowed).
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    /// Memory limit.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+}
+
+/// Scaling bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    /// Instances kept warm even without traffic.
+    #[serde(default)]
+    pub min: u32,
+    /// Instances never exceeded.
+    #[serde(default = "default_max")]
+    pub max: u32,
+    /// In-flight requests one instance is given at most.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// An instance idle this long is retired (down to `min`).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+/// The per-function request buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    /// Requests buffered at most; one more answers 503.
+    #[serde(default = "default_queue_capacity")]
+    pub capacity: u32,
+    /// How long a request may wait for an instance before it answers 504.
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Per-request limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLimits {
+    /// How long the function may take to start answering a request.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest request body; a larger one answers 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_port() -> u16 {
+    8080
+}
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_cpus() -> f64 {
+    1.0
+}
+fn default_memory() -> ByteSize {
+    ByteSize::mib(512)
+}
+fn default_max() -> u32 {
+    4
+}
+fn default_concurrency() -> u32 {
+    50
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_queue_capacity() -> u32 {
+    1000
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(32)
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            http_path: None,
+            start_timeout: default_start_timeout(),
+        }
+    }
+}
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: default_cpus(),
+            memory: default_memory(),
+        }
+    }
+}
+impl Default for Scale {
+    fn default() -> Self {
+        Scale {
+            min: 0,
+            max: default_max(),
+            concurrency: default_concurrency(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            capacity: default_queue_capacity(),
+            timeout: default_queue_timeout(),
+        }
+    }
+}
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            timeout: default_request_timeout(),
+            max_body: default_max_body(),
+        }
+    }
+}
+
+/// One thing wrong with a manifest, at one field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `scale.max`.
+    pub field: String,
+    /// What was wrong and what was expected.
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The text is not valid TOML/JSON or a field has the wrong type or is unknown.
+    #[error("manifest does not parse: {0}")]
+    Parse(FieldError),
+    /// The manifest parses but some values make no sense.
+    #[error("manifest is invalid: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+}
+
+impl ManifestError {
+    /// Every field error, for API bodies and CLI output.
+    pub fn field_errors(&self) -> Vec<FieldError> {
+        match self {
+            ManifestError::Parse(e) => vec![e.clone()],
+            ManifestError::Invalid(errors) => errors.clone(),
+        }
+    }
+}
+
+/// The text format of a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `ember.toml`.
+    Toml,
+    /// The API's JSON form.
+    Json,
+}
+
+impl Manifest {
+    /// Parses and validates a manifest.
+    pub fn parse(text: &str, format: Format) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = match format {
+            Format::Toml => {
+                let de = toml::Deserializer::parse(text).map_err(|e| {
+                    ManifestError::Parse(FieldError {
+                        field: "(document)".into(),
+                        message: e.message().trim().to_string(),
+                    })
+                })?;
+                serde_path_to_error::deserialize(de).map_err(path_error)?
+            }
+            Format::Json => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(&mut de).map_err(path_error)?
+            }
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks every value; returns all problems at once.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.to_string(),
+                message,
+            })
+        };
+        if let Err(m) = check_name(&self.name) {
+            bad("name", m);
+        }
+        match (&self.image, &self.build) {
+            (None, None) => bad(
+                "image",
+                "missing: set `image` to an image on the node, or `build` to a build context"
+                    .into(),
+            ),
+            (Some(image), _) if !valid_image_ref(image) => bad(
+                "image",
+                format!("`{image}` is not an image reference like `repo/name:tag`"),
+            ),
+            _ => {}
+        }
+        if self.build.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            bad(
+                "build",
+                "must be a path to a build context, e.g. \".\"".into(),
+            );
+        }
+        if self.dockerfile.is_some() && self.build.is_none() {
+            bad(
+                "dockerfile",
+                "only makes sense together with `build`".into(),
+            );
+        }
+        if self.port == 0 {
+            bad("port", "must be between 1 and 65535".into());
+        }
+        if let Some(command) = &self.command {
+            if command.is_empty() || command.iter().any(|c| c.is_empty()) {
+                bad(
+                    "command",
+                    "must be a non-empty list of non-empty strings, or left out".into(),
+                );
+            }
+        }
+        for key in self.env.keys() {
+            if !valid_env_name(key) {
+                bad(
+                    &format!("env.{key}"),
+                    "variable names are letters, digits and `_`, not starting with a digit".into(),
+                );
+            } else if key == "PORT" {
+                bad(
+                    "env.PORT",
+                    "is set by Ember from `port`; set `port` instead".into(),
+                );
+            }
+        }
+        if let Some(path) = &self.readiness.http_path {
+            if !path.starts_with('/') {
+                bad(
+                    "readiness.http_path",
+                    format!("`{path}` must start with `/`"),
+                );
+            }
+        }
+        check_duration(
+            &mut bad,
+            "readiness.start_timeout",
+            self.readiness.start_timeout,
+            Duration::from_secs(1),
+        );
+        if !(self.resources.cpus > 0.0 && self.resources.cpus <= 1024.0) {
+            bad(
+                "resources.cpus",
+                format!(
+                    "{} is not between 0 (excluded) and 1024",
+                    self.resources.cpus
+                ),
+            );
+        }
+        if self.resources.memory < MIN_MEMORY {
+            bad(
+                "resources.memory",
+                format!(
+                    "{} is below Docker's minimum of {MIN_MEMORY}",
+                    self.resources.memory
+                ),
+            );
+        }
+        let scale = &self.scale;
+        if scale.max == 0 || scale.max > MAX_SCALE {
+            bad("scale.max", format!("must be between 1 and {MAX_SCALE}"));
+        }
+        if scale.min > scale.max {
+            bad(
+                "scale.min",
+                format!("{} is above scale.max ({})", scale.min, scale.max),
+            );
+        }
+        if scale.concurrency == 0 || scale.concurrency > MAX_CONCURRENCY {
+            bad(
+                "scale.concurrency",
+                format!("must be between 1 and {MAX_CONCURRENCY}"),
+            );
+        }
+        check_duration(
+            &mut bad,
+            "scale.idle_timeout",
+            scale.idle_timeout,
+            Duration::from_secs(1),
+        );
+        if self.queue.capacity == 0 || self.queue.capacity > MAX_QUEUE_CAPACITY {
+            bad(
+                "queue.capacity",
+                format!("must be between 1 and {MAX_QUEUE_CAPACITY}"),
+            );
+        }
+        check_duration(
+            &mut bad,
+            "queue.timeout",
+            self.queue.timeout,
+            Duration::from_millis(100),
+        );
+        check_duration(
+            &mut bad,
+            "request.timeout",
+            self.request.timeout,
+            Duration::from_secs(1),
+        );
+        if self.request.max_body > MAX_BODY_LIMIT {
+            bad(
+                "request.max_body",
+                format!("must be at most {MAX_BODY_LIMIT}"),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError::Invalid(errors))
+        }
+    }
+
+    /// The revision id: a short hash of the manifest's canonical JSON form, so the same
+    /// manifest always gives the same revision and any change gives a new one.
+    pub fn revision_id(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("a manifest always serializes");
+        let digest = Sha256::digest(&canonical);
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The image to run. Validation plus the CLI guarantee one is set before deploy.
+    pub fn image_ref(&self) -> Option<&str> {
+        self.image.as_deref()
+    }
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ManifestError {
+    let field = e.path().to_string();
+    let field = if field == "." {
+        "(document)".to_string()
+    } else {
+        field
+    };
+    let message = e.inner().to_string();
+    // toml's messages carry a source excerpt after the first line; the path says where.
+    let message = message
+        .lines()
+        .rfind(|l| !l.trim().is_empty() && !l.contains('|'))
+        .unwrap_or(&message)
+        .trim()
+        .to_string();
+    ManifestError::Parse(FieldError { field, message })
+}
+
+fn check_duration(bad: &mut impl FnMut(&str, String), field: &str, value: Duration, min: Duration) {
+    if value < min || value > MAX_TIMEOUT {
+        bad(
+            field,
+            format!(
+                "{} is not between {} and {}",
+                humantime::format_duration(value),
+                humantime::format_duration(min),
+                humantime::format_duration(MAX_TIMEOUT)
+            ),
+        );
+    }
+}
+
+/// A function name must be a lower-case DNS label: it goes into URLs and container names.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !ok_chars
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+        || name.ends_with('-')
+    {
+        return Err(format!(
+            "`{name}` is not a lower-case DNS label: 1 to {MAX_NAME_LEN} of a-z, 0-9 and `-`, \
+             starting with a letter and not ending with `-`"
+        ));
+    }
+    Ok(())
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn valid_image_ref(image: &str) -> bool {
+    !image.is_empty()
+        && image.len() <= 255
+        && !image.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !image.starts_with(['-', ':', '/', '@'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse(text, Format::Toml)
+    }
+
+    fn fields(err: ManifestError) -> Vec<String> {
+        err.field_errors().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn minimal_manifest_gets_the_documented_defaults() {
+        let m = toml("name = \"echo\"\nimage = \"ember/echo:latest\"").unwrap();
+        assert_eq!(m.port, 8080);
+        assert_eq!(m.scale.max, 4);
+        assert_eq!(m.scale.concurrency, 50);
+        assert_eq!(m.scale.idle_timeout, Duration::from_secs(300));
+        assert_eq!(m.queue.capacity, 1000);
+        assert_eq!(m.queue.timeout, Duration::from_secs(60));
+        assert_eq!(m.request.max_body, ByteSize::mib(32));
+        assert_eq!(m.resources.memory, ByteSize::mib(512));
+        assert_eq!(m.readiness.start_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn full_manifest_from_the_reference_parses() {
+        let m = toml(
+            r#"
+            name = "echo"
+            image = "ember/echo:latest"
+            build = "."
+            port = 8080
+            command = ["/echo"]
+            env = { GREETING = "hi" }
+            [readiness]
+            http_path = "/healthz"
+            start_timeout = "120s"
+            [resources]
+            cpus = 1.0
+            memory = "512MiB"
+            [scale]
+            min = 0
+            max = 4
+            concurrency = 50
+            idle_timeout = "5m"
+            [queue]
+            capacity = 1000
+            timeout = "60s"
+            [request]
+            timeout = "300s"
+            max_body = "32MiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(m.env["GREETING"], "hi");
+        assert_eq!(m.readiness.http_path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_their_path() {
+        let err = toml("name = \"a\"\nimage = \"x\"\n[scale]\nmaxx = 3").unwrap_err();
+        let e = &err.field_errors()[0];
+        assert_eq!(e.field, "scale.maxx");
+        assert!(e.message.contains("unknown field `maxx`"), "{}", e.message);
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let err = toml("name = \"a\"\nimage = \"x\"\n[scale]\nmax = \"four\"").unwrap_err();
+        assert_eq!(fields(err), ["scale.max"]);
+        let err = toml("name = \"a\"\nimage = \"x\"\n[queue]\ntimeout = \"soon\"").unwrap_err();
+        assert_eq!(fields(err), ["queue.timeout"]);
+        let err = toml("name = \"a\"\nimage = \"x\"\n[resources]\nmemory = \"lots\"").unwrap_err();
+        assert_eq!(fields(err), ["resources.memory"]);
+    }
+
+    #[test]
+    fn json_manifests_parse_the_same_way() {
+        let m = Manifest::parse(
+            r#"{"name":"echo","image":"e:1","scale":{"idle_timeout":"2s"}}"#,
+            Format::Json,
+        )
+        .unwrap();
+        assert_eq!(m.scale.idle_timeout, Duration::from_secs(2));
+        let err =
+            Manifest::parse(r#"{"name":"echo","image":"e:1","prot":1}"#, Format::Json).unwrap_err();
+        assert!(err.field_errors()[0]
+            .message
+            .contains("unknown field `prot`"));
+    }
+
+    #[test]
+    fn nonsense_values_are_all_reported_at_once() {
+        let err = toml(
+            r#"
+            name = "Echo_1"
+            port = 0
+            env = { PORT = "1", "1BAD" = "x" }
+            [readiness]
+            http_path = "healthz"
+            [scale]
+            min = 5
+            max = 2
+            concurrency = 0
+            [queue]
+            capacity = 0
+            "#,
+        )
+        .unwrap_err();
+        let f = fields(err);
+        for expected in [
+            "name",
+            "image",
+            "port",
+            "env.PORT",
+            "env.1BAD",
+            "readiness.http_path",
+            "scale.min",
+            "scale.concurrency",
+            "queue.capacity",
+        ] {
+            assert!(
+                f.contains(&expected.to_string()),
+                "{expected} missing in {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_must_be_dns_labels() {
+        for good in ["a", "echo", "llm-7b", "x1"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Echo", "1abc", "a_b", "end-", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn revision_changes_with_the_manifest_and_only_then() {
+        let a = toml("name = \"echo\"\nimage = \"e:1\"").unwrap();
+        let same = toml("image = \"e:1\"\nname = \"echo\"\nport = 8080").unwrap();
+        let changed = toml("name = \"echo\"\nimage = \"e:1\"\nenv = { A = \"1\" }").unwrap();
+        assert_eq!(a.revision_id(), same.revision_id());
+        assert_ne!(a.revision_id(), changed.revision_id());
+        assert_eq!(a.revision_id().len(), 12);
+    }
+
+    #[test]
+    fn build_without_image_is_accepted() {
+        let m = toml("name = \"echo\"\nbuild = \".\"").unwrap();
+        assert_eq!(m.build.as_deref(), Some("."));
+        assert!(m.image_ref().is_none());
+    }
+}

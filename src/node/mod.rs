@@ -1,0 +1,117 @@
+//! The node seam: a machine that runs instances for the gateway.
+//!
+//! `Node` is what the activator and scheduler drive: start an instance, look at it, read
+//! its logs, stop it, list what it runs, and make sure an image is there. `LocalNode`
+//! (local.rs) implements it in process on a `ContainerRuntime`; a remote node (an HTTP
+//! client of an agent) will implement the same trait so both paths share the activator.
+
+pub mod local;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::manifest::Manifest;
+use crate::runtime::RuntimeError;
+
+pub use local::LocalNode;
+
+/// What a node needs to start one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Function name.
+    pub function: String,
+    /// Revision id.
+    pub revision: String,
+    /// Instance id, unique across the gateway's life.
+    pub instance: String,
+    /// The revision's manifest.
+    pub manifest: Arc<Manifest>,
+}
+
+/// A started instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    /// Container id on the node.
+    pub container_id: String,
+    /// Address the gateway sends requests to.
+    pub endpoint: SocketAddr,
+}
+
+/// A container's state as the node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContainerState {
+    /// Running.
+    Running,
+    /// Exited (or dead), with its exit code and the engine's word for why.
+    Exited {
+        /// Exit code, when known.
+        code: Option<i64>,
+        /// The engine's status ("exited", "OOMKilled", ...).
+        status: String,
+    },
+    /// No such container.
+    Gone,
+}
+
+/// A container of this gateway found on a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagedContainer {
+    /// Container id.
+    pub container_id: String,
+    /// `ember.function` label.
+    pub function: String,
+    /// `ember.revision` label.
+    pub revision: String,
+    /// `ember.instance` label.
+    pub instance: String,
+    /// Whether it runs.
+    pub running: bool,
+    /// Where it answers, if its port is published.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Node failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The container engine failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+impl NodeError {
+    /// Whether the failure is a missing image (a deploy problem, not a node problem).
+    pub fn is_image_missing(&self) -> bool {
+        matches!(self, NodeError::Runtime(RuntimeError::ImageNotFound(_)))
+    }
+}
+
+/// A machine that runs instances.
+#[async_trait]
+pub trait Node: Send + Sync + 'static {
+    /// The node's name (`ember.node` label).
+    fn name(&self) -> &str;
+    /// Creates and starts the instance's container; readiness is the caller's to check.
+    async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError>;
+    /// The state of a container this node started.
+    async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError>;
+    /// The last lines of a container's output.
+    async fn logs(&self, container_id: &str, lines: usize) -> Result<String, NodeError>;
+    /// Stops and removes a container; a missing one is not an error.
+    async fn stop(&self, container_id: &str) -> Result<(), NodeError>;
+    /// Every container of this gateway on this node.
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError>;
+    /// Whether an image is present on the node.
+    async fn image_exists(&self, image: &str) -> Result<bool, NodeError>;
+    /// Builds an image on the node from a tar of its build context.
+    async fn build_image(
+        &self,
+        tag: &str,
+        dockerfile: &str,
+        context_tar: Bytes,
+        progress: mpsc::Sender<String>,
+    ) -> Result<(), NodeError>;
+}

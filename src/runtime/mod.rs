@@ -1,0 +1,124 @@
+//! The container runtime seam: what a node needs from a container engine.
+//!
+//! `ContainerRuntime` is the small trait a node drives; `docker.rs` implements it with
+//! bollard (the only place bollard is used). The trait speaks in Ember's terms
+//! (a `ContainerSpec` in, a `ContainerInfo` out) so nothing above it sees Docker types.
+
+pub mod docker;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+pub use docker::DockerRuntime;
+
+/// Label every Ember container carries.
+pub const LABEL_MANAGED: &str = "ember.managed";
+/// Label naming the gateway that owns the container.
+pub const LABEL_GATEWAY: &str = "ember.gateway";
+/// Label naming the node that started the container.
+pub const LABEL_NODE: &str = "ember.node";
+/// Label naming the function.
+pub const LABEL_FUNCTION: &str = "ember.function";
+/// Label naming the revision.
+pub const LABEL_REVISION: &str = "ember.revision";
+/// Label naming the instance.
+pub const LABEL_INSTANCE: &str = "ember.instance";
+
+/// Everything needed to create and start one container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    /// Container name.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Command override; `None` keeps the image's.
+    pub command: Option<Vec<String>>,
+    /// Environment, `KEY=VALUE` pairs.
+    pub env: Vec<(String, String)>,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// Port inside the container, published on an ephemeral host port.
+    pub port: u16,
+    /// Host address the port is published on.
+    pub host_ip: IpAddr,
+    /// CPU cores.
+    pub cpus: f64,
+    /// Memory limit in bytes.
+    pub memory_bytes: u64,
+    /// Process limit.
+    pub pids_limit: i64,
+}
+
+/// What the runtime knows of one container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerInfo {
+    /// Container id.
+    pub id: String,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// Whether it is running now.
+    pub running: bool,
+    /// Exit code, once it has exited.
+    pub exit_code: Option<i64>,
+    /// The engine's own words for its state ("running", "exited", "OOMKilled", ...).
+    pub status: String,
+    /// Host port the container port is published on.
+    pub host_port: Option<u16>,
+}
+
+/// Runtime failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The image is not on this engine and cannot be pulled.
+    #[error("image `{0}` is not on this node; build it (`ember deploy` with a `build` context) or load it with `docker load`")]
+    ImageNotFound(String),
+    /// The engine cannot be reached.
+    #[error("cannot reach the Docker engine: {0}; is Docker running and is DOCKER_HOST right?")]
+    Unreachable(#[source] bollard::errors::Error),
+    /// An engine call failed.
+    #[error("docker {op} failed: {source}")]
+    Docker {
+        /// The call that failed.
+        op: &'static str,
+        /// The engine's error.
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// An image build failed.
+    #[error("image build failed: {0}")]
+    Build(String),
+    /// The container started but its port was not published.
+    #[error("container {0} has no published port")]
+    NoPort(String),
+}
+
+/// A container engine, as a node uses it.
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Checks that the engine answers.
+    async fn ping(&self) -> Result<(), RuntimeError>;
+    /// Whether the image exists locally.
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError>;
+    /// Builds `tag` from a tar of the build context; progress lines go to `progress`.
+    async fn build_image(
+        &self,
+        tag: &str,
+        dockerfile: &str,
+        context_tar: Bytes,
+        progress: mpsc::Sender<String>,
+    ) -> Result<(), RuntimeError>;
+    /// Creates and starts a container; returns it with its published host port.
+    async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError>;
+    /// The container's state, or `None` when it does not exist.
+    async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError>;
+    /// The last `lines` lines of the container's output.
+    async fn logs_tail(&self, id: &str, lines: usize) -> Result<String, RuntimeError>;
+    /// Removes the container, killing it if it runs. A missing container is not an error.
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Every container (running or not) carrying all of `labels`.
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError>;
+}
