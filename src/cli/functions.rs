@@ -42,11 +42,11 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
             "{:<20} {:<13} {:>5} {:>8} {:>9} {:>6} {:>6}  {status}",
             f["name"].as_str().unwrap_or("?"),
             f["revision"].as_str().unwrap_or("?"),
-            f["ready"],
-            f["starting"],
-            f["in_flight"],
-            f["queued"],
-            f["starts"],
+            f["ready"].as_u64().unwrap_or(0),
+            f["starting"].as_u64().unwrap_or(0),
+            f["in_flight"].as_u64().unwrap_or(0),
+            f["queued"].as_u64().unwrap_or(0),
+            f["starts"].as_u64().unwrap_or(0),
         );
     }
     Ok(())

@@ -95,6 +95,28 @@ fn bad_field(field: &str, message: String) -> ApiError {
 }
 
 #[derive(Serialize)]
+struct GatewayInfo {
+    id: String,
+    version: &'static str,
+    nodes: Vec<String>,
+}
+
+/// `GET /api/v1/gateway`: this gateway's id (the `ember.gateway` label of its
+/// containers), version and nodes.
+pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize> {
+    Json(GatewayInfo {
+        id: state.gateway_id.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        nodes: state
+            .activator
+            .scheduler()
+            .nodes()
+            .map(|n| n.name().to_string())
+            .collect(),
+    })
+}
+
+#[derive(Serialize)]
 struct FunctionList {
     functions: Vec<FunctionStatus>,
 }

@@ -40,6 +40,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct AppState {
     activator: Activator,
     proxy: Proxy,
+    gateway_id: String,
 }
 
 /// The gateway's routes.
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
+        .route("/api/v1/gateway", get(api::gateway_info))
         .route("/api/v1/functions", get(api::list_functions))
         .route(
             "/api/v1/functions/{name}",
@@ -110,6 +112,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let app = router(AppState {
         activator,
         proxy: Proxy::default(),
+        gateway_id,
     });
     let serve = axum::serve(
         listener,

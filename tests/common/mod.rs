@@ -1,0 +1,347 @@
+//! Shared test harness: a real `ember serve` process on 127.0.0.1:0 with its own data
+//! dir, the echo image built locally (no registry), a small HTTP client, and docker CLI
+//! helpers to look at what really runs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+/// Repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether Docker answers. Under CI a missing engine fails the test; elsewhere the test
+/// is skipped with a note.
+pub fn docker_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    let ok = *OK.get_or_init(|| {
+        Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("Docker is not reachable, and CI=true: these tests need a Docker engine");
+        }
+        eprintln!("SKIPPED: Docker is not reachable; start it to run this test");
+    }
+    ok
+}
+
+/// Skips the test (returns) when Docker is missing outside CI.
+#[macro_export]
+macro_rules! require_docker {
+    () => {
+        if !common::docker_available() {
+            return;
+        }
+    };
+}
+
+/// The echo image, built once per test binary: the static binary by functions/build.sh,
+/// the image by `docker build`, tagged by the binary's hash so a changed server rebuilds.
+pub fn echo_image() -> String {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(repo().join("functions/build.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "functions/build.sh failed");
+        let bin = std::fs::read(repo().join("functions/echo/bin/echo")).unwrap();
+        let digest = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&bin)
+        };
+        let hash: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let tag = format!("ember-test/echo:{hash}");
+        let exists = Command::new("docker")
+            .args(["image", "inspect", &tag])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if !exists {
+            let out = Command::new("docker")
+                .args(["build", "-q", "-t", &tag])
+                .arg(repo().join("functions/echo"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker build failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tag
+    })
+    .clone()
+}
+
+/// A manifest for the echo image with `extra` TOML appended (sections allowed).
+pub fn echo_manifest(name: &str, top: &str, sections: &str) -> String {
+    format!(
+        "name = \"{name}\"\nimage = \"{}\"\n{top}\n[readiness]\nhttp_path = \"/healthz\"\nstart_timeout = \"20s\"\n{sections}\n",
+        echo_image()
+    )
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub id: String,
+}
+
+impl Gateway {
+    /// Starts a gateway with a fresh data dir.
+    pub async fn start() -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut g = Gateway::start_in(&dir).await;
+        g._tmp = Some(tmp);
+        g
+    }
+
+    /// Starts a gateway on `data_dir` (kept by the caller).
+    pub async fn start_in(data_dir: &Path) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env(
+                "EMBER_LOG",
+                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ember serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+            .to_string();
+        let mut g = Gateway {
+            child: Some(child),
+            url,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            id: String::new(),
+        };
+        let info = g.get_json("/api/v1/gateway").await;
+        g.id = info["id"].as_str().unwrap().to_string();
+        g
+    }
+
+    /// Kills the process with SIGKILL (no graceful anything) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a request to the gateway.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Response {
+        request(method, &format!("{}{path}", self.url), headers, body).await
+    }
+
+    /// GET and decode JSON (panics on error statuses).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = self.request(Method::GET, path, &[], Bytes::new()).await;
+        assert!(
+            r.status.is_success(),
+            "GET {path}: {} {}",
+            r.status,
+            r.text()
+        );
+        r.json()
+    }
+
+    /// Deploys a TOML manifest; returns the answer.
+    pub async fn deploy(&self, name: &str, toml: &str) -> Response {
+        self.request(
+            Method::PUT,
+            &format!("/api/v1/functions/{name}"),
+            &[("content-type", "application/toml")],
+            toml.to_string(),
+        )
+        .await
+    }
+
+    /// The function's status from the API.
+    pub async fn function(&self, name: &str) -> serde_json::Value {
+        self.get_json(&format!("/api/v1/functions/{name}")).await
+    }
+
+    /// Running containers of this gateway for `function`.
+    pub fn containers(&self, function: &str) -> Vec<String> {
+        docker_ps(&[
+            &format!("ember.gateway={}", self.id),
+            &format!("ember.function={function}"),
+        ])
+    }
+
+    /// Runs the CLI against this gateway.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(args)
+            .env("EMBER_GATEWAY", &self.url)
+            .current_dir(repo())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        if !self.id.is_empty() && self._tmp.is_some() {
+            remove_containers(&format!("ember.gateway={}", self.id));
+        }
+    }
+}
+
+/// Removes every container with the label filter.
+pub fn remove_containers(label: &str) {
+    let ids = docker_ps_all(&[label]);
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Ids of running containers matching every label filter.
+pub fn docker_ps(labels: &[&str]) -> Vec<String> {
+    docker_ps_args(labels, false)
+}
+
+/// Ids of all containers (running or not) matching every label filter.
+pub fn docker_ps_all(labels: &[&str]) -> Vec<String> {
+    docker_ps_args(labels, true)
+}
+
+fn docker_ps_args(labels: &[&str], all: bool) -> Vec<String> {
+    let mut cmd = Command::new("docker");
+    cmd.args(["ps", "-q", "--no-trunc"]);
+    if all {
+        cmd.arg("-a");
+    }
+    for l in labels {
+        cmd.args(["--filter", &format!("label={l}")]);
+    }
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|s| s.to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A collected response.
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("").to_string())
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    static CLIENT: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+        .clone()
+}
+
+/// One HTTP request, collected.
+pub async fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client()
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
