@@ -161,6 +161,11 @@ impl Gateway {
         g
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the process with SIGKILL (no graceful anything) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
