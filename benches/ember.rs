@@ -254,6 +254,7 @@ async fn cold_start(size: &Size, rows: &mut Vec<Row>) {
             cpus: manifest.resources.cpus,
             memory_bytes: manifest.resources.memory.as_u64(),
             pids_limit: 4096,
+            gpus: None,
         };
         let t = Instant::now();
         let created = docker

@@ -77,6 +77,7 @@ pub async fn run(activator: Activator, shutdown: CancellationToken) {
             biased;
             _ = shutdown.cancelled() => break,
             _ = activator.reaper().notified() => {}
+            _ = activator.scheduler().freed().notified() => {}
             _ = tick.tick() => {}
         }
         activator.reap().await;

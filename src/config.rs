@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::gpu::GpuDriver;
+use crate::scheduler::{Policy, DEFAULT_MAX_SHARERS};
+
 /// Default gateway address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default data dir.
@@ -27,6 +30,20 @@ pub struct ServeConfig {
     /// Host address the embedded node publishes container ports on.
     #[arg(long, env = "EMBER_NODE_ADDRESS", default_value = "127.0.0.1")]
     pub node_address: IpAddr,
+    /// Declared GPU inventory (TOML) of the embedded node; puts it in simulation mode
+    /// unless --gpu-driver says otherwise. Without it the node asks NVML.
+    #[arg(long, env = "EMBER_GPU_INVENTORY")]
+    pub gpu_inventory: Option<PathBuf>,
+    /// How containers get GPUs: nvidia (device request), cdi, or simulated (env only).
+    /// Default: simulated with --gpu-inventory, nvidia otherwise.
+    #[arg(long, env = "EMBER_GPU_DRIVER", value_enum)]
+    pub gpu_driver: Option<GpuDriver>,
+    /// Most instances sharing one GPU (sharing = "shared").
+    #[arg(long, env = "EMBER_GPU_MAX_SHARERS", default_value_t = DEFAULT_MAX_SHARERS)]
+    pub gpu_max_sharers: u32,
+    /// Placement policy: spread (least loaded first) or binpack.
+    #[arg(long, env = "EMBER_PLACEMENT", value_enum, default_value_t = Policy::Spread)]
+    pub placement: Policy,
 }
 
 impl ServeConfig {
@@ -45,6 +62,14 @@ impl ServeConfig {
                  not 0.0.0.0 or ::"
                     .into(),
             );
+        }
+        if self.gpu_max_sharers == 0 {
+            problems.push("--gpu-max-sharers: expected at least 1".into());
+        }
+        if let Some(path) = &self.gpu_inventory {
+            if !path.is_file() {
+                problems.push(format!("--gpu-inventory {}: no such file", path.display()));
+            }
         }
         if problems.is_empty() {
             Ok(())

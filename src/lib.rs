@@ -12,6 +12,7 @@
 //! - [`store`]: durable state in sled (the only module touching sled).
 //! - [`runtime`]: the container runtime trait and its Docker implementation (the only
 //!   module touching bollard).
+//! - [`gpu`]: GPU inventory: NVML (the only module touching NVML) or a declared list.
 //! - [`node`]: the node trait and the embedded local node.
 //! - [`scheduler`]: placement on the least-loaded node, with reservations.
 //! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
@@ -28,6 +29,7 @@ pub mod autoscaler;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod gpu;
 pub mod manifest;
 pub mod node;
 pub mod proxy;

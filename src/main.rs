@@ -43,6 +43,14 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// Show the GPUs of every node, with Ember's reservations on them.
+    Gpus {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
     /// Send a request to a function and print its answer.
     Invoke {
         /// Function name.
@@ -96,6 +104,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             cli::deploy(&ApiClient::new(&gateway.gateway)?, &path).await
         }
         Command::Ls { json, gateway } => cli::ls(&ApiClient::new(&gateway.gateway)?, json).await,
+        Command::Gpus { json, gateway } => {
+            cli::gpus(&ApiClient::new(&gateway.gateway)?, json).await
+        }
         Command::Rm { name, gateway } => cli::rm(&ApiClient::new(&gateway.gateway)?, &name).await,
         Command::Invoke {
             name,

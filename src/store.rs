@@ -83,6 +83,9 @@ pub struct InstanceRecord {
     pub endpoint: String,
     /// When it became ready (unix ms).
     pub ready_ms: u64,
+    /// Devices it holds.
+    #[serde(default)]
+    pub gpus: Vec<crate::scheduler::GpuAssignment>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -302,7 +305,13 @@ mod tests {
             let (f, r) = deploy("echo");
             store.put_deploy(&f, &r).await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        // sled's flusher thread may hold the file lock a moment after the drop.
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
         assert_eq!(store.gateway_id().await.unwrap(), gateway_id);
         let f = store.function("echo").unwrap().unwrap();
         let r = store.revision("echo", &f.revision).unwrap().unwrap();
@@ -325,6 +334,7 @@ mod tests {
                     container_id: "c".into(),
                     endpoint: "127.0.0.1:1".into(),
                     ready_ms: 1,
+                    gpus: vec![],
                 })
                 .await
                 .unwrap();

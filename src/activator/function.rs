@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::instance::{Instance, Phase};
 use super::{AcquireError, Revision};
 use crate::node::Node;
+use crate::scheduler::InFlight;
 
 /// First pause after a failed start; doubles with each consecutive failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -45,6 +46,8 @@ pub(super) struct FnState {
     pub queue: VecDeque<Waiter>,
     pub next_waiter: u64,
     pub failure: Option<Failure>,
+    /// Why the last placement found no room, while it finds none.
+    pub unschedulable: Option<String>,
     pub removed: bool,
     /// Starts attempted, for status.
     pub starts: u64,
@@ -67,6 +70,7 @@ impl Function {
                 queue: VecDeque::new(),
                 next_waiter: 0,
                 failure: None,
+                unschedulable: None,
                 removed: false,
                 starts: 0,
             }),
@@ -131,6 +135,7 @@ impl Function {
             endpoint: inst.endpoint.expect("ready instances have an endpoint"),
             node: inst.reservation.node().clone(),
             container_id: inst.container_id.clone().unwrap_or_default(),
+            _in_flight: inst.reservation.track_request(),
             armed: true,
         })
     }
@@ -218,6 +223,7 @@ pub struct Permit {
     endpoint: SocketAddr,
     node: Arc<dyn Node>,
     container_id: String,
+    _in_flight: InFlight,
     armed: bool,
 }
 

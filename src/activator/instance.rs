@@ -121,6 +121,8 @@ pub struct InstanceStatus {
     pub idle_ms: u64,
     /// Whether it was adopted from before a gateway restart.
     pub adopted: bool,
+    /// Devices it holds (`GPU-…` or `MIG-…`).
+    pub gpus: Vec<String>,
 }
 
 impl Instance {
@@ -140,6 +142,12 @@ impl Instance {
                 now.saturating_duration_since(self.last_used).as_millis() as u64
             },
             adopted: self.adopted,
+            gpus: self
+                .reservation
+                .gpus()
+                .iter()
+                .map(|g| g.device_id.clone())
+                .collect(),
         }
     }
 }

@@ -75,6 +75,14 @@ pub enum AcquireError {
         /// When a new start will be tried.
         retry_after: Duration,
     },
+    /// No node has room for an instance (see the reason), or none meets the requirements.
+    #[error("function `{function}` cannot be placed: {reason}")]
+    NoCapacity {
+        /// Function name.
+        function: String,
+        /// Which requirement no node meets, node by node.
+        reason: String,
+    },
     /// The function was removed while the request waited.
     #[error("function `{0}` was removed")]
     Removed(String),
@@ -130,6 +138,8 @@ pub struct FunctionStatus {
     pub starts: u64,
     /// The current run of failed starts, if any.
     pub failure: Option<FailureStatus>,
+    /// Why no instance can be placed now, if so.
+    pub unschedulable: Option<String>,
     /// Each instance.
     pub instances: Vec<InstanceStatus>,
 }
@@ -291,10 +301,16 @@ impl Activator {
                 guard.armed = false;
                 Err(AcquireError::Removed(f.name().to_string()))
             }
-            Err(_) => Err(AcquireError::QueueTimeout {
-                function: f.name().to_string(),
-                waited: wait,
-            }),
+            Err(_) => match f.lock().unschedulable.clone() {
+                Some(reason) => Err(AcquireError::NoCapacity {
+                    function: f.name().to_string(),
+                    reason,
+                }),
+                None => Err(AcquireError::QueueTimeout {
+                    function: f.name().to_string(),
+                    waited: wait,
+                }),
+            },
         }
     }
 
@@ -315,6 +331,10 @@ impl Activator {
             scale.min,
             scale.max,
         );
+        if want <= have {
+            // Nothing more is needed, so nothing is waiting for room.
+            st.unschedulable = None;
+        }
         for _ in have..want {
             if !self.start_instance(f, st) {
                 break;
@@ -441,6 +461,7 @@ impl Activator {
                 consecutive: fl.consecutive,
                 retry_in_ms: fl.retry_at.saturating_duration_since(now).as_millis() as u64,
             }),
+            unschedulable: st.unschedulable.clone(),
             instances: st.instances.iter().map(|i| i.status(now)).collect(),
         }
     }

@@ -55,7 +55,8 @@ impl Activator {
                 let record = records.remove(&c.instance);
                 match self.adoptable(&c, record.is_some(), &mut revisions).await {
                     Some((f, revision)) => {
-                        let Some(reservation) = self.scheduler().adopt(node.name()) else {
+                        let Some(reservation) = self.scheduler().adopt(node.name(), c.gpus.clone())
+                        else {
                             continue;
                         };
                         let mut inst =

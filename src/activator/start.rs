@@ -12,6 +12,7 @@ use super::instance::{Instance, Phase};
 use super::{AcquireError, Activator, Revision};
 use crate::node::{InstanceSpec, Node, NodeError, Started};
 use crate::readiness::NotReady;
+use crate::scheduler::{GpuAssignment, PlacementError};
 use crate::store::{self, InstanceRecord};
 
 /// Lines of container output kept in a start failure's message.
@@ -24,8 +25,6 @@ enum StartError {
     Node(#[from] NodeError),
     #[error(transparent)]
     NotReady(#[from] NotReady),
-    #[error("no node can run instances (none is registered)")]
-    NoNode,
     #[error("cancelled")]
     Cancelled,
 }
@@ -43,15 +42,32 @@ impl StartError {
 impl Activator {
     /// Places and starts one instance of the current revision; false when no node can take it.
     pub(super) fn start_instance(&self, f: &Arc<Function>, st: &mut FnState) -> bool {
-        let Some(reservation) = self.scheduler().place() else {
-            let status = StartError::NoNode.status();
-            st.record_failure(StartError::NoNode.to_string(), status);
-            fail_waiters(f, st, &StartError::NoNode.to_string(), status);
-            return false;
+        let reservation = match self.scheduler().place(st.revision.manifest.gpu.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = e.to_string();
+                if st.unschedulable.as_deref() != Some(reason.as_str()) {
+                    tracing::info!(function = %f.name(), reason = %reason, "cannot place an instance");
+                }
+                // Capacity held by others may free up: requests keep waiting. A requirement
+                // no node meets will not: they are answered now.
+                if !matches!(e, PlacementError::Busy { .. }) {
+                    for w in st.queue.drain(..) {
+                        let _ = w.tx.send(Err(AcquireError::NoCapacity {
+                            function: f.name().to_string(),
+                            reason: reason.clone(),
+                        }));
+                    }
+                }
+                st.unschedulable = Some(reason);
+                return false;
+            }
         };
+        st.unschedulable = None;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let revision = st.revision.clone();
         let node = reservation.node().clone();
+        let gpus = reservation.gpus().to_vec();
         st.instances.push(Instance::starting(
             id.clone(),
             revision.clone(),
@@ -65,7 +81,7 @@ impl Activator {
         self.inner.tracker.spawn(
             async move {
                 tokio::select! {
-                    _ = this.cold_start(&f, &id, revision, node) => {}
+                    _ = this.cold_start(&f, &id, revision, node, gpus) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -80,6 +96,7 @@ impl Activator {
         id: &str,
         revision: Arc<Revision>,
         node: Arc<dyn Node>,
+        gpus: Vec<GpuAssignment>,
     ) {
         let began = tokio::time::Instant::now();
         let spec = InstanceSpec {
@@ -87,10 +104,22 @@ impl Activator {
             revision: revision.id.clone(),
             instance: id.to_string(),
             manifest: revision.manifest.clone(),
+            gpus: gpus.clone(),
         };
         let mut container = None;
         let result = async {
-            let started = node.start(&spec).await?;
+            let started = match node.start(&spec).await {
+                Ok(s) => s,
+                Err(NodeError::ExitedAtStart {
+                    container_id,
+                    code,
+                    status,
+                }) => {
+                    container = Some(container_id);
+                    return Err(NotReady::Exited { code, status }.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             container = Some(started.container_id.clone());
             if !set_container(f, id, &started) {
                 return Err(StartError::Cancelled);
@@ -119,6 +148,7 @@ impl Activator {
                         container_id: started.container_id.clone(),
                         endpoint: started.endpoint.to_string(),
                         ready_ms: store::now_ms(),
+                        gpus,
                     };
                     if let Err(e) = self.inner.store.put_instance(&record).await {
                         tracing::warn!(error = %e, "could not record instance; it will be removed at the next restart");

@@ -1,16 +1,18 @@
-//! The client commands: `deploy`, `ls`, `rm`, `invoke`. Each is a client of the gateway's
+//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`. Each is a client of the gateway's
 //! HTTP API (`client.rs`); errors the gateway returns are printed as it wrote them,
 //! with the field each one is about.
 
 mod client;
 mod deploy;
 mod functions;
+mod nodes;
 
 use clap::Args;
 
 pub use client::{ApiClient, ClientError};
 pub use deploy::{build_context_tar, deploy};
 pub use functions::{invoke, ls, rm};
+pub use nodes::gpus;
 
 /// Default gateway URL of the CLI.
 pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";

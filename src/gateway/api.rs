@@ -62,6 +62,11 @@ pub async fn put_function(
             ));
         }
     }
+    if let Err(e) = state.activator.scheduler().feasible(manifest.gpu.as_ref()) {
+        warnings.push(format!(
+            "{e}; requests will answer 503 until a node that meets it joins"
+        ));
+    }
     let outcome = state.activator.deploy(manifest).await?;
     let status = if outcome.created {
         StatusCode::CREATED
@@ -113,6 +118,18 @@ pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize>
             .nodes()
             .map(|n| n.name().to_string())
             .collect(),
+    })
+}
+
+#[derive(Serialize)]
+struct NodeList {
+    nodes: Vec<crate::scheduler::NodeStatus>,
+}
+
+/// `GET /api/v1/nodes`: nodes with their GPUs and Ember's reservations on them.
+pub async fn list_nodes(State(state): State<AppState>) -> Json<impl Serialize> {
+    Json(NodeList {
+        nodes: state.activator.scheduler().status(),
     })
 }
 

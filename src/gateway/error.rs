@@ -89,6 +89,11 @@ impl ApiError {
                     "start_failed",
                     Some(*retry_after),
                 ),
+                AcquireError::NoCapacity { .. } => (
+                    S::SERVICE_UNAVAILABLE,
+                    "no_capacity",
+                    Some(Duration::from_secs(1)),
+                ),
                 AcquireError::Removed(_) => (S::NOT_FOUND, "function_removed", None),
                 AcquireError::ShuttingDown => (
                     S::SERVICE_UNAVAILABLE,

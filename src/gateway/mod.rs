@@ -26,6 +26,7 @@ pub use invoke::upstream_path;
 
 use crate::activator::Activator;
 use crate::config::ServeConfig;
+use crate::gpu::{DeclaredInventory, GpuDriver, GpuMonitor, NvmlInventory};
 use crate::node::{LocalNode, Node};
 use crate::proxy::Proxy;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}/", any(invoke::invoke))
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
         .route("/api/v1/gateway", get(api::gateway_info))
+        .route("/api/v1/nodes", get(api::list_nodes))
         .route("/api/v1/functions", get(api::list_functions))
         .route(
             "/api/v1/functions/{name}",
@@ -81,20 +83,32 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let gateway_id = store.gateway_id().await?;
     let runtime: Arc<dyn ContainerRuntime> = Arc::new(DockerRuntime::connect().await?);
     runtime.ping().await?;
-    let local: Arc<dyn Node> = Arc::new(LocalNode::new(
-        config.node_name.clone(),
-        gateway_id.clone(),
-        config.node_address,
-        runtime,
-    ));
+    let (monitor, driver) = gpu_setup(&config)?;
+    let local: Arc<dyn Node> = Arc::new(
+        LocalNode::new(
+            config.node_name.clone(),
+            gateway_id.clone(),
+            config.node_address,
+            runtime,
+        )
+        .with_gpus(monitor, driver),
+    );
     let tracker = TaskTracker::new();
     let activator = Activator::new(
-        Scheduler::new(vec![local]),
+        Scheduler::new(vec![local], config.placement, config.gpu_max_sharers),
         store,
         tracker.clone(),
         shutdown.clone(),
     );
+    activator.scheduler().refresh().await;
+    for node in activator.scheduler().status() {
+        tracing::info!(node = %node.name, gpus = node.gpus.len(), source = %node.gpu_source, driver = %node.gpu_driver, "node inventory");
+    }
     activator.restore().await?;
+    tracker.spawn(
+        refresh_inventory(activator.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("inventory")),
+    );
     tracker.spawn(
         crate::autoscaler::run(activator.clone(), shutdown.clone())
             .instrument(tracing::info_span!("reaper")),
@@ -132,6 +146,37 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
     }
     Ok(())
+}
+
+/// How often node GPU inventories are read.
+pub const INVENTORY_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn refresh_inventory(activator: Activator, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(INVENTORY_INTERVAL) => {}
+        }
+        activator.scheduler().refresh().await;
+    }
+}
+
+/// The embedded node's GPU source and driver: a declared inventory (simulation unless
+/// told otherwise), else NVML; without NVML, one clear warning and no GPUs.
+fn gpu_setup(config: &ServeConfig) -> anyhow::Result<(GpuMonitor, GpuDriver)> {
+    if let Some(path) = &config.gpu_inventory {
+        let inventory = DeclaredInventory::load(path)?;
+        let driver = config.gpu_driver.unwrap_or(GpuDriver::Simulated);
+        return Ok((GpuMonitor::new(Some(Arc::new(inventory))), driver));
+    }
+    let driver = config.gpu_driver.unwrap_or(GpuDriver::Nvidia);
+    match NvmlInventory::new() {
+        Ok(nvml) => Ok((GpuMonitor::new(Some(Arc::new(nvml))), driver)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no GPUs on this node: functions with a [gpu] section cannot run here");
+            Ok((GpuMonitor::new(None), driver))
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

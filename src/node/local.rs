@@ -12,9 +12,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_INSTANCE,
-    LABEL_MANAGED, LABEL_NODE, LABEL_REVISION,
+    ContainerRuntime, ContainerSpec, GpuRequest, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
+    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_REVISION,
 };
 
 /// Process limit per container: generous for thread-per-connection servers, still a cap
@@ -27,6 +28,8 @@ pub struct LocalNode {
     gateway_id: String,
     host_ip: IpAddr,
     runtime: Arc<dyn ContainerRuntime>,
+    gpus: GpuMonitor,
+    gpu_driver: GpuDriver,
 }
 
 impl LocalNode {
@@ -43,13 +46,22 @@ impl LocalNode {
             gateway_id: gateway_id.into(),
             host_ip,
             runtime,
+            gpus: GpuMonitor::new(None),
+            gpu_driver: GpuDriver::Simulated,
         }
+    }
+
+    /// Gives the node GPUs from `monitor`, handed to containers by `driver`.
+    pub fn with_gpus(mut self, monitor: GpuMonitor, driver: GpuDriver) -> LocalNode {
+        self.gpus = monitor;
+        self.gpu_driver = driver;
+        self
     }
 
     /// The container spec for an instance.
     pub fn container_spec(&self, spec: &InstanceSpec) -> ContainerSpec {
         let m = &spec.manifest;
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_GATEWAY.to_string(), self.gateway_id.clone()),
             (LABEL_NODE.to_string(), self.name.clone()),
@@ -57,18 +69,51 @@ impl LocalNode {
             (LABEL_REVISION.to_string(), spec.revision.clone()),
             (LABEL_INSTANCE.to_string(), spec.instance.clone()),
         ]);
+        let mut env: Vec<(String, String)> =
+            m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut gpus = None;
+        if !spec.gpus.is_empty() {
+            let ids: Vec<String> = spec.gpus.iter().map(|g| g.device_id.clone()).collect();
+            labels.insert(
+                LABEL_GPUS.to_string(),
+                serde_json::to_string(&spec.gpus).expect("assignments serialize"),
+            );
+            // The same in every mode, so code in the container sees what it was given.
+            env.push(("NVIDIA_VISIBLE_DEVICES".into(), ids.join(",")));
+            env.push(("EMBER_GPU_UUIDS".into(), ids.join(",")));
+            gpus = gpu_request(self.gpu_driver, &ids);
+        }
         ContainerSpec {
             name: format!("ember-{}-{}", spec.function, spec.instance),
             image: m.image.clone().unwrap_or_default(),
             command: m.command.clone(),
-            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env,
             labels,
             port: m.port,
             host_ip: self.host_ip,
             cpus: m.resources.cpus,
             memory_bytes: m.resources.memory.as_u64(),
             pids_limit: PIDS_LIMIT,
+            gpus,
         }
+    }
+}
+
+/// The device request for `ids` under `driver`; none in simulation.
+pub fn gpu_request(driver: GpuDriver, ids: &[String]) -> Option<GpuRequest> {
+    match driver {
+        GpuDriver::Simulated => None,
+        GpuDriver::Nvidia => Some(GpuRequest {
+            driver: "nvidia".into(),
+            device_ids: ids.to_vec(),
+        }),
+        GpuDriver::Cdi => Some(GpuRequest {
+            driver: "cdi".into(),
+            device_ids: ids
+                .iter()
+                .map(|id| format!("nvidia.com/gpu={id}"))
+                .collect(),
+        }),
     }
 }
 
@@ -78,9 +123,29 @@ impl Node for LocalNode {
         &self.name
     }
 
+    fn gpu_driver(&self) -> GpuDriver {
+        self.gpu_driver
+    }
+
+    fn gpu_source(&self) -> String {
+        self.gpus.source()
+    }
+
+    async fn gpus(&self) -> Vec<GpuInfo> {
+        self.gpus.read().await
+    }
+
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
         let container = self.runtime.run(&self.container_spec(spec)).await?;
         let Some(port) = container.host_port else {
+            if !container.running {
+                // Docker unpublishes the port of a stopped container: it exited already.
+                return Err(NodeError::ExitedAtStart {
+                    container_id: container.id,
+                    code: container.exit_code,
+                    status: container.status,
+                });
+            }
             let _ = self.runtime.remove(&container.id).await;
             return Err(RuntimeError::NoPort(container.id).into());
         };
@@ -128,6 +193,11 @@ impl Node for LocalNode {
                     instance: label(LABEL_INSTANCE),
                     running: c.running,
                     endpoint: c.host_port.map(|p| SocketAddr::new(self.host_ip, p)),
+                    gpus: c
+                        .labels
+                        .get(LABEL_GPUS)
+                        .and_then(|j| serde_json::from_str(j).ok())
+                        .unwrap_or_default(),
                     container_id: c.id,
                 }
             })
@@ -149,5 +219,115 @@ impl Node for LocalNode {
             .runtime
             .build_image(tag, dockerfile, context_tar, progress)
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Format, Manifest, Sharing};
+    use crate::scheduler::GpuAssignment;
+
+    struct NoRuntime;
+
+    #[async_trait]
+    impl ContainerRuntime for NoRuntime {
+        async fn ping(&self) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn image_exists(&self, _: &str) -> Result<bool, RuntimeError> {
+            Ok(true)
+        }
+        async fn build_image(
+            &self,
+            _: &str,
+            _: &str,
+            _: Bytes,
+            _: mpsc::Sender<String>,
+        ) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn run(
+            &self,
+            _: &ContainerSpec,
+        ) -> Result<crate::runtime::ContainerInfo, RuntimeError> {
+            Err(RuntimeError::NoPort("test".into()))
+        }
+        async fn inspect(
+            &self,
+            _: &str,
+        ) -> Result<Option<crate::runtime::ContainerInfo>, RuntimeError> {
+            Ok(None)
+        }
+        async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
+            Ok(String::new())
+        }
+        async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn list(
+            &self,
+            _: &[(&str, &str)],
+        ) -> Result<Vec<crate::runtime::ContainerInfo>, RuntimeError> {
+            Ok(vec![])
+        }
+    }
+
+    fn spec_with(gpus: Vec<GpuAssignment>) -> InstanceSpec {
+        InstanceSpec {
+            function: "f".into(),
+            revision: "r".into(),
+            instance: "i".into(),
+            manifest: Arc::new(
+                Manifest::parse("name = \"f\"\nimage = \"e:1\"", Format::Toml).unwrap(),
+            ),
+            gpus,
+        }
+    }
+
+    fn node(driver: GpuDriver) -> LocalNode {
+        LocalNode::new("n", "gw", "127.0.0.1".parse().unwrap(), Arc::new(NoRuntime))
+            .with_gpus(GpuMonitor::new(None), driver)
+    }
+
+    fn mig() -> GpuAssignment {
+        GpuAssignment {
+            gpu_uuid: "GPU-p".into(),
+            device_id: "MIG-1".into(),
+            sharing: Sharing::Mig,
+            memory: 40 << 30,
+        }
+    }
+
+    #[test]
+    fn simulation_sets_the_env_and_sends_no_device_request() {
+        let spec = node(GpuDriver::Simulated).container_spec(&spec_with(vec![mig()]));
+        assert!(spec.gpus.is_none());
+        assert!(spec
+            .env
+            .contains(&("NVIDIA_VISIBLE_DEVICES".into(), "MIG-1".into())));
+        assert!(spec
+            .env
+            .contains(&("EMBER_GPU_UUIDS".into(), "MIG-1".into())));
+        let label: Vec<GpuAssignment> = serde_json::from_str(&spec.labels[LABEL_GPUS]).unwrap();
+        assert_eq!(label, vec![mig()]);
+    }
+
+    #[test]
+    fn nvidia_and_cdi_nodes_request_the_devices() {
+        let nv = node(GpuDriver::Nvidia).container_spec(&spec_with(vec![mig()]));
+        assert_eq!(nv.gpus.unwrap().device_ids, ["MIG-1"]);
+        let cdi = node(GpuDriver::Cdi).container_spec(&spec_with(vec![mig()]));
+        let cdi = cdi.gpus.unwrap();
+        assert_eq!(cdi.driver, "cdi");
+        assert_eq!(cdi.device_ids, ["nvidia.com/gpu=MIG-1"]);
+    }
+
+    #[test]
+    fn instances_without_gpus_get_no_gpu_env() {
+        let spec = node(GpuDriver::Nvidia).container_spec(&spec_with(vec![]));
+        assert!(spec.gpus.is_none());
+        assert!(!spec.env.iter().any(|(k, _)| k == "NVIDIA_VISIBLE_DEVICES"));
+        assert!(!spec.labels.contains_key(LABEL_GPUS));
     }
 }

@@ -14,8 +14,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
 use crate::runtime::RuntimeError;
+use crate::scheduler::GpuAssignment;
 
 pub use local::LocalNode;
 
@@ -30,6 +32,8 @@ pub struct InstanceSpec {
     pub instance: String,
     /// The revision's manifest.
     pub manifest: Arc<Manifest>,
+    /// GPUs (or MIG instances) placed for it.
+    pub gpus: Vec<GpuAssignment>,
 }
 
 /// A started instance.
@@ -72,6 +76,8 @@ pub struct ManagedContainer {
     pub running: bool,
     /// Where it answers, if its port is published.
     pub endpoint: Option<SocketAddr>,
+    /// The devices it was given (`ember.gpus` label).
+    pub gpus: Vec<GpuAssignment>,
 }
 
 /// Node failures.
@@ -80,6 +86,16 @@ pub enum NodeError {
     /// The container engine failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The container stopped before it could be reached (it is left for its logs).
+    #[error("container exited as it started")]
+    ExitedAtStart {
+        /// The container, still there for its logs.
+        container_id: String,
+        /// Exit code, when known.
+        code: Option<i64>,
+        /// The engine's status word.
+        status: String,
+    },
 }
 
 impl NodeError {
@@ -94,6 +110,12 @@ impl NodeError {
 pub trait Node: Send + Sync + 'static {
     /// The node's name (`ember.node` label).
     fn name(&self) -> &str;
+    /// How containers are given GPUs on this node.
+    fn gpu_driver(&self) -> GpuDriver;
+    /// Where the node's GPU facts come from.
+    fn gpu_source(&self) -> String;
+    /// The node's GPUs now (empty when it has none or cannot tell).
+    async fn gpus(&self) -> Vec<GpuInfo>;
     /// Creates and starts the instance's container; readiness is the caller's to check.
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError>;
     /// The state of a container this node started.

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, DeviceRequest, HostConfig, PortBinding,
+};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
     LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -72,6 +74,14 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         privileged: Some(false),
         security_opt: Some(vec!["no-new-privileges".into()]),
         cap_drop: Some(vec!["ALL".into()]),
+        device_requests: spec.gpus.as_ref().map(|g| {
+            vec![DeviceRequest {
+                driver: Some(g.driver.clone()),
+                device_ids: Some(g.device_ids.clone()),
+                capabilities: (g.driver == "nvidia").then(|| vec![vec!["gpu".to_string()]]),
+                ..Default::default()
+            }]
+        }),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -285,6 +295,7 @@ mod tests {
             cpus: 0.5,
             memory_bytes: 64 << 20,
             pids_limit: 512,
+            gpus: None,
         }
     }
 

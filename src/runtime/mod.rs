@@ -27,6 +27,8 @@ pub const LABEL_FUNCTION: &str = "ember.function";
 pub const LABEL_REVISION: &str = "ember.revision";
 /// Label naming the instance.
 pub const LABEL_INSTANCE: &str = "ember.instance";
+/// Label holding the instance's GPU assignments (JSON), so a restart can re-reserve them.
+pub const LABEL_GPUS: &str = "ember.gpus";
 
 /// Everything needed to create and start one container.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +53,17 @@ pub struct ContainerSpec {
     pub memory_bytes: u64,
     /// Process limit.
     pub pids_limit: i64,
+    /// GPUs to hand to the container through the engine, if any.
+    pub gpus: Option<GpuRequest>,
+}
+
+/// GPUs given to a container through a Docker device request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuRequest {
+    /// `nvidia` (device ids are GPU-/MIG- UUIDs) or `cdi` (device ids are CDI names).
+    pub driver: String,
+    /// The devices.
+    pub device_ids: Vec<String>,
 }
 
 /// What the runtime knows of one container.

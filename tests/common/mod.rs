@@ -52,24 +52,37 @@ macro_rules! require_docker {
     };
 }
 
-/// The echo image, built once per test binary: the static binary by functions/build.sh,
-/// the image by `docker build`, tagged by the binary's hash so a changed server rebuilds.
+/// The echo image, built once per test binary.
 pub fn echo_image() -> String {
     static TAG: OnceLock<String> = OnceLock::new();
-    TAG.get_or_init(|| {
+    TAG.get_or_init(|| function_image("echo")).clone()
+}
+
+/// The gpu-info image, built once per test binary.
+pub fn gpu_info_image() -> String {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| function_image("gpu-info")).clone()
+}
+
+/// Builds functions/NAME: the static binary by functions/build.sh, the image by
+/// `docker build`, tagged by the binary's hash so a changed server rebuilds.
+pub fn function_image(name: &str) -> String {
+    {
+        static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
         let status = Command::new("bash")
             .arg(repo().join("functions/build.sh"))
             .stdout(Stdio::null())
             .status()
             .expect("bash runs");
         assert!(status.success(), "functions/build.sh failed");
-        let bin = std::fs::read(repo().join("functions/echo/bin/echo")).unwrap();
+        let bin = std::fs::read(repo().join(format!("functions/{name}/bin/{name}"))).unwrap();
         let digest = {
             use sha2::Digest;
             sha2::Sha256::digest(&bin)
         };
         let hash: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        let tag = format!("ember-test/echo:{hash}");
+        let tag = format!("ember-test/{name}:{hash}");
         let exists = Command::new("docker")
             .args(["image", "inspect", &tag])
             .stdout(Stdio::null())
@@ -80,7 +93,7 @@ pub fn echo_image() -> String {
         if !exists {
             let out = Command::new("docker")
                 .args(["build", "-q", "-t", &tag])
-                .arg(repo().join("functions/echo"))
+                .arg(repo().join(format!("functions/{name}")))
                 .output()
                 .unwrap();
             assert!(
@@ -90,8 +103,7 @@ pub fn echo_image() -> String {
             );
         }
         tag
-    })
-    .clone()
+    }
 }
 
 /// A manifest for the echo image with `extra` TOML appended (sections allowed).
@@ -121,11 +133,26 @@ impl Gateway {
         g
     }
 
+    /// Starts a gateway with a fresh data dir and extra `serve` arguments.
+    pub async fn start_with(args: &[&str]) -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut g = Gateway::start_in_with(&dir, args).await;
+        g._tmp = Some(tmp);
+        g
+    }
+
     /// Starts a gateway on `data_dir` (kept by the caller).
     pub async fn start_in(data_dir: &Path) -> Gateway {
+        Gateway::start_in_with(data_dir, &[]).await
+    }
+
+    /// Starts a gateway on `data_dir` with extra `serve` arguments.
+    pub async fn start_in_with(data_dir: &Path, args: &[&str]) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env(
                 "EMBER_LOG",
                 std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -1,0 +1,85 @@
+//! `ember gpus`: the GPUs of every node, with Ember's reservations on them.
+
+use bytesize::ByteSize;
+
+use super::client::ApiClient;
+
+fn gib(v: &serde_json::Value) -> String {
+    ByteSize(v.as_u64().unwrap_or(0))
+        .display()
+        .iec()
+        .to_string()
+}
+
+/// `ember gpus [--json]`.
+pub async fn gpus(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let v = client.get_json("/api/v1/nodes").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<12} {:>3} {:<28} {:<44} {:>10} {:>10} {:>6}  HELD BY EMBER",
+        "NODE", "IDX", "NAME", "UUID", "MEMORY", "USED", "UTIL"
+    );
+    for node in nodes {
+        let name = node["name"].as_str().unwrap_or("?");
+        let gpus = node["gpus"].as_array().cloned().unwrap_or_default();
+        if gpus.is_empty() {
+            println!(
+                "{name:<12} {:>3} no GPUs (source: {}, driver: {})",
+                "-",
+                node["gpu_source"].as_str().unwrap_or("?"),
+                node["gpu_driver"].as_str().unwrap_or("?")
+            );
+        }
+        for g in gpus {
+            let util = g["utilization"]
+                .as_f64()
+                .map_or("-".to_string(), |u| format!("{u:.0}%"));
+            let r = &g["reserved"];
+            let held = if r["exclusive"].as_bool() == Some(true) {
+                "exclusive".to_string()
+            } else if r["sharers"].as_u64().unwrap_or(0) > 0 {
+                format!("{} sharers, {}", r["sharers"], gib(&r["memory"]))
+            } else {
+                "-".to_string()
+            };
+            println!(
+                "{name:<12} {:>3} {:<28} {:<44} {:>10} {:>10} {:>6}  {held}",
+                g["index"].as_u64().unwrap_or(0),
+                g["name"].as_str().unwrap_or("?"),
+                g["uuid"].as_str().unwrap_or("?"),
+                gib(&g["memory_total"]),
+                gib(&g["memory_used"]),
+                util,
+            );
+            let held_mig: Vec<&str> = g["mig_held"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.as_str())
+                .collect();
+            for m in g["mig"].as_array().into_iter().flatten() {
+                let uuid = m["uuid"].as_str().unwrap_or("?");
+                println!(
+                    "{:<12} {:>3} {:<28} {:<44} {:>10} {:>10} {:>6}  {}",
+                    "",
+                    "",
+                    format!("  MIG {}", m["profile"].as_str().unwrap_or("?")),
+                    uuid,
+                    gib(&m["memory_total"]),
+                    gib(&m["memory_used"]),
+                    "",
+                    if held_mig.contains(&uuid) {
+                        "exclusive"
+                    } else {
+                        "-"
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
