@@ -48,6 +48,12 @@ enum Command {
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
+        /// Read this machine's GPUs here (NVML) instead of asking the gateway.
+        #[arg(long)]
+        local: bool,
+        /// With --local: read this declared inventory instead of NVML.
+        #[arg(long, requires = "local")]
+        gpu_inventory: Option<PathBuf>,
         #[command(flatten)]
         gateway: GatewayArgs,
     },
@@ -104,8 +110,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             cli::deploy(&ApiClient::new(&gateway.gateway)?, &path).await
         }
         Command::Ls { json, gateway } => cli::ls(&ApiClient::new(&gateway.gateway)?, json).await,
-        Command::Gpus { json, gateway } => {
-            cli::gpus(&ApiClient::new(&gateway.gateway)?, json).await
+        Command::Gpus {
+            json,
+            local,
+            gpu_inventory,
+            gateway,
+        } => {
+            if local {
+                cli::local_gpus(gpu_inventory.as_deref(), json).await
+            } else {
+                cli::gpus(&ApiClient::new(&gateway.gateway)?, json).await
+            }
         }
         Command::Rm { name, gateway } => cli::rm(&ApiClient::new(&gateway.gateway)?, &name).await,
         Command::Invoke {

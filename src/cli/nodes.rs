@@ -11,9 +11,34 @@ fn gib(v: &serde_json::Value) -> String {
         .to_string()
 }
 
-/// `ember gpus [--json]`.
+/// `ember gpus [--json]`: every node's GPUs, from the gateway.
 pub async fn gpus(client: &ApiClient, json: bool) -> anyhow::Result<()> {
     let v = client.get_json("/api/v1/nodes").await?;
+    print_gpus(&v, json)
+}
+
+/// `ember gpus --local [--gpu-inventory FILE]`: this machine's GPUs, read here (NVML, or
+/// the declared file), without a gateway: what a node would report if it joined.
+pub async fn local_gpus(inventory: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    use crate::gpu::{DeclaredInventory, GpuInventory, GpuMonitor, NvmlInventory};
+    let source: std::sync::Arc<dyn GpuInventory> = match inventory {
+        Some(path) => std::sync::Arc::new(DeclaredInventory::load(path)?),
+        None => std::sync::Arc::new(NvmlInventory::new()?),
+    };
+    let monitor = GpuMonitor::new(Some(source));
+    let gpus = monitor.read().await;
+    let v = serde_json::json!({
+        "nodes": [{
+            "name": "(here)",
+            "gpu_source": monitor.source(),
+            "gpu_driver": "-",
+            "gpus": gpus,
+        }]
+    });
+    print_gpus(&v, json)
+}
+
+fn print_gpus(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
