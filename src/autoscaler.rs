@@ -34,25 +34,43 @@ pub struct InstanceView {
     pub in_flight: u32,
     /// Time since its last request finished.
     pub idle: Duration,
+    /// Whether its node is draining.
+    pub evacuating: bool,
 }
 
-/// Indexes of instances to retire: drained ones with nothing in flight, and ready ones idle
-/// for `idle_timeout`, longest idle first, keeping `min` of the current revision.
-pub fn retire(instances: &[InstanceView], idle_timeout: Duration, min: u32) -> Vec<usize> {
+/// Indexes of instances to retire: drained ones with nothing in flight; idle ones on a
+/// draining node once another instance serves or nothing is asked (`demand` is queued plus
+/// in-flight requests); and ready ones idle for `idle_timeout`, longest idle first,
+/// keeping `min` of the current revision.
+pub fn retire(
+    instances: &[InstanceView],
+    idle_timeout: Duration,
+    min: u32,
+    demand: usize,
+) -> Vec<usize> {
+    let others_serve = instances
+        .iter()
+        .any(|i| i.phase == Phase::Ready && !i.evacuating);
     let mut out: Vec<usize> = instances
         .iter()
         .enumerate()
-        .filter(|(_, i)| i.phase == Phase::Draining && i.in_flight == 0)
+        .filter(|(_, i)| {
+            i.in_flight == 0
+                && (i.phase == Phase::Draining
+                    || (i.phase == Phase::Ready && i.evacuating && (others_serve || demand == 0)))
+        })
         .map(|(idx, _)| idx)
         .collect();
     let mut current_left = instances
         .iter()
-        .filter(|i| i.current && i.phase.counts_as_capacity())
+        .filter(|i| i.current && i.phase.counts_as_capacity() && !i.evacuating)
         .count();
     let mut idle: Vec<(usize, &InstanceView)> = instances
         .iter()
         .enumerate()
-        .filter(|(_, i)| i.phase == Phase::Ready && i.in_flight == 0 && i.idle >= idle_timeout)
+        .filter(|(_, i)| {
+            i.phase == Phase::Ready && !i.evacuating && i.in_flight == 0 && i.idle >= idle_timeout
+        })
         .collect();
     idle.sort_by_key(|(_, v)| std::cmp::Reverse(v.idle));
     for (idx, view) in idle {
@@ -98,6 +116,7 @@ mod tests {
             phase,
             in_flight,
             idle: Duration::from_secs(idle_s),
+            evacuating: false,
         }
     }
 
@@ -124,7 +143,7 @@ mod tests {
             view(true, Phase::Ready, 0, 10),
             view(true, Phase::Ready, 1, 600),
         ];
-        assert_eq!(retire(&v, t, 0), vec![0]);
+        assert_eq!(retire(&v, t, 0, 0), vec![0]);
     }
 
     #[test]
@@ -135,11 +154,11 @@ mod tests {
             view(true, Phase::Ready, 0, 200),
         ];
         assert_eq!(
-            retire(&v, t, 1),
+            retire(&v, t, 1, 0),
             vec![1],
             "the longest idle goes, one stays"
         );
-        assert!(retire(&v, t, 2).is_empty());
+        assert!(retire(&v, t, 2, 0).is_empty());
     }
 
     #[test]
@@ -150,7 +169,32 @@ mod tests {
             view(false, Phase::Draining, 2, 0),
             view(true, Phase::Starting, 0, 0),
         ];
-        assert_eq!(retire(&v, t, 0), vec![0]);
+        assert_eq!(retire(&v, t, 0, 0), vec![0]);
+    }
+
+    #[test]
+    fn instances_on_a_draining_node_leave_once_another_serves_or_none_is_needed() {
+        let t = Duration::from_secs(600);
+        let mut leaving = view(true, Phase::Ready, 0, 0);
+        leaving.evacuating = true;
+        let replacement_starting = view(true, Phase::Starting, 0, 0);
+        let replacement_ready = view(true, Phase::Ready, 0, 0);
+        assert!(
+            retire(&[leaving, replacement_starting], t, 1, 5).is_empty(),
+            "traffic waits"
+        );
+        assert_eq!(retire(&[leaving, replacement_ready], t, 1, 5), vec![0]);
+        assert_eq!(
+            retire(&[leaving], t, 0, 0),
+            vec![0],
+            "nothing asked: go now"
+        );
+        let mut busy = leaving;
+        busy.in_flight = 2;
+        assert!(
+            retire(&[busy, replacement_ready], t, 1, 5).is_empty(),
+            "finish first"
+        );
     }
 
     #[test]
@@ -160,6 +204,6 @@ mod tests {
             view(false, Phase::Ready, 0, 100),
             view(true, Phase::Ready, 0, 100),
         ];
-        assert_eq!(retire(&v, t, 1), vec![0]);
+        assert_eq!(retire(&v, t, 1, 0), vec![0]);
     }
 }

@@ -41,6 +41,18 @@ pub struct ServeConfig {
     /// Most instances sharing one GPU (sharing = "shared").
     #[arg(long, env = "EMBER_GPU_MAX_SHARERS", default_value_t = DEFAULT_MAX_SHARERS)]
     pub gpu_max_sharers: u32,
+    /// Join token agents must present (`ember agent --token`); without it no agent can join.
+    #[arg(long, env = "EMBER_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// Run no embedded node: schedule only onto agents.
+    #[arg(long, env = "EMBER_NO_LOCAL_NODE")]
+    pub no_local_node: bool,
+    /// A node not heard from for this long is lost and its instances replaced elsewhere.
+    #[arg(long, env = "EMBER_NODE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub node_timeout: std::time::Duration,
+    /// How often agents send heartbeats.
+    #[arg(long, env = "EMBER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub heartbeat_interval: std::time::Duration,
     /// Placement policy: spread (least loaded first) or binpack.
     #[arg(long, env = "EMBER_PLACEMENT", value_enum, default_value_t = Policy::Spread)]
     pub placement: Policy,
@@ -70,6 +82,26 @@ impl ServeConfig {
             if !path.is_file() {
                 problems.push(format!("--gpu-inventory {}: no such file", path.display()));
             }
+        }
+        if self
+            .join_token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 8)
+        {
+            problems.push("--join-token: expected at least 8 characters".into());
+        }
+        if self.heartbeat_interval * 2 > self.node_timeout {
+            problems.push(format!(
+                "--node-timeout {}: expected at least twice --heartbeat-interval ({})",
+                humantime::format_duration(self.node_timeout),
+                humantime::format_duration(self.heartbeat_interval)
+            ));
+        }
+        if self.no_local_node && self.join_token.is_none() {
+            problems.push(
+                "--no-local-node needs --join-token: without either there is no node to run on"
+                    .into(),
+            );
         }
         if problems.is_empty() {
             Ok(())

@@ -13,7 +13,9 @@
 //! - [`runtime`]: the container runtime trait and its Docker implementation (the only
 //!   module touching bollard).
 //! - [`gpu`]: GPU inventory: NVML (the only module touching NVML) or a declared list.
-//! - [`node`]: the node trait and the embedded local node.
+//! - [`node`]: the node trait, the embedded local node, the remote node (an HTTP client
+//!   of an agent) and the agent process.
+//! - [`membership`]: which nodes belong to the gateway: join, heartbeats, loss, cordon, drain.
 //! - [`scheduler`]: placement on the least-loaded node, with reservations.
 //! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
 //! - [`autoscaler`]: scaling decisions and the reaper loop.
@@ -31,6 +33,7 @@ pub mod config;
 pub mod gateway;
 pub mod gpu;
 pub mod manifest;
+pub mod membership;
 pub mod node;
 pub mod proxy;
 pub mod readiness;

@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (with an embedded local node on this machine's Docker engine).
     Serve(ServeConfig),
+    /// Run a node agent: join a gateway and run its instances on this machine's Docker.
+    Agent(ember::node::agent::AgentConfig),
     /// Deploy a function from a manifest file or a folder holding ember.toml.
     Deploy {
         /// Manifest file or folder.
@@ -39,6 +41,35 @@ enum Command {
     /// Remove a function and its containers.
     Rm {
         /// Function name.
+        name: String,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// List nodes: state, labels, GPUs, instances, last heartbeat.
+    Nodes {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Stop new placements on a node.
+    Cordon {
+        /// Node name.
+        name: String,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Allow placements on a node again.
+    Uncordon {
+        /// Node name.
+        name: String,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Move a node's traffic away: replacements elsewhere first, then its instances stop.
+    Drain {
+        /// Node name.
         name: String,
         #[command(flatten)]
         gateway: GatewayArgs,
@@ -105,6 +136,24 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(ember::gateway::cancel_on_signal(shutdown.clone()));
             ember::gateway::run(config, shutdown).await
+        }
+        Command::Agent(config) => {
+            init_tracing();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(ember::gateway::cancel_on_signal(shutdown.clone()));
+            ember::node::agent::run(config, shutdown).await
+        }
+        Command::Nodes { json, gateway } => {
+            cli::nodes(&ApiClient::new(&gateway.gateway)?, json).await
+        }
+        Command::Cordon { name, gateway } => {
+            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "cordon").await
+        }
+        Command::Uncordon { name, gateway } => {
+            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "uncordon").await
+        }
+        Command::Drain { name, gateway } => {
+            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "drain").await
         }
         Command::Deploy { path, gateway } => {
             cli::deploy(&ApiClient::new(&gateway.gateway)?, &path).await

@@ -1,7 +1,8 @@
 //! Durable state in sled: the only module that touches sled.
 //!
 //! Trees: `functions` (name → current revision), `revisions` (`name/rev` → manifest),
-//! `instances` (id → container placement), `meta` (schema version, gateway id).
+//! `instances` (id → container placement), `nodes` (name → agent URL, labels, cordon and
+//! drain), `meta` (schema version, gateway id).
 //! Every value is JSON inside a versioned envelope (`{"v":1,"data":…}`) so that later
 //! versions can still read old data. Deploys and removals are flushed before they are
 //! acknowledged; sled's own calls are fast in-memory operations, the flush is the only
@@ -88,6 +89,24 @@ pub struct InstanceRecord {
     pub gpus: Vec<crate::scheduler::GpuAssignment>,
 }
 
+/// A node the gateway knows: where its agent answers and what an operator set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node name.
+    pub name: String,
+    /// Agent URL (`embedded` for the gateway's own node).
+    pub url: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Cordoned by an operator.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// Draining by an operator.
+    #[serde(default)]
+    pub draining: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
     v: u32,
@@ -101,6 +120,7 @@ pub struct Store {
     functions: sled::Tree,
     revisions: sled::Tree,
     instances: sled::Tree,
+    nodes: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -112,6 +132,7 @@ impl Store {
             functions: db.open_tree("functions")?,
             revisions: db.open_tree("revisions")?,
             instances: db.open_tree("instances")?,
+            nodes: db.open_tree("nodes")?,
             meta: db.open_tree("meta")?,
             db,
         };
@@ -215,6 +236,23 @@ impl Store {
     /// Every recorded instance.
     pub fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
         scan(&self.instances, b"")
+    }
+
+    /// Records a node, durably.
+    pub async fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.nodes.insert(node.name.as_bytes(), encode(node))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// One node.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        get(&self.nodes, name.as_bytes())
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        scan(&self.nodes, b"")
     }
 }
 

@@ -125,7 +125,7 @@ impl Function {
             .iter()
             .enumerate()
             .filter(|(_, i)| i.phase.can_serve() && i.has_free_slot())
-            .min_by_key(|(_, i)| (i.revision.id != current, i.in_flight))
+            .min_by_key(|(_, i)| (i.evacuating, i.revision.id != current, i.in_flight))
             .map(|(idx, _)| idx)?;
         let inst = &mut st.instances[idx];
         inst.in_flight += 1;
@@ -189,11 +189,13 @@ impl FnState {
         backoff
     }
 
-    /// Instances of the current revision that are starting or serving.
+    /// Instances of the current revision that are starting or serving (not evacuating).
     pub fn current_instances(&self) -> usize {
         self.instances
             .iter()
-            .filter(|i| i.revision.id == self.revision.id && i.phase.counts_as_capacity())
+            .filter(|i| {
+                i.revision.id == self.revision.id && i.phase.counts_as_capacity() && !i.evacuating
+            })
             .count()
     }
 

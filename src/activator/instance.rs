@@ -65,6 +65,8 @@ pub struct Instance {
     pub(crate) last_used: Instant,
     pub(crate) served: u64,
     pub(crate) adopted: bool,
+    /// On a draining node: served only until a replacement elsewhere is ready.
+    pub(crate) evacuating: bool,
 }
 
 impl Instance {
@@ -80,6 +82,7 @@ impl Instance {
             last_used: Instant::now(),
             served: 0,
             adopted: false,
+            evacuating: false,
         }
     }
 
@@ -121,6 +124,8 @@ pub struct InstanceStatus {
     pub idle_ms: u64,
     /// Whether it was adopted from before a gateway restart.
     pub adopted: bool,
+    /// Whether its node is draining and it waits for a replacement.
+    pub evacuating: bool,
     /// Devices it holds (`GPU-…` or `MIG-…`).
     pub gpus: Vec<String>,
 }
@@ -142,6 +147,7 @@ impl Instance {
                 now.saturating_duration_since(self.last_used).as_millis() as u64
             },
             adopted: self.adopted,
+            evacuating: self.evacuating,
             gpus: self
                 .reservation
                 .gpus()

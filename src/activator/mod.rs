@@ -12,6 +12,7 @@
 
 mod function;
 mod instance;
+mod nodes;
 mod reap;
 mod restore;
 mod start;
@@ -165,6 +166,7 @@ struct Inner {
     reaper: Arc<Notify>,
     health_due: AtomicBool,
     deploy_lock: tokio::sync::Mutex<()>,
+    reconcile_lock: tokio::sync::Mutex<()>,
 }
 
 /// The activator. Cheap to clone.
@@ -193,6 +195,7 @@ impl Activator {
                 reaper: Arc::new(Notify::new()),
                 health_due: AtomicBool::new(false),
                 deploy_lock: tokio::sync::Mutex::new(()),
+                reconcile_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -12,7 +12,7 @@ use super::{Activator, Function};
 use crate::autoscaler::{self, InstanceView};
 use crate::node::Node;
 
-struct Victim {
+pub(super) struct Victim {
     id: String,
     node: Arc<dyn Node>,
     container_id: Option<String>,
@@ -35,9 +35,10 @@ impl Activator {
                         phase: i.phase,
                         in_flight: i.in_flight,
                         idle: now.saturating_duration_since(i.last_used),
+                        evacuating: i.evacuating,
                     })
                     .collect();
-                let retire = autoscaler::retire(&views, scale.idle_timeout, scale.min);
+                let retire = autoscaler::retire(&views, scale.idle_timeout, scale.min, st.demand());
                 let victims = take_victims(&mut st.instances, &retire);
                 self.scale_up(&f, &mut st);
                 victims
@@ -49,17 +50,20 @@ impl Activator {
     /// Drops instances whose containers no longer run (crashed, killed, removed by hand).
     pub async fn check_health(&self) {
         let mut running = HashSet::new();
-        for node in self.scheduler().nodes() {
+        let mut listed = HashSet::new();
+        for node in self.scheduler().live_nodes() {
             match node.list_managed().await {
-                Ok(list) => running.extend(
-                    list.into_iter()
-                        .filter(|c| c.running)
-                        .map(|c| c.container_id),
-                ),
-                // An unreachable engine is not proof that containers died.
+                Ok(list) => {
+                    listed.insert(node.name().to_string());
+                    running.extend(
+                        list.into_iter()
+                            .filter(|c| c.running)
+                            .map(|c| c.container_id),
+                    )
+                }
+                // An unreachable node is not proof that its containers died.
                 Err(e) => {
                     tracing::warn!(node = %node.name(), error = %e, "health check: cannot list containers");
-                    return;
                 }
             }
         }
@@ -72,6 +76,7 @@ impl Activator {
                     .enumerate()
                     .filter(|(_, i)| {
                         matches!(i.phase, Phase::Ready | Phase::Draining)
+                            && listed.contains(i.reservation.node().name())
                             && i.container_id
                                 .as_ref()
                                 .is_some_and(|c| !running.contains(c))
@@ -86,7 +91,7 @@ impl Activator {
         }
     }
 
-    async fn stop_victims(&self, f: &Arc<Function>, victims: Vec<Victim>, why: &str) {
+    pub(super) async fn stop_victims(&self, f: &Arc<Function>, victims: Vec<Victim>, why: &str) {
         for v in victims {
             tracing::info!(function = %f.name(), instance = %v.id, node = %v.node.name(), reason = why, "retiring instance");
             if let Some(cid) = &v.container_id {
@@ -106,7 +111,10 @@ impl Activator {
 }
 
 /// Moves the chosen instances to `Stopping` and describes them for removal.
-fn take_victims(instances: &mut [super::instance::Instance], chosen: &[usize]) -> Vec<Victim> {
+pub(super) fn take_victims(
+    instances: &mut [super::instance::Instance],
+    chosen: &[usize],
+) -> Vec<Victim> {
     chosen
         .iter()
         .filter_map(|&idx| {

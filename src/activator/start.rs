@@ -201,11 +201,16 @@ impl Activator {
             return false;
         }
         inst.last_used = tokio::time::Instant::now();
-        let is_current = inst.revision.id == current;
-        if is_current {
+        let takes_over = inst.revision.id == current && !inst.evacuating;
+        if takes_over {
             st.failure = None;
             let mut drained = false;
-            for old in st.instances.iter_mut().filter(|i| i.revision.id != current) {
+            // Older revisions, and instances waiting to leave a draining node, make way.
+            for old in st
+                .instances
+                .iter_mut()
+                .filter(|i| i.id != id && (i.revision.id != current || i.evacuating))
+            {
                 drained |= old.become_(Phase::Draining);
             }
             if drained {

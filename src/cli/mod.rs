@@ -9,10 +9,10 @@ mod nodes;
 
 use clap::Args;
 
-pub use client::{ApiClient, ClientError};
+pub use client::{render_api_error, ApiClient, ClientError};
 pub use deploy::{build_context_tar, deploy};
 pub use functions::{invoke, ls, rm};
-pub use nodes::{gpus, local_gpus};
+pub use nodes::{gpus, local_gpus, node_action, nodes};
 
 /// Default gateway URL of the CLI.
 pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";

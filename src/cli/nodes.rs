@@ -1,4 +1,5 @@
-//! `ember gpus`: the GPUs of every node, with Ember's reservations on them.
+//! `ember nodes`, `ember cordon / uncordon / drain`, and `ember gpus`: the nodes, their
+//! state, and the GPUs of each with Ember's reservations on them.
 
 use bytesize::ByteSize;
 
@@ -9,6 +10,81 @@ fn gib(v: &serde_json::Value) -> String {
         .display()
         .iec()
         .to_string()
+}
+
+/// `ember nodes [--json]`.
+pub async fn nodes(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let v = client.get_json("/api/v1/nodes").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<9} {:<24} {:<34} {:>9} {:>9}  LAST HEARTBEAT",
+        "NAME", "STATE", "LABELS", "GPUS (free/total, util)", "INSTANCES", "IN-FLIGHT"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        let gpus: Vec<String> = n["gpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| {
+                let total = g["memory_total"].as_u64().unwrap_or(0);
+                let used = g["memory_used"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .max(g["reserved"]["memory"].as_u64().unwrap_or(0));
+                let util = g["utilization"]
+                    .as_f64()
+                    .map_or("-".into(), |u| format!("{u:.0}%"));
+                format!(
+                    "{}/{} {util}",
+                    ByteSize(total.saturating_sub(used)).display().iec_short(),
+                    ByteSize(total).display().iec_short()
+                )
+            })
+            .collect();
+        println!(
+            "{:<16} {:<9} {:<24} {:<34} {:>9} {:>9}  {}",
+            n["name"].as_str().unwrap_or("?"),
+            n["state"].as_str().unwrap_or("?"),
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
+            if gpus.is_empty() {
+                "-".into()
+            } else {
+                gpus.join("; ")
+            },
+            n["instances"].as_u64().unwrap_or(0),
+            n["in_flight"].as_u64().unwrap_or(0),
+            n["last_heartbeat"].as_str().unwrap_or("never"),
+        );
+    }
+    Ok(())
+}
+
+/// `ember cordon|uncordon|drain NAME`.
+pub async fn node_action(client: &ApiClient, name: &str, action: &str) -> anyhow::Result<()> {
+    let body = client
+        .call(
+            http::Method::POST,
+            &format!("/api/v1/nodes/{name}/{action}"),
+            None,
+            bytes::Bytes::new(),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    println!("node {name} is {}", v["state"].as_str().unwrap_or("?"));
+    Ok(())
 }
 
 /// `ember gpus [--json]`: every node's GPUs, from the gateway.

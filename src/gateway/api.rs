@@ -54,7 +54,7 @@ pub async fn put_function(
         ));
     };
     let mut warnings = Vec::new();
-    for node in state.activator.scheduler().nodes() {
+    for node in state.activator.scheduler().live_nodes() {
         if let Ok(false) = node.image_exists(&image).await {
             warnings.push(format!(
                 "image `{image}` is not on node `{}`; instances there will fail to start until it is built or loaded",
@@ -116,6 +116,7 @@ pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize>
             .activator
             .scheduler()
             .nodes()
+            .iter()
             .map(|n| n.name().to_string())
             .collect(),
     })

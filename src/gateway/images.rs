@@ -45,7 +45,7 @@ pub async fn get_image(
     Query(q): Query<ImageQuery>,
 ) -> Result<Json<impl Serialize>, ApiError> {
     let mut nodes = Vec::new();
-    for node in state.activator.scheduler().nodes() {
+    for node in state.activator.scheduler().live_nodes() {
         nodes.push(NodeImage {
             node: node.name().to_string(),
             exists: node.image_exists(&q.tag).await?,
@@ -76,7 +76,7 @@ pub async fn build_image(
         });
     }
     let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
-    let nodes: Vec<_> = state.activator.scheduler().nodes().cloned().collect();
+    let nodes = state.activator.scheduler().live_nodes();
     let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut failed = None;

@@ -9,6 +9,7 @@ mod api;
 pub mod error;
 mod images;
 mod invoke;
+mod nodes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, put};
+use axum::routing::{any, get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +27,8 @@ pub use invoke::upstream_path;
 
 use crate::activator::Activator;
 use crate::config::ServeConfig;
-use crate::gpu::{DeclaredInventory, GpuDriver, GpuMonitor, NvmlInventory};
+use crate::gpu::GpuMonitor;
+use crate::membership::Membership;
 use crate::node::{LocalNode, Node};
 use crate::proxy::Proxy;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
@@ -42,6 +44,7 @@ pub struct AppState {
     activator: Activator,
     proxy: Proxy,
     gateway_id: String,
+    membership: Arc<Membership>,
 }
 
 /// The gateway's routes.
@@ -53,6 +56,9 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
         .route("/api/v1/gateway", get(api::gateway_info))
         .route("/api/v1/nodes", get(api::list_nodes))
+        .route("/api/v1/nodes/register", post(nodes::register))
+        .route("/api/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
+        .route("/api/v1/nodes/{name}/{action}", post(nodes::act))
         .route("/api/v1/functions", get(api::list_functions))
         .route(
             "/api/v1/functions/{name}",
@@ -83,22 +89,43 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let gateway_id = store.gateway_id().await?;
     let runtime: Arc<dyn ContainerRuntime> = Arc::new(DockerRuntime::connect().await?);
     runtime.ping().await?;
-    let (monitor, driver) = gpu_setup(&config)?;
-    let local: Arc<dyn Node> = Arc::new(
-        LocalNode::new(
-            config.node_name.clone(),
-            gateway_id.clone(),
-            config.node_address,
-            runtime,
-        )
-        .with_gpus(monitor, driver),
-    );
+    let mut nodes: Vec<Arc<dyn Node>> = Vec::new();
+    if !config.no_local_node {
+        let (monitor, driver) =
+            GpuMonitor::setup(config.gpu_inventory.as_deref(), config.gpu_driver)?;
+        nodes.push(Arc::new(
+            LocalNode::new(
+                config.node_name.clone(),
+                gateway_id.clone(),
+                config.node_address,
+                runtime,
+            )
+            .with_gpus(monitor, driver),
+        ));
+    }
     let tracker = TaskTracker::new();
     let activator = Activator::new(
-        Scheduler::new(vec![local], config.placement, config.gpu_max_sharers),
-        store,
+        Scheduler::new(nodes, config.placement, config.gpu_max_sharers),
+        store.clone(),
         tracker.clone(),
         shutdown.clone(),
+    );
+    let membership = Arc::new(
+        Membership::load(
+            activator.clone(),
+            store,
+            config.join_token.clone(),
+            gateway_id.clone(),
+            config.node_timeout,
+            config.heartbeat_interval,
+        )
+        .await?,
+    );
+    tracker.spawn(
+        membership
+            .clone()
+            .run(shutdown.clone())
+            .instrument(tracing::info_span!("membership")),
     );
     activator.scheduler().refresh().await;
     for node in activator.scheduler().status() {
@@ -127,6 +154,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         activator,
         proxy: Proxy::default(),
         gateway_id,
+        membership,
     });
     let serve = axum::serve(
         listener,
@@ -158,24 +186,6 @@ async fn refresh_inventory(activator: Activator, shutdown: CancellationToken) {
             _ = tokio::time::sleep(INVENTORY_INTERVAL) => {}
         }
         activator.scheduler().refresh().await;
-    }
-}
-
-/// The embedded node's GPU source and driver: a declared inventory (simulation unless
-/// told otherwise), else NVML; without NVML, one clear warning and no GPUs.
-fn gpu_setup(config: &ServeConfig) -> anyhow::Result<(GpuMonitor, GpuDriver)> {
-    if let Some(path) = &config.gpu_inventory {
-        let inventory = DeclaredInventory::load(path)?;
-        let driver = config.gpu_driver.unwrap_or(GpuDriver::Simulated);
-        return Ok((GpuMonitor::new(Some(Arc::new(inventory))), driver));
-    }
-    let driver = config.gpu_driver.unwrap_or(GpuDriver::Nvidia);
-    match NvmlInventory::new() {
-        Ok(nvml) => Ok((GpuMonitor::new(Some(Arc::new(nvml))), driver)),
-        Err(e) => {
-            tracing::warn!(error = %e, "no GPUs on this node: functions with a [gpu] section cannot run here");
-            Ok((GpuMonitor::new(None), driver))
-        }
     }
 }
 

@@ -153,6 +153,27 @@ impl GpuMonitor {
         }
     }
 
+    /// The GPU source and driver of a node: a declared inventory (simulation unless told
+    /// otherwise), else NVML (nvidia); without NVML, one clear warning and no GPUs.
+    pub fn setup(
+        inventory: Option<&std::path::Path>,
+        driver: Option<GpuDriver>,
+    ) -> Result<(GpuMonitor, GpuDriver), GpuError> {
+        if let Some(path) = inventory {
+            let declared = DeclaredInventory::load(path)?;
+            let driver = driver.unwrap_or(GpuDriver::Simulated);
+            return Ok((GpuMonitor::new(Some(Arc::new(declared))), driver));
+        }
+        let driver = driver.unwrap_or(GpuDriver::Nvidia);
+        match NvmlInventory::new() {
+            Ok(nvml) => Ok((GpuMonitor::new(Some(Arc::new(nvml))), driver)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no GPUs on this node: functions with a [gpu] section cannot run here");
+                Ok((GpuMonitor::new(None), driver))
+            }
+        }
+    }
+
     /// Where the facts come from.
     pub fn source(&self) -> String {
         self.inventory

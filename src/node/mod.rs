@@ -5,13 +5,16 @@
 //! (local.rs) implements it in process on a `ContainerRuntime`; a remote node (an HTTP
 //! client of an agent) will implement the same trait so both paths share the activator.
 
+pub mod agent;
 pub mod local;
+pub mod remote;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::gpu::{GpuDriver, GpuInfo};
@@ -20,9 +23,10 @@ use crate::runtime::RuntimeError;
 use crate::scheduler::GpuAssignment;
 
 pub use local::LocalNode;
+pub use remote::RemoteNode;
 
 /// What a node needs to start one instance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceSpec {
     /// Function name.
     pub function: String,
@@ -37,7 +41,7 @@ pub struct InstanceSpec {
 }
 
 /// A started instance.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Started {
     /// Container id on the node.
     pub container_id: String,
@@ -46,7 +50,8 @@ pub struct Started {
 }
 
 /// A container's state as the node sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
 pub enum ContainerState {
     /// Running.
     Running,
@@ -62,7 +67,7 @@ pub enum ContainerState {
 }
 
 /// A container of this gateway found on a node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManagedContainer {
     /// Container id.
     pub container_id: String,
@@ -86,6 +91,14 @@ pub enum NodeError {
     /// The container engine failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The node could not be reached or answered with an error.
+    #[error("node `{node}`: {message}")]
+    Remote {
+        /// The node.
+        node: String,
+        /// What went wrong, in the node's words when it answered.
+        message: String,
+    },
     /// The container stopped before it could be reached (it is left for its logs).
     #[error("container exited as it started")]
     ExitedAtStart {
@@ -114,6 +127,8 @@ pub trait Node: Send + Sync + 'static {
     fn gpu_driver(&self) -> GpuDriver;
     /// Where the node's GPU facts come from.
     fn gpu_source(&self) -> String;
+    /// When the node was last heard from (now, for the embedded node).
+    fn last_seen(&self) -> Option<std::time::SystemTime>;
     /// The node's GPUs now (empty when it has none or cannot tell).
     async fn gpus(&self) -> Vec<GpuInfo>;
     /// Creates and starts the instance's container; readiness is the caller's to check.

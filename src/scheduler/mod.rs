@@ -9,9 +9,9 @@
 
 mod fit;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -39,6 +39,30 @@ struct SlotState {
     holds: HashMap<String, Hold>,
     instances: usize,
     refreshed: Option<SystemTime>,
+    state: NodeState,
+    labels: BTreeMap<String, String>,
+}
+
+/// Whether a node takes new instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes new instances.
+    #[default]
+    Ready,
+    /// Takes no new instances; its instances go on.
+    Cordoned,
+    /// Takes no new instances; its instances are replaced elsewhere, then stopped when idle.
+    Draining,
+    /// Not heard from within the heartbeat timeout.
+    Lost,
+}
+
+impl NodeState {
+    /// Whether new instances may be placed there.
+    pub fn schedulable(self) -> bool {
+        self == NodeState::Ready
+    }
 }
 
 impl Slot {
@@ -73,7 +97,7 @@ pub enum PlacementError {
 
 /// The nodes instances may be placed on.
 pub struct Scheduler {
-    slots: Vec<Arc<Slot>>,
+    slots: RwLock<Vec<Arc<Slot>>>,
     policy: Policy,
     max_sharers: u32,
     place_lock: Mutex<()>,
@@ -142,10 +166,10 @@ impl Drop for InFlight {
 pub struct NodeStatus {
     /// Name.
     pub name: String,
-    /// ready (cordon, drain and loss come with remote nodes).
-    pub state: &'static str,
+    /// ready, cordoned, draining or lost.
+    pub state: NodeState,
     /// Labels.
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     /// How containers get GPUs there.
     pub gpu_driver: GpuDriver,
     /// Where its GPU facts come from.
@@ -197,26 +221,74 @@ pub fn describe(spec: Option<&GpuSpec>) -> String {
 }
 
 impl Scheduler {
-    /// A scheduler over `nodes`.
+    /// A scheduler over `nodes` (all ready); more join with `add_node`.
     pub fn new(nodes: Vec<Arc<dyn Node>>, policy: Policy, max_sharers: u32) -> Scheduler {
-        let freed = Arc::new(Notify::new());
-        Scheduler {
-            slots: nodes
-                .into_iter()
-                .map(|node| {
-                    Arc::new(Slot {
-                        node,
-                        state: Mutex::default(),
-                        in_flight: AtomicUsize::new(0),
-                        freed: freed.clone(),
-                    })
-                })
-                .collect(),
+        let s = Scheduler {
+            slots: RwLock::new(Vec::new()),
             policy,
             max_sharers,
             place_lock: Mutex::new(()),
-            freed,
+            freed: Arc::new(Notify::new()),
+        };
+        for node in nodes {
+            s.add_node(node, BTreeMap::new(), NodeState::Ready);
         }
+        s
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|s| s.node.name() == name)
+            .cloned()
+    }
+
+    /// Adds a node, or updates the labels and state of the node of that name (keeping its
+    /// reservations). Returns the node now known under the name.
+    pub fn add_node(
+        &self,
+        node: Arc<dyn Node>,
+        labels: BTreeMap<String, String>,
+        state: NodeState,
+    ) -> Arc<dyn Node> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.iter().find(|s| s.node.name() == node.name()) {
+            let mut st = slot.lock();
+            st.labels = labels;
+            st.state = state;
+            return slot.node.clone();
+        }
+        slots.push(Arc::new(Slot {
+            node: node.clone(),
+            state: Mutex::new(SlotState {
+                labels,
+                state,
+                ..Default::default()
+            }),
+            in_flight: AtomicUsize::new(0),
+            freed: self.freed.clone(),
+        }));
+        node
+    }
+
+    /// Sets a node's state; returns the previous one, or `None` for an unknown node.
+    pub fn set_state(&self, name: &str, state: NodeState) -> Option<NodeState> {
+        let slot = self.slot(name)?;
+        let mut st = slot.lock();
+        let before = st.state;
+        st.state = state;
+        Some(before)
+    }
+
+    /// A node's state.
+    pub fn state(&self, name: &str) -> Option<NodeState> {
+        self.slot(name).map(|s| s.lock().state)
     }
 
     /// Notified whenever a reservation is released.
@@ -225,18 +297,36 @@ impl Scheduler {
     }
 
     /// Every node.
-    pub fn nodes(&self) -> impl Iterator<Item = &Arc<dyn Node>> {
-        self.slots.iter().map(|s| &s.node)
+    pub fn nodes(&self) -> Vec<Arc<dyn Node>> {
+        self.slots().into_iter().map(|s| s.node.clone()).collect()
+    }
+
+    /// Every node that is not lost.
+    pub fn live_nodes(&self) -> Vec<Arc<dyn Node>> {
+        self.slots()
+            .into_iter()
+            .filter(|s| s.lock().state != NodeState::Lost)
+            .map(|s| s.node.clone())
+            .collect()
     }
 
     /// The node named `name`.
-    pub fn node(&self, name: &str) -> Option<&Arc<dyn Node>> {
-        self.nodes().find(|n| n.name() == name)
+    pub fn node(&self, name: &str) -> Option<Arc<dyn Node>> {
+        self.slot(name).map(|s| s.node.clone())
+    }
+
+    /// Takes a node's GPU inventory as it just reported it.
+    pub fn update_gpus(&self, name: &str, gpus: Vec<GpuInfo>) {
+        if let Some(slot) = self.slot(name) {
+            let mut st = slot.lock();
+            st.gpus = gpus;
+            st.refreshed = Some(SystemTime::now());
+        }
     }
 
     /// Reads every node's GPU inventory.
     pub async fn refresh(&self) {
-        for slot in &self.slots {
+        for slot in &self.slots() {
             let gpus = slot.node.gpus().await;
             let mut st = slot.lock();
             st.gpus = gpus;
@@ -246,15 +336,21 @@ impl Scheduler {
 
     /// Places one instance needing `spec` (or no GPU) on the best node under the policy.
     pub fn place(&self, spec: Option<&GpuSpec>) -> Result<Reservation, PlacementError> {
-        if self.slots.is_empty() {
+        let slots = self.slots();
+        if slots.is_empty() {
             return Err(PlacementError::NoNodes);
         }
         let _one_at_a_time = self.place_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(usize, Fit, usize)> = None;
         let mut never = Vec::new();
         let mut busy = Vec::new();
-        for (i, slot) in self.slots.iter().enumerate() {
+        for (i, slot) in slots.iter().enumerate() {
             let st = slot.lock();
+            if !st.state.schedulable() {
+                // Cordoned, draining and lost nodes may come back: a wait, not a never.
+                busy.push(format!("node {}: {:?}", slot.node.name(), st.state).to_lowercase());
+                continue;
+            }
             let view = NodeView {
                 name: slot.node.name(),
                 gpus: &st.gpus,
@@ -288,7 +384,8 @@ impl Scheduler {
         }
         let Some((i, chosen, _)) = best else {
             let requirement = describe(spec);
-            return Err(if busy.is_empty() {
+            let all_never = busy.is_empty();
+            return Err(if all_never {
                 PlacementError::Never {
                     requirement,
                     reasons: never.join("; "),
@@ -301,17 +398,18 @@ impl Scheduler {
                 }
             });
         };
-        Ok(self.hold(&self.slots[i], chosen.gpus))
+        Ok(self.hold(&slots[i], chosen.gpus))
     }
 
     /// Whether some node could ever place `spec` (reservations aside).
     pub fn feasible(&self, spec: Option<&GpuSpec>) -> Result<(), PlacementError> {
-        if self.slots.is_empty() {
+        let slots = self.slots();
+        if slots.is_empty() {
             return Err(PlacementError::NoNodes);
         }
         let empty = HashMap::new();
         let mut reasons = Vec::new();
-        for slot in &self.slots {
+        for slot in &slots {
             let st = slot.lock();
             let view = NodeView {
                 name: slot.node.name(),
@@ -344,28 +442,25 @@ impl Scheduler {
 
     /// Records an instance found running on `node` with `gpus` (adoption at start).
     pub fn adopt(&self, node: &str, gpus: Vec<GpuAssignment>) -> Option<Reservation> {
-        let slot = self.slots.iter().find(|s| s.node.name() == node)?;
-        Some(self.hold(slot, gpus))
+        let slot = self.slot(node)?;
+        Some(self.hold(&slot, gpus))
     }
 
     /// Instances placed on the node named `name`.
     pub fn load(&self, name: &str) -> usize {
-        self.slots
-            .iter()
-            .find(|s| s.node.name() == name)
-            .map_or(0, |s| s.lock().instances)
+        self.slot(name).map_or(0, |s| s.lock().instances)
     }
 
     /// Every node with its GPUs and reservations, for the API.
     pub fn status(&self) -> Vec<NodeStatus> {
-        self.slots
+        self.slots()
             .iter()
             .map(|slot| {
                 let st = slot.lock();
                 NodeStatus {
                     name: slot.node.name().to_string(),
-                    state: "ready",
-                    labels: HashMap::new(),
+                    state: st.state,
+                    labels: st.labels.clone(),
                     gpu_driver: slot.node.gpu_driver(),
                     gpu_source: slot.node.gpu_source(),
                     gpus: st

@@ -29,6 +29,9 @@ impl Node for FakeNode {
     fn gpu_source(&self) -> String {
         "fake".into()
     }
+    fn last_seen(&self) -> Option<std::time::SystemTime> {
+        None
+    }
     async fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.clone()
     }

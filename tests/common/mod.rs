@@ -149,8 +149,13 @@ impl Gateway {
 
     /// Starts a gateway on `data_dir` with extra `serve` arguments.
     pub async fn start_in_with(data_dir: &Path, args: &[&str]) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        cmd.arg("serve");
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .arg("--data-dir")
             .arg(data_dir)
             .args(args)
             .env(
@@ -265,6 +270,94 @@ impl Drop for Gateway {
         if !self.id.is_empty() && self._tmp.is_some() {
             remove_containers(&format!("ember.gateway={}", self.id));
         }
+    }
+}
+
+/// A free port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `ember agent` process.
+pub struct Agent {
+    child: Option<Child>,
+    pub name: String,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts an agent named `name` joining `gateway` with `token`, with an optional
+    /// declared GPU inventory (TOML text).
+    pub async fn start(gateway: &str, token: &str, name: &str, inventory: Option<&str>) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        cmd.args([
+            "agent",
+            "--gateway",
+            gateway,
+            "--token",
+            token,
+            "--name",
+            name,
+        ])
+        .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
+        .args(["--labels", &format!("name={name}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"));
+        if let Some(inv) = inventory {
+            let file = dir.path().join("gpus.toml");
+            std::fs::write(&file, inv).unwrap();
+            cmd.arg("--gpu-inventory").arg(file);
+        }
+        let mut child = cmd
+            .env(
+                "EMBER_LOG",
+                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ember agent starts");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("agent {name} did not start: {line:?}"))
+            .to_string();
+        Agent {
+            child: Some(child),
+            name: name.to_string(),
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL, as if the machine died (its containers stay unless the test removes them).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

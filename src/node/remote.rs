@@ -1,0 +1,424 @@
+//! `RemoteNode`: the `Node` trait as an HTTP client of an agent (`ember agent`), whose
+//! server (agent.rs) wraps the same `LocalNode` the embedded node uses.
+//!
+//! The wire format is JSON of the node types; errors come back as
+//! `{"error":{"code","message",...}}` and are mapped back to `NodeError`, so a missing
+//! image or a container that exits at start reads the same on both paths. GPU facts and
+//! liveness come from the agent's heartbeats, not from calls.
+
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use crate::gpu::{GpuDriver, GpuInfo};
+use crate::runtime::RuntimeError;
+
+/// Time allowed for a container create + start on an agent.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time allowed for other agent calls.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The error body agents answer with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireError {
+    /// Stable code: `image_not_found`, `exited_at_start`, `runtime`, `unauthorized`, ...
+    pub code: String,
+    /// Message.
+    pub message: String,
+    /// For `image_not_found`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// For `exited_at_start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// For `exited_at_start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// For `exited_at_start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl WireError {
+    /// The wire form of a node error.
+    pub fn from_node_error(e: &NodeError) -> WireError {
+        let mut w = WireError {
+            code: "runtime".into(),
+            message: e.to_string(),
+            image: None,
+            container_id: None,
+            exit_code: None,
+            status: None,
+        };
+        match e {
+            NodeError::Runtime(RuntimeError::ImageNotFound(image)) => {
+                w.code = "image_not_found".into();
+                w.image = Some(image.clone());
+            }
+            NodeError::ExitedAtStart {
+                container_id,
+                code,
+                status,
+            } => {
+                w.code = "exited_at_start".into();
+                w.container_id = Some(container_id.clone());
+                w.exit_code = *code;
+                w.status = Some(status.clone());
+            }
+            _ => {}
+        }
+        w
+    }
+
+    fn into_node_error(self, node: &str) -> NodeError {
+        match self.code.as_str() {
+            "image_not_found" => {
+                NodeError::Runtime(RuntimeError::ImageNotFound(self.image.unwrap_or_default()))
+            }
+            "exited_at_start" => NodeError::ExitedAtStart {
+                container_id: self.container_id.unwrap_or_default(),
+                code: self.exit_code,
+                status: self.status.unwrap_or_else(|| "exited".into()),
+            },
+            _ => NodeError::Remote {
+                node: node.to_string(),
+                message: self.message,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: WireError,
+}
+
+/// What an agent reports in each heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Its GPUs now.
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// What an agent sends to join.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Node name.
+    pub name: String,
+    /// URL of the agent's node API.
+    pub url: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// How its containers get GPUs.
+    pub gpu_driver: GpuDriver,
+    /// Where its GPU facts come from.
+    pub gpu_source: String,
+    /// Its GPUs.
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// What the gateway answers a registration with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registered {
+    /// The gateway's id: the agent labels its containers with it.
+    pub gateway_id: String,
+    /// How often to send heartbeats, in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+struct Facts {
+    gpus: Vec<GpuInfo>,
+    driver: GpuDriver,
+    source: String,
+    last_seen: Option<SystemTime>,
+}
+
+/// A node reached over HTTP.
+pub struct RemoteNode {
+    name: String,
+    url: RwLock<String>,
+    token: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    facts: Mutex<Facts>,
+}
+
+impl RemoteNode {
+    /// A node named `name` whose agent answers at `url`, called with `token`.
+    pub fn new(name: &str, url: &str, token: &str) -> RemoteNode {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        RemoteNode {
+            name: name.to_string(),
+            url: RwLock::new(url.trim_end_matches('/').to_string()),
+            token: token.to_string(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            facts: Mutex::new(Facts {
+                gpus: Vec::new(),
+                driver: GpuDriver::Simulated,
+                source: "unknown".into(),
+                last_seen: None,
+            }),
+        }
+    }
+
+    /// The agent's URL.
+    pub fn url(&self) -> String {
+        self.url.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a (re-)registration: new URL and facts.
+    pub fn registered(&self, r: &Registration) {
+        *self.url.write().unwrap_or_else(|e| e.into_inner()) =
+            r.url.trim_end_matches('/').to_string();
+        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        f.gpus = r.gpus.clone();
+        f.driver = r.gpu_driver;
+        f.source = r.gpu_source.clone();
+        f.last_seen = Some(SystemTime::now());
+    }
+
+    /// Takes a heartbeat.
+    pub fn heartbeat(&self, hb: &Heartbeat) {
+        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        f.gpus = hb.gpus.clone();
+        f.last_seen = Some(SystemTime::now());
+    }
+
+    async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), NodeError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| self.remote(e.to_string()))?;
+        let resp = tokio::time::timeout(timeout, self.client.request(req))
+            .await
+            .map_err(|_| self.remote(format!("no answer within {timeout:?}")))?
+            .map_err(|e| self.remote(format!("unreachable: {e}")))?;
+        let status = resp.status();
+        let body = tokio::time::timeout(timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| self.remote("answer cut off".into()))?
+            .map_err(|e| self.remote(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<T, NodeError> {
+        let (status, body) = self.call_raw(method, path, body, timeout).await?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorEnvelope>(&body) {
+                Ok(e) => e.error.into_node_error(&self.name),
+                Err(_) => self.remote(format!(
+                    "answered {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                )),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| self.remote(format!("bad answer: {e}")))
+    }
+
+    fn remote(&self, message: String) -> NodeError {
+        NodeError::Remote {
+            node: self.name.clone(),
+            message,
+        }
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Node for RemoteNode {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn gpu_driver(&self) -> GpuDriver {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner()).driver
+    }
+
+    fn gpu_source(&self) -> String {
+        self.facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .source
+            .clone()
+    }
+
+    fn last_seen(&self) -> Option<SystemTime> {
+        self.facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_seen
+    }
+
+    async fn gpus(&self) -> Vec<GpuInfo> {
+        self.facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gpus
+            .clone()
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
+        let body = serde_json::to_vec(spec).expect("specs serialize");
+        self.call(
+            Method::POST,
+            "/node/v1/instances",
+            body.into(),
+            START_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError> {
+        let path = format!("/node/v1/containers/{}", encode(container_id));
+        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+            .await
+    }
+
+    async fn logs(&self, container_id: &str, lines: usize) -> Result<String, NodeError> {
+        let path = format!(
+            "/node/v1/containers/{}/logs?lines={lines}",
+            encode(container_id)
+        );
+        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+            .await
+    }
+
+    async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
+        let path = format!("/node/v1/containers/{}", encode(container_id));
+        let _: serde_json::Value = self
+            .call(Method::DELETE, &path, Bytes::new(), CALL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {
+        self.call(
+            Method::GET,
+            "/node/v1/containers",
+            Bytes::new(),
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool, NodeError> {
+        let path = format!("/node/v1/images?tag={}", encode(image));
+        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+            .await
+    }
+
+    async fn build_image(
+        &self,
+        tag: &str,
+        dockerfile: &str,
+        context_tar: Bytes,
+        progress: mpsc::Sender<String>,
+    ) -> Result<(), NodeError> {
+        let path = format!(
+            "/node/v1/images?tag={}&dockerfile={}",
+            encode(tag),
+            encode(dockerfile)
+        );
+        // The agent answers with the build's output lines once it is done.
+        let lines: Vec<String> = self
+            .call(Method::POST, &path, context_tar, START_TIMEOUT * 5)
+            .await?;
+        for line in lines {
+            let _ = progress.send(line).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_survive_the_wire() {
+        let missing = NodeError::Runtime(RuntimeError::ImageNotFound("x:1".into()));
+        let back = WireError::from_node_error(&missing).into_node_error("n");
+        assert!(back.is_image_missing());
+        let exited = NodeError::ExitedAtStart {
+            container_id: "c".into(),
+            code: Some(3),
+            status: "exited".into(),
+        };
+        let wire = serde_json::to_string(&WireError::from_node_error(&exited)).unwrap();
+        let back = serde_json::from_str::<WireError>(&wire)
+            .unwrap()
+            .into_node_error("n");
+        assert!(matches!(
+            back,
+            NodeError::ExitedAtStart { code: Some(3), .. }
+        ));
+        let other = NodeError::Remote {
+            node: "n".into(),
+            message: "boom".into(),
+        };
+        let back = WireError::from_node_error(&other).into_node_error("n");
+        assert!(back.to_string().contains("boom"));
+    }
+
+    #[test]
+    fn container_states_have_a_stable_wire_form() {
+        let s = ContainerState::Exited {
+            code: Some(1),
+            status: "exited".into(),
+        };
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"state":"exited","code":1,"status":"exited"})
+        );
+        assert_eq!(
+            serde_json::from_value::<ContainerState>(serde_json::json!({"state":"running"}))
+                .unwrap(),
+            ContainerState::Running
+        );
+    }
+}

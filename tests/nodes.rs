@@ -1,0 +1,466 @@
+//! Many machines, one endpoint: a gateway and three agents as separate processes on this
+//! machine's Docker engine (each labelling its containers with its node), placement across
+//! them, cordon and drain, and the faults: a killed agent, its restart, a gateway restart,
+//! and a node that comes back with fewer GPUs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{eventually, Agent, Gateway};
+use http::Method;
+
+const TOKEN: &str = "join-token-for-tests";
+
+fn gateway_args(listen: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--join-token",
+        TOKEN,
+        "--no-local-node",
+        "--node-timeout",
+        "2s",
+        "--heartbeat-interval",
+        "300ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(l) = listen {
+        args.extend(["--listen".to_string(), l.to_string()]);
+    }
+    args
+}
+
+async fn cluster(names: &[&str]) -> (Arc<Gateway>, Vec<Agent>) {
+    let args = gateway_args(None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gw = Arc::new(Gateway::start_with(&args).await);
+    let mut agents = Vec::new();
+    for name in names {
+        agents.push(Agent::start(&gw.url, TOKEN, name, None).await);
+    }
+    wait_ready(&gw, names.len()).await;
+    (gw, agents)
+}
+
+async fn wait_ready(gw: &Arc<Gateway>, n: usize) {
+    eventually(Duration::from_secs(10), "agents ready", || {
+        let gw = gw.clone();
+        async move {
+            let nodes = gw.get_json("/api/v1/nodes").await;
+            nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count()
+                == n
+        }
+    })
+    .await;
+}
+
+async fn node_state(gw: &Gateway, name: &str) -> String {
+    let nodes = gw.get_json("/api/v1/nodes").await;
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn instance_nodes(gw: &Gateway, function: &str) -> Vec<String> {
+    let f = gw.function(function).await;
+    let mut nodes: Vec<String> = f["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["phase"] == "ready")
+        .map(|i| i["node"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Sends `n` concurrent slow requests and waits for all; returns their statuses.
+async fn concurrent(gw: &Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let gw = gw.clone();
+            let path = path.to_string();
+            tokio::spawn(async move {
+                gw.request(Method::GET, &path, &[], Bytes::new())
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.unwrap());
+    }
+    out
+}
+
+fn node_containers(gw: &Gateway, node: &str) -> Vec<String> {
+    common::docker_ps_all(&[
+        &format!("ember.gateway={}", gw.id),
+        &format!("ember.node={node}"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_spreads_over_nodes_and_cordon_and_drain_move_work_away() {
+    require_docker!();
+    let (gw, _agents) = cluster(&["n1", "n2", "n3"]).await;
+    let spread = common::echo_manifest("spread", "", "[scale]\nconcurrency = 1\nmax = 3");
+    gw.deploy("spread", &spread).await;
+    assert!(concurrent(&gw, "/fn/spread/sleep/1200", 3)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+    assert_eq!(
+        instance_nodes(&gw, "spread").await,
+        ["n1", "n2", "n3"],
+        "one per node"
+    );
+    for n in ["n1", "n2", "n3"] {
+        let ids = node_containers(&gw, n);
+        assert_eq!(
+            ids.len(),
+            1,
+            "{n} runs its own container, labelled with its node"
+        );
+    }
+
+    let out = gw.cli(&["cordon", "n1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node_state(&gw, "n1").await, "cordoned");
+    let avoid = common::echo_manifest("avoid", "", "[scale]\nconcurrency = 1\nmax = 2");
+    gw.deploy("avoid", &avoid).await;
+    assert!(concurrent(&gw, "/fn/avoid/sleep/1000", 2)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+    assert_eq!(
+        instance_nodes(&gw, "avoid").await,
+        ["n2", "n3"],
+        "never on the cordoned node"
+    );
+
+    // Drain the node of a warm function while traffic flows: no request fails, the
+    // replacement starts elsewhere first, then the old instance stops.
+    let steady = common::echo_manifest("steady", "", "[scale]\nmin = 1\nmax = 1");
+    gw.deploy("steady", &steady).await;
+    eventually(Duration::from_secs(10), "steady warm", || {
+        let gw = gw.clone();
+        async move { gw.function("steady").await["ready"] == 1 }
+    })
+    .await;
+    let from = instance_nodes(&gw, "steady").await[0].clone();
+    let traffic = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                statuses.push(
+                    gw.request(Method::GET, "/fn/steady/", &[], Bytes::new())
+                        .await
+                        .status,
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = gw.cli(&["drain", &from]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
+    let statuses = traffic.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "no request failed during the drain"
+    );
+    eventually(Duration::from_secs(10), "steady moved", || {
+        let gw = gw.clone();
+        let from = from.clone();
+        async move {
+            let nodes = instance_nodes(&gw, "steady").await;
+            nodes.len() == 1 && nodes[0] != from
+        }
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the drained container stopped",
+        || {
+            let gw = gw.clone();
+            let from = from.clone();
+            async move {
+                !common::docker_ps(&[
+                    &format!("ember.gateway={}", gw.id),
+                    &format!("ember.node={from}"),
+                    "ember.function=steady",
+                ])
+                .iter()
+                .any(|_| true)
+            }
+        },
+    )
+    .await;
+    assert_eq!(node_state(&gw, &from).await, "draining");
+
+    let out = gw.cli(&["uncordon", "n1"]);
+    assert!(out.status.success());
+    assert_eq!(node_state(&gw, "n1").await, "ready");
+    let out = gw.cli(&["nodes"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("n1") && table.contains("draining") && table.contains("name=n2"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_is_lost_its_work_moves_and_its_restart_is_reconciled() {
+    require_docker!();
+    let (gw, mut agents) = cluster(&["n1", "n2", "n3"]).await;
+    gw.deploy(
+        "moving",
+        &common::echo_manifest("moving", "", "[scale]\nmax = 1"),
+    )
+    .await;
+    assert_eq!(
+        gw.request(Method::GET, "/fn/moving/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+    let victim = instance_nodes(&gw, "moving").await[0].clone();
+    let victim_idx = agents.iter().position(|a| a.name == victim).unwrap();
+
+    // A request in flight when the machine dies answers 502 with a clear body.
+    let in_flight = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            gw.request(Method::GET, "/fn/moving/sleep/5000", &[], Bytes::new())
+                .await
+        })
+    };
+    eventually(Duration::from_secs(5), "request in flight", || {
+        let gw = gw.clone();
+        async move { gw.function("moving").await["in_flight"] == 1 }
+    })
+    .await;
+    agents[victim_idx].kill();
+    for id in node_containers(&gw, &victim) {
+        std::process::Command::new("docker")
+            .args(["kill", &id])
+            .output()
+            .unwrap();
+    }
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_error");
+    assert!(r.text().contains("instance"), "{}", r.text());
+
+    eventually(Duration::from_secs(6), "node lost", || {
+        let gw = gw.clone();
+        let victim = victim.clone();
+        async move { node_state(&gw, &victim).await == "lost" }
+    })
+    .await;
+    let t = Instant::now();
+    let r = gw
+        .request(Method::GET, "/fn/moving/", &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let now_on = instance_nodes(&gw, "moving").await;
+    assert_eq!(now_on.len(), 1);
+    assert_ne!(now_on[0], victim, "replaced on another node");
+
+    // The agent comes back: it registers again and its leftover container is removed.
+    assert_eq!(
+        node_containers(&gw, &victim).len(),
+        1,
+        "the dead container is still there"
+    );
+    agents[victim_idx] = Agent::start(&gw.url, TOKEN, &victim, None).await;
+    eventually(Duration::from_secs(10), "leftover removed", || {
+        let gw = gw.clone();
+        let victim = victim.clone();
+        async move { node_containers(&gw, &victim).is_empty() }
+    })
+    .await;
+    assert_eq!(node_state(&gw, &victim).await, "ready");
+    let status = gw.function("moving").await;
+    assert_eq!(
+        status["instances"].as_array().unwrap().len(),
+        1,
+        "never duplicated: {status}"
+    );
+    assert_eq!(gw.containers("moving").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
+    require_docker!();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let args = gateway_args(Some(&listen));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut gw = Gateway::start_in_with(dir.path(), &args).await;
+    let label = format!("ember.gateway={}", gw.id);
+    let _agents = [
+        Agent::start(&gw.url, TOKEN, "n1", None).await,
+        Agent::start(&gw.url, TOKEN, "n2", None).await,
+    ];
+    let shared = Arc::new(gw);
+    wait_ready(&shared, 2).await;
+    gw = Arc::try_unwrap(shared).ok().unwrap();
+    gw.deploy("kept", &common::echo_manifest("kept", "", ""))
+        .await;
+    let before = gw
+        .request(Method::GET, "/fn/kept/", &[], Bytes::new())
+        .await;
+    assert_eq!(before.status, 200);
+    let containers = gw.containers("kept");
+    gw.kill();
+
+    let gw = Arc::new(Gateway::start_in_with(dir.path(), &args).await);
+    eventually(
+        Duration::from_secs(10),
+        "agents back and the instance adopted",
+        || {
+            let gw = gw.clone();
+            async move { gw.function("kept").await["ready"] == 1 }
+        },
+    )
+    .await;
+    assert_eq!(node_state(&gw, "n1").await, "ready");
+    assert_eq!(node_state(&gw, "n2").await, "ready");
+    let status = gw.function("kept").await;
+    assert_eq!(status["instances"][0]["adopted"], true);
+    assert_eq!(gw.containers("kept"), containers, "the same container");
+    let after = gw
+        .request(Method::GET, "/fn/kept/", &[], Bytes::new())
+        .await;
+    assert_eq!(after.header("x-echo-host"), before.header("x-echo-host"));
+    assert_eq!(
+        gw.function("kept").await["starts"],
+        0,
+        "warm after the restart"
+    );
+    drop(gw);
+    common::remove_containers(&label);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
+    require_docker!();
+    let args = gateway_args(None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gw = Arc::new(Gateway::start_with(&args).await);
+    let two = "[[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-x\"\nmemory = \"24GiB\"\n\
+               [[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-y\"\nmemory = \"24GiB\"\n";
+    let one = "[[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-x\"\nmemory = \"24GiB\"\n";
+    let mut agent = Agent::start(&gw.url, TOKEN, "g1", Some(two)).await;
+    wait_ready(&gw, 1).await;
+    let manifest = common::echo_manifest(
+        "gpus",
+        "",
+        "[scale]\nconcurrency = 1\nmax = 2\nidle_timeout = \"1h\"\n[gpu]\nmodels = [\"L4\"]",
+    );
+    gw.deploy("gpus", &manifest).await;
+    assert!(concurrent(&gw, "/fn/gpus/sleep/1000", 2)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+    let held = |s: &serde_json::Value| -> Vec<String> {
+        let mut v: Vec<String> = s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["gpus"][0].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(held(&gw.function("gpus").await), ["GPU-x", "GPU-y"]);
+
+    agent.kill();
+    let _agent = Agent::start(&gw.url, TOKEN, "g1", Some(one)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the instance on GPU-y dropped",
+        || {
+            let gw = gw.clone();
+            async move { held(&gw.function("gpus").await) == ["GPU-x"] }
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "its container removed", || {
+        let gw = gw.clone();
+        async move { gw.containers("gpus").len() == 1 }
+    })
+    .await;
+    assert_eq!(
+        gw.request(Method::GET, "/fn/gpus/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_join_token_gets_401_and_nothing_else() {
+    require_docker!();
+    let args = gateway_args(None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gw = Gateway::start_with(&args).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args([
+            "agent",
+            "--gateway",
+            &gw.url,
+            "--token",
+            "wrong-token",
+            "--name",
+            "intruder",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
+        .arg("--data-dir")
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong or missing join token"));
+    let r = gw
+        .request(
+            Method::POST,
+            "/api/v1/nodes/intruder/heartbeat",
+            &[
+                ("authorization", "Bearer nope"),
+                ("content-type", "application/json"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(gw.get_json("/api/v1/nodes").await["nodes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
