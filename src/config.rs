@@ -53,6 +53,12 @@ pub struct ServeConfig {
     /// How often agents send heartbeats.
     #[arg(long, env = "EMBER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub heartbeat_interval: std::time::Duration,
+    /// Most requests waiting for an instance across all functions; more answer 503.
+    #[arg(long, env = "EMBER_MAX_QUEUED", default_value_t = 10_000)]
+    pub max_queued: usize,
+    /// Most body bytes (announced lengths, 64 KiB for unknown ones) of waiting requests.
+    #[arg(long, env = "EMBER_MAX_QUEUED_BYTES", default_value = "256MiB")]
+    pub max_queued_bytes: bytesize::ByteSize,
     /// Placement policy: spread (least loaded first) or binpack.
     #[arg(long, env = "EMBER_PLACEMENT", value_enum, default_value_t = Policy::Spread)]
     pub placement: Policy,

@@ -19,6 +19,7 @@
 //! - [`scheduler`]: placement on the least-loaded node, with reservations.
 //! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
 //! - [`autoscaler`]: scaling decisions and the reaper loop.
+//! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
 //! - [`readiness`]: probing new instances.
 //! - [`proxy`]: streaming a request to an instance and the answer back.
 //! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod gpu;
+pub mod keepalive;
 pub mod manifest;
 pub mod membership;
 pub mod node;

@@ -223,9 +223,55 @@ pub struct Scale {
     /// In-flight requests one instance is given at most.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
-    /// An instance idle this long is retired (down to `min`).
+    /// An instance idle this long is retired (down to `min`); with `keep_alive =
+    /// "adaptive"`, the fallback while the function's history is too short.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Share of `concurrency` the autoscaler aims at per instance (0 to 1).
+    #[serde(default = "default_target_utilization")]
+    pub target_utilization: f64,
+    /// Window over which observed concurrency is averaged to scale (and to scale down).
+    #[serde(default = "default_stable_window", with = "humantime_serde")]
+    pub stable_window: Duration,
+    /// Short window: demand over `panic_threshold` times capacity there scales up at once.
+    #[serde(default = "default_panic_window", with = "humantime_serde")]
+    pub panic_window: Duration,
+    /// Ratio of short-window demand to capacity that starts panic mode.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: f64,
+    /// What an idle instance becomes: `stop` (removed) or `pause` (frozen, resumed on the
+    /// next request in milliseconds, removed after `pause_timeout`).
+    #[serde(default)]
+    pub on_idle: OnIdle,
+    /// How long a paused instance is kept before it is removed.
+    #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    pub pause_timeout: Duration,
+    /// Keep-alive policy: `fixed` (`idle_timeout`) or `adaptive` (learned from the
+    /// function's idle gaps, with pre-warming).
+    #[serde(default)]
+    pub keep_alive: KeepAliveKind,
+}
+
+/// What an idle instance becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    /// Removed.
+    #[default]
+    Stop,
+    /// Frozen with Docker pause; resumed on the next request.
+    Pause,
+}
+
+/// Which keep-alive policy decides how long idle instances stay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepAliveKind {
+    /// `idle_timeout`.
+    #[default]
+    Fixed,
+    /// The hybrid histogram policy (Shahrad et al., ATC 2020).
+    Adaptive,
 }
 
 /// The per-function request buffer.
@@ -273,6 +319,21 @@ fn default_concurrency() -> u32 {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
+fn default_target_utilization() -> f64 {
+    0.7
+}
+fn default_stable_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_panic_window() -> Duration {
+    Duration::from_secs(6)
+}
+fn default_panic_threshold() -> f64 {
+    2.0
+}
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
 fn default_queue_capacity() -> u32 {
     1000
 }
@@ -309,6 +370,13 @@ impl Default for Scale {
             max: default_max(),
             concurrency: default_concurrency(),
             idle_timeout: default_idle_timeout(),
+            target_utilization: default_target_utilization(),
+            stable_window: default_stable_window(),
+            panic_window: default_panic_window(),
+            panic_threshold: default_panic_threshold(),
+            on_idle: OnIdle::Stop,
+            pause_timeout: default_pause_timeout(),
+            keep_alive: KeepAliveKind::Fixed,
         }
     }
 }
@@ -508,6 +576,45 @@ impl Manifest {
             &mut bad,
             "scale.idle_timeout",
             scale.idle_timeout,
+            Duration::from_secs(1),
+        );
+        if !(scale.target_utilization > 0.0 && scale.target_utilization <= 1.0) {
+            bad(
+                "scale.target_utilization",
+                format!(
+                    "{} is not between 0 (excluded) and 1",
+                    scale.target_utilization
+                ),
+            );
+        }
+        check_duration(
+            &mut bad,
+            "scale.stable_window",
+            scale.stable_window,
+            Duration::from_secs(1),
+        );
+        check_duration(
+            &mut bad,
+            "scale.panic_window",
+            scale.panic_window,
+            Duration::from_millis(500),
+        );
+        if scale.panic_window > scale.stable_window {
+            bad(
+                "scale.panic_window",
+                "must not be longer than scale.stable_window".into(),
+            );
+        }
+        if !(scale.panic_threshold >= 1.0 && scale.panic_threshold <= 100.0) {
+            bad(
+                "scale.panic_threshold",
+                format!("{} is not between 1 and 100", scale.panic_threshold),
+            );
+        }
+        check_duration(
+            &mut bad,
+            "scale.pause_timeout",
+            scale.pause_timeout,
             Duration::from_secs(1),
         );
         if self.queue.capacity == 0 || self.queue.capacity > MAX_QUEUE_CAPACITY {
@@ -770,6 +877,27 @@ mod tests {
         assert_eq!(a.revision_id(), same.revision_id());
         assert_ne!(a.revision_id(), changed.revision_id());
         assert_eq!(a.revision_id().len(), 12);
+    }
+
+    #[test]
+    fn scaling_windows_and_warm_tiers_are_checked() {
+        let m = toml("name = \"a\"\nimage = \"e:1\"\n[scale]\non_idle = \"pause\"\nkeep_alive = \"adaptive\"")
+            .unwrap();
+        assert_eq!(m.scale.on_idle, OnIdle::Pause);
+        assert_eq!(m.scale.keep_alive, KeepAliveKind::Adaptive);
+        assert_eq!(m.scale.stable_window, Duration::from_secs(60));
+        let err = toml(
+            "name = \"a\"\nimage = \"e:1\"\n[scale]\ntarget_utilization = 1.5\npanic_window = \"2m\"\npanic_threshold = 0.5",
+        )
+        .unwrap_err();
+        let f = fields(err);
+        for field in [
+            "scale.target_utilization",
+            "scale.panic_window",
+            "scale.panic_threshold",
+        ] {
+            assert!(f.contains(&field.to_string()), "{field} in {f:?}");
+        }
     }
 
     #[test]

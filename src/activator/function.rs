@@ -14,6 +14,9 @@ use tokio::time::Instant;
 
 use super::instance::{Instance, Phase};
 use super::{AcquireError, Revision};
+use crate::autoscaler::Scaler;
+use crate::keepalive::{Fixed, Hybrid, KeepAlive};
+use crate::manifest::KeepAliveKind;
 use crate::node::Node;
 use crate::scheduler::InFlight;
 
@@ -51,6 +54,24 @@ pub(super) struct FnState {
     pub removed: bool,
     /// Starts attempted, for status.
     pub starts: u64,
+    /// The windowed autoscaler's state.
+    pub scaler: Scaler,
+    /// Instances the autoscaler last wanted.
+    pub desired: usize,
+    /// The keep-alive policy, fed with this function's idle gaps.
+    pub keep_alive: Box<dyn KeepAlive>,
+    /// When the last invocation ended (nothing in flight or queued since).
+    pub last_end: Option<Instant>,
+    /// Whether the pre-warm of the current idle gap happened.
+    pub prewarmed: bool,
+}
+
+/// The keep-alive policy a manifest asks for.
+pub fn keep_alive_policy(scale: &crate::manifest::Scale) -> Box<dyn KeepAlive> {
+    match scale.keep_alive {
+        KeepAliveKind::Fixed => Box::new(Fixed::new(scale.idle_timeout)),
+        KeepAliveKind::Adaptive => Box::new(Hybrid::new(scale.idle_timeout)),
+    }
 }
 
 /// A deployed function's live state.
@@ -65,6 +86,11 @@ impl Function {
         Function {
             name: revision.manifest.name.clone(),
             state: Mutex::new(FnState {
+                scaler: Scaler::default(),
+                desired: 0,
+                keep_alive: keep_alive_policy(&revision.manifest.scale),
+                last_end: None,
+                prewarmed: false,
                 revision,
                 instances: Vec::new(),
                 queue: VecDeque::new(),
@@ -81,6 +107,15 @@ impl Function {
     /// The function's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Requests waiting and in flight.
+    pub fn load(&self) -> (usize, u32) {
+        let st = self.lock();
+        (
+            st.queue.len(),
+            st.instances.iter().map(|i| i.in_flight).sum(),
+        )
     }
 
     /// The current revision.
@@ -163,14 +198,28 @@ impl Function {
 }
 
 fn release_slot(st: &mut FnState, instance: &str) {
+    let now = Instant::now();
     if let Some(inst) = st.instances.iter_mut().find(|i| i.id == instance) {
         inst.in_flight = inst.in_flight.saturating_sub(1);
-        inst.last_used = Instant::now();
+        inst.last_used = now;
         inst.served += 1;
+    }
+    if st.queue.is_empty() && st.instances.iter().all(|i| i.in_flight == 0) {
+        st.last_end = Some(now);
+        st.prewarmed = false;
     }
 }
 
 impl FnState {
+    /// Notes a request's arrival: the idle gap since the last one ended feeds the
+    /// keep-alive policy.
+    pub fn arrival(&mut self, now: Instant) {
+        if let Some(end) = self.last_end.take() {
+            self.keep_alive
+                .observe_gap(now.saturating_duration_since(end));
+        }
+    }
+
     /// Whether a failed start forbids a new attempt now.
     pub fn backing_off(&self, now: Instant) -> Option<&Failure> {
         self.failure.as_ref().filter(|f| f.retry_at > now)
@@ -189,12 +238,16 @@ impl FnState {
         backoff
     }
 
-    /// Instances of the current revision that are starting or serving (not evacuating).
+    /// Instances of the current revision that are starting, resuming or serving, or
+    /// pausing with a request waiting for them (not evacuating).
     pub fn current_instances(&self) -> usize {
         self.instances
             .iter()
             .filter(|i| {
-                i.revision.id == self.revision.id && i.phase.counts_as_capacity() && !i.evacuating
+                i.revision.id == self.revision.id
+                    && !i.evacuating
+                    && (i.phase.counts_as_capacity()
+                        || (i.phase == Phase::Pausing && i.resume_wanted))
             })
             .count()
     }

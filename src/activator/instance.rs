@@ -1,8 +1,10 @@
 //! One instance (container) of one revision on one node, and its lifecycle.
 //!
-//! starting → ready → draining → stopping → gone. Only ready instances take requests;
-//! draining ones finish what they have and are stopped when idle; stopping ones are being
-//! removed. Illegal transitions are refused by the guard methods, never by a panic.
+//! starting → ready → draining → stopping → gone, with the warm tier on the side:
+//! ready → pausing → paused → resuming → ready. Only ready instances take requests;
+//! draining ones finish what they have and are stopped when idle; paused ones are frozen
+//! (no CPU, memory and GPU memory kept) until a request resumes them; stopping ones are
+//! being removed. Illegal transitions are refused by the guard methods, never by a panic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +25,12 @@ pub enum Phase {
     Ready,
     /// No new requests; stopped once its in-flight requests finish.
     Draining,
+    /// Being frozen.
+    Pausing,
+    /// Frozen; resumed by the next request that needs it.
+    Paused,
+    /// Being thawed.
+    Resuming,
     /// Being removed.
     Stopping,
 }
@@ -35,7 +43,7 @@ impl Phase {
 
     /// Whether it counts toward the function's capacity when deciding to scale.
     pub fn counts_as_capacity(self) -> bool {
-        matches!(self, Phase::Starting | Phase::Ready)
+        matches!(self, Phase::Starting | Phase::Ready | Phase::Resuming)
     }
 
     /// Whether it may move to `next`.
@@ -47,6 +55,13 @@ impl Phase {
                 | (Starting, Stopping)
                 | (Ready, Draining)
                 | (Ready, Stopping)
+                | (Ready, Pausing)
+                | (Pausing, Paused)
+                | (Pausing, Stopping)
+                | (Paused, Resuming)
+                | (Paused, Stopping)
+                | (Resuming, Ready)
+                | (Resuming, Stopping)
                 | (Draining, Stopping)
         )
     }
@@ -67,6 +82,10 @@ pub struct Instance {
     pub(crate) adopted: bool,
     /// On a draining node: served only until a replacement elsewhere is ready.
     pub(crate) evacuating: bool,
+    /// When it was paused.
+    pub(crate) paused_at: Option<Instant>,
+    /// A request wants it back while it is still pausing.
+    pub(crate) resume_wanted: bool,
 }
 
 impl Instance {
@@ -83,6 +102,8 @@ impl Instance {
             served: 0,
             adopted: false,
             evacuating: false,
+            paused_at: None,
+            resume_wanted: false,
         }
     }
 
@@ -168,6 +189,20 @@ mod tests {
         for p in [Starting, Draining, Stopping] {
             assert!(!p.can_serve(), "{p:?}");
         }
+    }
+
+    #[test]
+    fn the_warm_tier_goes_round_and_can_always_stop() {
+        assert!(Ready.can_become(Pausing));
+        assert!(Pausing.can_become(Paused));
+        assert!(Paused.can_become(Resuming));
+        assert!(Resuming.can_become(Ready));
+        for p in [Pausing, Paused, Resuming] {
+            assert!(p.can_become(Stopping), "{p:?}");
+            assert!(!p.can_serve(), "{p:?}");
+        }
+        assert!(!Paused.can_become(Ready), "resuming is a step of its own");
+        assert!(!Starting.can_become(Pausing));
     }
 
     #[test]

@@ -16,9 +16,10 @@ mod nodes;
 mod reap;
 mod restore;
 mod start;
+mod tiers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -84,6 +85,14 @@ pub enum AcquireError {
         /// Which requirement no node meets, node by node.
         reason: String,
     },
+    /// The gateway holds as many waiting requests (or bytes of their bodies) as it may.
+    #[error("the gateway has {queued} requests ({bytes} body bytes) waiting already, its limit; retry shortly")]
+    GatewayFull {
+        /// Requests waiting across functions.
+        queued: usize,
+        /// Announced body bytes of those requests.
+        bytes: u64,
+    },
     /// The function was removed while the request waited.
     #[error("function `{0}` was removed")]
     Removed(String),
@@ -127,8 +136,12 @@ pub struct FunctionStatus {
     pub image: String,
     /// Instances starting.
     pub starting: usize,
+    /// Instances the autoscaler wants.
+    pub desired: usize,
     /// Instances ready.
     pub ready: usize,
+    /// Instances paused (or pausing, resuming).
+    pub paused: usize,
     /// Instances draining or stopping.
     pub draining: usize,
     /// Requests in flight.
@@ -156,8 +169,34 @@ pub struct FailureStatus {
     pub retry_in_ms: u64,
 }
 
+/// Gateway-wide caps on buffered requests, so a flood on one function cannot take the
+/// gateway's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests waiting for an instance, across functions.
+    pub max_queued: usize,
+    /// Body bytes of those requests (announced length, or `UNKNOWN_BODY_BYTES`).
+    pub max_queued_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queued: 10_000,
+            max_queued_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What a waiting request with a body of unknown length is counted as: about what the
+/// socket and HTTP buffers hold of it while it waits unread.
+pub const UNKNOWN_BODY_BYTES: u64 = 64 << 10;
+
 struct Inner {
     functions: RwLock<HashMap<String, Arc<Function>>>,
+    limits: Limits,
+    queued: AtomicUsize,
+    queued_bytes: AtomicU64,
     scheduler: Scheduler,
     store: Store,
     prober: Prober,
@@ -183,10 +222,14 @@ impl Activator {
         store: Store,
         tracker: TaskTracker,
         shutdown: CancellationToken,
+        limits: Limits,
     ) -> Activator {
         Activator {
             inner: Arc::new(Inner {
                 functions: RwLock::new(HashMap::new()),
+                limits,
+                queued: AtomicUsize::new(0),
+                queued_bytes: AtomicU64::new(0),
                 scheduler,
                 store,
                 prober: Prober::default(),
@@ -248,12 +291,17 @@ impl Activator {
 
     /// A permit on a ready instance of `f`, waiting in its queue (and cold-starting an
     /// instance) when none is free.
-    pub async fn acquire(&self, f: &Arc<Function>) -> Result<Permit, AcquireError> {
-        let (rx, waiter_id, wait) = {
+    pub async fn acquire(
+        &self,
+        f: &Arc<Function>,
+        body_bytes: Option<u64>,
+    ) -> Result<Permit, AcquireError> {
+        let (rx, waiter_id, wait, buffered) = {
             let mut st = f.lock();
             if st.removed {
                 return Err(AcquireError::Removed(f.name().to_string()));
             }
+            st.arrival(Instant::now());
             if let Some(permit) = f.take_slot(&mut st) {
                 return Ok(permit);
             }
@@ -280,12 +328,13 @@ impl Activator {
                     });
                 }
             }
+            let buffered = self.buffer(body_bytes.unwrap_or(UNKNOWN_BODY_BYTES))?;
             let (tx, rx) = oneshot::channel();
             let id = st.next_waiter;
             st.next_waiter += 1;
             st.queue.push_back(function::Waiter { id, tx });
             self.scale_up(f, &mut st);
-            (rx, id, m.queue.timeout)
+            (rx, id, m.queue.timeout, buffered)
         };
         // Removes the waiter if this future is dropped (client gone) or times out.
         let guard = WaiterGuard {
@@ -294,6 +343,7 @@ impl Activator {
             armed: true,
         };
         let outcome = tokio::time::timeout(wait, rx).await;
+        drop(buffered);
         let mut guard = guard;
         match outcome {
             Ok(Ok(result)) => {
@@ -320,25 +370,36 @@ impl Activator {
     /// Starts as many instances as the queue needs, within `scale.max`, unless the
     /// function is backing off after failed starts.
     fn scale_up(&self, f: &Arc<Function>, st: &mut function::FnState) {
-        if self.inner.shutdown.is_cancelled() || st.removed {
-            return;
-        }
-        if st.backing_off(Instant::now()).is_some() {
-            return;
-        }
         let scale = &st.revision.manifest.scale;
-        let have = st.current_instances();
         let want = crate::autoscaler::desired_instances(
             st.demand(),
             scale.concurrency,
             scale.min,
             scale.max,
         );
+        self.scale_to(f, st, want);
+    }
+
+    /// Brings the current revision to `want` active instances (resuming paused ones
+    /// first), unless the function is backing off after failed starts.
+    fn scale_to(&self, f: &Arc<Function>, st: &mut function::FnState, want: usize) {
+        if self.inner.shutdown.is_cancelled() || st.removed {
+            return;
+        }
+        if st.backing_off(Instant::now()).is_some() {
+            return;
+        }
+        let want = want.min(st.revision.manifest.scale.max as usize);
+        let have = st.current_instances();
         if want <= have {
             // Nothing more is needed, so nothing is waiting for room.
             st.unschedulable = None;
         }
         for _ in have..want {
+            // A paused instance comes back in milliseconds; a cold start takes seconds.
+            if self.wake_one(f, st) {
+                continue;
+            }
             if !self.start_instance(f, st) {
                 break;
             }
@@ -384,6 +445,12 @@ impl Activator {
         let created = match self.function(&name) {
             Some(f) => {
                 let mut st = f.lock();
+                if st.revision.manifest.scale.keep_alive != revision.manifest.scale.keep_alive
+                    || st.revision.manifest.scale.idle_timeout
+                        != revision.manifest.scale.idle_timeout
+                {
+                    st.keep_alive = function::keep_alive_policy(&revision.manifest.scale);
+                }
                 st.revision = revision;
                 st.failure = None;
                 // Keep serving on the old revision until the new one is ready, then drain.
@@ -454,7 +521,9 @@ impl Activator {
             revision: st.revision.id.clone(),
             image: st.revision.manifest.image.clone().unwrap_or_default(),
             starting: count(|p| p == Phase::Starting),
+            desired: st.desired,
             ready: count(|p| p == Phase::Ready),
+            paused: count(|p| matches!(p, Phase::Pausing | Phase::Paused | Phase::Resuming)),
             draining: count(|p| matches!(p, Phase::Draining | Phase::Stopping)),
             in_flight: st.instances.iter().map(|i| i.in_flight).sum(),
             queued: st.queue.len(),
@@ -472,6 +541,49 @@ impl Activator {
     /// The manifest of the current revision of `name`.
     pub fn manifest(&self, name: &str) -> Option<Arc<Manifest>> {
         self.function(name).map(|f| f.revision().manifest.clone())
+    }
+}
+
+impl Activator {
+    /// Counts one more waiting request against the gateway-wide caps.
+    fn buffer(&self, bytes: u64) -> Result<Buffered, AcquireError> {
+        let inner = &self.inner;
+        let queued = inner.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        let total = inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let guard = Buffered {
+            inner: self.inner.clone(),
+            bytes,
+        };
+        if queued > inner.limits.max_queued || total > inner.limits.max_queued_bytes {
+            return Err(AcquireError::GatewayFull {
+                queued: queued - 1,
+                bytes: total - bytes,
+            });
+        }
+        Ok(guard)
+    }
+
+    /// Requests waiting across functions, and their announced body bytes.
+    pub fn buffered(&self) -> (usize, u64) {
+        (
+            self.inner.queued.load(Ordering::Acquire),
+            self.inner.queued_bytes.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// One waiting request counted against the gateway-wide caps, until dropped.
+struct Buffered {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+        self.inner
+            .queued_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 

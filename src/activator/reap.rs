@@ -9,7 +9,9 @@ use tokio::time::Instant;
 
 use super::instance::Phase;
 use super::{Activator, Function};
-use crate::autoscaler::{self, InstanceView};
+use crate::autoscaler::{self, InstanceView, RetirePolicy};
+use crate::keepalive;
+use crate::manifest::OnIdle;
 use crate::node::Node;
 
 pub(super) struct Victim {
@@ -19,14 +21,42 @@ pub(super) struct Victim {
 }
 
 impl Activator {
-    /// One pass over every function: retire what the autoscaler says, keep `min` warm.
+    /// One pass over every function: feed the autoscaler, scale out while traffic asks
+    /// for it, pre-warm when the keep-alive policy says so, pause or retire what is idle,
+    /// expire paused instances, and evict one paused instance if a placement waits for room.
     pub async fn reap(&self) {
         let now = Instant::now();
+        let mut wants_room = false;
         for f in self.functions() {
             let victims = {
                 let mut st = f.lock();
                 let current = st.revision.id.clone();
                 let scale = st.revision.manifest.scale.clone();
+                let demand = st.demand();
+                st.scaler.observe(now, demand as f64, &scale);
+                let active = st.current_instances();
+                let in_flight: u32 = st
+                    .instances
+                    .iter()
+                    .filter(|i| i.revision.id == current)
+                    .map(|i| i.in_flight)
+                    .sum();
+                let decision = st.scaler.decide(now, &scale, active, in_flight);
+                st.desired = decision.desired;
+                let windows = st.keep_alive.windows();
+                let since_end = st.last_end.map(|t| now.saturating_duration_since(t));
+                let keep_alive = since_end.map_or(windows.keep_alive, |se| {
+                    keepalive::idle_threshold(&windows, se)
+                });
+                if demand == 0
+                    && active == 0
+                    && !st.prewarmed
+                    && since_end.is_some_and(|se| keepalive::prewarm_due(&windows, se))
+                {
+                    st.prewarmed = true;
+                    tracing::info!(function = %f.name(), "pre-warming before the expected next call");
+                    self.scale_to(&f, &mut st, 1);
+                }
                 let views: Vec<InstanceView> = st
                     .instances
                     .iter()
@@ -38,12 +68,48 @@ impl Activator {
                         evacuating: i.evacuating,
                     })
                     .collect();
-                let retire = autoscaler::retire(&views, scale.idle_timeout, scale.min, st.demand());
-                let victims = take_victims(&mut st.instances, &retire);
-                self.scale_up(&f, &mut st);
+                let retire = autoscaler::retire(
+                    &views,
+                    RetirePolicy {
+                        keep_alive,
+                        desired: decision.desired,
+                        min: scale.min,
+                        demand,
+                    },
+                );
+                let (pause, mut stop): (Vec<usize>, Vec<usize>) =
+                    retire.into_iter().partition(|&idx| {
+                        let i = &st.instances[idx];
+                        scale.on_idle == OnIdle::Pause
+                            && i.phase == Phase::Ready
+                            && i.revision.id == current
+                            && !i.evacuating
+                    });
+                stop.extend(st.instances.iter().enumerate().filter_map(|(idx, i)| {
+                    let expired = i
+                        .paused_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= scale.pause_timeout);
+                    (i.phase == Phase::Paused
+                        && (expired || i.revision.id != current || i.evacuating))
+                        .then_some(idx)
+                }));
+                for idx in pause {
+                    self.pause_instance(&f, &mut st, idx);
+                }
+                let victims = take_victims(&mut st.instances, &stop);
+                // While traffic asks for it, scale out ahead of the hard need.
+                if demand > 0 {
+                    self.scale_to(&f, &mut st, decision.desired);
+                } else {
+                    self.scale_up(&f, &mut st);
+                }
+                wants_room |= st.unschedulable.is_some() && !st.queue.is_empty();
                 victims
             };
             self.stop_victims(&f, victims, "idle").await;
+        }
+        if wants_room {
+            self.evict_one_paused().await;
         }
     }
 

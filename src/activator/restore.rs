@@ -149,7 +149,11 @@ impl Activator {
         }
         let current = inst.revision.id == st.revision.id;
         inst.become_(Phase::Ready);
-        if !current {
+        if c.paused {
+            inst.become_(Phase::Pausing);
+            inst.become_(Phase::Paused);
+            inst.paused_at = Some(Instant::now());
+        } else if !current {
             inst.become_(Phase::Draining);
         }
         st.instances.push(inst);
@@ -174,6 +178,10 @@ impl Activator {
             })
         };
         let endpoint = c.endpoint?;
+        if c.paused {
+            // Frozen: it cannot answer a probe, and will be probed by use once resumed.
+            return Some((f, revision));
+        }
         let path = revision.manifest.readiness.http_path.clone();
         let ready = tokio::time::timeout(ADOPT_PROBE_TIMEOUT, async {
             loop {

@@ -104,12 +104,19 @@ struct GatewayInfo {
     id: String,
     version: &'static str,
     nodes: Vec<String>,
+    /// Requests waiting for an instance, across functions.
+    queued: usize,
+    /// Their announced body bytes.
+    queued_bytes: u64,
 }
 
 /// `GET /api/v1/gateway`: this gateway's id (the `ember.gateway` label of its
 /// containers), version and nodes.
 pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize> {
+    let (queued, queued_bytes) = state.activator.buffered();
     Json(GatewayInfo {
+        queued,
+        queued_bytes,
         id: state.gateway_id.clone(),
         version: env!("CARGO_PKG_VERSION"),
         nodes: state

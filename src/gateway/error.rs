@@ -80,6 +80,11 @@ impl ApiError {
                     Some(Duration::from_secs(1)),
                 ),
                 AcquireError::QueueTimeout { .. } => (S::GATEWAY_TIMEOUT, "queue_timeout", None),
+                AcquireError::GatewayFull { .. } => (
+                    S::SERVICE_UNAVAILABLE,
+                    "gateway_full",
+                    Some(Duration::from_secs(1)),
+                ),
                 AcquireError::StartFailed {
                     status,
                     retry_after,

@@ -39,7 +39,7 @@ pub async fn invoke(
         return Err(ApiError::BodyTooLarge { limit });
     }
     let path_and_query = upstream_path(&name, req.uri());
-    let permit = state.activator.acquire(&f).await?;
+    let permit = state.activator.acquire(&f, announced).await?;
     let (endpoint_node, container) = (permit.node().clone(), permit.container_id().to_string());
     match state
         .proxy

@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 pub use invoke::upstream_path;
 
-use crate::activator::Activator;
+use crate::activator::{Activator, Limits};
 use crate::config::ServeConfig;
 use crate::gpu::GpuMonitor;
 use crate::membership::Membership;
@@ -109,6 +109,10 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         store.clone(),
         tracker.clone(),
         shutdown.clone(),
+        Limits {
+            max_queued: config.max_queued,
+            max_queued_bytes: config.max_queued_bytes.as_u64(),
+        },
     );
     let membership = Arc::new(
         Membership::load(

@@ -262,6 +262,8 @@ fn router(state: AgentState) -> Router {
             get(container_state).delete(stop),
         )
         .route("/node/v1/containers/{id}/logs", get(logs))
+        .route("/node/v1/containers/{id}/pause", post(pause))
+        .route("/node/v1/containers/{id}/resume", post(resume))
         .route(
             "/node/v1/images",
             get(image_exists)
@@ -340,6 +342,22 @@ async fn container_state(
 
 async fn stop(State(s): State<AgentState>, Path(id): Path<String>) -> Result<Response, AgentError> {
     s.node.stop(&id).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn pause(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, AgentError> {
+    s.node.pause(&id).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn resume(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, AgentError> {
+    s.node.resume(&id).await?;
     Ok(Json(serde_json::json!({})).into_response())
 }
 

@@ -174,6 +174,14 @@ impl Node for LocalNode {
         Ok(self.runtime.logs_tail(container_id, lines).await?)
     }
 
+    async fn pause(&self, container_id: &str) -> Result<(), NodeError> {
+        Ok(self.runtime.pause(container_id).await?)
+    }
+
+    async fn resume(&self, container_id: &str) -> Result<(), NodeError> {
+        Ok(self.runtime.unpause(container_id).await?)
+    }
+
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         Ok(self.runtime.remove(container_id).await?)
     }
@@ -196,6 +204,7 @@ impl Node for LocalNode {
                     revision: label(LABEL_REVISION),
                     instance: label(LABEL_INSTANCE),
                     running: c.running,
+                    paused: c.status == "paused",
                     endpoint: c.host_port.map(|p| SocketAddr::new(self.host_ip, p)),
                     gpus: c
                         .labels
@@ -265,6 +274,12 @@ mod tests {
         }
         async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
             Ok(String::new())
+        }
+        async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
         }
         async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
             Ok(())

@@ -77,8 +77,11 @@ pub struct ManagedContainer {
     pub revision: String,
     /// `ember.instance` label.
     pub instance: String,
-    /// Whether it runs.
+    /// Whether it runs (paused counts as running).
     pub running: bool,
+    /// Whether it is paused.
+    #[serde(default)]
+    pub paused: bool,
     /// Where it answers, if its port is published.
     pub endpoint: Option<SocketAddr>,
     /// The devices it was given (`ember.gpus` label).
@@ -137,6 +140,10 @@ pub trait Node: Send + Sync + 'static {
     async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError>;
     /// The last lines of a container's output.
     async fn logs(&self, container_id: &str, lines: usize) -> Result<String, NodeError>;
+    /// Freezes a container (Docker pause): no CPU, its memory and GPU memory kept.
+    async fn pause(&self, container_id: &str) -> Result<(), NodeError>;
+    /// Thaws a paused container.
+    async fn resume(&self, container_id: &str) -> Result<(), NodeError>;
     /// Stops and removes a container; a missing one is not an error.
     async fn stop(&self, container_id: &str) -> Result<(), NodeError>;
     /// Every container of this gateway on this node.

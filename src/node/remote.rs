@@ -327,6 +327,22 @@ impl Node for RemoteNode {
             .await
     }
 
+    async fn pause(&self, container_id: &str) -> Result<(), NodeError> {
+        let path = format!("/node/v1/containers/{}/pause", encode(container_id));
+        let _: serde_json::Value = self
+            .call(Method::POST, &path, Bytes::new(), CALL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    async fn resume(&self, container_id: &str) -> Result<(), NodeError> {
+        let path = format!("/node/v1/containers/{}/resume", encode(container_id));
+        let _: serde_json::Value = self
+            .call(Method::POST, &path, Bytes::new(), CALL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         let path = format!("/node/v1/containers/{}", encode(container_id));
         let _: serde_json::Value = self

@@ -97,6 +97,7 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
 
 fn info_from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
     let state = c.state.unwrap_or_default();
+    // A paused container is still running as far as Ember is concerned: it is alive.
     let running = state.running.unwrap_or(false);
     let mut status = state
         .status
@@ -228,6 +229,20 @@ impl ContainerRuntime for DockerRuntime {
         Ok(out)
     }
 
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .pause_container(id)
+            .await
+            .map_err(docker_err("container pause"))
+    }
+
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .unpause_container(id)
+            .await
+            .map_err(docker_err("container unpause"))
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptionsBuilder::new().force(true).build();
         match self.docker.remove_container(id, Some(options)).await {
@@ -265,7 +280,7 @@ impl ContainerRuntime for DockerRuntime {
                 ContainerInfo {
                     id: c.id.unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
-                    running: status == "running",
+                    running: status == "running" || status == "paused",
                     exit_code: None,
                     host_port: c
                         .ports

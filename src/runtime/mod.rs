@@ -130,6 +130,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError>;
     /// The last `lines` lines of the container's output.
     async fn logs_tail(&self, id: &str, lines: usize) -> Result<String, RuntimeError>;
+    /// Freezes the container (cgroup freezer): no CPU, memory and GPU memory kept.
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Thaws a paused container.
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError>;
     /// Removes the container, killing it if it runs. A missing container is not an error.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Every container (running or not) carrying all of `labels`.

@@ -44,6 +44,12 @@ impl Node for FakeNode {
     async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
         Ok(String::new())
     }
+    async fn pause(&self, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+    async fn resume(&self, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
     async fn stop(&self, _: &str) -> Result<(), NodeError> {
         Ok(())
     }

@@ -1,0 +1,178 @@
+//! The warm tier: pausing idle instances (Docker pause: no CPU, memory and loaded model
+//! kept) and resuming them when a request needs one, which costs milliseconds instead of a
+//! cold start. A request that arrives while its instance is being paused waits and asks
+//! for it back; one that arrives while it is resuming waits for it. Paused instances are
+//! removed after `pause_timeout`, or earlier, least recently used first, when another
+//! placement needs the room they hold.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::function::{FnState, Function};
+use super::instance::Phase;
+use super::reap::Victim;
+use super::Activator;
+
+impl Activator {
+    /// Freezes the ready, idle instance at `idx`.
+    pub(super) fn pause_instance(&self, f: &Arc<Function>, st: &mut FnState, idx: usize) {
+        let inst = &mut st.instances[idx];
+        if inst.in_flight > 0 || !inst.become_(Phase::Pausing) {
+            return;
+        }
+        inst.resume_wanted = false;
+        let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
+        let Some(cid) = inst.container_id.clone() else {
+            return;
+        };
+        let this = self.clone();
+        let f = f.clone();
+        let span = tracing::info_span!("pause", function = %f.name(), instance = %id);
+        self.inner.tracker.spawn(
+            async move {
+                let result = node.pause(&cid).await;
+                let mut st = f.lock();
+                let Some(idx) = st.instances.iter().position(|i| i.id == id) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        let inst = &mut st.instances[idx];
+                        inst.become_(Phase::Paused);
+                        inst.paused_at = Some(Instant::now());
+                        tracing::info!("instance paused");
+                        if std::mem::take(&mut inst.resume_wanted) {
+                            this.resume_instance(&f, &mut st, idx);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pause failed; removing the instance");
+                        let victims = super::reap::take_victims(&mut st.instances, &[idx]);
+                        drop(st);
+                        this.stop_in_background(f.clone(), victims, "pause failed");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Thaws the paused instance at `idx`; waiting requests get it once it is ready.
+    pub(super) fn resume_instance(&self, f: &Arc<Function>, st: &mut FnState, idx: usize) {
+        let inst = &mut st.instances[idx];
+        if !inst.become_(Phase::Resuming) {
+            return;
+        }
+        let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
+        let Some(cid) = inst.container_id.clone() else {
+            return;
+        };
+        let this = self.clone();
+        let f = f.clone();
+        let span = tracing::info_span!("resume", function = %f.name(), instance = %id);
+        self.inner.tracker.spawn(
+            async move {
+                let began = Instant::now();
+                let result = node.resume(&cid).await;
+                let mut st = f.lock();
+                let Some(idx) = st.instances.iter().position(|i| i.id == id) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        let inst = &mut st.instances[idx];
+                        inst.become_(Phase::Ready);
+                        inst.paused_at = None;
+                        inst.last_used = Instant::now();
+                        tracing::info!(
+                            elapsed_us = began.elapsed().as_micros() as u64,
+                            "instance resumed"
+                        );
+                        f.dispatch(&mut st);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "resume failed; replacing the instance");
+                        let victims = super::reap::take_victims(&mut st.instances, &[idx]);
+                        this.scale_up(&f, &mut st);
+                        drop(st);
+                        this.stop_in_background(f.clone(), victims, "resume failed");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Brings back one paused (or pausing) instance of the current revision, if any;
+    /// true when one will serve.
+    pub(super) fn wake_one(&self, f: &Arc<Function>, st: &mut FnState) -> bool {
+        let current = st.revision.id.clone();
+        let usable = |i: &super::instance::Instance| i.revision.id == current && !i.evacuating;
+        // The most recently used one is the likeliest to be hot in caches.
+        if let Some(idx) = st
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.phase == Phase::Paused && usable(i))
+            .max_by_key(|(_, i)| i.last_used)
+            .map(|(idx, _)| idx)
+        {
+            self.resume_instance(f, st, idx);
+            return true;
+        }
+        if let Some(inst) = st
+            .instances
+            .iter_mut()
+            .find(|i| i.phase == Phase::Pausing && !i.resume_wanted && usable(i))
+        {
+            inst.resume_wanted = true;
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn stop_in_background(
+        &self,
+        f: Arc<Function>,
+        victims: Vec<Victim>,
+        why: &'static str,
+    ) {
+        let this = self.clone();
+        self.inner
+            .tracker
+            .spawn(async move { this.stop_victims(&f, victims, why).await });
+    }
+
+    /// Removes the least recently used paused instance of any function, to make room for
+    /// a placement that found none. Returns whether one was evicted.
+    pub(super) async fn evict_one_paused(&self) -> bool {
+        let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
+        for f in self.functions() {
+            let st = f.lock();
+            for i in st.instances.iter().filter(|i| i.phase == Phase::Paused) {
+                if oldest.as_ref().is_none_or(|(_, _, t)| i.last_used < *t) {
+                    oldest = Some((f.clone(), i.id.clone(), i.last_used));
+                }
+            }
+        }
+        let Some((f, id, _)) = oldest else {
+            return false;
+        };
+        let victims = {
+            let mut st = f.lock();
+            let Some(idx) = st
+                .instances
+                .iter()
+                .position(|i| i.id == id && i.phase == Phase::Paused)
+            else {
+                return false;
+            };
+            super::reap::take_victims(&mut st.instances, &[idx])
+        };
+        self.stop_victims(&f, victims, "evicted: another placement needs its room")
+            .await;
+        true
+    }
+}
