@@ -209,7 +209,8 @@ pub fn retire(instances: &[InstanceView], p: RetirePolicy) -> Vec<usize> {
             }
             continue;
         }
-        let above_desired = active > p.desired.max(floor) && view.idle >= SCALE_DOWN_GRACE;
+        // Scaling in stops at one instance: the last ones go by the keep-alive alone.
+        let above_desired = active > p.desired.max(floor).max(1) && view.idle >= SCALE_DOWN_GRACE;
         let past_keep_alive = active > floor && view.idle >= p.keep_alive;
         if above_desired || past_keep_alive {
             active -= 1;
@@ -397,6 +398,13 @@ mod tests {
             vec![0],
             "the 1 s idle one is in grace"
         );
+    }
+
+    #[test]
+    fn the_last_instance_waits_for_the_keep_alive_even_when_none_is_desired() {
+        let v = [view(true, Phase::Ready, 0, 30)];
+        assert!(retire(&v, policy(300, 0, 0, 0)).is_empty());
+        assert_eq!(retire(&v, policy(20, 0, 0, 0)), vec![0]);
     }
 
     #[test]

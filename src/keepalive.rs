@@ -83,6 +83,8 @@ pub struct Hybrid {
     bins: Box<[u32; HISTOGRAM_BINS]>,
     samples: u32,
     out_of_bounds: u32,
+    in_range: u64,
+    sum_squares: u64,
     fallback: Duration,
     current: Windows,
 }
@@ -94,6 +96,8 @@ impl Hybrid {
             bins: Box::new([0; HISTOGRAM_BINS]),
             samples: 0,
             out_of_bounds: 0,
+            in_range: 0,
+            sum_squares: 0,
             fallback,
             current: Windows {
                 prewarm: Duration::ZERO,
@@ -107,28 +111,25 @@ impl Hybrid {
             prewarm: Duration::ZERO,
             keep_alive: self.fallback,
         };
-        let in_range: u32 = self.bins.iter().sum();
+        let in_range = self.in_range;
         if self.samples < MIN_SAMPLES || in_range == 0 {
             return fallback;
         }
         if f64::from(self.out_of_bounds) / f64::from(self.samples) > MAX_OUT_OF_BOUNDS {
             return fallback;
         }
-        let mean = f64::from(in_range) / HISTOGRAM_BINS as f64;
-        let variance = self
-            .bins
-            .iter()
-            .map(|&c| (f64::from(c) - mean).powi(2))
-            .sum::<f64>()
-            / HISTOGRAM_BINS as f64;
+        // Mean and variance of the bin counts from running sums: O(1) per gap.
+        let n = HISTOGRAM_BINS as f64;
+        let mean = in_range as f64 / n;
+        let variance = (self.sum_squares as f64 / n - mean * mean).max(0.0);
         if variance.sqrt() / mean < CV_THRESHOLD {
             return fallback;
         }
         let percentile_bin = |p: f64| {
-            let target = (f64::from(in_range) * p).ceil().max(1.0) as u32;
-            let mut seen = 0;
+            let target = (in_range as f64 * p).ceil().max(1.0) as u64;
+            let mut seen = 0u64;
             for (i, &c) in self.bins.iter().enumerate() {
-                seen += c;
+                seen += u64::from(c);
                 if seen >= target {
                     return i;
                 }
@@ -155,7 +156,12 @@ impl KeepAlive for Hybrid {
         self.samples = self.samples.saturating_add(1);
         let bin = (gap.as_secs() / BIN.as_secs()) as usize;
         match self.bins.get_mut(bin) {
-            Some(count) => *count = count.saturating_add(1),
+            Some(count) if *count < u32::MAX => {
+                self.sum_squares += 2 * u64::from(*count) + 1;
+                self.in_range += 1;
+                *count += 1;
+            }
+            Some(_) => {}
             None => self.out_of_bounds = self.out_of_bounds.saturating_add(1),
         }
         self.current = self.recompute();
@@ -256,6 +262,18 @@ mod tests {
             h.observe_gap(minutes(600));
         }
         assert_eq!(h.windows().keep_alive, minutes(10));
+    }
+
+    #[test]
+    fn running_sums_match_a_full_recount() {
+        let mut h = Hybrid::new(minutes(10));
+        for i in 0..500u64 {
+            h.observe_gap(Duration::from_secs((i * 37) % 3000));
+        }
+        let counted: u64 = h.bins.iter().map(|&c| u64::from(c)).sum();
+        let squares: u64 = h.bins.iter().map(|&c| u64::from(c) * u64::from(c)).sum();
+        assert_eq!(h.in_range, counted);
+        assert_eq!(h.sum_squares, squares);
     }
 
     #[test]

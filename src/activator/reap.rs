@@ -97,12 +97,20 @@ impl Activator {
                     self.pause_instance(&f, &mut st, idx);
                 }
                 let victims = take_victims(&mut st.instances, &stop);
-                // While traffic asks for it, scale out ahead of the hard need.
-                if demand > 0 {
-                    self.scale_to(&f, &mut st, decision.desired);
+                // What waiting and running requests need now, and while traffic asks for it,
+                // what the windows say, ahead of the hard need.
+                let need = autoscaler::desired_instances(
+                    st.demand(),
+                    scale.concurrency,
+                    scale.min,
+                    scale.max,
+                );
+                let want = if demand > 0 {
+                    need.max(decision.desired)
                 } else {
-                    self.scale_up(&f, &mut st);
-                }
+                    need
+                };
+                self.scale_to(&f, &mut st, want);
                 wants_room |= st.unschedulable.is_some() && !st.queue.is_empty();
                 victims
             };
