@@ -268,7 +268,8 @@ async fn the_cli_deploys_a_folder_building_its_image_then_lists_and_invokes() {
         .find(|l| l.starts_with("echo "))
         .expect("echo listed");
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cols[2..8], ["1", "0", "0", "0", "1", "ok"], "{table}");
+    // DESIRED READY STARTING PAUSED IN-FLIGHT QUEUED STARTS STATUS
+    assert_eq!(&cols[3..10], ["1", "0", "0", "0", "0", "1", "ok"], "{table}");
 
     let out = gw.cli(&["ls", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -22,11 +22,15 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<13} {:>5} {:>8} {:>9} {:>6} {:>6}  STATUS",
-        "NAME", "REVISION", "READY", "STARTING", "IN-FLIGHT", "QUEUED", "STARTS"
+        "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>9} {:>6} {:>6}  STATUS",
+        "NAME", "REVISION", "DESIRED", "READY", "STARTING", "PAUSED", "IN-FLIGHT", "QUEUED", "STARTS"
     );
     for f in functions {
         let status = match f["failure"].as_object() {
+            None if f["unschedulable"].is_string() => format!(
+                "waiting for room: {}",
+                f["unschedulable"].as_str().unwrap_or("")
+            ),
             None => "ok".to_string(),
             Some(fl) => {
                 let message = fl["message"].as_str().unwrap_or("");
@@ -39,11 +43,13 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
             }
         };
         println!(
-            "{:<20} {:<13} {:>5} {:>8} {:>9} {:>6} {:>6}  {status}",
+            "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>9} {:>6} {:>6}  {status}",
             f["name"].as_str().unwrap_or("?"),
             f["revision"].as_str().unwrap_or("?"),
+            f["desired"].as_u64().unwrap_or(0),
             f["ready"].as_u64().unwrap_or(0),
             f["starting"].as_u64().unwrap_or(0),
+            f["paused"].as_u64().unwrap_or(0),
             f["in_flight"].as_u64().unwrap_or(0),
             f["queued"].as_u64().unwrap_or(0),
             f["starts"].as_u64().unwrap_or(0),
