@@ -332,13 +332,82 @@ async fn cold_start(size: &Size, rows: &mut Vec<Row>) {
     ));
 }
 
+async fn resume_from_pause(size: &Size, rows: &mut Vec<Row>) {
+    let gw = Gateway::start().await;
+    let manifest = common::echo_manifest(
+        "paused",
+        "",
+        "[scale]\non_idle = \"pause\"\nidle_timeout = \"1s\"\npause_timeout = \"1h\"",
+    );
+    assert!(gw.deploy("paused", &manifest).await.status.is_success());
+    let client = http_client();
+    let url = format!("{}/fn/paused/", gw.url);
+    let mut ember = Vec::new();
+    assert_eq!(send(&client, &url, Bytes::new()).await.0, 200);
+    for _ in 0..size.cold_rounds {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gw.function("paused").await["paused"] != 1 {
+            assert!(Instant::now() < deadline, "the instance never paused");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let the pause settle in Docker before timing the resume.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        assert_eq!(send(&client, &url, Bytes::new()).await.0, 200);
+        ember.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let starts = gw.function("paused").await["starts"].as_u64().unwrap();
+    assert_eq!(starts, 1, "every round resumed the same container");
+    // Baseline: the same docker unpause done directly, then the first request.
+    let container = gw.containers("paused")[0].clone();
+    let endpoint = gw.function("paused").await["instances"][0]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let docker = bollard::Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let direct_url = format!("http://{endpoint}/");
+    let mut baseline = Vec::new();
+    // Stop the gateway first so it does not pause or resume under the baseline.
+    let mut gw = gw;
+    gw.kill();
+    for _ in 0..size.cold_rounds {
+        docker.pause_container(&container).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        docker.unpause_container(&container).await.unwrap();
+        assert_eq!(send(&client, &direct_url, Bytes::new()).await.0, 200);
+        baseline.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (e, b) = (sorted(ember), sorted(baseline));
+    rows.push(row(
+        "resume",
+        "time to first response p50",
+        percentile(&e, 0.5),
+        Some(percentile(&b, 0.5)),
+        "ms",
+    ));
+    rows.push(row(
+        "resume",
+        "time to first response max",
+        *e.last().unwrap(),
+        Some(*b.last().unwrap()),
+        "ms",
+    ));
+    common::remove_containers(&format!("ember.gateway={}", gw.id));
+}
+
 async fn burst(size: &Size, rows: &mut Vec<Row>) {
     let gw = Gateway::start().await;
     let pid = gw.pid().unwrap();
     let concurrency = 1000;
+    // A slow start keeps every request parked long enough to weigh them.
     let manifest = common::echo_manifest(
         "burst",
-        "",
+        "command = [\"--delay-start\", \"2000\"]",
         &format!(
             "[scale]\nmax = 20\nconcurrency = {concurrency}\n[queue]\ncapacity = 20000\ntimeout = \"120s\""
         ),
@@ -354,6 +423,19 @@ async fn burst(size: &Size, rows: &mut Vec<Row>) {
         tasks.push(tokio::spawn(async move {
             send(&client, &url, Bytes::from_static(b"x")).await.0
         }));
+    }
+    let mut parked_rss = f64::NAN;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let f = gw.function("burst").await;
+        if f["queued"].as_u64() == Some(size.burst as u64) {
+            parked_rss = rss_kib(pid, "VmRSS:");
+            break;
+        }
+        if f["ready"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut ok = 0;
     for task in tasks {
@@ -381,16 +463,23 @@ async fn burst(size: &Size, rows: &mut Vec<Row>) {
     ));
     rows.push(row(
         "burst",
-        "time to last answer",
+        "time to last answer (2 s cold start)",
         elapsed * 1e3,
         None,
         "ms",
     ));
+    rows.push(row(
+        "burst",
+        "gateway memory per parked request",
+        (parked_rss - idle_rss) / n,
+        None,
+        "KiB",
+    ));
     rows.push(row("burst", "gateway peak RSS", peak / 1024.0, None, "MiB"));
     rows.push(row(
         "burst",
-        "gateway memory per request (peak - idle)",
-        (peak - idle_rss) * 1024.0 / n / 1024.0,
+        "gateway peak memory per request (all in flight)",
+        (peak - idle_rss) / n,
         None,
         "KiB",
     ));
@@ -507,6 +596,8 @@ fn main() {
         warm_path(&size, &mut rows).await;
         eprintln!("cold start…");
         cold_start(&size, &mut rows).await;
+        eprintln!("resume from pause…");
+        resume_from_pause(&size, &mut rows).await;
         eprintln!("burst of {}…", size.burst);
         burst(&size, &mut rows).await;
         eprintln!("control plane…");

@@ -269,7 +269,11 @@ async fn the_cli_deploys_a_folder_building_its_image_then_lists_and_invokes() {
         .expect("echo listed");
     let cols: Vec<&str> = row.split_whitespace().collect();
     // DESIRED READY STARTING PAUSED IN-FLIGHT QUEUED STARTS STATUS
-    assert_eq!(&cols[3..10], ["1", "0", "0", "0", "0", "1", "ok"], "{table}");
+    assert_eq!(
+        &cols[3..10],
+        ["1", "0", "0", "0", "0", "1", "ok"],
+        "{table}"
+    );
 
     let out = gw.cli(&["ls", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -23,7 +23,15 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>9} {:>6} {:>6}  STATUS",
-        "NAME", "REVISION", "DESIRED", "READY", "STARTING", "PAUSED", "IN-FLIGHT", "QUEUED", "STARTS"
+        "NAME",
+        "REVISION",
+        "DESIRED",
+        "READY",
+        "STARTING",
+        "PAUSED",
+        "IN-FLIGHT",
+        "QUEUED",
+        "STARTS"
     );
     for f in functions {
         let status = match f["failure"].as_object() {
