@@ -8,6 +8,15 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::gpu::GpuDriver;
+use crate::node::local::Endpoints;
+
+fn default_endpoints() -> Endpoints {
+    if cfg!(target_os = "linux") {
+        Endpoints::Direct
+    } else {
+        Endpoints::Published
+    }
+}
 use crate::scheduler::{Policy, DEFAULT_MAX_SHARERS};
 
 /// Default gateway address.
@@ -30,6 +39,11 @@ pub struct ServeConfig {
     /// Host address the embedded node publishes container ports on.
     #[arg(long, env = "EMBER_NODE_ADDRESS", default_value = "127.0.0.1")]
     pub node_address: IpAddr,
+    /// How the gateway reaches the embedded node's containers: direct (the container's
+    /// bridge address, no userland proxy; the default on Linux) or published (the port
+    /// published on --node-address).
+    #[arg(long, env = "EMBER_NODE_ENDPOINTS", value_enum, default_value_t = default_endpoints())]
+    pub node_endpoints: Endpoints,
     /// Declared GPU inventory (TOML) of the embedded node; puts it in simulation mode
     /// unless --gpu-driver says otherwise. Without it the node asks NVML.
     #[arg(long, env = "EMBER_GPU_INVENTORY")]

@@ -100,7 +100,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
                 config.node_address,
                 runtime,
             )
-            .with_gpus(monitor, driver),
+            .with_gpus(monitor, driver)
+            .with_endpoints(config.node_endpoints),
         ));
     }
     let tracker = TaskTracker::new();

@@ -15,7 +15,7 @@ use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Sta
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, GpuRequest, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
-    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_REVISION,
+    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
 
 /// Process limit per container: generous for thread-per-connection servers, still a cap
@@ -30,6 +30,19 @@ pub struct LocalNode {
     runtime: Arc<dyn ContainerRuntime>,
     gpus: GpuMonitor,
     gpu_driver: GpuDriver,
+    endpoints: Endpoints,
+}
+
+/// How the gateway reaches a local node's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Endpoints {
+    /// The port published on the node's address (works from anywhere that address does;
+    /// goes through Docker's userland proxy).
+    #[default]
+    Published,
+    /// The container's own address and port on its bridge network: no proxy in between.
+    /// Only where the gateway shares the host's network with Docker (Linux).
+    Direct,
 }
 
 impl LocalNode {
@@ -48,6 +61,25 @@ impl LocalNode {
             runtime,
             gpus: GpuMonitor::new(None),
             gpu_driver: GpuDriver::Simulated,
+            endpoints: Endpoints::Published,
+        }
+    }
+
+    /// Reaches containers as `endpoints` says.
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> LocalNode {
+        self.endpoints = endpoints;
+        self
+    }
+
+    fn endpoint(
+        &self,
+        container_port: u16,
+        host_port: Option<u16>,
+        ip: Option<IpAddr>,
+    ) -> Option<SocketAddr> {
+        match (self.endpoints, ip) {
+            (Endpoints::Direct, Some(ip)) => Some(SocketAddr::new(ip, container_port)),
+            _ => host_port.map(|p| SocketAddr::new(self.host_ip, p)),
         }
     }
 
@@ -68,6 +100,7 @@ impl LocalNode {
             (LABEL_FUNCTION.to_string(), spec.function.clone()),
             (LABEL_REVISION.to_string(), spec.revision.clone()),
             (LABEL_INSTANCE.to_string(), spec.instance.clone()),
+            (LABEL_PORT.to_string(), m.port.to_string()),
         ]);
         let mut env: Vec<(String, String)> =
             m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -141,7 +174,8 @@ impl Node for LocalNode {
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
         let container = self.runtime.run(&self.container_spec(spec)).await?;
-        let Some(port) = container.host_port else {
+        let endpoint = self.endpoint(spec.manifest.port, container.host_port, container.ip);
+        let Some(endpoint) = endpoint.filter(|_| container.running) else {
             if !container.running {
                 // Docker unpublishes the port of a stopped container: it exited already.
                 return Err(NodeError::ExitedAtStart {
@@ -155,7 +189,7 @@ impl Node for LocalNode {
         };
         Ok(Started {
             container_id: container.id,
-            endpoint: SocketAddr::new(self.host_ip, port),
+            endpoint,
         })
     }
 
@@ -205,7 +239,11 @@ impl Node for LocalNode {
                     instance: label(LABEL_INSTANCE),
                     running: c.running,
                     paused: c.status == "paused",
-                    endpoint: c.host_port.map(|p| SocketAddr::new(self.host_ip, p)),
+                    endpoint: c
+                        .labels
+                        .get(LABEL_PORT)
+                        .and_then(|p| p.parse().ok())
+                        .and_then(|port| self.endpoint(port, c.host_port, c.ip)),
                     gpus: c
                         .labels
                         .get(LABEL_GPUS)
@@ -340,6 +378,27 @@ mod tests {
         let cdi = cdi.gpus.unwrap();
         assert_eq!(cdi.driver, "cdi");
         assert_eq!(cdi.device_ids, ["nvidia.com/gpu=MIG-1"]);
+    }
+
+    #[test]
+    fn direct_endpoints_use_the_container_address_and_published_ones_the_host_port() {
+        let ip: IpAddr = "172.17.0.5".parse().unwrap();
+        let published = node(GpuDriver::Simulated);
+        assert_eq!(
+            published.endpoint(8080, Some(32768), Some(ip)),
+            Some("127.0.0.1:32768".parse().unwrap())
+        );
+        let direct = node(GpuDriver::Simulated).with_endpoints(Endpoints::Direct);
+        assert_eq!(
+            direct.endpoint(8080, Some(32768), Some(ip)),
+            Some("172.17.0.5:8080".parse().unwrap())
+        );
+        assert_eq!(
+            direct.endpoint(8080, Some(32768), None),
+            Some("127.0.0.1:32768".parse().unwrap()),
+            "no bridge address (host network): the published port"
+        );
+        assert_eq!(published.endpoint(8080, None, None), None);
     }
 
     #[test]

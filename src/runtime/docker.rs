@@ -5,6 +5,7 @@
 //! sent to Docker is unit-tested without an engine.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -106,6 +107,11 @@ fn info_from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
     if state.oom_killed == Some(true) {
         status = "OOMKilled".into();
     }
+    let ip = c
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .and_then(first_ip);
     let host_port = c.network_settings.and_then(|n| n.ports).and_then(|ports| {
         ports
             .into_values()
@@ -120,7 +126,18 @@ fn info_from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
         exit_code: if running { None } else { state.exit_code },
         status,
         host_port,
+        ip,
     }
+}
+
+fn first_ip(networks: &HashMap<String, bollard::models::EndpointSettings>) -> Option<IpAddr> {
+    // Sorted for a stable choice when a container is on several networks.
+    let mut names: Vec<&String> = networks.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|n| networks[n].ip_address.as_deref())
+        .find_map(|ip| ip.parse().ok())
 }
 
 #[async_trait]
@@ -287,6 +304,11 @@ impl ContainerRuntime for DockerRuntime {
                         .unwrap_or_default()
                         .into_iter()
                         .find_map(|p| p.public_port),
+                    ip: c
+                        .network_settings
+                        .as_ref()
+                        .and_then(|n| n.networks.as_ref())
+                        .and_then(first_ip),
                     status,
                 }
             })

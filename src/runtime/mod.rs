@@ -27,6 +27,8 @@ pub const LABEL_FUNCTION: &str = "ember.function";
 pub const LABEL_REVISION: &str = "ember.revision";
 /// Label naming the instance.
 pub const LABEL_INSTANCE: &str = "ember.instance";
+/// Label holding the port the server listens on inside the container.
+pub const LABEL_PORT: &str = "ember.port";
 /// Label holding the instance's GPU assignments (JSON), so a restart can re-reserve them.
 pub const LABEL_GPUS: &str = "ember.gpus";
 
@@ -81,6 +83,8 @@ pub struct ContainerInfo {
     pub status: String,
     /// Host port the container port is published on.
     pub host_port: Option<u16>,
+    /// The container's own address on its network, when it has one.
+    pub ip: Option<IpAddr>,
 }
 
 /// Runtime failures.
