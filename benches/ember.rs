@@ -1,7 +1,7 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute. Both print a table (medians, p99s, ratios) and write
+//! enough to finish in about a minute; `-- --only warm,cold,resume,burst,control` picks some. Both print a table (medians, p99s, ratios) and write
 //! `target/ember-bench.json`: a list of `{scenario, metric, ember, baseline, ratio, unit}`.
 //!
 //! Scenarios:
@@ -626,18 +626,34 @@ fn main() {
         .build()
         .unwrap();
     let mut rows = Vec::new();
+    // `--only warm,burst` runs some scenarios (for profiling one at a time).
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|w| w == name));
     rt.block_on(async {
         common::echo_image();
-        eprintln!("warm path…");
-        warm_path(&size, &mut rows).await;
-        eprintln!("cold start…");
-        cold_start(&size, &mut rows).await;
-        eprintln!("resume from pause…");
-        resume_from_pause(&size, &mut rows).await;
-        eprintln!("burst of {}…", size.burst);
-        burst(&size, &mut rows).await;
-        eprintln!("control plane…");
-        control_plane(&size, &mut rows).await;
+        if wanted("warm") {
+            eprintln!("warm path…");
+            warm_path(&size, &mut rows).await;
+        }
+        if wanted("cold") {
+            eprintln!("cold start…");
+            cold_start(&size, &mut rows).await;
+        }
+        if wanted("resume") {
+            eprintln!("resume from pause…");
+            resume_from_pause(&size, &mut rows).await;
+        }
+        if wanted("burst") {
+            eprintln!("burst of {}…", size.burst);
+            burst(&size, &mut rows).await;
+        }
+        if wanted("control") {
+            eprintln!("control plane…");
+            control_plane(&size, &mut rows).await;
+        }
     });
     print_table(&rows);
     let out = common::repo().join("target/ember-bench.json");

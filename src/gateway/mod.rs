@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post, put};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -160,6 +161,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         proxy: Proxy::default(),
         gateway_id,
         membership,
+    });
+    // Small writes (headers, SSE events) go out at once instead of waiting on the
+    // client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let serve = axum::serve(
         listener,
