@@ -160,7 +160,7 @@ impl Gateway {
             .args(args)
             .env(
                 "EMBER_LOG",
-                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -317,7 +317,7 @@ impl Agent {
         let mut child = cmd
             .env(
                 "EMBER_LOG",
-                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
