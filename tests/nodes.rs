@@ -86,27 +86,6 @@ async fn instance_nodes(gw: &Gateway, function: &str) -> Vec<String> {
     nodes
 }
 
-/// Sends `n` concurrent slow requests and waits for all; returns their statuses.
-async fn concurrent(gw: &Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let gw = gw.clone();
-            let path = path.to_string();
-            tokio::spawn(async move {
-                gw.request(Method::GET, &path, &[], Bytes::new())
-                    .await
-                    .status
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for c in calls {
-        out.push(c.await.unwrap());
-    }
-    out
-}
-
 fn node_containers(gw: &Gateway, node: &str) -> Vec<String> {
     common::docker_ps_all(&[
         &format!("ember.gateway={}", gw.id),
@@ -120,7 +99,7 @@ async fn placement_spreads_over_nodes_and_cordon_and_drain_move_work_away() {
     let (gw, _agents) = cluster(&["n1", "n2", "n3"]).await;
     let spread = common::echo_manifest("spread", "", "[scale]\nconcurrency = 1\nmax = 3");
     gw.deploy("spread", &spread).await;
-    assert!(concurrent(&gw, "/fn/spread/sleep/1200", 3)
+    assert!(common::concurrent_statuses(&gw, "/fn/spread/sleep/1200", 3)
         .await
         .iter()
         .all(|s| *s == 200));
@@ -147,7 +126,7 @@ async fn placement_spreads_over_nodes_and_cordon_and_drain_move_work_away() {
     assert_eq!(node_state(&gw, "n1").await, "cordoned");
     let avoid = common::echo_manifest("avoid", "", "[scale]\nconcurrency = 1\nmax = 2");
     gw.deploy("avoid", &avoid).await;
-    assert!(concurrent(&gw, "/fn/avoid/sleep/1000", 2)
+    assert!(common::concurrent_statuses(&gw, "/fn/avoid/sleep/1000", 2)
         .await
         .iter()
         .all(|s| *s == 200));
@@ -384,7 +363,7 @@ async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
         "[scale]\nconcurrency = 1\nmax = 2\nidle_timeout = \"1h\"\n[gpu]\nmodels = [\"L4\"]",
     );
     gw.deploy("gpus", &manifest).await;
-    assert!(concurrent(&gw, "/fn/gpus/sleep/1000", 2)
+    assert!(common::concurrent_statuses(&gw, "/fn/gpus/sleep/1000", 2)
         .await
         .iter()
         .all(|s| *s == 200));

@@ -21,26 +21,6 @@ fn inspect_paused(container: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).trim() == "true"
 }
 
-async fn burst(gw: &Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let gw = gw.clone();
-            let path = path.to_string();
-            tokio::spawn(async move {
-                gw.request(Method::GET, &path, &[], Bytes::new())
-                    .await
-                    .status
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for c in calls {
-        out.push(c.await.unwrap());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_scales_out_to_max_and_no_further_then_back_to_zero() {
     require_docker!();
@@ -63,7 +43,7 @@ async fn a_burst_scales_out_to_max_and_no_further_then_back_to_zero() {
             most
         })
     };
-    let statuses = burst(&gw, "/fn/bursty/sleep/700", 24).await;
+    let statuses = common::concurrent_statuses(&gw, "/fn/bursty/sleep/700", 24).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let status = gw.function("bursty").await;
     assert!(status["starts"].as_u64().unwrap() <= 3, "{status}");
@@ -220,7 +200,7 @@ async fn requests_racing_pause_and_resume_are_never_lost() {
     let mut sent = 0;
     for gap_ms in [950u64, 1000, 1050, 1100, 1150, 1200, 1250, 1300] {
         tokio::time::sleep(Duration::from_millis(gap_ms)).await;
-        let statuses = burst(&gw, "/fn/racy/", 5).await;
+        let statuses = common::concurrent_statuses(&gw, "/fn/racy/", 5).await;
         sent += statuses.len();
         assert!(
             statuses.iter().all(|s| *s == 200),

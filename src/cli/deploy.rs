@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::client::{render_api_error, ApiClient};
 use crate::manifest::{Format, Manifest, ManifestError};
+use crate::node::remote::encode;
 
 /// Deploys the manifest at `path` (a file, or a folder holding `ember.toml`).
 pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
@@ -144,17 +145,6 @@ async fn build_if_missing(
     }
     eprintln!("built {tag}");
     Ok(tag)
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A deterministic tar of a build context: sorted paths, zero times and owners, `.git`

@@ -114,6 +114,46 @@ pub fn echo_manifest(name: &str, top: &str, sections: &str) -> String {
     )
 }
 
+/// The URL a starting `ember serve` or `ember agent` prints as the last word of its first
+/// stdout line.
+async fn first_url(child: &mut Child, what: &str) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    line.trim()
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http://"))
+        .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
+        .to_string()
+}
+
+/// Sends `n` concurrent GETs of `path` to the gateway; returns their statuses in order.
+pub async fn concurrent_statuses(gw: &std::sync::Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let gw = gw.clone();
+            let path = path.to_string();
+            tokio::spawn(async move {
+                gw.request(Method::GET, &path, &[], Bytes::new())
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.unwrap());
+    }
+    out
+}
+
 /// A running gateway process.
 pub struct Gateway {
     child: Option<Child>,
@@ -166,21 +206,7 @@ impl Gateway {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("ember serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|u| u.starts_with("http://"))
-            .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
-            .to_string();
+        let url = first_url(&mut child, "gateway").await;
         let mut g = Gateway {
             child: Some(child),
             url,
@@ -323,21 +349,7 @@ impl Agent {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("ember agent starts");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|u| u.starts_with("http://"))
-            .unwrap_or_else(|| panic!("agent {name} did not start: {line:?}"))
-            .to_string();
+        let url = first_url(&mut child, name).await;
         Agent {
             child: Some(child),
             name: name.to_string(),
