@@ -66,6 +66,7 @@ pub struct Membership {
     timeout: Duration,
     heartbeat: Duration,
     remotes: RwLock<HashMap<String, Arc<RemoteNode>>>,
+    reconciling: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 fn state_of(record: &NodeRecord) -> NodeState {
@@ -97,6 +98,7 @@ impl Membership {
             timeout,
             heartbeat,
             remotes: RwLock::default(),
+            reconciling: Arc::default(),
         };
         for record in m.store.nodes()? {
             if record.url == EMBEDDED_URL {
@@ -187,14 +189,20 @@ impl Membership {
         };
         remote.registered(&r);
         let before = self.activator.scheduler().state(&r.name);
+        // A node new or back from lost takes no placement until reconciled.
+        let hold = matches!(before, None | Some(NodeState::Lost));
+        let state = if hold {
+            NodeState::Lost
+        } else {
+            state_of(&record)
+        };
         self.activator
             .scheduler()
-            .add_node(remote.clone(), r.labels.clone(), state_of(&record));
+            .add_node(remote.clone(), r.labels.clone(), state);
         tracing::info!(node = %r.name, url = %r.url, gpus = r.gpus.len(), "node registered");
         // A (re)registration always reconciles: an agent restarted within the timeout
-        // may have lost track of nothing, but it costs one listing to be sure.
-        self.after_contact(remote, None, &r.gpus).await;
-        let _ = before;
+        // lost nothing, but one listing makes sure.
+        self.after_contact(remote, true, hold, &r.gpus);
         Ok(Registered {
             gateway_id: self.gateway_id.clone(),
             heartbeat_ms: self.heartbeat.as_millis() as u64,
@@ -207,38 +215,56 @@ impl Membership {
             .remote(name)
             .ok_or_else(|| MembershipError::UnknownNode(name.to_string()))?;
         remote.heartbeat(&hb);
-        let before = self.activator.scheduler().state(name);
-        if before == Some(NodeState::Lost) {
-            let record = self.store.node(name)?;
-            let state = record.as_ref().map_or(NodeState::Ready, state_of);
-            self.activator.scheduler().set_state(name, state);
+        let lost = self.activator.scheduler().state(name) == Some(NodeState::Lost);
+        if lost {
             tracing::info!(node = name, "node reported in");
         }
-        self.after_contact(remote, before, &hb.gpus).await;
+        self.after_contact(remote, lost, lost, &hb.gpus);
         Ok(())
     }
 
-    async fn after_contact(
+    /// Takes a node's GPUs at once; then, off the request path (during a registration the
+    /// agent only serves its node API once it has the answer, so calling it from here would
+    /// wait on ourselves), drops instances on vanished GPUs, reconciles what the node runs
+    /// when asked, and, when `hold`, makes it schedulable again only after that.
+    fn after_contact(
         &self,
         remote: Arc<RemoteNode>,
-        before: Option<NodeState>,
+        reconcile: bool,
+        hold: bool,
         gpus: &[GpuInfo],
     ) {
-        self.activator
-            .scheduler()
-            .update_gpus(remote.name(), gpus.to_vec());
-        // Off the request path: during a registration the agent only serves its node API
-        // once it has the answer, so calling it from here would wait on ourselves.
+        let name = remote.name().to_string();
+        self.activator.scheduler().update_gpus(&name, gpus.to_vec());
+        let reconcile = reconcile && self.start_reconciling(&name);
         let activator = self.activator.clone();
+        let store = self.store.clone();
+        let reconciling = self.reconciling.clone();
         let gpus = gpus.to_vec();
-        let first_contact = matches!(before, None | Some(NodeState::Lost));
         tokio::spawn(async move {
-            activator.drop_missing_gpus(remote.name(), &gpus).await;
-            if first_contact {
-                // Since it was lost or since the gateway started: adopt or remove what it runs.
-                activator.reconcile_node(remote).await;
+            activator.drop_missing_gpus(&name, &gpus).await;
+            if !reconcile {
+                return;
             }
+            activator.reconcile_node(remote).await;
+            if hold {
+                let record = store.node(&name).ok().flatten();
+                let state = record.as_ref().map_or(NodeState::Ready, state_of);
+                activator.scheduler().set_state(&name, state);
+            }
+            reconciling
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
         });
+    }
+
+    /// Marks `name` as being reconciled; false when it already is.
+    fn start_reconciling(&self, name: &str) -> bool {
+        self.reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string())
     }
 
     /// Cordon, drain or uncordon a node (the embedded one included).

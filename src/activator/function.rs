@@ -220,6 +220,17 @@ impl FnState {
         }
     }
 
+    /// Whether some instance serves or soon will: starting, ready, paused or resuming, of
+    /// any revision. Without one, a failed start leaves waiting requests nothing to wait for.
+    pub fn can_serve_soon(&self) -> bool {
+        self.instances.iter().any(|i| {
+            matches!(
+                i.phase,
+                Phase::Starting | Phase::Ready | Phase::Pausing | Phase::Paused | Phase::Resuming
+            )
+        })
+    }
+
     /// Whether a failed start forbids a new attempt now.
     pub fn backing_off(&self, now: Instant) -> Option<&Failure> {
         self.failure.as_ref().filter(|f| f.retry_at > now)

@@ -86,6 +86,8 @@ pub struct Instance {
     pub(crate) paused_at: Option<Instant>,
     /// A request wants it back while it is still pausing.
     pub(crate) resume_wanted: bool,
+    /// When it last became ready (or was adopted or resumed).
+    pub(crate) ready_at: Instant,
 }
 
 impl Instance {
@@ -104,6 +106,7 @@ impl Instance {
             evacuating: false,
             paused_at: None,
             resume_wanted: false,
+            ready_at: Instant::now(),
         }
     }
 

@@ -301,6 +301,9 @@ impl Activator {
             if st.removed {
                 return Err(AcquireError::Removed(f.name().to_string()));
             }
+            if self.inner.shutdown.is_cancelled() {
+                return Err(AcquireError::ShuttingDown);
+            }
             st.arrival(Instant::now());
             if let Some(permit) = f.take_slot(&mut st) {
                 return Ok(permit);
@@ -313,7 +316,7 @@ impl Activator {
                 });
             }
             let now = Instant::now();
-            if st.current_instances() == 0 {
+            if !st.can_serve_soon() {
                 if let Some(failure) = st.backing_off(now) {
                     return Err(AcquireError::StartFailed {
                         function: f.name().to_string(),
@@ -386,9 +389,6 @@ impl Activator {
         if self.inner.shutdown.is_cancelled() || st.removed {
             return;
         }
-        if st.backing_off(Instant::now()).is_some() {
-            return;
-        }
         let want = want.min(st.revision.manifest.scale.max as usize);
         let have = st.current_instances();
         if want <= have {
@@ -400,8 +400,19 @@ impl Activator {
             if self.wake_one(f, st) {
                 continue;
             }
-            if !self.start_instance(f, st) {
+            // After failed starts, no new one before the back-off ends.
+            if st.backing_off(Instant::now()).is_some() || !self.start_instance(f, st) {
                 break;
+            }
+        }
+    }
+
+    /// Answers every waiting request with `ShuttingDown` (503): nothing will start now.
+    pub fn shut_down_queues(&self) {
+        for f in self.functions() {
+            let waiters: Vec<_> = f.lock().queue.drain(..).collect();
+            for w in waiters {
+                let _ = w.tx.send(Err(AcquireError::ShuttingDown));
             }
         }
     }

@@ -26,7 +26,7 @@ impl Activator {
     /// expire paused instances, and evict one paused instance if a placement waits for room.
     pub async fn reap(&self) {
         let now = Instant::now();
-        let mut wants_room = false;
+        let mut waiting_for_room = Vec::new();
         for f in self.functions() {
             let victims = {
                 let mut st = f.lock();
@@ -111,18 +111,22 @@ impl Activator {
                     need
                 };
                 self.scale_to(&f, &mut st, want);
-                wants_room |= st.unschedulable.is_some() && !st.queue.is_empty();
+                if st.unschedulable.is_some() && !st.queue.is_empty() {
+                    waiting_for_room.push(st.revision.manifest.gpu.clone());
+                }
                 victims
             };
             self.stop_victims(&f, victims, "idle").await;
         }
-        if wants_room {
-            self.evict_one_paused().await;
+        if !waiting_for_room.is_empty() {
+            self.evict_one_paused(&waiting_for_room).await;
         }
     }
 
     /// Drops instances whose containers no longer run (crashed, killed, removed by hand).
     pub async fn check_health(&self) {
+        // Only instances ready before the listing began can be judged by it.
+        let listed_at = Instant::now();
         let mut running = HashSet::new();
         let mut listed = HashSet::new();
         for node in self.scheduler().live_nodes() {
@@ -150,6 +154,7 @@ impl Activator {
                     .enumerate()
                     .filter(|(_, i)| {
                         matches!(i.phase, Phase::Ready | Phase::Draining)
+                            && i.ready_at < listed_at
                             && listed.contains(i.reservation.node().name())
                             && i.container_id
                                 .as_ref()

@@ -98,13 +98,14 @@ impl Activator {
             } else {
                 None
             };
-            match adoptable {
-                Some((f, revision)) => {
-                    if self.adopt(node.as_ref(), &c, f, revision) {
-                        adopted += 1;
-                    }
-                }
-                None => {
+            let adopted_now = match adoptable {
+                Some((f, revision)) => self.adopt(node.as_ref(), &c, f, revision),
+                None => false,
+            };
+            if adopted_now {
+                adopted += 1;
+            } else {
+                {
                     let why = if !gpus_present {
                         "its GPU is gone from the node"
                     } else {

@@ -178,14 +178,19 @@ impl Activator {
                 tracing::warn!(error = %message, "cold start failed");
                 let mut st = f.lock();
                 st.instances.retain(|i| i.id != id);
-                let backoff = st.record_failure(message.clone(), e.status());
-                tracing::info!(
-                    backoff_ms = backoff.as_millis() as u64,
-                    "backing off before the next start"
-                );
-                if st.current_instances() == 0 {
-                    fail_waiters(f, &mut st, &message, e.status());
+                // A start of a revision that is no longer current says nothing of the
+                // current one.
+                if revision.id == st.revision.id {
+                    let backoff = st.record_failure(message.clone(), e.status());
+                    tracing::info!(
+                        backoff_ms = backoff.as_millis() as u64,
+                        "backing off before the next start"
+                    );
+                    if !st.can_serve_soon() {
+                        fail_waiters(f, &mut st, &message, e.status());
+                    }
                 }
+                self.scale_up(f, &mut st);
             }
         }
     }
@@ -201,7 +206,21 @@ impl Activator {
             return false;
         }
         inst.last_used = tokio::time::Instant::now();
+        inst.ready_at = inst.last_used;
         let takes_over = inst.revision.id == current && !inst.evacuating;
+        let superseded = inst.revision.id != current;
+        if superseded
+            && st
+                .instances
+                .iter()
+                .any(|i| i.revision.id == current && i.phase == Phase::Ready)
+        {
+            // An old revision's start that finished after the new revision took over.
+            if let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) {
+                inst.become_(Phase::Draining);
+            }
+            f.wake_reaper();
+        }
         if takes_over {
             st.failure = None;
             let mut drained = false;

@@ -19,14 +19,14 @@ impl Activator {
     /// Freezes the ready, idle instance at `idx`.
     pub(super) fn pause_instance(&self, f: &Arc<Function>, st: &mut FnState, idx: usize) {
         let inst = &mut st.instances[idx];
+        let Some(cid) = inst.container_id.clone() else {
+            return;
+        };
         if inst.in_flight > 0 || !inst.become_(Phase::Pausing) {
             return;
         }
         inst.resume_wanted = false;
         let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
-        let Some(cid) = inst.container_id.clone() else {
-            return;
-        };
         let this = self.clone();
         let f = f.clone();
         let span = tracing::info_span!("pause", function = %f.name(), instance = %id);
@@ -62,13 +62,13 @@ impl Activator {
     /// Thaws the paused instance at `idx`; waiting requests get it once it is ready.
     pub(super) fn resume_instance(&self, f: &Arc<Function>, st: &mut FnState, idx: usize) {
         let inst = &mut st.instances[idx];
+        let Some(cid) = inst.container_id.clone() else {
+            return;
+        };
         if !inst.become_(Phase::Resuming) {
             return;
         }
         let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
-        let Some(cid) = inst.container_id.clone() else {
-            return;
-        };
         let this = self.clone();
         let f = f.clone();
         let span = tracing::info_span!("resume", function = %f.name(), instance = %id);
@@ -86,6 +86,7 @@ impl Activator {
                         inst.become_(Phase::Ready);
                         inst.paused_at = None;
                         inst.last_used = Instant::now();
+                        inst.ready_at = inst.last_used;
                         tracing::info!(
                             elapsed_us = began.elapsed().as_micros() as u64,
                             "instance resumed"
@@ -145,14 +146,23 @@ impl Activator {
             .spawn(async move { this.stop_victims(&f, victims, why).await });
     }
 
-    /// Removes the least recently used paused instance of any function, to make room for
-    /// a placement that found none. Returns whether one was evicted.
-    pub(super) async fn evict_one_paused(&self) -> bool {
+    /// Removes the least recently used paused instance, of any function, whose room would
+    /// let one of the `waiting` placements fit. Returns whether one was evicted.
+    pub(super) async fn evict_one_paused(
+        &self,
+        waiting: &[Option<crate::manifest::GpuSpec>],
+    ) -> bool {
         let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
         for f in self.functions() {
             let st = f.lock();
             for i in st.instances.iter().filter(|i| i.phase == Phase::Paused) {
-                if oldest.as_ref().is_none_or(|(_, _, t)| i.last_used < *t) {
+                if oldest.as_ref().is_some_and(|(_, _, t)| i.last_used >= *t) {
+                    continue;
+                }
+                let helps = waiting
+                    .iter()
+                    .any(|spec| self.scheduler().fits_without(spec.as_ref(), &i.reservation));
+                if helps {
                     oldest = Some((f.clone(), i.id.clone(), i.last_used));
                 }
             }

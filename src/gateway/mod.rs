@@ -156,6 +156,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
     tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
 
+    let activator_for_shutdown = activator.clone();
     let app = router(AppState {
         activator,
         proxy: Proxy::default(),
@@ -174,6 +175,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { serve.await });
     shutdown.cancelled().await;
+    activator_for_shutdown.shut_down_queues();
     tracing::info!("shutting down; running containers are kept and adopted at the next start");
     tracker.close();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

@@ -430,6 +430,26 @@ impl Scheduler {
         })
     }
 
+    /// Whether `spec` would fit on the reservation's node if that reservation were released
+    /// (to choose which paused instance to evict for a waiting placement).
+    pub fn fits_without(&self, spec: Option<&GpuSpec>, r: &Reservation) -> bool {
+        let st = r.slot.lock();
+        if !st.state.schedulable() {
+            return false;
+        }
+        let mut holds = st.holds.clone();
+        fit::apply(&mut holds, &r.gpus, false);
+        let view = NodeView {
+            name: r.slot.node.name(),
+            gpus: &st.gpus,
+            holds: &holds,
+            instances: st.instances.saturating_sub(1),
+            in_flight: r.slot.in_flight.load(Ordering::Acquire),
+            max_sharers: self.max_sharers,
+        };
+        fit(&view, spec, self.policy).is_ok()
+    }
+
     fn hold(&self, slot: &Arc<Slot>, gpus: Vec<GpuAssignment>) -> Reservation {
         let mut st = slot.lock();
         st.instances += 1;
