@@ -283,7 +283,7 @@ async fn a_killed_agent_is_lost_its_work_moves_and_its_restart_is_reconciled() {
         async move { node_containers(&gw, &victim).is_empty() }
     })
     .await;
-    assert_eq!(node_state(&gw, &victim).await, "ready");
+    wait_ready(&gw, 3).await;
     let status = gw.function("moving").await;
     assert_eq!(
         status["instances"].as_array().unwrap().len(),
@@ -328,8 +328,8 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
         },
     )
     .await;
-    assert_eq!(node_state(&gw, "n1").await, "ready");
-    assert_eq!(node_state(&gw, "n2").await, "ready");
+    // Each node takes placements again once it has been reconciled.
+    wait_ready(&gw, 2).await;
     let status = gw.function("kept").await;
     assert_eq!(status["instances"][0]["adopted"], true);
     assert_eq!(gw.containers("kept"), containers, "the same container");
