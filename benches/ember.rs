@@ -596,6 +596,21 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// 10 000, or as many as the open-file limit allows: the gateway holds two sockets per
+/// request in flight (client and instance), and this process one.
+fn burst_size() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    10_000.min(soft.saturating_sub(1024) / 2)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let size = if quick {
@@ -613,7 +628,7 @@ fn main() {
             big_requests: 1000,
             throughput_for: Duration::from_secs(10),
             cold_rounds: 20,
-            burst: 9_000,
+            burst: burst_size(),
             functions: 1000,
         }
     };
