@@ -32,7 +32,7 @@ pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(render_manifest_error(&file, &e)))?;
     if let Some(build) = manifest.build.clone() {
         let context = file.parent().unwrap_or(Path::new(".")).join(&build);
-        let tag = build_if_missing(client, &manifest, &context).await?;
+        let tag = build_if_missing(client, &manifest, &context, &file).await?;
         manifest.image = Some(tag);
     }
     let body = serde_json::to_vec(&manifest)?;
@@ -71,6 +71,7 @@ async fn build_if_missing(
     client: &ApiClient,
     manifest: &Manifest,
     context: &Path,
+    manifest_file: &Path,
 ) -> anyhow::Result<String> {
     let dockerfile = manifest.dockerfile.as_deref().unwrap_or("Dockerfile");
     if !context.join(dockerfile).is_file() {
@@ -79,7 +80,14 @@ async fn build_if_missing(
             context.display()
         );
     }
-    let tar = build_context_tar(context)?;
+    // The manifest itself stays out of the image: editing `env` or `scale` makes a new
+    // revision, not a new image.
+    let relative = manifest_file
+        .canonicalize()
+        .ok()
+        .zip(context.canonicalize().ok())
+        .and_then(|(f, c)| f.strip_prefix(c).ok().map(Path::to_path_buf));
+    let tar = build_context_tar(context, relative.as_deref())?;
     let tag = match &manifest.image {
         Some(image) => image.clone(),
         None => {
@@ -148,10 +156,12 @@ async fn build_if_missing(
 }
 
 /// A deterministic tar of a build context: sorted paths, zero times and owners, `.git`
-/// left out, so the same files always give the same bytes.
-pub fn build_context_tar(dir: &Path) -> anyhow::Result<Vec<u8>> {
+/// (and `exclude`, a path relative to `dir`) left out, so the same files always give the
+/// same bytes.
+pub fn build_context_tar(dir: &Path, exclude: Option<&Path>) -> anyhow::Result<Vec<u8>> {
     let mut files = Vec::new();
     collect(dir, dir, &mut files)?;
+    files.retain(|f| Some(f.as_path()) != exclude);
     files.sort();
     let mut tar = tar::Builder::new(Vec::new());
     for rel in files {
@@ -223,16 +233,21 @@ mod tests {
         std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
         std::fs::create_dir(dir.path().join("bin")).unwrap();
         std::fs::write(dir.path().join("bin/app"), "x").unwrap();
-        let a = build_context_tar(dir.path()).unwrap();
+        let a = build_context_tar(dir.path(), None).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.path().join("bin/app"), "x").unwrap();
         assert_eq!(
             a,
-            build_context_tar(dir.path()).unwrap(),
+            build_context_tar(dir.path(), None).unwrap(),
             "rewriting the same bytes changes nothing"
         );
         std::fs::write(dir.path().join("bin/app"), "y").unwrap();
-        assert_ne!(a, build_context_tar(dir.path()).unwrap());
+        assert_ne!(a, build_context_tar(dir.path(), None).unwrap());
+        let before = build_context_tar(dir.path(), None).unwrap();
+        std::fs::write(dir.path().join("ember.toml"), "name = \"x\"").unwrap();
+        let without = build_context_tar(dir.path(), Some(Path::new("ember.toml"))).unwrap();
+        assert!(without == before, "the manifest can be left out");
+        std::fs::remove_file(dir.path().join("ember.toml")).unwrap();
         let mut names: Vec<String> = tar::Archive::new(a.as_slice())
             .entries()
             .unwrap()
