@@ -23,6 +23,8 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::activator::Permit;
 
+/// Time to open a connection to an instance (they are on the same host or LAN).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Idle pooled connections to instances are closed after this.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -65,7 +67,9 @@ impl Default for Proxy {
     fn default() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        // A stopped container's bridge address does not refuse connections, it just
+        // never answers: a short connect timeout tells a dead instance from a slow one.
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Proxy {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)

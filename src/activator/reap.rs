@@ -170,6 +170,21 @@ impl Activator {
         }
     }
 
+    /// Takes an instance that refused a connection out of service at once and removes it
+    /// in the background, so the next request does not pick it again.
+    pub fn retire_unreachable(&self, f: &Arc<Function>, instance: &str) {
+        let victims = {
+            let mut st = f.lock();
+            let Some(idx) = st.instances.iter().position(|i| i.id == instance) else {
+                return;
+            };
+            let victims = take_victims(&mut st.instances, &[idx]);
+            self.scale_up(f, &mut st);
+            victims
+        };
+        self.stop_in_background(f.clone(), victims, "unreachable");
+    }
+
     pub(super) async fn stop_victims(&self, f: &Arc<Function>, victims: Vec<Victim>, why: &str) {
         for v in victims {
             tracing::info!(function = %f.name(), instance = %v.id, node = %v.node.name(), reason = why, "retiring instance");

@@ -11,6 +11,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::proxy::ProxyError;
 
 /// Handles `/fn/{name}` and `/fn/{name}/{*rest}`.
 pub async fn invoke(
@@ -39,27 +40,45 @@ pub async fn invoke(
         return Err(ApiError::BodyTooLarge { limit });
     }
     let path_and_query = upstream_path(&name, req.uri());
-    let permit = state.activator.acquire(&f, announced).await?;
-    let (endpoint_node, container) = (permit.node().clone(), permit.container_id().to_string());
-    match state
-        .proxy
-        .forward(
-            permit,
-            req,
-            &path_and_query,
-            Some(client),
-            limit,
-            manifest.request.timeout,
-        )
-        .await
-    {
-        Ok(response) => Ok(response),
-        Err(e) => {
-            if matches!(e, crate::proxy::ProxyError::Upstream { connect: true, .. }) {
-                tracing::warn!(function = %name, node = %endpoint_node.name(), container = %container, error = %e, "instance unreachable; checking its container");
-                state.activator.request_health_check();
+    // A request without a body can be sent again if its instance turns out to be dead
+    // before it was sent at all (connection refused): nothing reached the function.
+    let replay = http_body::Body::is_end_stream(req.body()).then(|| {
+        let mut copy = Request::new(Body::empty());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.headers_mut() = req.headers().clone();
+        copy
+    });
+    let mut req = req;
+    let mut replay = replay;
+    loop {
+        let permit = state.activator.acquire(&f, announced).await?;
+        let (node, container, instance) = (
+            permit.node().clone(),
+            permit.container_id().to_string(),
+            permit.instance().to_string(),
+        );
+        let result = state
+            .proxy
+            .forward(
+                permit,
+                req,
+                &path_and_query,
+                Some(client),
+                limit,
+                manifest.request.timeout,
+            )
+            .await;
+        match result {
+            Err(e @ ProxyError::Upstream { connect: true, .. }) => {
+                tracing::warn!(function = %name, node = %node.name(), container = %container, error = %e, "instance unreachable; retiring it");
+                state.activator.retire_unreachable(&f, &instance);
+                match replay.take() {
+                    Some(again) => req = again,
+                    None => return Err(e.into()),
+                }
             }
-            Err(e.into())
+            other => return other.map_err(Into::into),
         }
     }
 }
