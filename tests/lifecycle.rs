@@ -163,6 +163,7 @@ async fn after_sigkill_a_restarted_gateway_adopts_the_warm_container_and_removes
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start_in(dir.path()).await;
     let gateway_label = format!("ember.gateway={}", gw.id);
+    let _cleanup = common::Cleanup(gateway_label.clone());
     gw.deploy("keep", &common::echo_manifest("keep", "", ""))
         .await;
     let before = gw
@@ -230,7 +231,6 @@ async fn after_sigkill_a_restarted_gateway_adopts_the_warm_container_and_removes
         "the request was warm"
     );
     drop(gw);
-    common::remove_containers(&gateway_label);
 }
 
 #[tokio::test(flavor = "multi_thread")]

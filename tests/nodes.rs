@@ -302,6 +302,7 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut gw = Gateway::start_in_with(dir.path(), &args).await;
     let label = format!("ember.gateway={}", gw.id);
+    let _cleanup = common::Cleanup(label.clone());
     let _agents = [
         Agent::start(&gw.url, TOKEN, "n1", None).await,
         Agent::start(&gw.url, TOKEN, "n2", None).await,
@@ -343,7 +344,6 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
         "warm after the restart"
     );
     drop(gw);
-    common::remove_containers(&label);
 }
 
 #[tokio::test(flavor = "multi_thread")]

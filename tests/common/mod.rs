@@ -373,6 +373,15 @@ impl Drop for Agent {
     }
 }
 
+/// Removes every container with its label filter when dropped, panics included.
+pub struct Cleanup(pub String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_containers(&self.0);
+    }
+}
+
 /// Removes every container with the label filter.
 pub fn remove_containers(label: &str) {
     let ids = docker_ps_all(&[label]);
