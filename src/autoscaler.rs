@@ -234,7 +234,7 @@ pub async fn run(activator: Activator, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         activator.reap().await;
-        if activator.take_health_request() || tokio::time::Instant::now() >= next_health {
+        if tokio::time::Instant::now() >= next_health {
             activator.check_health().await;
             next_health = tokio::time::Instant::now() + HEALTH_INTERVAL;
         }

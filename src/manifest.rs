@@ -658,11 +658,6 @@ impl Manifest {
         let digest = Sha256::digest(&canonical);
         digest[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
-
-    /// The image to run. Validation plus the CLI guarantee one is set before deploy.
-    pub fn image_ref(&self) -> Option<&str> {
-        self.image.as_deref()
-    }
 }
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ManifestError {
@@ -957,6 +952,6 @@ mod tests {
     fn build_without_image_is_accepted() {
         let m = toml("name = \"echo\"\nbuild = \".\"").unwrap();
         assert_eq!(m.build.as_deref(), Some("."));
-        assert!(m.image_ref().is_none());
+        assert!(m.image.is_none());
     }
 }

@@ -182,7 +182,8 @@ fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, `outer: inner: root`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

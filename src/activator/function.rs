@@ -314,11 +314,6 @@ impl Permit {
         &self.container_id
     }
 
-    /// The function.
-    pub fn function(&self) -> &Arc<Function> {
-        &self.function
-    }
-
     fn disarm(mut self, st: &mut FnState) {
         self.armed = false;
         release_slot(st, &self.instance);

@@ -22,7 +22,7 @@ mod tiers;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -206,7 +206,6 @@ struct Inner {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     reaper: Arc<Notify>,
-    health_due: AtomicBool,
     deploy_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
 }
@@ -239,7 +238,6 @@ impl Activator {
                 tracker,
                 shutdown,
                 reaper: Arc::new(Notify::new()),
-                health_due: AtomicBool::new(false),
                 deploy_lock: tokio::sync::Mutex::new(()),
                 reconcile_lock: tokio::sync::Mutex::new(()),
             }),
@@ -253,17 +251,6 @@ impl Activator {
 
     pub(crate) fn reaper(&self) -> &Notify {
         &self.inner.reaper
-    }
-
-    /// Asks the reaper to check containers at its next pass (an instance looked dead).
-    pub fn request_health_check(&self) {
-        self.inner.health_due.store(true, Ordering::Release);
-        self.inner.reaper.notify_one();
-    }
-
-    /// Whether a health check was asked for since the last one; clears the request.
-    pub(crate) fn take_health_request(&self) -> bool {
-        self.inner.health_due.swap(false, Ordering::AcqRel)
     }
 
     /// The function named `name`, if deployed.
@@ -551,11 +538,6 @@ impl Activator {
             instances: st.instances.iter().map(|i| i.status(now)).collect(),
         }
     }
-
-    /// The manifest of the current revision of `name`.
-    pub fn manifest(&self, name: &str) -> Option<Arc<Manifest>> {
-        self.function(name).map(|f| f.revision().manifest.clone())
-    }
 }
 
 impl Activator {
@@ -601,7 +583,8 @@ impl Drop for Buffered {
     }
 }
 
-fn round_up_secs(d: Duration) -> Duration {
+/// `d` rounded up to whole seconds (for Retry-After and messages).
+pub fn round_up_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 

@@ -106,7 +106,7 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: self.base.clone(),
-                reason: chain(&e),
+                reason: crate::proxy::error_chain(&e),
             })
     }
 
@@ -141,17 +141,6 @@ impl ApiClient {
         let body = self.call(Method::GET, path, None, Bytes::new()).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Read(e.to_string()))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if let Some(after) = retry_after {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let secs = crate::activator::round_up_secs(after).as_secs();
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }

@@ -467,6 +467,7 @@ impl Scheduler {
     }
 
     /// Instances placed on the node named `name`.
+    #[cfg(test)]
     pub fn load(&self, name: &str) -> usize {
         self.slot(name).map_or(0, |s| s.lock().instances)
     }
