@@ -32,17 +32,21 @@ impl DockerRuntime {
     /// Connects to the engine named by `DOCKER_HOST`, or the local socket, and agrees on an
     /// API version (older engines refuse a client that is newer than they are).
     pub async fn connect() -> Result<DockerRuntime, RuntimeError> {
-        let docker = Docker::connect_with_defaults().map_err(RuntimeError::Unreachable)?;
+        let docker =
+            Docker::connect_with_defaults().map_err(|e| RuntimeError::Unreachable(e.into()))?;
         let docker = docker
             .negotiate_version()
             .await
-            .map_err(RuntimeError::Unreachable)?;
+            .map_err(|e| RuntimeError::Unreachable(e.into()))?;
         Ok(DockerRuntime { docker })
     }
 }
 
 fn docker_err(op: &'static str) -> impl FnOnce(DockerError) -> RuntimeError {
-    move |source| RuntimeError::Docker { op, source }
+    move |source| RuntimeError::Docker {
+        op,
+        source: source.into(),
+    }
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -147,7 +151,7 @@ impl ContainerRuntime for DockerRuntime {
             .ping()
             .await
             .map(|_| ())
-            .map_err(RuntimeError::Unreachable)
+            .map_err(|e| RuntimeError::Unreachable(e.into()))
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {

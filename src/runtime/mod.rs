@@ -87,6 +87,10 @@ pub struct ContainerInfo {
     pub ip: Option<IpAddr>,
 }
 
+/// An engine's own error, kept as the cause without its type leaking past this module
+/// (bollard stays inside docker.rs).
+pub type EngineError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runtime failures.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -95,7 +99,7 @@ pub enum RuntimeError {
     ImageNotFound(String),
     /// The engine cannot be reached.
     #[error("cannot reach the Docker engine: {0}; is Docker running and is DOCKER_HOST right?")]
-    Unreachable(#[source] bollard::errors::Error),
+    Unreachable(#[source] EngineError),
     /// An engine call failed.
     #[error("docker {op} failed: {source}")]
     Docker {
@@ -103,7 +107,7 @@ pub enum RuntimeError {
         op: &'static str,
         /// The engine's error.
         #[source]
-        source: bollard::errors::Error,
+        source: EngineError,
     },
     /// An image build failed.
     #[error("image build failed: {0}")]
