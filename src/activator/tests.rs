@@ -1,114 +1,21 @@
-//! The activator on a fake node whose "containers" are TCP listeners in this process:
+//! The activator on a `FakeNode`, whose "containers" are TCP listeners in this process:
 //! queue order, cold-start sharing and permit release, without Docker.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::{Format, Manifest};
-use crate::node::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use crate::node::fake::FakeNode;
+use crate::node::Node;
 use crate::scheduler::{Policy, Scheduler};
 
-/// A node that "starts" a container by binding a listener that accepts and holds sockets,
-/// once its gate lets it.
-struct ListenerNode {
-    starts: AtomicUsize,
-    listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    gate: tokio::sync::Semaphore,
-}
-
-impl ListenerNode {
-    fn open() -> ListenerNode {
-        ListenerNode::gated(tokio::sync::Semaphore::MAX_PERMITS)
-    }
-
-    fn gated(permits: usize) -> ListenerNode {
-        ListenerNode {
-            starts: AtomicUsize::new(0),
-            listeners: Mutex::default(),
-            gate: tokio::sync::Semaphore::new(permits),
-        }
-    }
-}
-
-#[async_trait]
-impl Node for ListenerNode {
-    fn name(&self) -> &str {
-        "fake"
-    }
-    fn gpu_driver(&self) -> GpuDriver {
-        GpuDriver::Simulated
-    }
-    fn gpu_source(&self) -> String {
-        "none".into()
-    }
-    fn last_seen(&self) -> Option<std::time::SystemTime> {
-        None
-    }
-    async fn gpus(&self) -> Vec<GpuInfo> {
-        Vec::new()
-    }
-    async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
-        let n = self.starts.fetch_add(1, Ordering::SeqCst);
-        self.gate.acquire().await.unwrap().forget();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint: SocketAddr = listener.local_addr().unwrap();
-        self.listeners
-            .lock()
-            .unwrap()
-            .push(tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((s, _)) = listener.accept().await {
-                    held.push(s);
-                }
-            }));
-        Ok(Started {
-            container_id: format!("c{n}"),
-            endpoint,
-        })
-    }
-    async fn state(&self, _: &str) -> Result<ContainerState, NodeError> {
-        Ok(ContainerState::Running)
-    }
-    async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
-        Ok(String::new())
-    }
-    async fn pause(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn resume(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn stop(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {
-        Ok(Vec::new())
-    }
-    async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
-        Ok(true)
-    }
-    async fn build_image(
-        &self,
-        _: &str,
-        _: &str,
-        _: Bytes,
-        _: mpsc::Sender<String>,
-    ) -> Result<(), NodeError> {
-        Ok(())
-    }
-}
-
-async fn activator(node: Arc<ListenerNode>) -> (Activator, tempfile::TempDir) {
+async fn activator(node: Arc<FakeNode>) -> (Activator, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let scheduler = Scheduler::new(vec![node as Arc<dyn Node>], Policy::Spread, 8);
@@ -134,7 +41,7 @@ fn manifest(concurrency: u32, max: u32) -> Manifest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_of_thousands_is_released_in_arrival_order_to_one_cold_start() {
-    let node = Arc::new(ListenerNode::gated(0));
+    let node = Arc::new(FakeNode::gated("fake"));
     let (a, _dir) = activator(node.clone()).await;
     a.deploy(manifest(1, 1)).await.unwrap();
     let f = a.function("f").unwrap();
@@ -178,7 +85,7 @@ async fn a_queue_of_thousands_is_released_in_arrival_order_to_one_cold_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_requests_start_one_instance_per_concurrency_worth_up_to_max() {
-    let node = Arc::new(ListenerNode::open());
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
     let (a, _dir) = activator(node.clone()).await;
     a.deploy(manifest(10, 3)).await.unwrap();
     let f = a.function("f").unwrap();

@@ -6,6 +6,8 @@
 //! client of an agent) will implement the same trait so both paths share the activator.
 
 pub mod agent;
+#[cfg(test)]
+pub mod fake;
 pub mod local;
 pub mod remote;
 

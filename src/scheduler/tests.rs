@@ -2,73 +2,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use tokio::sync::mpsc;
-
 use super::*;
 use crate::gpu::{GpuInfo, MigInstance};
 use crate::manifest::{GpuSpec, Sharing};
-use crate::node::{ContainerState, InstanceSpec, ManagedContainer, NodeError, Started};
+use crate::node::fake::FakeNode;
 
 const GIB: u64 = 1 << 30;
-
-struct FakeNode {
-    name: String,
-    gpus: Vec<GpuInfo>,
-}
-
-#[async_trait]
-impl Node for FakeNode {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn gpu_driver(&self) -> GpuDriver {
-        GpuDriver::Simulated
-    }
-    fn gpu_source(&self) -> String {
-        "fake".into()
-    }
-    fn last_seen(&self) -> Option<std::time::SystemTime> {
-        None
-    }
-    async fn gpus(&self) -> Vec<GpuInfo> {
-        self.gpus.clone()
-    }
-    async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
-        unimplemented!("placement tests start nothing")
-    }
-    async fn state(&self, _: &str) -> Result<ContainerState, NodeError> {
-        Ok(ContainerState::Gone)
-    }
-    async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
-        Ok(String::new())
-    }
-    async fn pause(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn resume(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn stop(&self, _: &str) -> Result<(), NodeError> {
-        Ok(())
-    }
-    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {
-        Ok(vec![])
-    }
-    async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
-        Ok(true)
-    }
-    async fn build_image(
-        &self,
-        _: &str,
-        _: &str,
-        _: Bytes,
-        _: mpsc::Sender<String>,
-    ) -> Result<(), NodeError> {
-        Ok(())
-    }
-}
 
 fn gpu(index: u32, uuid: &str, name: &str, gib: u64, used_gib: u64, util: f64) -> GpuInfo {
     GpuInfo {
@@ -117,12 +56,7 @@ async fn scheduler(
 ) -> Scheduler {
     let nodes = nodes
         .into_iter()
-        .map(|(name, gpus)| {
-            Arc::new(FakeNode {
-                name: name.into(),
-                gpus,
-            }) as Arc<dyn Node>
-        })
+        .map(|(name, gpus)| Arc::new(FakeNode::new(name, gpus)) as Arc<dyn Node>)
         .collect();
     let s = Scheduler::new(nodes, policy, max_sharers);
     s.refresh().await;

@@ -1,0 +1,131 @@
+//! A test double of `Node`, for the activator and scheduler tests: it reports the GPUs it
+//! is given, and "starts" a container by binding a TCP listener in this process that
+//! accepts and holds connections (so readiness probes pass), once its gate lets it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use crate::gpu::{GpuDriver, GpuInfo};
+
+/// A node in this process.
+pub struct FakeNode {
+    name: String,
+    gpus: Vec<GpuInfo>,
+    /// Starts asked for (counted before the gate).
+    pub starts: AtomicUsize,
+    /// Each start takes one permit; tests add permits to let starts finish.
+    pub gate: Semaphore,
+    listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl FakeNode {
+    fn with_gate(name: &str, gpus: Vec<GpuInfo>, permits: usize) -> FakeNode {
+        FakeNode {
+            name: name.into(),
+            gpus,
+            starts: AtomicUsize::new(0),
+            gate: Semaphore::new(permits),
+            listeners: Mutex::default(),
+        }
+    }
+
+    /// A node named `name` with `gpus`, whose starts finish at once.
+    pub fn new(name: &str, gpus: Vec<GpuInfo>) -> FakeNode {
+        FakeNode::with_gate(name, gpus, Semaphore::MAX_PERMITS)
+    }
+
+    /// A node without GPUs whose starts wait until the test adds gate permits.
+    pub fn gated(name: &str) -> FakeNode {
+        FakeNode::with_gate(name, Vec::new(), 0)
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            l.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Node for FakeNode {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn gpu_driver(&self) -> GpuDriver {
+        GpuDriver::Simulated
+    }
+    fn gpu_source(&self) -> String {
+        "fake".into()
+    }
+    fn last_seen(&self) -> Option<std::time::SystemTime> {
+        None
+    }
+    async fn gpus(&self) -> Vec<GpuInfo> {
+        self.gpus.clone()
+    }
+    async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
+        let n = self.starts.fetch_add(1, Ordering::SeqCst);
+        self.gate.acquire().await.expect("gate open").forget();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let endpoint: SocketAddr = listener.local_addr().expect("bound");
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(accept);
+        Ok(Started {
+            container_id: format!("c{n}"),
+            endpoint,
+        })
+    }
+    async fn state(&self, _: &str) -> Result<ContainerState, NodeError> {
+        Ok(ContainerState::Running)
+    }
+    async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
+        Ok(String::new())
+    }
+    async fn pause(&self, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+    async fn resume(&self, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+    async fn stop(&self, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {
+        Ok(Vec::new())
+    }
+    async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
+        Ok(true)
+    }
+    async fn build_image(
+        &self,
+        _: &str,
+        _: &str,
+        _: Bytes,
+        _: mpsc::Sender<String>,
+    ) -> Result<(), NodeError> {
+        Ok(())
+    }
+}
