@@ -26,37 +26,18 @@ impl Activator {
             return;
         }
         inst.resume_wanted = false;
-        let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
-        let this = self.clone();
-        let f = f.clone();
-        let span = tracing::info_span!("pause", function = %f.name(), instance = %id);
-        self.inner.tracker.spawn(
-            async move {
-                let result = node.pause(&cid).await;
-                let mut st = f.lock();
-                let Some(idx) = st.instances.iter().position(|i| i.id == id) else {
-                    return;
-                };
-                match result {
-                    Ok(()) => {
-                        let inst = &mut st.instances[idx];
-                        inst.become_(Phase::Paused);
-                        inst.paused_at = Some(Instant::now());
-                        tracing::info!("instance paused");
-                        if std::mem::take(&mut inst.resume_wanted) {
-                            this.resume_instance(&f, &mut st, idx);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pause failed; removing the instance");
-                        let victims = super::reap::take_victims(&mut st.instances, &[idx]);
-                        drop(st);
-                        this.stop_in_background(f.clone(), victims, "pause failed");
-                    }
+        let node = inst.reservation.node().clone();
+        let id = inst.id.clone();
+        self.spawn_tier_change(f, id, "pause", async move { node.pause(&cid).await }, {
+            |this, f, st, idx| {
+                let inst = &mut st.instances[idx];
+                inst.become_(Phase::Paused);
+                inst.paused_at = Some(Instant::now());
+                if std::mem::take(&mut inst.resume_wanted) {
+                    this.resume_instance(f, st, idx);
                 }
             }
-            .instrument(span),
-        );
+        });
     }
 
     /// Thaws the paused instance at `idx`; waiting requests get it once it is ready.
@@ -68,37 +49,53 @@ impl Activator {
         if !inst.become_(Phase::Resuming) {
             return;
         }
-        let (id, node) = (inst.id.clone(), inst.reservation.node().clone());
+        let node = inst.reservation.node().clone();
+        let id = inst.id.clone();
+        self.spawn_tier_change(f, id, "resume", async move { node.resume(&cid).await }, {
+            |_, f, st, idx| {
+                let inst = &mut st.instances[idx];
+                inst.become_(Phase::Ready);
+                inst.paused_at = None;
+                inst.last_used = Instant::now();
+                inst.ready_at = inst.last_used;
+                f.dispatch(st);
+            }
+        });
+    }
+
+    /// Runs a pause or resume on the node, off the function's lock; then, if the instance
+    /// is still there, `done` applies the outcome, or a failure retires the instance (and
+    /// replaces it when requests need one).
+    fn spawn_tier_change(
+        &self,
+        f: &Arc<Function>,
+        id: String,
+        what: &'static str,
+        change: impl std::future::Future<Output = Result<(), crate::node::NodeError>> + Send + 'static,
+        done: impl FnOnce(&Activator, &Arc<Function>, &mut FnState, usize) + Send + 'static,
+    ) {
         let this = self.clone();
         let f = f.clone();
-        let span = tracing::info_span!("resume", function = %f.name(), instance = %id);
+        let span = tracing::info_span!("tier", function = %f.name(), instance = %id, change = what);
         self.inner.tracker.spawn(
             async move {
                 let began = Instant::now();
-                let result = node.resume(&cid).await;
+                let result = change.await;
                 let mut st = f.lock();
                 let Some(idx) = st.instances.iter().position(|i| i.id == id) else {
                     return;
                 };
                 match result {
                     Ok(()) => {
-                        let inst = &mut st.instances[idx];
-                        inst.become_(Phase::Ready);
-                        inst.paused_at = None;
-                        inst.last_used = Instant::now();
-                        inst.ready_at = inst.last_used;
-                        tracing::info!(
-                            elapsed_us = began.elapsed().as_micros() as u64,
-                            "instance resumed"
-                        );
-                        f.dispatch(&mut st);
+                        tracing::info!(elapsed_us = began.elapsed().as_micros() as u64, "done");
+                        done(&this, &f, &mut st, idx);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "resume failed; replacing the instance");
+                        tracing::warn!(error = %e, "failed; removing the instance");
                         let victims = super::reap::take_victims(&mut st.instances, &[idx]);
                         this.scale_up(&f, &mut st);
                         drop(st);
-                        this.stop_in_background(f.clone(), victims, "resume failed");
+                        this.stop_in_background(f.clone(), victims, what);
                     }
                 }
             }
