@@ -113,6 +113,27 @@ fn rss_kib(pid: u32, field: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+async fn docker() -> bollard::Docker {
+    bollard::Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap()
+}
+
+/// The host port Docker published the container's port 8080 on.
+async fn published_port(docker: &bollard::Docker, container: &str) -> u16 {
+    let inspect = docker.inspect_container(container, None).await.unwrap();
+    inspect.network_settings.unwrap().ports.unwrap()["8080/tcp"]
+        .as_ref()
+        .unwrap()[0]
+        .host_port
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 async fn warm_path(size: &Size, rows: &mut Vec<Row>) {
     let gw = Gateway::start().await;
     let manifest = common::echo_manifest(
@@ -131,18 +152,8 @@ async fn warm_path(size: &Size, rows: &mut Vec<Row>) {
         .as_str()
         .unwrap()
         .to_string();
-    let docker = bollard::Docker::connect_with_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
-    let inspect = docker.inspect_container(&container, None).await.unwrap();
-    let published = inspect.network_settings.unwrap().ports.unwrap()["8080/tcp"]
-        .as_ref()
-        .unwrap()[0]
-        .host_port
-        .clone()
-        .unwrap();
+    let docker = docker().await;
+    let published = published_port(&docker, &container).await;
     let direct = format!("http://127.0.0.1:{published}/");
     let endpoint = status["instances"][0]["endpoint"]
         .as_str()
@@ -267,11 +278,7 @@ async fn cold_start(size: &Size, rows: &mut Vec<Row>) {
     }
 
     // The same sequence by hand: create (same config), start, inspect, poll, first request.
-    let docker = bollard::Docker::connect_with_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
+    let docker = docker().await;
     let manifest = ember::manifest::Manifest::parse(
         &common::echo_manifest("direct", "", ""),
         ember::manifest::Format::Toml,
@@ -305,15 +312,7 @@ async fn cold_start(size: &Size, rows: &mut Vec<Row>) {
             .await
             .unwrap();
         docker.start_container(&created.id, None).await.unwrap();
-        let inspect = docker.inspect_container(&created.id, None).await.unwrap();
-        let port: u16 = inspect.network_settings.unwrap().ports.unwrap()["8080/tcp"]
-            .as_ref()
-            .unwrap()[0]
-            .host_port
-            .as_ref()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let port = published_port(&docker, &created.id).await;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let health = format!("http://{addr}/healthz");
         let probe = Client::builder(TokioExecutor::new())
@@ -400,11 +399,7 @@ async fn resume_from_pause(size: &Size, rows: &mut Vec<Row>) {
         .as_str()
         .unwrap()
         .to_string();
-    let docker = bollard::Docker::connect_with_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
+    let docker = docker().await;
     let direct_url = format!("http://{endpoint}/");
     let mut baseline = Vec::new();
     // Stop the gateway first so it does not pause or resume under the baseline.
