@@ -280,6 +280,9 @@ mod tests {
     fn the_policy_state_stays_about_a_kilobyte() {
         let h = Hybrid::new(minutes(10));
         let bytes = std::mem::size_of_val(&h) + std::mem::size_of_val(&*h.bins);
-        assert!(bytes <= 1100, "a function's keep-alive state takes {bytes} bytes");
+        assert!(
+            bytes <= 1100,
+            "a function's keep-alive state takes {bytes} bytes"
+        );
     }
 }

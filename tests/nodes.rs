@@ -443,3 +443,51 @@ async fn a_wrong_join_token_gets_401_and_nothing_else() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_joins_another_gateway_removes_what_the_old_one_left() {
+    require_docker!();
+    let args = gateway_args(None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let data_dir = agent_dir.path().join("agent");
+    let old = Arc::new(Gateway::start_with(&args).await);
+    let mut agent = Agent::start_in(
+        &old.url,
+        TOKEN,
+        "mover",
+        None,
+        &data_dir,
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    wait_ready(&old, 1).await;
+    old.deploy("left", &common::echo_manifest("left", "", ""))
+        .await;
+    assert_eq!(
+        old.request(Method::GET, "/fn/left/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(old.containers("left").len(), 1);
+    let old_label = format!("ember.gateway={}", old.id);
+    let _cleanup = common::Cleanup(old_label.clone());
+    agent.kill();
+
+    let new = Arc::new(Gateway::start_with(&args).await);
+    let _agent = Agent::start_in(
+        &new.url,
+        TOKEN,
+        "mover",
+        None,
+        &data_dir,
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    wait_ready(&new, 1).await;
+    assert!(
+        common::docker_ps_all(&[&old_label]).is_empty(),
+        "the old gateway's container on this node is gone"
+    );
+}

@@ -59,9 +59,19 @@ pub struct AgentConfig {
     /// How containers get GPUs: nvidia, cdi or simulated.
     #[arg(long, env = "EMBER_GPU_DRIVER", value_enum)]
     pub gpu_driver: Option<GpuDriver>,
-    /// Directory for the agent's own files.
+    /// Directory for the agent's own files: `agent.json` remembers the gateway it joined,
+    /// so joining another one removes the containers the old one left here.
     #[arg(long, env = "EMBER_DATA_DIR", default_value = ".ember-agent")]
     pub data_dir: PathBuf,
+}
+
+/// File in the data dir naming the gateway this node last joined.
+pub const MEMBERSHIP_FILE: &str = "agent.json";
+
+fn previous_gateway(file: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["gateway_id"].as_str().map(str::to_string)
 }
 
 /// Parses `k=v,k2=v2`.
@@ -125,6 +135,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .advertise
         .parse::<IpAddr>()
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let membership_file = config.data_dir.join(MEMBERSHIP_FILE);
+    if let Some(previous) = previous_gateway(&membership_file) {
+        if previous != registered.gateway_id {
+            // This machine now belongs to another gateway: what the old one started here
+            // would otherwise run forever, since no gateway will ever reconcile it.
+            let old = LocalNode::new(&config.name, &previous, publish_ip, runtime.clone());
+            for c in old.list_managed().await.unwrap_or_default() {
+                tracing::info!(container = %c.container_id, gateway = %previous, "removing a container of the gateway this node left");
+                let _ = old.stop(&c.container_id).await;
+            }
+        }
+    }
+    let record =
+        serde_json::json!({ "gateway": config.gateway, "gateway_id": registered.gateway_id });
+    std::fs::write(&membership_file, record.to_string())
+        .with_context(|| format!("cannot write {}", membership_file.display()))?;
     let node = Arc::new(
         LocalNode::new(&config.name, &registered.gateway_id, publish_ip, runtime)
             .with_gpus(monitor.clone(), driver),

@@ -321,6 +321,19 @@ impl Agent {
     /// declared GPU inventory (TOML text).
     pub async fn start(gateway: &str, token: &str, name: &str, inventory: Option<&str>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("agent");
+        Agent::start_in(gateway, token, name, inventory, &data_dir, dir).await
+    }
+
+    /// Like `start`, with the agent's data dir at `data_dir`.
+    pub async fn start_in(
+        gateway: &str,
+        token: &str,
+        name: &str,
+        inventory: Option<&str>,
+        data_dir: &Path,
+        dir: tempfile::TempDir,
+    ) -> Agent {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
         cmd.args([
             "agent",
@@ -334,7 +347,7 @@ impl Agent {
         .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
         .args(["--labels", &format!("name={name}")])
         .arg("--data-dir")
-        .arg(dir.path().join("agent"));
+        .arg(data_dir);
         if let Some(inv) = inventory {
             let file = dir.path().join("gpus.toml");
             std::fs::write(&file, inv).unwrap();
