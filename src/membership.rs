@@ -235,14 +235,21 @@ impl Membership {
         gpus: &[GpuInfo],
     ) {
         let name = remote.name().to_string();
-        self.activator.scheduler().update_gpus(&name, gpus.to_vec());
+        let changed = self.activator.scheduler().update_gpus(&name, gpus.to_vec());
         let reconcile = reconcile && self.start_reconciling(&name);
+        if !changed && !reconcile {
+            // The usual heartbeat: nothing to do beyond noting it.
+            return;
+        }
         let activator = self.activator.clone();
         let store = self.store.clone();
         let reconciling = self.reconciling.clone();
         let gpus = gpus.to_vec();
         tokio::spawn(async move {
-            activator.drop_missing_gpus(&name, &gpus).await;
+            // The inventory loop may have taken the new list first; a reconcile checks anyway.
+            if changed || reconcile {
+                activator.drop_missing_gpus(&name, &gpus).await;
+            }
             if !reconcile {
                 return;
             }

@@ -2,8 +2,6 @@
 //! elsewhere), drained (replaced elsewhere first, then stopped when idle), or back with
 //! fewer GPUs (instances on the missing ones dropped).
 
-use std::collections::HashSet;
-
 use super::reap::take_victims;
 use super::Activator;
 use crate::gpu::GpuInfo;
@@ -75,12 +73,7 @@ impl Activator {
 
     /// Drops instances holding GPUs the node no longer reports.
     pub async fn drop_missing_gpus(&self, node: &str, gpus: &[GpuInfo]) {
-        let present: HashSet<&str> = gpus
-            .iter()
-            .flat_map(|g| {
-                std::iter::once(g.uuid.as_str()).chain(g.mig.iter().map(|m| m.uuid.as_str()))
-            })
-            .collect();
+        let present = crate::gpu::device_ids(gpus);
         for f in self.functions() {
             let victims = {
                 let mut st = f.lock();
@@ -93,7 +86,7 @@ impl Activator {
                             && i.reservation
                                 .gpus()
                                 .iter()
-                                .any(|g| !present.contains(g.device_id.as_str()))
+                                .any(|g| !present.contains(&g.device_id))
                     })
                     .map(|(idx, _)| idx)
                     .collect();

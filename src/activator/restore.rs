@@ -79,12 +79,7 @@ impl Activator {
             .map(|r| (r.id.clone(), r))
             .collect();
         let live = self.live_instance_ids();
-        let devices: HashSet<String> = node
-            .gpus()
-            .await
-            .into_iter()
-            .flat_map(|g| std::iter::once(g.uuid.clone()).chain(g.mig.into_iter().map(|m| m.uuid)))
-            .collect();
+        let devices = crate::gpu::device_ids(&node.gpus().await);
         let (mut adopted, mut removed) = (0, 0);
         for c in containers {
             if live.contains(&c.instance) {

@@ -198,7 +198,10 @@ async fn refresh_inventory(activator: Activator, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(INVENTORY_INTERVAL) => {}
         }
-        activator.scheduler().refresh().await;
+        for node in activator.scheduler().refresh().await {
+            let gpus = node.gpus().await;
+            activator.drop_missing_gpus(node.name(), &gpus).await;
+        }
     }
 }
 

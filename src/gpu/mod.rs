@@ -45,6 +45,14 @@ pub struct GpuInfo {
     pub mig: Vec<MigInstance>,
 }
 
+/// Every device id `gpus` can hand out: GPU UUIDs and MIG UUIDs.
+pub fn device_ids(gpus: &[GpuInfo]) -> std::collections::HashSet<String> {
+    gpus.iter()
+        .flat_map(|g| std::iter::once(&g.uuid).chain(g.mig.iter().map(|m| &m.uuid)))
+        .cloned()
+        .collect()
+}
+
 /// A process using a GPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuProcess {

@@ -316,22 +316,29 @@ impl Scheduler {
     }
 
     /// Takes a node's GPU inventory as it just reported it.
-    pub fn update_gpus(&self, name: &str, gpus: Vec<GpuInfo>) {
-        if let Some(slot) = self.slot(name) {
-            let mut st = slot.lock();
-            st.gpus = gpus;
-            st.refreshed = Some(SystemTime::now());
-        }
+    /// Returns whether the devices it can hand out changed.
+    pub fn update_gpus(&self, name: &str, gpus: Vec<GpuInfo>) -> bool {
+        let Some(slot) = self.slot(name) else {
+            return false;
+        };
+        let mut st = slot.lock();
+        let changed = crate::gpu::device_ids(&st.gpus) != crate::gpu::device_ids(&gpus);
+        st.gpus = gpus;
+        st.refreshed = Some(SystemTime::now());
+        changed
     }
 
-    /// Reads every node's GPU inventory.
-    pub async fn refresh(&self) {
+    /// Reads every node's GPU inventory (agents' as their last heartbeat reported it).
+    /// Returns the nodes whose devices changed, so their instances can be checked.
+    pub async fn refresh(&self) -> Vec<Arc<dyn Node>> {
+        let mut changed = Vec::new();
         for slot in &self.slots() {
             let gpus = slot.node.gpus().await;
-            let mut st = slot.lock();
-            st.gpus = gpus;
-            st.refreshed = Some(SystemTime::now());
+            if self.update_gpus(slot.node.name(), gpus) {
+                changed.push(slot.node.clone());
+            }
         }
+        changed
     }
 
     /// Places one instance needing `spec` (or no GPU) on the best node under the policy.
