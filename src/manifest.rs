@@ -87,6 +87,16 @@ pub enum Sharing {
     Mig,
 }
 
+impl std::fmt::Display for Sharing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sharing::Exclusive => "exclusive",
+            Sharing::Shared => "shared",
+            Sharing::Mig => "mig",
+        })
+    }
+}
+
 /// The `[gpu]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

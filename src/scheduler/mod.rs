@@ -58,6 +58,17 @@ pub enum NodeState {
     Lost,
 }
 
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Ready => "ready",
+            NodeState::Cordoned => "cordoned",
+            NodeState::Draining => "draining",
+            NodeState::Lost => "lost",
+        })
+    }
+}
+
 impl NodeState {
     /// Whether new instances may be placed there.
     pub fn schedulable(self) -> bool {
@@ -203,7 +214,7 @@ pub fn describe(spec: Option<&GpuSpec>) -> String {
     };
     let mut parts = vec![
         format!("count = {}", s.count),
-        format!("sharing = {:?}", s.sharing).to_lowercase(),
+        format!("sharing = {}", s.sharing),
     ];
     if let Some(m) = s.memory {
         parts.push(format!("memory = {m}"));
@@ -355,7 +366,7 @@ impl Scheduler {
             let st = slot.lock();
             if !st.state.schedulable() {
                 // Cordoned, draining and lost nodes may come back: a wait, not a never.
-                busy.push(format!("node {}: {:?}", slot.node.name(), st.state).to_lowercase());
+                busy.push(format!("node {}: {}", slot.node.name(), st.state));
                 continue;
             }
             let view = NodeView {
