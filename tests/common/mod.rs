@@ -114,9 +114,18 @@ pub fn echo_manifest(name: &str, top: &str, sections: &str) -> String {
     )
 }
 
-/// The URL a starting `ember serve` or `ember agent` prints as the last word of its first
-/// stdout line.
-async fn first_url(child: &mut Child, what: &str) -> String {
+/// Starts `ember serve` or `ember agent` (logging at `EMBER_TEST_LOG`, `error` by
+/// default) and returns it with the URL it prints as the last word of its first stdout line.
+async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
+    let mut child = cmd
+        .env(
+            "EMBER_LOG",
+            std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
     let stdout = child.stdout.take().unwrap();
     let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
@@ -125,12 +134,14 @@ async fn first_url(child: &mut Child, what: &str) -> String {
     })
     .await
     .unwrap();
-    line.trim()
+    let url = line
+        .trim()
         .rsplit(' ')
         .next()
         .filter(|u| u.starts_with("http://"))
         .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
-        .to_string()
+        .to_string();
+    (child, url)
 }
 
 /// Sends `n` concurrent GETs of `path` to the gateway; returns their statuses in order.
@@ -194,19 +205,8 @@ impl Gateway {
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        let mut child = cmd
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env(
-                "EMBER_LOG",
-                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("ember serve starts");
-        let url = first_url(&mut child, "gateway").await;
+        cmd.arg("--data-dir").arg(data_dir).args(args);
+        let (child, url) = spawn_ember(cmd, "gateway").await;
         let mut g = Gateway {
             child: Some(child),
             url,
@@ -353,16 +353,7 @@ impl Agent {
             std::fs::write(&file, inv).unwrap();
             cmd.arg("--gpu-inventory").arg(file);
         }
-        let mut child = cmd
-            .env(
-                "EMBER_LOG",
-                std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("ember agent starts");
-        let url = first_url(&mut child, name).await;
+        let (child, url) = spawn_ember(cmd, name).await;
         Agent {
             child: Some(child),
             name: name.to_string(),
