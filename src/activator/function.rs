@@ -263,6 +263,13 @@ impl FnState {
             .count()
     }
 
+    /// Instances the waiting and running requests need now: one per `concurrency` worth,
+    /// within `min..=max`.
+    pub fn needed(&self) -> usize {
+        let scale = &self.revision.manifest.scale;
+        crate::autoscaler::desired_instances(self.demand(), scale.concurrency, scale.min, scale.max)
+    }
+
     /// Requests waiting plus requests in flight on current-revision instances.
     pub fn demand(&self) -> usize {
         self.queue.len()

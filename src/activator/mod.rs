@@ -363,13 +363,7 @@ impl Activator {
     /// Starts as many instances as the queue needs, within `scale.max`, unless the
     /// function is backing off after failed starts.
     fn scale_up(&self, f: &Arc<Function>, st: &mut function::FnState) {
-        let scale = &st.revision.manifest.scale;
-        let want = crate::autoscaler::desired_instances(
-            st.demand(),
-            scale.concurrency,
-            scale.min,
-            scale.max,
-        );
+        let want = st.needed();
         self.scale_to(f, st, want);
     }
 

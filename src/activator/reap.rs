@@ -99,12 +99,7 @@ impl Activator {
                 let victims = take_victims(&mut st.instances, &stop);
                 // What waiting and running requests need now, and while traffic asks for it,
                 // what the windows say, ahead of the hard need.
-                let need = autoscaler::desired_instances(
-                    st.demand(),
-                    scale.concurrency,
-                    scale.min,
-                    scale.max,
-                );
+                let need = st.needed();
                 let want = if demand > 0 {
                     need.max(decision.desired)
                 } else {
