@@ -16,9 +16,9 @@
 
 use std::time::Duration;
 
-use ember::activator::Phase;
 use ember::autoscaler::{self, InstanceView, RetirePolicy};
 use ember::keepalive::{self, Fixed, Hybrid, KeepAlive, Windows};
+use ember::model::Phase;
 use serde::Serialize;
 
 /// SplitMix64: small, fast, reproducible.

@@ -1,23 +1,18 @@
-//! Scaling decisions, and the background loop that applies them.
-//!
-//! The decisions are pure functions of counts and durations (unit-tested with plain
-//! values): how many instances a demand needs, and which instances to retire. The loop
-//! (`run`) wakes on a short tick or when a permit leaves a draining instance idle, asks
-//! the activator to reap, and now and then to check that containers still run.
+//! Scaling decisions, as pure functions of counts and durations (unit-tested with plain
+//! values and paused time): how many instances a demand needs, the Knative-style windowed
+//! scaler, and which instances to retire. Nothing here acts: the activator's reaper
+//! (`activator/reap.rs`) feeds these decisions and applies them.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::activator::{Activator, Phase};
 use crate::manifest::Scale;
+use crate::model::Phase;
 
-/// How often idle instances are looked for.
+/// How often the reaper samples demand and looks for idle instances.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
-/// How often containers are checked to still run.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// An instance idle this long may go when there are more instances than desired.
 pub const SCALE_DOWN_GRACE: Duration = Duration::from_secs(2);
@@ -218,27 +213,6 @@ pub fn retire(instances: &[InstanceView], p: RetirePolicy) -> Vec<usize> {
         }
     }
     out
-}
-
-/// The reaper loop: runs until `shutdown`.
-pub async fn run(activator: Activator, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(REAP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_health = tokio::time::Instant::now() + HEALTH_INTERVAL;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = activator.reaper().notified() => {}
-            _ = activator.scheduler().freed().notified() => {}
-            _ = tick.tick() => {}
-        }
-        activator.reap().await;
-        if tokio::time::Instant::now() >= next_health {
-            activator.check_health().await;
-            next_health = tokio::time::Instant::now() + HEALTH_INTERVAL;
-        }
-    }
 }
 
 #[cfg(test)]

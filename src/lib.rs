@@ -8,6 +8,8 @@
 //! containers still running are adopted.
 //!
 //! # Layout
+//! - [`model`]: shared leaf types (phases, node states, GPU assignments, error codes and
+//!   the error body); imports nothing of the crate.
 //! - [`manifest`]: the function manifest, its parsing and validation.
 //! - [`store`]: durable state in sled (the only module touching sled).
 //! - [`runtime`]: the container runtime trait and its Docker implementation (the only
@@ -18,24 +20,34 @@
 //! - [`membership`]: which nodes belong to the gateway: join, heartbeats, loss, cordon, drain.
 //! - [`scheduler`]: placement on the least-loaded node, with reservations.
 //! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
-//! - [`autoscaler`]: scaling decisions and the reaper loop.
+//! - [`autoscaler`]: scaling decisions, pure (the reaper that applies them is the
+//!   activator's).
 //! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
 //! - [`readiness`]: probing new instances.
 //! - [`proxy`]: streaming a request to an instance and the answer back.
 //! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
 //! - [`config`]: `serve` settings.
+//! - [`client`]: the HTTP client of the gateway's API, shared by the CLI and the agent.
 //! - [`cli`]: the client commands.
+//!
+//! Dependencies point down: gateway → membership → activator → scheduler → node →
+//! runtime, with model, manifest and store underneath; nothing imports gateway or cli.
+//! `tests/architecture.rs` checks that no two modules import each other and that sled,
+//! bollard and NVML stay in their modules.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod activator;
 pub mod autoscaler;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod gpu;
 pub mod keepalive;
 pub mod manifest;
 pub mod membership;
+pub mod model;
 pub mod node;
 pub mod proxy;
 pub mod readiness;

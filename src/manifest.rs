@@ -12,6 +12,8 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::model::{FieldError, Sharing};
+
 /// Longest function name: a DNS label.
 pub const MAX_NAME_LEN: usize = 63;
 /// Most instances one function may ask for.
@@ -73,29 +75,6 @@ pub struct Manifest {
 
 /// Most GPUs one instance may ask for.
 pub const MAX_GPUS: u32 = 16;
-
-/// How an instance holds its GPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Sharing {
-    /// A whole GPU, held by no other instance.
-    #[default]
-    Exclusive,
-    /// Time-sliced: several instances on one GPU, accounted by their declared memory.
-    Shared,
-    /// A MIG instance of the asked profile.
-    Mig,
-}
-
-impl std::fmt::Display for Sharing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Sharing::Exclusive => "exclusive",
-            Sharing::Shared => "shared",
-            Sharing::Mig => "mig",
-        })
-    }
-}
 
 /// The `[gpu]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -404,21 +383,6 @@ impl Default for RequestLimits {
             timeout: default_request_timeout(),
             max_body: default_max_body(),
         }
-    }
-}
-
-/// One thing wrong with a manifest, at one field.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FieldError {
-    /// Dotted path of the field, e.g. `scale.max`.
-    pub field: String,
-    /// What was wrong and what was expected.
-    pub message: String,
-}
-
-impl std::fmt::Display for FieldError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
     }
 }
 

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activator::Activator;
 use crate::gpu::GpuInfo;
+use crate::model::NodeState;
 use crate::node::remote::{Heartbeat, Registered, Registration};
 use crate::node::{Node, RemoteNode};
-use crate::scheduler::NodeState;
 use crate::store::{NodeRecord, Store, StoreError};
 
 /// URL recorded for the gateway's embedded node.

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 use crate::activator::Permit;
+use crate::model::error_chain;
 
 /// Time to open a connection to an instance (they are on the same host or LAN).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -180,18 +181,6 @@ fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(name, v);
     }
-}
-
-/// An error with its causes, `outer: inner: root`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// A request body that fails once more than `limit` bytes have passed.

@@ -86,7 +86,7 @@ pub struct InstanceRecord {
     pub ready_ms: u64,
     /// Devices it holds.
     #[serde(default)]
-    pub gpus: Vec<crate::scheduler::GpuAssignment>,
+    pub gpus: Vec<crate::model::GpuAssignment>,
 }
 
 /// A node the gateway knows: where its agent answers and what an operator set.

@@ -12,11 +12,12 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::instance::{Instance, Phase};
+use super::instance::Instance;
 use super::{AcquireError, Revision};
 use crate::autoscaler::Scaler;
 use crate::keepalive::{Fixed, Hybrid, KeepAlive};
 use crate::manifest::KeepAliveKind;
+use crate::model::Phase;
 use crate::node::Node;
 use crate::scheduler::InFlight;
 

@@ -4,7 +4,7 @@
 //! ready → pausing → paused → resuming → ready. Only ready instances take requests;
 //! draining ones finish what they have and are stopped when idle; paused ones are frozen
 //! (no CPU, memory and GPU memory kept) until a request resumes them; stopping ones are
-//! being removed. Illegal transitions are refused by the guard methods, never by a panic.
+//! being removed. The phases and their guards are `model::Phase`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,59 +13,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::Revision;
+use crate::model::Phase;
 use crate::scheduler::Reservation;
-
-/// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Container being created, started and probed.
-    Starting,
-    /// Taking requests.
-    Ready,
-    /// No new requests; stopped once its in-flight requests finish.
-    Draining,
-    /// Being frozen.
-    Pausing,
-    /// Frozen; resumed by the next request that needs it.
-    Paused,
-    /// Being thawed.
-    Resuming,
-    /// Being removed.
-    Stopping,
-}
-
-impl Phase {
-    /// Whether new requests may go to it.
-    pub fn can_serve(self) -> bool {
-        self == Phase::Ready
-    }
-
-    /// Whether it counts toward the function's capacity when deciding to scale.
-    pub fn counts_as_capacity(self) -> bool {
-        matches!(self, Phase::Starting | Phase::Ready | Phase::Resuming)
-    }
-
-    /// Whether it may move to `next`.
-    pub fn can_become(self, next: Phase) -> bool {
-        use Phase::*;
-        matches!(
-            (self, next),
-            (Starting, Ready)
-                | (Starting, Stopping)
-                | (Ready, Draining)
-                | (Ready, Stopping)
-                | (Ready, Pausing)
-                | (Pausing, Paused)
-                | (Pausing, Stopping)
-                | (Paused, Resuming)
-                | (Paused, Stopping)
-                | (Resuming, Ready)
-                | (Resuming, Stopping)
-                | (Draining, Stopping)
-        )
-    }
-}
 
 /// One instance.
 #[derive(Debug)]
@@ -179,43 +128,5 @@ impl Instance {
                 .map(|g| g.device_id.clone())
                 .collect(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Phase::*;
-
-    #[test]
-    fn only_ready_instances_serve() {
-        assert!(Ready.can_serve());
-        for p in [Starting, Draining, Stopping] {
-            assert!(!p.can_serve(), "{p:?}");
-        }
-    }
-
-    #[test]
-    fn the_warm_tier_goes_round_and_can_always_stop() {
-        assert!(Ready.can_become(Pausing));
-        assert!(Pausing.can_become(Paused));
-        assert!(Paused.can_become(Resuming));
-        assert!(Resuming.can_become(Ready));
-        for p in [Pausing, Paused, Resuming] {
-            assert!(p.can_become(Stopping), "{p:?}");
-            assert!(!p.can_serve(), "{p:?}");
-        }
-        assert!(!Paused.can_become(Ready), "resuming is a step of its own");
-        assert!(!Starting.can_become(Pausing));
-    }
-
-    #[test]
-    fn lifecycle_moves_forward_only() {
-        assert!(Starting.can_become(Ready));
-        assert!(Ready.can_become(Draining));
-        assert!(Draining.can_become(Stopping));
-        assert!(!Stopping.can_become(Ready));
-        assert!(!Draining.can_become(Ready));
-        assert!(!Ready.can_become(Starting));
-        assert!(!Stopping.can_become(Stopping));
     }
 }

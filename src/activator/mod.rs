@@ -13,7 +13,7 @@
 mod function;
 mod instance;
 mod nodes;
-mod reap;
+pub mod reap;
 mod restore;
 mod start;
 mod tiers;
@@ -33,9 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
-pub use instance::{InstanceStatus, Phase};
+pub use instance::InstanceStatus;
+pub use reap::run as run_reaper;
 
 use crate::manifest::Manifest;
+use crate::model::Phase;
 use crate::readiness::Prober;
 use crate::scheduler::Scheduler;
 use crate::store::{self, FunctionRecord, RevisionRecord, Store, StoreError};

@@ -1,18 +1,45 @@
-//! Retiring instances: idle ones above `scale.min`, drained ones of old revisions, and
-//! ones whose container died under them. Decisions come from `autoscaler`; this file
-//! applies them to the live state and to the nodes.
+//! The reaper: the background loop that retires instances (idle ones above `scale.min`,
+//! drained ones of old revisions, ones whose container died under them) and scales out
+//! while traffic asks for it. Decisions come from `autoscaler`; this file applies them to
+//! the live state and to the nodes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::instance::Phase;
 use super::{Activator, Function};
-use crate::autoscaler::{self, InstanceView, RetirePolicy};
+use crate::autoscaler::{self, InstanceView, RetirePolicy, REAP_INTERVAL};
 use crate::keepalive;
 use crate::manifest::OnIdle;
+use crate::model::Phase;
 use crate::node::Node;
+
+/// How often containers are checked to still run.
+pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The reaper loop: wakes on a short tick, when a permit leaves a draining instance idle,
+/// or when a reservation is freed; runs until `shutdown`.
+pub async fn run(activator: Activator, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_health = Instant::now() + HEALTH_INTERVAL;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = activator.reaper().notified() => {}
+            _ = activator.scheduler().freed().notified() => {}
+            _ = tick.tick() => {}
+        }
+        activator.reap().await;
+        if Instant::now() >= next_health {
+            activator.check_health().await;
+            next_health = Instant::now() + HEALTH_INTERVAL;
+        }
+    }
+}
 
 pub(super) struct Victim {
     id: String,

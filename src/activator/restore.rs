@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::instance::{Instance, Phase};
+use super::instance::Instance;
 use super::{Activator, ActivatorError, Function, Revision};
+use crate::model::Phase;
 use crate::node::{ManagedContainer, Node};
 use crate::store::InstanceRecord;
 

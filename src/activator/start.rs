@@ -8,11 +8,13 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::function::{FnState, Function};
-use super::instance::{Instance, Phase};
+use super::instance::Instance;
 use super::{AcquireError, Activator, Revision};
+use crate::model::GpuAssignment;
+use crate::model::Phase;
 use crate::node::{InstanceSpec, Node, NodeError, Started};
 use crate::readiness::NotReady;
-use crate::scheduler::{GpuAssignment, PlacementError};
+use crate::scheduler::PlacementError;
 use crate::store::{self, InstanceRecord};
 
 /// Lines of container output kept in a start failure's message.

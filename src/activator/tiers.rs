@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::function::{FnState, Function};
-use super::instance::Phase;
 use super::reap::Victim;
 use super::Activator;
+use crate::model::Phase;
 
 impl Activator {
     /// Freezes the ready, idle instance at `idx`.

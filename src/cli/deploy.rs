@@ -15,9 +15,8 @@ use http::Method;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
-use super::client::{render_api_error, ApiClient};
+use crate::client::{encode, render_api_error, ApiClient};
 use crate::manifest::{Format, Manifest, ManifestError};
-use crate::node::remote::encode;
 
 /// Deploys the manifest at `path` (a file, or a folder holding `ember.toml`).
 pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
@@ -255,10 +254,5 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["Dockerfile", "bin/app"]);
-    }
-
-    #[test]
-    fn query_values_are_percent_encoded() {
-        assert_eq!(encode("ember/echo:abc"), "ember%2Fecho%3Aabc");
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 
 /// `ember ls [--json]`.
 pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
@@ -140,7 +140,7 @@ pub async fn invoke(
         }
     }
     if !status.is_success() {
-        bail!("{}", super::client::render_api_error(status, &collected));
+        bail!("{}", crate::client::render_api_error(status, &collected));
     }
     Ok(())
 }

@@ -2,14 +2,13 @@
 //! HTTP API (`client.rs`); errors the gateway returns are printed as it wrote them,
 //! with the field each one is about.
 
-mod client;
 mod deploy;
 mod functions;
 mod nodes;
 
 use clap::Args;
 
-pub use client::{render_api_error, ApiClient, ClientError};
+pub use crate::client::{render_api_error, ApiClient, ClientError};
 pub use deploy::{build_context_tar, deploy};
 pub use functions::{invoke, ls, rm};
 pub use nodes::{gpus, local_gpus, node_action, nodes};

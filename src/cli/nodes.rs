@@ -3,7 +3,7 @@
 
 use bytesize::ByteSize;
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 
 fn gib(v: &serde_json::Value) -> String {
     ByteSize(v.as_u64().unwrap_or(0))

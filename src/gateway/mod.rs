@@ -143,7 +143,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             .instrument(tracing::info_span!("inventory")),
     );
     tracker.spawn(
-        crate::autoscaler::run(activator.clone(), shutdown.clone())
+        crate::activator::run_reaper(activator.clone(), shutdown.clone())
             .instrument(tracing::info_span!("reaper")),
     );
 

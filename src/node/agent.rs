@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::remote::{Heartbeat, Registered, Registration, WireError};
 use super::{InstanceSpec, LocalNode, Node, NodeError};
-use crate::cli::ApiClient;
+use crate::client::{render_api_error, ApiClient, ClientError};
 use crate::gpu::{GpuDriver, GpuMonitor};
 use crate::runtime::{ContainerRuntime, DockerRuntime};
 
@@ -217,7 +217,7 @@ async fn send<T: serde::Serialize>(
     method: Method,
     path: &str,
     body: &T,
-) -> Result<StatusCode, crate::cli::ClientError> {
+) -> Result<StatusCode, ClientError> {
     let headers = [
         ("authorization".to_string(), format!("Bearer {token}")),
         ("content-type".to_string(), "application/json".to_string()),
@@ -257,7 +257,7 @@ async fn register(
                 if status.is_success() {
                     return Ok(serde_json::from_slice(&bytes)?);
                 }
-                let text = crate::cli::render_api_error(status, &bytes);
+                let text = render_api_error(status, &bytes);
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::BAD_REQUEST {
                     anyhow::bail!("the gateway refused this node: {text}");
                 }

@@ -283,8 +283,9 @@ impl Node for LocalNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Format, Manifest, Sharing};
-    use crate::scheduler::GpuAssignment;
+    use crate::manifest::{Format, Manifest};
+    use crate::model::GpuAssignment;
+    use crate::model::Sharing;
 
     struct NoRuntime;
 

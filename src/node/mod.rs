@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
+use crate::model::GpuAssignment;
 use crate::runtime::RuntimeError;
-use crate::scheduler::GpuAssignment;
 
 pub use local::LocalNode;
 pub use remote::RemoteNode;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use crate::client::encode;
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::runtime::RuntimeError;
 
@@ -255,18 +256,6 @@ impl RemoteNode {
             message,
         }
     }
-}
-
-/// Percent-encodes a query or path value.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[async_trait]

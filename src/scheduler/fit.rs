@@ -14,7 +14,8 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuInfo;
-use crate::manifest::{GpuSpec, Sharing};
+use crate::manifest::GpuSpec;
+use crate::model::{GpuAssignment, Sharing};
 
 /// How nodes and GPUs are chosen among those that fit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -35,19 +36,6 @@ pub struct Hold {
     /// Instances sharing it.
     pub sharers: u32,
     /// Memory reserved on it by those instances.
-    pub memory: u64,
-}
-
-/// One device given to an instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuAssignment {
-    /// The physical GPU (`GPU-…`).
-    pub gpu_uuid: String,
-    /// What the container is given: the GPU UUID, or a `MIG-…` UUID.
-    pub device_id: String,
-    /// How it is held.
-    pub sharing: Sharing,
-    /// Memory reserved (shared: declared; mig: the instance's size; exclusive: declared or 0).
     pub memory: u64,
 }
 
@@ -294,7 +282,7 @@ fn fit_gpu(
     }
 }
 
-/// Applies (`sign = 1`) or releases (`sign = -1`) an instance's holds.
+/// Takes (`take`) or releases an instance's holds.
 pub fn apply(holds: &mut HashMap<String, Hold>, gpus: &[GpuAssignment], take: bool) {
     for a in gpus {
         let hold = holds.entry(a.device_id.clone()).or_default();

@@ -17,10 +17,11 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-pub use fit::{fit, Fit, GpuAssignment, Hold, Misfit, NodeView, Policy};
+pub use fit::{fit, Fit, Hold, Misfit, NodeView, Policy};
 
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::GpuSpec;
+use crate::model::{GpuAssignment, NodeState};
 use crate::node::Node;
 
 /// Default limit of instances sharing one GPU.
@@ -41,39 +42,6 @@ struct SlotState {
     refreshed: Option<SystemTime>,
     state: NodeState,
     labels: BTreeMap<String, String>,
-}
-
-/// Whether a node takes new instances.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    /// Takes new instances.
-    #[default]
-    Ready,
-    /// Takes no new instances; its instances go on.
-    Cordoned,
-    /// Takes no new instances; its instances are replaced elsewhere, then stopped when idle.
-    Draining,
-    /// Not heard from within the heartbeat timeout.
-    Lost,
-}
-
-impl std::fmt::Display for NodeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            NodeState::Ready => "ready",
-            NodeState::Cordoned => "cordoned",
-            NodeState::Draining => "draining",
-            NodeState::Lost => "lost",
-        })
-    }
-}
-
-impl NodeState {
-    /// Whether new instances may be placed there.
-    pub fn schedulable(self) -> bool {
-        self == NodeState::Ready
-    }
 }
 
 impl Slot {

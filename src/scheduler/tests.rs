@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::gpu::{GpuInfo, MigInstance};
-use crate::manifest::{GpuSpec, Sharing};
+use crate::manifest::GpuSpec;
+use crate::model::Sharing;
 use crate::node::fake::FakeNode;
 
 const GIB: u64 = 1 << 30;

@@ -1,4 +1,5 @@
-//! A small HTTP client of the gateway's API, and the printing of its error bodies.
+//! The HTTP client of the gateway's API, shared by the CLI and the agent, and the
+//! printing of the gateway's error bodies for people.
 
 use std::time::Duration;
 
@@ -62,6 +63,18 @@ pub fn render_api_error(status: StatusCode, body: &[u8]) -> String {
     out
 }
 
+/// Percent-encodes a query or path value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A client of one gateway.
 pub struct ApiClient {
     base: String,
@@ -106,7 +119,7 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: self.base.clone(),
-                reason: crate::proxy::error_chain(&e),
+                reason: crate::model::error_chain(&e),
             })
     }
 
@@ -153,6 +166,11 @@ mod tests {
         let text = render_api_error(StatusCode::BAD_REQUEST, body);
         assert!(text.starts_with("manifest is invalid (400 Bad Request, invalid_manifest)"));
         assert!(text.contains("\n  scale.max: must be between 1 and 1000"));
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(encode("ember/echo:abc"), "ember%2Fecho%3Aabc");
     }
 
     #[test]
