@@ -8,6 +8,7 @@
 //! containers still running are adopted.
 //!
 //! # Layout
+//! - [`access`]: bearer credentials, compared in constant time.
 //! - [`model`]: shared leaf types (phases, node states, GPU assignments, error codes and
 //!   the error body); imports nothing of the crate.
 //! - [`manifest`]: the function manifest, its parsing and validation.
@@ -24,6 +25,7 @@
 //!   activator's).
 //! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
 //! - [`readiness`]: probing new instances.
+//! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
 //! - [`proxy`]: streaming a request to an instance and the answer back.
 //! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
 //! - [`config`]: `serve` settings.
@@ -37,6 +39,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod activator;
 pub mod autoscaler;
 pub mod cli;
@@ -44,6 +47,7 @@ pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod gpu;
+pub mod invoke;
 pub mod keepalive;
 pub mod manifest;
 pub mod membership;

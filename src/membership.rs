@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::activator::Activator;
 use crate::gpu::GpuInfo;
 use crate::model::NodeState;
-use crate::node::remote::{Heartbeat, Registered, Registration};
+use crate::node::wire::{Heartbeat, Registered, Registration};
 use crate::node::{Node, RemoteNode};
 use crate::store::{NodeRecord, Store, StoreError};
 
@@ -139,7 +139,7 @@ impl Membership {
         let Some(token) = &self.token else {
             return Err(MembershipError::NoJoinToken);
         };
-        if presented != Some(token.as_str()) {
+        if !presented.is_some_and(|p| crate::access::same_secret(p, token)) {
             return Err(MembershipError::BadToken);
         }
         Ok(())

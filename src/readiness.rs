@@ -1,7 +1,8 @@
 //! Readiness: deciding that a freshly started container can take requests.
 //!
-//! An HTTP probe (GET on the manifest's path, 2xx is ready) or a TCP probe, polled at a
-//! short interval that grows gently, until ready or the start timeout. Between polls the
+//! An HTTP probe (GET on the manifest's path, 2xx is ready) or a TCP probe, over a stream
+//! the instance's node hands out, polled at a short interval that grows gently, until
+//! ready or the time allowed runs out. Between polls the
 //! node is asked whether the container still runs, so a container that exits at start
 //! fails the start at once with its exit code instead of waiting for the timeout.
 //!
@@ -12,14 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Request;
 use http_body_util::Empty;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::manifest::Readiness;
 use crate::node::{ContainerState, Node};
 
 /// First pause between probes: cold start latency is what users feel.
@@ -57,89 +56,48 @@ pub enum NotReady {
     },
 }
 
-/// Probes endpoints; holds a small HTTP client.
-#[derive(Clone)]
-pub struct Prober {
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-impl Default for Prober {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(PROBE_TIMEOUT));
-        Prober {
-            // Probes must not reuse a pooled connection from before a restart.
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector),
-        }
-    }
-}
-
-impl Prober {
-    /// One probe: true when the endpoint is ready.
-    pub async fn probe(&self, endpoint: SocketAddr, http_path: Option<&str>) -> bool {
+/// One probe: true when the instance at `endpoint` is ready. With a path, a GET that
+/// answers 2xx; without, a TCP connect that stays open. Each probe opens a connection of
+/// its own through the node, so none reuses a connection from before a restart.
+pub async fn probe(node: &dyn Node, endpoint: SocketAddr, http_path: Option<&str>) -> bool {
+    let answered = timeout(PROBE_TIMEOUT, async {
         match http_path {
-            Some(path) => self.probe_http(endpoint, path).await,
-            None => probe_tcp(endpoint).await,
+            Some(path) => probe_http(node, endpoint, path).await,
+            None => probe_tcp(node, endpoint).await,
         }
-    }
+    })
+    .await;
+    answered.unwrap_or(false)
+}
 
-    async fn probe_http(&self, endpoint: SocketAddr, path: &str) -> bool {
-        let Ok(uri) = format!("http://{endpoint}{path}").parse::<http::Uri>() else {
-            return false;
-        };
-        match timeout(PROBE_TIMEOUT, self.client.get(uri)).await {
-            Ok(Ok(resp)) => resp.status().is_success(),
-            _ => false,
-        }
-    }
-
-    /// Polls until the container at `endpoint` is ready, it stops, or the start timeout.
-    pub async fn wait_ready(
-        &self,
-        node: &dyn Node,
-        container_id: &str,
-        endpoint: SocketAddr,
-        readiness: &Readiness,
-    ) -> Result<(), NotReady> {
-        let started = Instant::now();
-        let deadline = started + readiness.start_timeout;
-        let mut interval = FIRST_INTERVAL;
-        let mut next_state_check = started + STATE_CHECK_EVERY;
-        loop {
-            if self.probe(endpoint, readiness.http_path.as_deref()).await {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= next_state_check {
-                next_state_check = now + STATE_CHECK_EVERY;
-                match node.state(container_id).await {
-                    Ok(ContainerState::Running) | Err(_) => {}
-                    Ok(ContainerState::Exited { code, status }) => {
-                        return Err(NotReady::Exited { code, status })
-                    }
-                    Ok(ContainerState::Gone) => return Err(NotReady::Gone),
-                }
-            }
-            if now >= deadline {
-                return Err(NotReady::Timeout {
-                    after: readiness.start_timeout,
-                    probe: match &readiness.http_path {
-                        Some(p) => format!("HTTP GET {p}"),
-                        None => "TCP connect".into(),
-                    },
-                });
-            }
-            sleep(interval.min(deadline - now)).await;
-            interval = (interval * 3 / 2).min(MAX_INTERVAL);
-        }
+async fn probe_http(node: &dyn Node, endpoint: SocketAddr, path: &str) -> bool {
+    let Ok(io) = node.connect(endpoint).await else {
+        return false;
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await
+    else {
+        return false;
+    };
+    let Ok(request) = Request::get(path)
+        .header(http::header::HOST, endpoint.to_string())
+        .body(Empty::<Bytes>::new())
+    else {
+        return false;
+    };
+    // The connection is driven here, beside the request, and dropped with the probe. Its
+    // end is not the probe's: when it fails first, the request fails too.
+    let drive = async {
+        let _ = conn.await;
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        answer = sender.send_request(request) => answer.is_ok_and(|r| r.status().is_success()),
+        () = drive => false,
     }
 }
 
-async fn probe_tcp(endpoint: SocketAddr) -> bool {
-    let Ok(Ok(mut stream)) = timeout(PROBE_TIMEOUT, TcpStream::connect(endpoint)).await else {
+async fn probe_tcp(node: &dyn Node, endpoint: SocketAddr) -> bool {
+    let Ok(mut stream) = node.connect(endpoint).await else {
         return false;
     };
     let mut byte = [0u8; 1];
@@ -152,18 +110,65 @@ async fn probe_tcp(endpoint: SocketAddr) -> bool {
     }
 }
 
+/// Polls until the container at `endpoint` is ready, it stops, or `within` passes.
+pub async fn wait_ready(
+    node: &dyn Node,
+    container_id: &str,
+    endpoint: SocketAddr,
+    http_path: Option<&str>,
+    within: Duration,
+) -> Result<(), NotReady> {
+    let started = Instant::now();
+    let deadline = started + within;
+    let mut interval = FIRST_INTERVAL;
+    let mut next_state_check = started + STATE_CHECK_EVERY;
+    loop {
+        if probe(node, endpoint, http_path).await {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= next_state_check {
+            next_state_check = now + STATE_CHECK_EVERY;
+            match node.state(container_id).await {
+                Ok(ContainerState::Running) | Err(_) => {}
+                Ok(ContainerState::Exited { code, status }) => {
+                    return Err(NotReady::Exited { code, status })
+                }
+                Ok(ContainerState::Gone) => return Err(NotReady::Gone),
+            }
+        }
+        if now >= deadline {
+            return Err(NotReady::Timeout {
+                after: within,
+                probe: match http_path {
+                    Some(p) => format!("HTTP GET {p}"),
+                    None => "TCP connect".into(),
+                },
+            });
+        }
+        sleep(interval.min(deadline - now)).await;
+        interval = (interval * 3 / 2).min(MAX_INTERVAL);
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test servers end with the test
 mod tests {
     use super::*;
+    use crate::node::fake::FakeNode;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
+
+    fn node() -> FakeNode {
+        FakeNode::new("probe", Vec::new())
+    }
 
     #[tokio::test]
     async fn tcp_probe_fails_when_nothing_listens() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        assert!(!probe_tcp(addr).await);
+        assert!(!probe_tcp(&node(), addr).await);
     }
 
     #[tokio::test]
@@ -175,7 +180,7 @@ mod tests {
                 drop(s);
             }
         });
-        assert!(!probe_tcp(addr).await);
+        assert!(!probe_tcp(&node(), addr).await);
     }
 
     #[tokio::test]
@@ -188,7 +193,7 @@ mod tests {
                 held.push(s);
             }
         });
-        assert!(probe_tcp(addr).await);
+        assert!(probe_tcp(&node(), addr).await);
     }
 
     #[tokio::test]
@@ -210,8 +215,7 @@ mod tests {
                     .await;
             }
         });
-        let prober = Prober::default();
-        assert!(prober.probe(addr, Some("/ok")).await);
-        assert!(!prober.probe(addr, Some("/loading")).await);
+        assert!(probe(&node(), addr, Some("/ok")).await);
+        assert!(!probe(&node(), addr, Some("/loading")).await);
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use super::instance::Instance;
-use super::{AcquireError, Revision};
+use super::{AcquireError, Revision, StartFault};
 use crate::autoscaler::Scaler;
 use crate::keepalive::{Fixed, Hybrid, KeepAlive};
 use crate::manifest::KeepAliveKind;
@@ -29,10 +29,12 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A run of failed starts.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    /// The last failure's reason.
+    /// The last failure's reason, in full (for operators: `ember ls`, the log).
     pub message: String,
-    /// HTTP status that waiting requests were answered with.
-    pub status: u16,
+    /// The same reason as a client may see it (no node internals).
+    pub public: String,
+    /// Whose fault the last failure was.
+    pub fault: StartFault,
     /// Failures in a row.
     pub consecutive: u32,
     /// No new start is tried before this.
@@ -238,12 +240,18 @@ impl FnState {
     }
 
     /// Records a failed start and returns the pause before the next attempt.
-    pub fn record_failure(&mut self, message: String, status: u16) -> Duration {
+    pub fn record_failure(
+        &mut self,
+        message: String,
+        public: String,
+        fault: StartFault,
+    ) -> Duration {
         let consecutive = self.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
         let backoff = backoff(consecutive);
         self.failure = Some(Failure {
             message,
-            status,
+            public,
+            fault,
             consecutive,
             retry_at: Instant::now() + backoff,
         });

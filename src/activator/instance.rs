@@ -60,6 +60,7 @@ impl Instance {
     }
 
     /// Moves to `next` if the lifecycle allows it; returns whether it moved.
+    #[must_use]
     pub(crate) fn become_(&mut self, next: Phase) -> bool {
         if self.phase.can_become(next) {
             self.phase = next;
@@ -67,6 +68,31 @@ impl Instance {
         } else {
             false
         }
+    }
+
+    /// Becomes ready (from starting or resuming) at `now`; false when its phase forbids it.
+    #[must_use]
+    pub(crate) fn ready(&mut self, now: Instant) -> bool {
+        if !self.become_(Phase::Ready) {
+            return false;
+        }
+        self.paused_at = None;
+        self.last_used = now;
+        self.ready_at = now;
+        true
+    }
+
+    /// An instance found running after a restart, in the phase it is found in: ready,
+    /// paused (frozen), or draining (an old revision's).
+    pub(crate) fn adopted(mut self, phase: Phase, now: Instant) -> Instance {
+        self.adopted = true;
+        self.phase = phase;
+        self.last_used = now;
+        self.ready_at = now;
+        if phase == Phase::Paused {
+            self.paused_at = Some(now);
+        }
+        self
     }
 
     pub(crate) fn has_free_slot(&self) -> bool {

@@ -38,7 +38,6 @@ pub use reap::run as run_reaper;
 
 use crate::manifest::Manifest;
 use crate::model::Phase;
-use crate::readiness::Prober;
 use crate::scheduler::Scheduler;
 use crate::store::{self, FunctionRecord, RevisionRecord, Store, StoreError};
 
@@ -75,10 +74,10 @@ pub enum AcquireError {
     StartFailed {
         /// Function name.
         function: String,
-        /// Why, with the container's last output when there is some.
+        /// Why, with the container's last output when there is some (client-safe).
         message: String,
-        /// 502 (the container misbehaved) or 503 (the node could not run it).
-        status: u16,
+        /// Whether the container misbehaved or the platform could not run it.
+        fault: StartFault,
         /// When a new start will be tried.
         retry_after: Duration,
     },
@@ -104,6 +103,15 @@ pub enum AcquireError {
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+}
+
+/// Whose fault a failed start was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFault {
+    /// The container misbehaved: it exited, or never became ready.
+    Container,
+    /// The platform could not run it: a node or engine failure, a missing image.
+    Platform,
 }
 
 /// Activator failures outside the request path.
@@ -204,7 +212,6 @@ struct Inner {
     queued_bytes: AtomicU64,
     scheduler: Scheduler,
     store: Store,
-    prober: Prober,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     reaper: Arc<Notify>,
@@ -236,7 +243,6 @@ impl Activator {
                 queued_bytes: AtomicU64::new(0),
                 scheduler,
                 store,
-                prober: Prober::default(),
                 tracker,
                 shutdown,
                 reaper: Arc::new(Notify::new()),
@@ -314,11 +320,11 @@ impl Activator {
                         function: f.name().to_string(),
                         message: format!(
                             "{} ({} failed starts in a row; the next try is in {})",
-                            failure.message,
+                            failure.public,
                             failure.consecutive,
                             humantime::format_duration(round_up_secs(failure.retry_at - now))
                         ),
-                        status: 503,
+                        fault: failure.fault,
                         retry_after: failure.retry_at - now,
                     });
                 }

@@ -18,6 +18,7 @@ use super::instance::Instance;
 use super::{Activator, ActivatorError, Function, Revision};
 use crate::model::Phase;
 use crate::node::{ManagedContainer, Node};
+use crate::readiness;
 use crate::store::InstanceRecord;
 
 /// How long an adopted container gets to answer its readiness probe.
@@ -90,7 +91,7 @@ impl Activator {
             let record = records.remove(&c.instance);
             let gpus_present = c.gpus.iter().all(|g| devices.contains(&g.device_id));
             let adoptable = if record.is_some() && gpus_present {
-                self.adoptable(&c).await
+                self.adoptable(node.as_ref(), &c).await
             } else {
                 None
             };
@@ -138,28 +139,28 @@ impl Activator {
         let mut inst = Instance::starting(c.instance.clone(), revision, reservation);
         inst.container_id = Some(c.container_id.clone());
         inst.endpoint = c.endpoint;
-        inst.adopted = true;
-        inst.last_used = Instant::now();
         let mut st = f.lock();
         if st.removed {
             return false;
         }
-        let current = inst.revision.id == st.revision.id;
-        inst.become_(Phase::Ready);
-        if c.paused {
-            inst.become_(Phase::Pausing);
-            inst.become_(Phase::Paused);
-            inst.paused_at = Some(Instant::now());
-        } else if !current {
-            inst.become_(Phase::Draining);
-        }
-        st.instances.push(inst);
+        let phase = if c.paused {
+            Phase::Paused
+        } else if inst.revision.id != st.revision.id {
+            Phase::Draining
+        } else {
+            Phase::Ready
+        };
+        st.instances.push(inst.adopted(phase, Instant::now()));
         f.dispatch(&mut st);
         tracing::info!(function = %c.function, instance = %c.instance, node = %node.name(), "adopted running container");
         true
     }
 
-    async fn adoptable(&self, c: &ManagedContainer) -> Option<(Arc<Function>, Arc<Revision>)> {
+    async fn adoptable(
+        &self,
+        node: &dyn Node,
+        c: &ManagedContainer,
+    ) -> Option<(Arc<Function>, Arc<Revision>)> {
         if !c.running {
             return None;
         }
@@ -179,17 +180,10 @@ impl Activator {
             // Frozen: it cannot answer a probe, and will be probed by use once resumed.
             return Some((f, revision));
         }
-        let path = revision.manifest.readiness.http_path.clone();
-        let ready = tokio::time::timeout(ADOPT_PROBE_TIMEOUT, async {
-            loop {
-                if self.inner.prober.probe(endpoint, path.as_deref()).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .is_ok();
-        ready.then_some((f, revision))
+        let path = revision.manifest.readiness.http_path.as_deref();
+        readiness::wait_ready(node, &c.container_id, endpoint, path, ADOPT_PROBE_TIMEOUT)
+            .await
+            .ok()
+            .map(|()| (f, revision))
     }
 }

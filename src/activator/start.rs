@@ -9,11 +9,11 @@ use tracing::Instrument;
 
 use super::function::{FnState, Function};
 use super::instance::Instance;
-use super::{AcquireError, Activator, Revision};
-use crate::model::GpuAssignment;
+use super::{AcquireError, Activator, Revision, StartFault};
 use crate::model::Phase;
+use crate::model::{short_id, GpuAssignment};
 use crate::node::{InstanceSpec, Node, NodeError, Started};
-use crate::readiness::NotReady;
+use crate::readiness::{self, NotReady};
 use crate::scheduler::PlacementError;
 use crate::store::{self, InstanceRecord};
 
@@ -32,13 +32,29 @@ enum StartError {
 }
 
 impl StartError {
-    /// 503 when the platform could not run the instance, 502 when the container misbehaved.
-    fn status(&self) -> u16 {
+    fn fault(&self) -> StartFault {
         match self {
-            StartError::NotReady(_) => 502,
-            _ => 503,
+            StartError::NotReady(_) => StartFault::Container,
+            _ => StartFault::Platform,
         }
     }
+
+    /// What a client may read: the node's internals stay in the log.
+    fn public(&self) -> String {
+        match self {
+            StartError::Node(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// One cold start's facts, for the steps after the container is up.
+struct Start {
+    f: Arc<Function>,
+    id: String,
+    revision: Arc<Revision>,
+    node: Arc<dyn Node>,
+    gpus: Vec<GpuAssignment>,
 }
 
 impl Activator {
@@ -66,7 +82,7 @@ impl Activator {
             }
         };
         st.unschedulable = None;
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let id = short_id();
         let revision = st.revision.clone();
         let node = reservation.node().clone();
         let gpus = reservation.gpus().to_vec();
@@ -78,12 +94,18 @@ impl Activator {
         st.starts += 1;
         let span = tracing::info_span!("cold_start", function = %f.name(), instance = %id, node = %node.name());
         let this = self.clone();
-        let f = f.clone();
+        let start = Start {
+            f: f.clone(),
+            id,
+            revision,
+            node,
+            gpus,
+        };
         let shutdown = self.inner.shutdown.clone();
         self.inner.tracker.spawn(
             async move {
                 tokio::select! {
-                    _ = this.cold_start(&f, &id, revision, node, gpus) => {}
+                    _ = this.cold_start(start) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -92,109 +114,118 @@ impl Activator {
         true
     }
 
-    async fn cold_start(
-        &self,
-        f: &Arc<Function>,
-        id: &str,
-        revision: Arc<Revision>,
-        node: Arc<dyn Node>,
-        gpus: Vec<GpuAssignment>,
-    ) {
+    async fn cold_start(&self, start: Start) {
         let began = tokio::time::Instant::now();
-        let spec = InstanceSpec {
-            function: f.name().to_string(),
-            revision: revision.id.clone(),
-            instance: id.to_string(),
-            manifest: revision.manifest.clone(),
-            gpus: gpus.clone(),
-        };
         let mut container = None;
-        let result = async {
-            let started = match node.start(&spec).await {
-                Ok(s) => s,
-                Err(NodeError::ExitedAtStart {
-                    container_id,
-                    code,
-                    status,
-                }) => {
-                    container = Some(container_id);
-                    return Err(NotReady::Exited { code, status }.into());
-                }
-                Err(e) => return Err(e.into()),
-            };
-            container = Some(started.container_id.clone());
-            if !set_container(f, id, &started) {
-                return Err(StartError::Cancelled);
-            }
-            self.inner
-                .prober
-                .wait_ready(
-                    node.as_ref(),
-                    &started.container_id,
-                    started.endpoint,
-                    &revision.manifest.readiness,
-                )
-                .await?;
-            Ok(started)
-        }
-        .await;
-        match result {
+        match self.start_container(&start, &mut container).await {
             Ok(started) => {
-                tracing::info!(elapsed_ms = began.elapsed().as_millis() as u64, endpoint = %started.endpoint, "instance ready");
-                if self.mark_ready(f, id) {
-                    let record = InstanceRecord {
-                        id: id.to_string(),
-                        function: f.name().to_string(),
-                        revision: revision.id.clone(),
-                        node: node.name().to_string(),
-                        container_id: started.container_id.clone(),
-                        endpoint: started.endpoint.to_string(),
-                        ready_ms: store::now_ms(),
-                        gpus,
-                    };
-                    if let Err(e) = self.inner.store.put_instance(&record).await {
-                        tracing::warn!(error = %e, "could not record instance; it will be removed at the next restart");
-                    }
-                } else {
-                    let _ = node.stop(&started.container_id).await;
-                }
+                let elapsed_ms = began.elapsed().as_millis() as u64;
+                tracing::info!(elapsed_ms, endpoint = %started.endpoint, "instance ready");
+                self.on_ready(&start, started).await;
             }
             Err(StartError::Cancelled) => {
                 if let Some(cid) = container {
-                    let _ = node.stop(&cid).await;
+                    stop_quietly(start.node.as_ref(), &cid).await;
                 }
             }
-            Err(e) => {
-                let mut message = e.to_string();
-                if let Some(cid) = &container {
-                    if let Ok(logs) = node.logs(cid, FAILURE_LOG_LINES).await {
-                        let logs = logs.trim();
-                        if !logs.is_empty() {
-                            message = format!("{message}; last output: {logs}");
-                        }
-                    }
-                    if let Err(stop) = node.stop(cid).await {
-                        tracing::warn!(container = %cid, error = %stop, "could not remove failed container");
-                    }
+            Err(e) => self.on_failure(&start, container, e).await,
+        }
+    }
+
+    /// Creates and starts the container, then waits until it is ready. `container` is set
+    /// as soon as there is one, so a failure can read its output and remove it.
+    async fn start_container(
+        &self,
+        start: &Start,
+        container: &mut Option<String>,
+    ) -> Result<Started, StartError> {
+        let spec = InstanceSpec {
+            function: start.f.name().to_string(),
+            revision: start.revision.id.clone(),
+            instance: start.id.clone(),
+            manifest: start.revision.manifest.clone(),
+            gpus: start.gpus.clone(),
+        };
+        let started = match start.node.start(&spec).await {
+            Ok(s) => s,
+            Err(NodeError::ExitedAtStart {
+                container_id,
+                code,
+                status,
+            }) => {
+                *container = Some(container_id);
+                return Err(NotReady::Exited { code, status }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        *container = Some(started.container_id.clone());
+        if !set_container(&start.f, &start.id, &started) {
+            return Err(StartError::Cancelled);
+        }
+        let readiness = &start.revision.manifest.readiness;
+        readiness::wait_ready(
+            start.node.as_ref(),
+            &started.container_id,
+            started.endpoint,
+            readiness.http_path.as_deref(),
+            readiness.start_timeout,
+        )
+        .await?;
+        Ok(started)
+    }
+
+    /// The container answers: the instance serves, and its record is kept for restarts.
+    async fn on_ready(&self, start: &Start, started: Started) {
+        if !self.mark_ready(&start.f, &start.id) {
+            stop_quietly(start.node.as_ref(), &started.container_id).await;
+            return;
+        }
+        let record = InstanceRecord {
+            id: start.id.clone(),
+            function: start.f.name().to_string(),
+            revision: start.revision.id.clone(),
+            node: start.node.name().to_string(),
+            container_id: started.container_id,
+            endpoint: started.endpoint.to_string(),
+            ready_ms: store::now_ms(),
+            gpus: start.gpus.clone(),
+        };
+        if let Err(e) = self.inner.store.put_instance(&record).await {
+            tracing::warn!(error = %e, "could not record instance; it will be removed at the next restart");
+        }
+    }
+
+    /// The start failed: the container's last output joins the reason, the container goes,
+    /// the function backs off, and waiting requests are answered when nothing else serves.
+    async fn on_failure(&self, start: &Start, container: Option<String>, e: StartError) {
+        let (f, node) = (&start.f, start.node.as_ref());
+        let mut message = e.to_string();
+        let mut public = e.public();
+        if let Some(cid) = &container {
+            if let Ok(logs) = node.logs(cid, FAILURE_LOG_LINES).await {
+                let logs = logs.trim();
+                if !logs.is_empty() {
+                    message = format!("{message}; last output: {logs}");
+                    public = format!("{public}; last output: {logs}");
                 }
-                tracing::warn!(error = %message, "cold start failed");
-                let mut st = f.lock();
-                st.instances.retain(|i| i.id != id);
-                // A start of a revision that is no longer current says nothing of the
-                // current one.
-                if revision.id == st.revision.id {
-                    let backoff = st.record_failure(message.clone(), e.status());
-                    tracing::info!(
-                        backoff_ms = backoff.as_millis() as u64,
-                        "backing off before the next start"
-                    );
-                    if !st.can_serve_soon() {
-                        fail_waiters(f, &mut st, &message, e.status());
-                    }
-                }
-                self.scale_up(f, &mut st);
+            }
+            stop_quietly(node, cid).await;
+        }
+        tracing::warn!(error = %message, "cold start failed");
+        let mut st = f.lock();
+        st.instances.retain(|i| i.id != start.id);
+        // A start of a revision that is no longer current says nothing of the current one.
+        if start.revision.id == st.revision.id {
+            let backoff = st.record_failure(message, public.clone(), e.fault());
+            tracing::info!(
+                backoff_ms = backoff.as_millis() as u64,
+                "backing off before the next start"
+            );
+            if !st.can_serve_soon() {
+                fail_waiters(f, &mut st, &public, e.fault());
             }
         }
+        self.scale_up(f, &mut st);
     }
 
     /// Marks the instance ready, drains older revisions, releases the queue.
@@ -204,11 +235,9 @@ impl Activator {
         let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) else {
             return false;
         };
-        if !inst.become_(Phase::Ready) {
+        if !inst.ready(tokio::time::Instant::now()) {
             return false;
         }
-        inst.last_used = tokio::time::Instant::now();
-        inst.ready_at = inst.last_used;
         let takes_over = inst.revision.id == current && !inst.evacuating;
         let superseded = inst.revision.id != current;
         if superseded
@@ -219,7 +248,8 @@ impl Activator {
         {
             // An old revision's start that finished after the new revision took over.
             if let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) {
-                inst.become_(Phase::Draining);
+                // Just made ready under this lock: it can always drain.
+                let _ = inst.become_(Phase::Draining);
             }
             f.wake_reaper();
         }
@@ -256,8 +286,15 @@ fn set_container(f: &Function, id: &str, started: &Started) -> bool {
     }
 }
 
+/// Removes a container whose instance will not serve; a failure is only logged.
+async fn stop_quietly(node: &dyn Node, container: &str) {
+    if let Err(e) = node.stop(container).await {
+        tracing::warn!(container, error = %e, "could not remove container");
+    }
+}
+
 /// Answers every waiting request with a start failure.
-fn fail_waiters(f: &Function, st: &mut FnState, message: &str, status: u16) {
+fn fail_waiters(f: &Function, st: &mut FnState, message: &str, fault: StartFault) {
     let retry_after = st
         .failure
         .as_ref()
@@ -270,7 +307,7 @@ fn fail_waiters(f: &Function, st: &mut FnState, message: &str, status: u16) {
         let _ = w.tx.send(Err(AcquireError::StartFailed {
             function: f.name().to_string(),
             message: message.to_string(),
-            status,
+            fault,
             retry_after,
         }));
     }

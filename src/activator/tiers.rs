@@ -31,7 +31,9 @@ impl Activator {
         self.spawn_tier_change(f, id, "pause", async move { node.pause(&cid).await }, {
             |this, f, st, idx| {
                 let inst = &mut st.instances[idx];
-                inst.become_(Phase::Paused);
+                if !inst.become_(Phase::Paused) {
+                    return;
+                }
                 inst.paused_at = Some(Instant::now());
                 if std::mem::take(&mut inst.resume_wanted) {
                     this.resume_instance(f, st, idx);
@@ -53,12 +55,9 @@ impl Activator {
         let id = inst.id.clone();
         self.spawn_tier_change(f, id, "resume", async move { node.resume(&cid).await }, {
             |_, f, st, idx| {
-                let inst = &mut st.instances[idx];
-                inst.become_(Phase::Ready);
-                inst.paused_at = None;
-                inst.last_used = Instant::now();
-                inst.ready_at = inst.last_used;
-                f.dispatch(st);
+                if st.instances[idx].ready(Instant::now()) {
+                    f.dispatch(st);
+                }
             }
         });
     }

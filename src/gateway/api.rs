@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::activator::{DeployOutcome, FunctionStatus};
-use crate::manifest::{FieldError, Format, Manifest};
+use crate::manifest::{Format, Manifest};
+use crate::model::{ErrorCode, FieldError};
 
 /// Largest manifest accepted.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
@@ -31,7 +32,7 @@ pub async fn put_function(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest {
-        code: "invalid_manifest",
+        code: ErrorCode::InvalidManifest,
         message: "the manifest is not UTF-8 text".into(),
         details: vec![],
     })?;
@@ -54,7 +55,7 @@ pub async fn put_function(
         ));
     };
     let mut warnings = Vec::new();
-    for node in state.activator.scheduler().live_nodes() {
+    for node in state.activator().scheduler().live_nodes() {
         if let Ok(false) = node.image_exists(&image).await {
             warnings.push(format!(
                 "image `{image}` is not on node `{}`; instances there will fail to start until it is built or loaded",
@@ -62,12 +63,16 @@ pub async fn put_function(
             ));
         }
     }
-    if let Err(e) = state.activator.scheduler().feasible(manifest.gpu.as_ref()) {
+    if let Err(e) = state
+        .activator()
+        .scheduler()
+        .feasible(manifest.gpu.as_ref())
+    {
         warnings.push(format!(
             "{e}; requests will answer 503 until a node that meets it joins"
         ));
     }
-    let outcome = state.activator.deploy(manifest).await?;
+    let outcome = state.activator().deploy(manifest).await?;
     let status = if outcome.created {
         StatusCode::CREATED
     } else {
@@ -90,7 +95,7 @@ fn manifest_format(headers: &HeaderMap, text: &str) -> Format {
 
 fn bad_field(field: &str, message: String) -> ApiError {
     ApiError::BadRequest {
-        code: "invalid_manifest",
+        code: ErrorCode::InvalidManifest,
         message: format!("{field}: {message}"),
         details: vec![FieldError {
             field: field.into(),
@@ -113,14 +118,14 @@ struct GatewayInfo {
 /// `GET /api/v1/gateway`: this gateway's id (the `ember.gateway` label of its
 /// containers), version and nodes.
 pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize> {
-    let (queued, queued_bytes) = state.activator.buffered();
+    let (queued, queued_bytes) = state.activator().buffered();
     Json(GatewayInfo {
         queued,
         queued_bytes,
         id: state.gateway_id.clone(),
         version: env!("CARGO_PKG_VERSION"),
         nodes: state
-            .activator
+            .activator()
             .scheduler()
             .nodes()
             .iter()
@@ -137,7 +142,7 @@ struct NodeList {
 /// `GET /api/v1/nodes`: nodes with their GPUs and Ember's reservations on them.
 pub async fn list_nodes(State(state): State<AppState>) -> Json<impl Serialize> {
     Json(NodeList {
-        nodes: state.activator.scheduler().status(),
+        nodes: state.activator().scheduler().status(),
     })
 }
 
@@ -149,10 +154,10 @@ struct FunctionList {
 /// `GET /api/v1/functions`.
 pub async fn list_functions(State(state): State<AppState>) -> Json<impl Serialize> {
     let functions = state
-        .activator
+        .activator()
         .functions()
         .iter()
-        .map(|f| state.activator.status(f))
+        .map(|f| state.activator().status(f))
         .collect();
     Json(FunctionList { functions })
 }
@@ -170,11 +175,11 @@ pub async fn get_function(
     Path(name): Path<String>,
 ) -> Result<Json<impl Serialize>, ApiError> {
     let f = state
-        .activator
+        .activator()
         .function(&name)
         .ok_or(ApiError::FunctionNotFound(name))?;
     Ok(Json(FunctionDetail {
-        status: state.activator.status(&f),
+        status: state.activator().status(&f),
         manifest: (*f.revision().manifest).clone(),
     }))
 }
@@ -190,7 +195,7 @@ pub async fn delete_function(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<impl Serialize>, ApiError> {
-    let containers = state.activator.remove(&name).await?;
+    let containers = state.activator().remove(&name).await?;
     Ok(Json(Removed {
         removed: name,
         containers,

@@ -1,15 +1,19 @@
-//! Every gateway error becomes a response here: a status, a stable error code and a
-//! message the user can act on. Internal details go to the log, not to the client.
+//! Every gateway error becomes a response here, and only here: an HTTP status, a stable
+//! error code (`model::ErrorCode`) and a message the user can act on, in the one error
+//! body of `model::ErrorBody`. Internal details (addresses, the engine's or hyper's words)
+//! go to the log, not to the client.
 
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 
-use crate::activator::{AcquireError, ActivatorError};
-use crate::manifest::{FieldError, ManifestError};
+use crate::activator::{round_up_secs, AcquireError, ActivatorError, StartFault};
+use crate::invoke::InvokeError;
+use crate::manifest::ManifestError;
+use crate::membership::MembershipError;
+use crate::model::{error_chain, ErrorBody, ErrorCode, FieldError};
 use crate::node::NodeError;
 use crate::proxy::ProxyError;
 
@@ -26,18 +30,15 @@ pub enum ApiError {
     #[error("{message}")]
     BadRequest {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// What was wrong.
         message: String,
         /// Field errors, when the problem is in a document.
         details: Vec<FieldError>,
     },
-    /// The request body is over the function's limit.
-    #[error("request body is larger than the function's request.max_body ({limit} bytes)")]
-    BodyTooLarge {
-        /// The limit.
-        limit: u64,
-    },
+    /// Not a node action.
+    #[error("`{0}` is not a node action: cordon, uncordon or drain")]
+    UnknownAction(String),
     /// No instance for the request.
     #[error(transparent)]
     Acquire(#[from] AcquireError),
@@ -50,107 +51,114 @@ pub enum ApiError {
     /// The activator failed outside the request path.
     #[error(transparent)]
     Activator(#[from] ActivatorError),
+    /// A node's join or report, or an operator's node action, failed.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+impl From<InvokeError> for ApiError {
+    fn from(e: InvokeError) -> Self {
+        match e {
+            InvokeError::Acquire(e) => ApiError::Acquire(e),
+            InvokeError::Proxy(e) => ApiError::Proxy(e),
+        }
+    }
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    details: Vec<FieldError>,
+/// The status, code and Retry-After of each error.
+fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
+    use ErrorCode as C;
+    use StatusCode as S;
+    let soon = Some(Duration::from_secs(1));
+    match e {
+        ApiError::FunctionNotFound(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
+        ApiError::Manifest(_) => (S::BAD_REQUEST, C::InvalidManifest, None),
+        ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code, None),
+        ApiError::UnknownAction(_) => (S::NOT_FOUND, C::UnknownAction, None),
+        ApiError::Acquire(e) => match e {
+            AcquireError::QueueFull { .. } => (S::SERVICE_UNAVAILABLE, C::QueueFull, soon),
+            AcquireError::QueueTimeout { .. } => (S::GATEWAY_TIMEOUT, C::QueueTimeout, None),
+            AcquireError::GatewayFull { .. } => (S::SERVICE_UNAVAILABLE, C::GatewayFull, soon),
+            AcquireError::StartFailed {
+                fault, retry_after, ..
+            } => {
+                let status = match fault {
+                    StartFault::Container => S::BAD_GATEWAY,
+                    StartFault::Platform => S::SERVICE_UNAVAILABLE,
+                };
+                (status, C::StartFailed, Some(*retry_after))
+            }
+            AcquireError::NoCapacity { .. } => (S::SERVICE_UNAVAILABLE, C::NoCapacity, soon),
+            AcquireError::Removed(_) => (S::NOT_FOUND, C::FunctionRemoved, None),
+            AcquireError::ShuttingDown => (S::SERVICE_UNAVAILABLE, C::ShuttingDown, soon),
+        },
+        ApiError::Proxy(e) => match e {
+            ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::BodyTooLarge, None),
+            ProxyError::Timeout { .. } => (S::GATEWAY_TIMEOUT, C::UpstreamTimeout, None),
+            ProxyError::Upstream { .. } => (S::BAD_GATEWAY, C::UpstreamError, None),
+        },
+        ApiError::Node(e) if e.is_image_missing() => (S::BAD_REQUEST, C::ImageNotFound, None),
+        ApiError::Node(_) => (S::SERVICE_UNAVAILABLE, C::NodeError, None),
+        ApiError::Activator(ActivatorError::NotFound(_)) => {
+            (S::NOT_FOUND, C::FunctionNotFound, None)
+        }
+        ApiError::Activator(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
+        ApiError::Membership(e) => match e {
+            MembershipError::NoJoinToken => (S::FORBIDDEN, C::NoJoinToken, None),
+            MembershipError::BadToken => (S::UNAUTHORIZED, C::Unauthorized, None),
+            MembershipError::UnknownNode(_) => (S::NOT_FOUND, C::NodeNotFound, None),
+            MembershipError::BadRegistration(_) => (S::BAD_REQUEST, C::BadRegistration, None),
+            MembershipError::NameTaken(_) => (S::CONFLICT, C::NodeNameTaken, None),
+            MembershipError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
+        },
+    }
 }
 
 impl ApiError {
-    fn parts(&self) -> (StatusCode, &'static str, Option<Duration>) {
-        use StatusCode as S;
+    /// What the client reads. Errors that carry a node's or an instance's internals are
+    /// logged in full and answered with a message of Ember's own.
+    fn public_message(&self, status: StatusCode) -> String {
         match self {
-            ApiError::FunctionNotFound(_) => (S::NOT_FOUND, "function_not_found", None),
-            ApiError::Manifest(_) => (S::BAD_REQUEST, "invalid_manifest", None),
-            ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, code, None),
-            ApiError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large", None),
-            ApiError::Acquire(e) => match e {
-                AcquireError::QueueFull { .. } => (
-                    S::SERVICE_UNAVAILABLE,
-                    "queue_full",
-                    Some(Duration::from_secs(1)),
-                ),
-                AcquireError::QueueTimeout { .. } => (S::GATEWAY_TIMEOUT, "queue_timeout", None),
-                AcquireError::GatewayFull { .. } => (
-                    S::SERVICE_UNAVAILABLE,
-                    "gateway_full",
-                    Some(Duration::from_secs(1)),
-                ),
-                AcquireError::StartFailed {
-                    status,
-                    retry_after,
-                    ..
-                } => (
-                    S::from_u16(*status).unwrap_or(S::BAD_GATEWAY),
-                    "start_failed",
-                    Some(*retry_after),
-                ),
-                AcquireError::NoCapacity { .. } => (
-                    S::SERVICE_UNAVAILABLE,
-                    "no_capacity",
-                    Some(Duration::from_secs(1)),
-                ),
-                AcquireError::Removed(_) => (S::NOT_FOUND, "function_removed", None),
-                AcquireError::ShuttingDown => (
-                    S::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    Some(Duration::from_secs(1)),
-                ),
-            },
-            ApiError::Proxy(e) => match e {
-                ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large", None),
-                ProxyError::Timeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_timeout", None),
-                ProxyError::Upstream { .. } => (S::BAD_GATEWAY, "upstream_error", None),
-            },
-            ApiError::Node(e) if e.is_image_missing() => (S::BAD_REQUEST, "image_not_found", None),
-            ApiError::Node(_) => (S::SERVICE_UNAVAILABLE, "node_error", None),
-            ApiError::Activator(ActivatorError::NotFound(_)) => {
-                (S::NOT_FOUND, "function_not_found", None)
+            _ if status == StatusCode::INTERNAL_SERVER_ERROR => {
+                tracing::error!(error = %error_chain(self), "internal error");
+                "internal error; the gateway's log has the details".into()
             }
-            ApiError::Activator(_) => (S::INTERNAL_SERVER_ERROR, "internal", None),
+            ApiError::Proxy(ProxyError::Upstream {
+                instance, connect, ..
+            }) => {
+                tracing::warn!(error = %error_chain(self), "upstream failed");
+                let what = if *connect {
+                    "could not be reached"
+                } else {
+                    "broke the connection before it answered"
+                };
+                format!("the function's instance {instance} {what}; retry the request")
+            }
+            ApiError::Node(e) => {
+                tracing::warn!(error = %error_chain(e), "node call failed");
+                e.public_message()
+            }
+            other => other.to_string(),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, retry_after) = self.parts();
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %self, "internal error");
-            "internal error; the gateway's log has the details".to_string()
-        } else {
-            self.to_string()
-        };
+        let (status, code, retry_after) = parts(&self);
+        let message = self.public_message(status);
         let details = match &self {
             ApiError::Manifest(e) => e.field_errors(),
             ApiError::BadRequest { details, .. } => details.clone(),
             _ => Vec::new(),
         };
-        let mut response = (
-            status,
-            Json(ErrorBody {
-                error: ErrorDetail {
-                    code,
-                    message,
-                    details,
-                },
-            }),
-        )
-            .into_response();
+        let body = ErrorBody::new(code, message).with_details(details);
+        let mut response = (status, Json(body)).into_response();
         if let Some(after) = retry_after {
-            let secs = crate::activator::round_up_secs(after).as_secs();
-            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+            let secs = round_up_secs(after).as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -172,15 +180,44 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_start_keeps_its_status_and_rounds_retry_after_up() {
-        let r = ApiError::from(AcquireError::StartFailed {
-            function: "f".into(),
-            message: "container exited".into(),
-            status: 502,
-            retry_after: Duration::from_millis(1500),
+    fn a_crashing_container_answers_502_and_a_failing_node_503_rounding_retry_after_up() {
+        let failed = |fault| {
+            ApiError::from(AcquireError::StartFailed {
+                function: "f".into(),
+                message: "container exited".into(),
+                fault,
+                retry_after: Duration::from_millis(1500),
+            })
+            .into_response()
+        };
+        let r = failed(StartFault::Container);
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            failed(StartFault::Platform).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_keep_addresses_out_of_the_answer() {
+        use http_body_util::BodyExt;
+        let r = ApiError::from(ProxyError::Upstream {
+            instance: "abc".into(),
+            endpoint: "172.17.0.9:8080".parse().unwrap(),
+            reason: "connection reset by peer".into(),
+            connect: false,
         })
         .into_response();
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.error.code, ErrorCode::UpstreamError);
+        assert!(body.error.message.contains("instance abc"));
+        assert!(
+            !body.error.message.contains("172.17"),
+            "{}",
+            body.error.message
+        );
     }
 }

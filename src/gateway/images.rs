@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::manifest::FieldError;
+use crate::model::{ErrorCode, FieldError};
 
 /// Largest build context accepted.
 pub const MAX_CONTEXT_BYTES: usize = 1 << 30;
@@ -45,7 +45,7 @@ pub async fn get_image(
     Query(q): Query<ImageQuery>,
 ) -> Result<Json<impl Serialize>, ApiError> {
     let mut nodes = Vec::new();
-    for node in state.activator.scheduler().live_nodes() {
+    for node in state.activator().scheduler().live_nodes() {
         nodes.push(NodeImage {
             node: node.name().to_string(),
             exists: node.image_exists(&q.tag).await?,
@@ -67,7 +67,7 @@ pub async fn build_image(
 ) -> Result<Response, ApiError> {
     if q.tag.trim().is_empty() || q.tag.contains(char::is_whitespace) {
         return Err(ApiError::BadRequest {
-            code: "invalid_tag",
+            code: ErrorCode::InvalidTag,
             message: format!("`{}` is not an image tag like `repo/name:tag`", q.tag),
             details: vec![FieldError {
                 field: "tag".into(),
@@ -76,7 +76,7 @@ pub async fn build_image(
         });
     }
     let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
-    let nodes = state.activator.scheduler().live_nodes();
+    let nodes = state.activator().scheduler().live_nodes();
     let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut failed = None;

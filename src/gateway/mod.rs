@@ -24,11 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use invoke::upstream_path;
-
 use crate::activator::{Activator, Limits};
 use crate::config::ServeConfig;
 use crate::gpu::GpuMonitor;
+use crate::invoke::Invoker;
 use crate::membership::Membership;
 use crate::node::{LocalNode, Node};
 use crate::proxy::Proxy;
@@ -42,10 +41,17 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// What every handler gets.
 #[derive(Clone)]
 pub struct AppState {
-    activator: Activator,
-    proxy: Proxy,
+    invoker: Invoker,
     gateway_id: String,
     membership: Arc<Membership>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    fn activator(&self) -> &Activator {
+        self.invoker.activator()
+    }
 }
 
 /// The gateway's routes.
@@ -79,32 +85,8 @@ pub fn router(state: AppState) -> Router {
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the state in {} (is another `ember serve` using it?)",
-            config.data_dir.display()
-        )
-    })?;
-    let gateway_id = store.gateway_id().await?;
-    let runtime: Arc<dyn ContainerRuntime> = Arc::new(DockerRuntime::connect().await?);
-    runtime.ping().await?;
-    let mut nodes: Vec<Arc<dyn Node>> = Vec::new();
-    if !config.no_local_node {
-        let (monitor, driver) =
-            GpuMonitor::setup(config.gpu_inventory.as_deref(), config.gpu_driver)?;
-        nodes.push(Arc::new(
-            LocalNode::new(
-                config.node_name.clone(),
-                gateway_id.clone(),
-                config.node_address,
-                runtime,
-            )
-            .with_gpus(monitor, driver)
-            .with_endpoints(config.node_endpoints),
-        ));
-    }
+    let (store, gateway_id) = open_store(&config).await?;
+    let nodes = embedded_node(&config, &gateway_id).await?;
     let tracker = TaskTracker::new();
     let activator = Activator::new(
         Scheduler::new(nodes, config.placement, config.gpu_max_sharers),
@@ -127,26 +109,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         )
         .await?,
     );
-    tracker.spawn(
-        membership
-            .clone()
-            .run(shutdown.clone())
-            .instrument(tracing::info_span!("membership")),
-    );
     activator.scheduler().refresh().await;
     for node in activator.scheduler().status() {
         tracing::info!(node = %node.name, gpus = node.gpus.len(), source = %node.gpu_source, driver = %node.gpu_driver, "node inventory");
     }
     activator.restore().await?;
-    tracker.spawn(
-        refresh_inventory(activator.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("inventory")),
-    );
-    tracker.spawn(
-        crate::activator::run_reaper(activator.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("reaper")),
-    );
-
+    spawn_loops(&tracker, &activator, &membership, &shutdown);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -155,14 +123,81 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     println!("ember gateway listening on http://{addr}");
     tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
     tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
-
-    let activator_for_shutdown = activator.clone();
-    let app = router(AppState {
-        activator,
-        proxy: Proxy::default(),
+    let state = AppState {
+        invoker: Invoker::new(activator, Proxy::default()),
         gateway_id,
         membership,
-    });
+        tracker,
+        shutdown,
+    };
+    serve_until(listener, state).await;
+    Ok(())
+}
+
+/// Opens the data dir's store and reads the gateway's id from it.
+async fn open_store(config: &ServeConfig) -> anyhow::Result<(Store, String)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the state in {} (is another `ember serve` using it?)",
+            config.data_dir.display()
+        )
+    })?;
+    let gateway_id = store.gateway_id().await?;
+    Ok((store, gateway_id))
+}
+
+/// The embedded node on the local Docker engine, unless `--no-local-node`.
+async fn embedded_node(
+    config: &ServeConfig,
+    gateway_id: &str,
+) -> anyhow::Result<Vec<Arc<dyn Node>>> {
+    if config.no_local_node {
+        return Ok(Vec::new());
+    }
+    let runtime: Arc<dyn ContainerRuntime> = Arc::new(DockerRuntime::connect().await?);
+    runtime.ping().await?;
+    let (monitor, driver) = GpuMonitor::setup(config.gpu_inventory.as_deref(), config.gpu_driver)?;
+    let node = LocalNode::new(
+        config.node_name.clone(),
+        gateway_id,
+        config.node_address,
+        runtime,
+    )
+    .with_gpus(monitor, driver)
+    .with_endpoints(config.node_endpoints);
+    Ok(vec![Arc::new(node)])
+}
+
+/// The background loops: node liveness, GPU inventories, the reaper.
+fn spawn_loops(
+    tracker: &TaskTracker,
+    activator: &Activator,
+    membership: &Arc<Membership>,
+    shutdown: &CancellationToken,
+) {
+    tracker.spawn(
+        membership
+            .clone()
+            .run(shutdown.clone())
+            .instrument(tracing::info_span!("membership")),
+    );
+    tracker.spawn(
+        refresh_inventory(activator.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("inventory")),
+    );
+    tracker.spawn(
+        crate::activator::run_reaper(activator.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("reaper")),
+    );
+}
+
+/// Serves HTTP until shutdown, then answers waiting requests, lets in-flight ones and
+/// background tasks finish within `SHUTDOWN_GRACE`, and warns if the grace runs out.
+async fn serve_until(listener: tokio::net::TcpListener, state: AppState) {
+    let (tracker, shutdown) = (state.tracker.clone(), state.shutdown.clone());
+    let activator = state.activator().clone();
     // Small writes (headers, SSE events) go out at once instead of waiting on the
     // client's delayed ACK.
     let listener = listener.tap_io(|tcp| {
@@ -170,23 +205,29 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     });
     let serve = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(async move { serve.await });
+    let serving = tracker.spawn(
+        async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the HTTP server failed");
+            }
+        }
+        .instrument(tracing::info_span!("http")),
+    );
     shutdown.cancelled().await;
-    activator_for_shutdown.shut_down_queues();
+    activator.shut_down_queues();
     tracing::info!("shutting down; running containers are kept and adopted at the next start");
     tracker.close();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let _ = server.await;
+        let _ = serving.await;
         tracker.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
     }
-    Ok(())
 }
 
 /// How often node GPU inventories are read.

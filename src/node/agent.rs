@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::remote::{Heartbeat, Registered, Registration, WireError};
+use super::wire::{Heartbeat, Registered, Registration, WireErrorBody, PROTOCOL_VERSION};
 use super::{InstanceSpec, LocalNode, Node, NodeError};
 use crate::client::{render_api_error, ApiClient, ClientError};
 use crate::gpu::{GpuDriver, GpuMonitor};
@@ -122,6 +122,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let url = format!("http://{}:{port}", config.advertise);
     let client = ApiClient::new(&config.gateway)?;
     let mut registration = Registration {
+        protocol: PROTOCOL_VERSION,
         name: config.name.clone(),
         url: url.clone(),
         labels: config.labels.clone(),
@@ -302,26 +303,10 @@ fn router(state: AgentState) -> Router {
 }
 
 async fn authorize(State(state): State<AgentState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented != Some(&*state.token) {
+    if !crate::access::check_bearer(req.headers(), &state.token) {
         tracing::warn!(path = %req.uri().path(), "refused a call without the join token");
-        let body = WireError {
-            code: "unauthorized".into(),
-            message: "missing or wrong join token".into(),
-            image: None,
-            container_id: None,
-            exit_code: None,
-            status: None,
-        };
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(serde_json::json!({ "error": body })),
-        )
-            .into_response();
+        let body = WireErrorBody::unauthorized("missing or wrong join token");
+        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
     }
     next.run(req).await
 }
@@ -337,8 +322,7 @@ impl IntoResponse for AgentError {
             NodeError::ExitedAtStart { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let wire = WireError::from_node_error(&self.0);
-        (status, Json(serde_json::json!({ "error": wire }))).into_response()
+        (status, Json(WireErrorBody::from_node_error(&self.0))).into_response()
     }
 }
 

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use super::{
+    connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
+};
 use crate::gpu::{GpuDriver, GpuInfo};
 
 /// A node in this process.
@@ -75,6 +77,9 @@ impl Node for FakeNode {
     }
     async fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.clone()
+    }
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
+        connect_tcp(endpoint).await
     }
     async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
         let n = self.starts.fetch_add(1, Ordering::SeqCst);

@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use super::{
+    connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
+};
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, GpuRequest, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
@@ -177,6 +179,10 @@ impl Node for LocalNode {
 
     async fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.read().await
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
+        connect_tcp(endpoint).await
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {

@@ -1,15 +1,20 @@
 //! The node seam: a machine that runs instances for the gateway.
 //!
 //! `Node` is what the activator and scheduler drive: start an instance, look at it, read
-//! its logs, stop it, list what it runs, and make sure an image is there. `LocalNode`
-//! (local.rs) implements it in process on a `ContainerRuntime`; a remote node (an HTTP
-//! client of an agent) will implement the same trait so both paths share the activator.
+//! its logs, stop it, list what it runs, and make sure an image is there. It is also the
+//! only way to reach an instance: `connect` hands out the byte stream that the proxy and
+//! the readiness prober speak HTTP over, so nothing outside this module dials a container
+//! or an agent. `LocalNode` (local.rs) implements the trait in process on a
+//! `ContainerRuntime`; `RemoteNode` (remote.rs) as a client of an agent (agent.rs), whose
+//! server wraps the same `LocalNode`, so both paths share the activator.
 
 pub mod agent;
 #[cfg(test)]
 pub mod fake;
 pub mod local;
 pub mod remote;
+mod transport;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +31,7 @@ use crate::runtime::RuntimeError;
 
 pub use local::LocalNode;
 pub use remote::RemoteNode;
+pub use transport::{connect_tcp, NodeConnector, NodeStream, Upstream, CONNECT_TIMEOUT};
 
 /// What a node needs to start one instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +110,15 @@ pub enum NodeError {
         /// What went wrong, in the node's words when it answered.
         message: String,
     },
+    /// An instance's endpoint could not be reached.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// The endpoint (internal: for logs, never for clients).
+        endpoint: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The container stopped before it could be reached (it is left for its logs).
     #[error("container exited as it started")]
     ExitedAtStart {
@@ -117,6 +132,19 @@ pub enum NodeError {
 }
 
 impl NodeError {
+    /// What a client may read: the node's internals (addresses, the engine's words) are
+    /// for the gateway's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            NodeError::Runtime(e) => e.public_message(),
+            NodeError::Remote { node, .. } => {
+                format!("node `{node}` failed; the gateway's log has the details")
+            }
+            NodeError::Connect { .. } => "the instance could not be reached".into(),
+            NodeError::ExitedAtStart { .. } => self.to_string(),
+        }
+    }
+
     /// Whether the failure is a missing image (a deploy problem, not a node problem).
     pub fn is_image_missing(&self) -> bool {
         matches!(self, NodeError::Runtime(RuntimeError::ImageNotFound(_)))
@@ -136,6 +164,9 @@ pub trait Node: Send + Sync + 'static {
     fn last_seen(&self) -> Option<std::time::SystemTime>;
     /// The node's GPUs now (empty when it has none or cannot tell).
     async fn gpus(&self) -> Vec<GpuInfo>;
+    /// Opens a byte stream to `endpoint`, the address this node gave for one of its
+    /// instances (`Started::endpoint`). The only way the gateway reaches an instance.
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError>;
     /// Creates and starts the instance's container; readiness is the caller's to check.
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError>;
     /// The state of a container this node started.

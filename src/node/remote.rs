@@ -1,11 +1,12 @@
 //! `RemoteNode`: the `Node` trait as an HTTP client of an agent (`ember agent`), whose
 //! server (agent.rs) wraps the same `LocalNode` the embedded node uses.
 //!
-//! The wire format is JSON of the node types; errors come back as
-//! `{"error":{"code","message",...}}` and are mapped back to `NodeError`, so a missing
-//! image or a container that exits at start reads the same on both paths. GPU facts and
-//! liveness come from the agent's heartbeats, not from calls.
+//! The wire format (wire.rs) is JSON of the node types; errors come back in Ember's one
+//! error body and are mapped back to `NodeError`, so a missing image or a container that
+//! exits at start reads the same on both paths. GPU facts and liveness come from the
+//! agent's heartbeats, not from calls.
 
+use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -16,130 +17,19 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started};
+use super::wire::{Heartbeat, Registration, WireErrorBody};
+use super::{
+    connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
+};
 use crate::client::encode;
 use crate::gpu::{GpuDriver, GpuInfo};
-use crate::runtime::RuntimeError;
 
 /// Time allowed for a container create + start on an agent.
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Time allowed for other agent calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The error body agents answer with.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireError {
-    /// Stable code: `image_not_found`, `exited_at_start`, `runtime`, `unauthorized`, ...
-    pub code: String,
-    /// Message.
-    pub message: String,
-    /// For `image_not_found`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// For `exited_at_start`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<String>,
-    /// For `exited_at_start`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i64>,
-    /// For `exited_at_start`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
-}
-
-impl WireError {
-    /// The wire form of a node error.
-    pub fn from_node_error(e: &NodeError) -> WireError {
-        let mut w = WireError {
-            code: "runtime".into(),
-            message: e.to_string(),
-            image: None,
-            container_id: None,
-            exit_code: None,
-            status: None,
-        };
-        match e {
-            NodeError::Runtime(RuntimeError::ImageNotFound(image)) => {
-                w.code = "image_not_found".into();
-                w.image = Some(image.clone());
-            }
-            NodeError::ExitedAtStart {
-                container_id,
-                code,
-                status,
-            } => {
-                w.code = "exited_at_start".into();
-                w.container_id = Some(container_id.clone());
-                w.exit_code = *code;
-                w.status = Some(status.clone());
-            }
-            _ => {}
-        }
-        w
-    }
-
-    fn into_node_error(self, node: &str) -> NodeError {
-        match self.code.as_str() {
-            "image_not_found" => {
-                NodeError::Runtime(RuntimeError::ImageNotFound(self.image.unwrap_or_default()))
-            }
-            "exited_at_start" => NodeError::ExitedAtStart {
-                container_id: self.container_id.unwrap_or_default(),
-                code: self.exit_code,
-                status: self.status.unwrap_or_else(|| "exited".into()),
-            },
-            _ => NodeError::Remote {
-                node: node.to_string(),
-                message: self.message,
-            },
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: WireError,
-}
-
-/// What an agent reports in each heartbeat.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Heartbeat {
-    /// Its GPUs now.
-    #[serde(default)]
-    pub gpus: Vec<GpuInfo>,
-}
-
-/// What an agent sends to join.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Registration {
-    /// Node name.
-    pub name: String,
-    /// URL of the agent's node API.
-    pub url: String,
-    /// Labels.
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// How its containers get GPUs.
-    pub gpu_driver: GpuDriver,
-    /// Where its GPU facts come from.
-    pub gpu_source: String,
-    /// Its GPUs.
-    #[serde(default)]
-    pub gpus: Vec<GpuInfo>,
-}
-
-/// What the gateway answers a registration with.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Registered {
-    /// The gateway's id: the agent labels its containers with it.
-    pub gateway_id: String,
-    /// How often to send heartbeats, in milliseconds.
-    pub heartbeat_ms: u64,
-}
 
 struct Facts {
     gpus: Vec<GpuInfo>,
@@ -239,8 +129,8 @@ impl RemoteNode {
     ) -> Result<T, NodeError> {
         let (status, body) = self.call_raw(method, path, body, timeout).await?;
         if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorEnvelope>(&body) {
-                Ok(e) => e.error.into_node_error(&self.name),
+            return Err(match serde_json::from_slice::<WireErrorBody>(&body) {
+                Ok(e) => e.into_node_error(&self.name),
                 Err(_) => self.remote(format!(
                     "answered {status}: {}",
                     String::from_utf8_lossy(&body).trim()
@@ -289,6 +179,11 @@ impl Node for RemoteNode {
             .unwrap_or_else(|e| e.into_inner())
             .gpus
             .clone()
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
+        // The agent publishes its containers on the address it advertised.
+        connect_tcp(endpoint).await
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
@@ -377,54 +272,5 @@ impl Node for RemoteNode {
             let _ = progress.send(line).await;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_errors_survive_the_wire() {
-        let missing = NodeError::Runtime(RuntimeError::ImageNotFound("x:1".into()));
-        let back = WireError::from_node_error(&missing).into_node_error("n");
-        assert!(back.is_image_missing());
-        let exited = NodeError::ExitedAtStart {
-            container_id: "c".into(),
-            code: Some(3),
-            status: "exited".into(),
-        };
-        let wire = serde_json::to_string(&WireError::from_node_error(&exited)).unwrap();
-        let back = serde_json::from_str::<WireError>(&wire)
-            .unwrap()
-            .into_node_error("n");
-        assert!(matches!(
-            back,
-            NodeError::ExitedAtStart { code: Some(3), .. }
-        ));
-        let other = NodeError::Remote {
-            node: "n".into(),
-            message: "boom".into(),
-        };
-        let back = WireError::from_node_error(&other).into_node_error("n");
-        assert!(back.to_string().contains("boom"));
-    }
-
-    #[test]
-    fn container_states_have_a_stable_wire_form() {
-        let s = ContainerState::Exited {
-            code: Some(1),
-            status: "exited".into(),
-        };
-        let json = serde_json::to_value(&s).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"state":"exited","code":1,"status":"exited"})
-        );
-        assert_eq!(
-            serde_json::from_value::<ContainerState>(serde_json::json!({"state":"running"}))
-                .unwrap(),
-            ContainerState::Running
-        );
     }
 }

@@ -117,6 +117,18 @@ pub enum RuntimeError {
     NoPort(String),
 }
 
+impl RuntimeError {
+    /// What a client may read: the engine's own words are for the log.
+    pub fn public_message(&self) -> String {
+        match self {
+            RuntimeError::ImageNotFound(_) | RuntimeError::Build(_) => self.to_string(),
+            RuntimeError::Unreachable(_) => "the node's Docker engine is unreachable".into(),
+            RuntimeError::Docker { op, .. } => format!("docker {op} failed on the node"),
+            RuntimeError::NoPort(_) => "the container's port was not published".into(),
+        }
+    }
+}
+
 /// A container engine, as a node uses it.
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {

@@ -1,0 +1,167 @@
+//! The invoke core: the one place where a request for a function becomes a response.
+//!
+//! acquire (a permit on a ready instance, waiting through a cold start if need be) →
+//! forward (the proxy streams the request there) → retry when the request was not
+//! delivered (the instance refused the connection: it died since it was chosen) → answer.
+//! Every caller goes through `Invoker::call`: the `/fn` route today, the front doors and
+//! the job dispatcher later, so retries, history records and metrics are wired once.
+//!
+//! A request is sent again only when nothing of it reached an instance: the body is
+//! reclaimed untouched (`proxy::Reclaim`), so a POST whose instance died is served by
+//! another instance instead of failing. A request that reached an instance is never sent
+//! twice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use http::request::Parts;
+use http::{header, Request, Response, Uri};
+
+use crate::activator::{AcquireError, Activator, Function};
+use crate::proxy::{Limits, Proxy, ProxyError, ReclaimableBody};
+
+/// Attempts one request gets: the first, and one more per instance found dead on the way,
+/// up to this many in all (a node that lost every instance at once must not loop).
+pub const MAX_ATTEMPTS: usize = 4;
+
+/// Why a call got no response from the function.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No instance for the request (queue full, timeout, start failure, no capacity…).
+    #[error(transparent)]
+    Acquire(#[from] AcquireError),
+    /// Forwarding failed (body too large, timeout, the instance broke the connection).
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+}
+
+/// One request for a function.
+pub struct Call {
+    /// The request as the function should see it: its URI is the path and query the
+    /// instance gets (e.g. `/a/b?x=1` for `/fn/NAME/a/b?x=1`).
+    pub request: Request<Body>,
+    /// The client's address, for `X-Forwarded-For`.
+    pub client: Option<SocketAddr>,
+}
+
+/// The invoke core. Cheap to clone.
+#[derive(Clone)]
+pub struct Invoker {
+    activator: Activator,
+    proxy: Proxy,
+}
+
+impl Invoker {
+    /// An invoker over the activator's functions.
+    pub fn new(activator: Activator, proxy: Proxy) -> Invoker {
+        Invoker { activator, proxy }
+    }
+
+    /// The activator behind it.
+    pub fn activator(&self) -> &Activator {
+        &self.activator
+    }
+
+    /// Sends `call` to an instance of `f` and returns its streaming response.
+    pub async fn call(&self, f: &Arc<Function>, call: Call) -> Result<Response<Body>, InvokeError> {
+        let manifest = f.revision().manifest.clone();
+        let limits = Limits {
+            max_body: manifest.request.max_body.as_u64(),
+            timeout: manifest.request.timeout,
+        };
+        let announced = content_length(call.request.headers());
+        if announced.is_some_and(|len| len > limits.max_body) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: limits.max_body,
+            }
+            .into());
+        }
+        let (head, body) = call.request.into_parts();
+        let mut body = Some(body);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let permit = self.activator.acquire(f, announced).await?;
+            let instance = permit.instance().to_string();
+            let node = permit.node().name().to_string();
+            let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
+            let result = self
+                .proxy
+                .forward(permit, copy_head(&head), sent, call.client, limits)
+                .await;
+            match result {
+                Err(e @ ProxyError::Upstream { connect: true, .. }) => {
+                    tracing::warn!(function = %f.name(), node = %node, instance = %instance, attempt, error = %e, "instance unreachable; retiring it");
+                    self.activator.retire_unreachable(f, &instance);
+                    match reclaim.take() {
+                        Some(unsent) if attempt < MAX_ATTEMPTS => body = Some(unsent),
+                        _ => return Err(e.into()),
+                    }
+                }
+                other => return other.map_err(Into::into),
+            }
+        }
+    }
+}
+
+/// The announced body length, if any.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A copy of a request head for one attempt (extensions are not carried over).
+fn copy_head(head: &Parts) -> Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = head.method.clone();
+    *copy.uri_mut() = head.uri.clone();
+    *copy.version_mut() = head.version;
+    *copy.headers_mut() = head.headers.clone();
+    copy.into_parts().0
+}
+
+/// The path and query an instance sees for `uri` under a route prefix (`/fn/NAME`): the
+/// rest, raw (still percent-encoded), with `/` when empty.
+pub fn strip_prefix(prefix_len: usize, uri: &Uri) -> String {
+    let rest = uri.path().get(prefix_len..).unwrap_or("");
+    let rest = if rest.is_empty() { "/" } else { rest };
+    match uri.query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_of_the_path_and_the_query_pass_through() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let fn_prefix = |name: &str| "/fn/".len() + name.len();
+        assert_eq!(strip_prefix(fn_prefix("echo"), &uri("/fn/echo")), "/");
+        assert_eq!(strip_prefix(fn_prefix("echo"), &uri("/fn/echo/")), "/");
+        assert_eq!(
+            strip_prefix(fn_prefix("echo"), &uri("/fn/echo/a/b?x=1&y=%20")),
+            "/a/b?x=1&y=%20"
+        );
+        assert_eq!(strip_prefix(fn_prefix("echo"), &uri("/fn/echo?q")), "/?q");
+        assert_eq!(strip_prefix(fn_prefix("e"), &uri("/fn/e/%2F")), "/%2F");
+    }
+
+    #[test]
+    fn a_copied_head_keeps_method_uri_and_headers() {
+        let (head, ()) = Request::post("/x?y")
+            .header("a", "1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let copy = copy_head(&head);
+        assert_eq!(copy.method, http::Method::POST);
+        assert_eq!(copy.uri, "/x?y");
+        assert_eq!(copy.headers["a"], "1");
+    }
+}

@@ -1,0 +1,240 @@
+//! Forwarding one request to one instance and streaming the answer back.
+//!
+//! A hyper client per node, pooled over the streams the node hands out (`Node::connect`),
+//! sends the request (method, path, query, headers, body, all streamed) to the instance;
+//! the response body is streamed back as it comes, and carries the activator's permit so
+//! the instance's slot is freed only when the last byte has gone out or the client has
+//! gone away. Request bodies over `max_body` are cut off and reported as such, whether or
+//! not the client announced their length. A request whose connection could not be made
+//! keeps its body (`body::Reclaim`), so the invoke core can send it to another instance.
+
+mod body;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use body::PermitBody;
+pub use body::{LimitedBody, Reclaim, ReclaimableBody};
+
+use crate::activator::Permit;
+use crate::model::error_chain;
+use crate::node::{Node, NodeConnector};
+
+/// Idle pooled connections to instances are closed after this.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request body went over the function's limit while streaming.
+    #[error("request body is larger than the function's request.max_body ({limit} bytes)")]
+    BodyTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The instance did not start answering within the request timeout.
+    #[error("function did not answer within {} (request.timeout)", humantime::format_duration(*after))]
+    Timeout {
+        /// The timeout.
+        after: Duration,
+    },
+    /// The instance could not be reached or broke the connection.
+    #[error("instance {instance} at {endpoint} failed: {reason}")]
+    Upstream {
+        /// Instance id.
+        instance: String,
+        /// Its endpoint.
+        endpoint: SocketAddr,
+        /// What went wrong.
+        reason: String,
+        /// Whether the connection could not even be made (the instance may be dead).
+        connect: bool,
+    },
+}
+
+type NodeClient = Client<NodeConnector, LimitedBody>;
+
+/// The pooled client of each node, by name, with the node it was made for.
+type NodeClients = HashMap<String, (Arc<dyn Node>, NodeClient)>;
+
+/// The forwarding client: one pooled HTTP/1 client per node. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Proxy {
+    clients: Arc<RwLock<NodeClients>>,
+}
+
+impl Proxy {
+    /// The pooled client over `node`'s streams, made on first use.
+    fn client(&self, node: &Arc<dyn Node>) -> NodeClient {
+        let same = |(known, _): &(Arc<dyn Node>, NodeClient)| {
+            std::ptr::addr_eq(Arc::as_ptr(known), Arc::as_ptr(node))
+        };
+        if let Some(entry) = self
+            .clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node.name())
+            .filter(|e| same(e))
+        {
+            return entry.1.clone();
+        }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(1024)
+            .build(NodeConnector::new(node.clone()));
+        self.clients
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.name().to_string(), (node.clone(), client.clone()));
+        client
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// What the proxy needs to know of one request besides its head and body.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body the function takes.
+    pub max_body: u64,
+    /// How long the function may take to start answering.
+    pub timeout: Duration,
+}
+
+impl Proxy {
+    /// Sends a request (`head` with its URI set to the path and query the instance sees)
+    /// to the permit's instance; the response streams back holding the permit.
+    pub async fn forward(
+        &self,
+        permit: Permit,
+        mut head: Parts,
+        body: ReclaimableBody,
+        client_addr: Option<SocketAddr>,
+        limits: Limits,
+    ) -> Result<Response<Body>, ProxyError> {
+        let endpoint = permit.endpoint();
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        head.uri =
+            format!("http://{endpoint}{path}")
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| ProxyError::Upstream {
+                    instance: permit.instance().to_string(),
+                    endpoint,
+                    reason: format!("bad request path: {e}"),
+                    connect: false,
+                })?;
+        strip_hop_by_hop(&mut head.headers);
+        if let Some(addr) = client_addr {
+            append_forwarded_for(&mut head.headers, addr);
+        }
+        if let Some(host) = head.headers.get(header::HOST).cloned() {
+            head.headers
+                .insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        head.version = http::Version::HTTP_11;
+        let too_large = Arc::new(AtomicBool::new(false));
+        let body = LimitedBody::new(body, limits.max_body, too_large.clone());
+        let request = Request::from_parts(head, body);
+        let client = self.client(permit.node());
+        let sent = tokio::time::timeout(limits.timeout, client.request(request)).await;
+        let response = match sent {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    after: limits.timeout,
+                })
+            }
+            Ok(Err(_)) if too_large.load(Ordering::Acquire) => {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: limits.max_body,
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::Upstream {
+                    instance: permit.instance().to_string(),
+                    endpoint,
+                    connect: e.is_connect(),
+                    reason: error_chain(&e),
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = Body::new(PermitBody::new(body, permit));
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", addr.ip()),
+        None => addr.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-user", "kept".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("x-user") && h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_a_prior_proxy() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    }
+}
