@@ -518,7 +518,7 @@ async fn burst(size: &Size, rows: &mut Vec<Row>) {
 
 async fn control_plane(size: &Size, rows: &mut Vec<Row>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start_in(dir.path()).await;
+    let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
     let t = Instant::now();
     for i in 0..size.functions {
         let name = format!("f{i}");
@@ -564,7 +564,7 @@ async fn control_plane(size: &Size, rows: &mut Vec<Row>) {
     ));
     gw.kill();
     let t = Instant::now();
-    let gw = Gateway::start_in(dir.path()).await;
+    let gw = Gateway::builder().data_dir(dir.path()).start().await;
     rows.push(row(
         "control plane",
         "restart until serving",
