@@ -41,7 +41,10 @@ async fn gateway() -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gpus.toml");
     std::fs::write(&file, INVENTORY).unwrap();
-    let gw = Gateway::start_with(&["--gpu-inventory", file.to_str().unwrap()]).await;
+    let gw = Gateway::builder()
+        .args(["--gpu-inventory", file.to_str().unwrap()])
+        .start()
+        .await;
     (gw, dir)
 }
 

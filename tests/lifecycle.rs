@@ -161,7 +161,7 @@ async fn removing_a_function_removes_its_containers() {
 async fn after_sigkill_a_restarted_gateway_adopts_the_warm_container_and_removes_orphans() {
     require_docker!();
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start_in(dir.path()).await;
+    let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
     let gateway_label = format!("ember.gateway={}", gw.id);
     let _cleanup = common::Cleanup(gateway_label.clone());
     gw.deploy("keep", &common::echo_manifest("keep", "", ""))
@@ -202,7 +202,7 @@ async fn after_sigkill_a_restarted_gateway_adopts_the_warm_container_and_removes
     assert!(orphan.status.success());
     let orphan_id = String::from_utf8_lossy(&orphan.stdout).trim().to_string();
 
-    let gw = Gateway::start_in(dir.path()).await;
+    let gw = Gateway::builder().data_dir(dir.path()).start().await;
     assert_eq!(
         format!("ember.gateway={}", gw.id),
         gateway_label,

@@ -35,11 +35,10 @@ fn gateway_args(listen: Option<&str>) -> Vec<String> {
 
 async fn cluster(names: &[&str]) -> (Arc<Gateway>, Vec<Agent>) {
     let args = gateway_args(None);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gw = Arc::new(Gateway::start_with(&args).await);
+    let gw = Arc::new(Gateway::builder().args(&args).start().await);
     let mut agents = Vec::new();
     for name in names {
-        agents.push(Agent::start(&gw.url, TOKEN, name, None).await);
+        agents.push(Agent::builder(&gw.url, TOKEN, name).start().await);
     }
     wait_ready(&gw, names.len()).await;
     (gw, agents)
@@ -276,7 +275,7 @@ async fn a_killed_agent_is_lost_its_work_moves_and_its_restart_is_reconciled() {
         1,
         "the dead container is still there"
     );
-    agents[victim_idx] = Agent::start(&gw.url, TOKEN, &victim, None).await;
+    agents[victim_idx] = Agent::builder(&gw.url, TOKEN, &victim).start().await;
     eventually(Duration::from_secs(10), "leftover removed", || {
         let gw = gw.clone();
         let victim = victim.clone();
@@ -299,13 +298,16 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", common::free_port());
     let args = gateway_args(Some(&listen));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut gw = Gateway::start_in_with(dir.path(), &args).await;
+    let mut gw = Gateway::builder()
+        .args(&args)
+        .data_dir(dir.path())
+        .start()
+        .await;
     let label = format!("ember.gateway={}", gw.id);
     let _cleanup = common::Cleanup(label.clone());
     let _agents = [
-        Agent::start(&gw.url, TOKEN, "n1", None).await,
-        Agent::start(&gw.url, TOKEN, "n2", None).await,
+        Agent::builder(&gw.url, TOKEN, "n1").start().await,
+        Agent::builder(&gw.url, TOKEN, "n2").start().await,
     ];
     let shared = Arc::new(gw);
     wait_ready(&shared, 2).await;
@@ -319,7 +321,13 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
     let containers = gw.containers("kept");
     gw.kill();
 
-    let gw = Arc::new(Gateway::start_in_with(dir.path(), &args).await);
+    let gw = Arc::new(
+        Gateway::builder()
+            .args(&args)
+            .data_dir(dir.path())
+            .start()
+            .await,
+    );
     eventually(
         Duration::from_secs(10),
         "agents back and the instance adopted",
@@ -350,12 +358,14 @@ async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
 async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
     require_docker!();
     let args = gateway_args(None);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gw = Arc::new(Gateway::start_with(&args).await);
+    let gw = Arc::new(Gateway::builder().args(&args).start().await);
     let two = "[[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-x\"\nmemory = \"24GiB\"\n\
                [[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-y\"\nmemory = \"24GiB\"\n";
     let one = "[[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-x\"\nmemory = \"24GiB\"\n";
-    let mut agent = Agent::start(&gw.url, TOKEN, "g1", Some(two)).await;
+    let mut agent = Agent::builder(&gw.url, TOKEN, "g1")
+        .inventory(two)
+        .start()
+        .await;
     wait_ready(&gw, 1).await;
     let manifest = common::echo_manifest(
         "gpus",
@@ -380,7 +390,10 @@ async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
     assert_eq!(held(&gw.function("gpus").await), ["GPU-x", "GPU-y"]);
 
     agent.kill();
-    let _agent = Agent::start(&gw.url, TOKEN, "g1", Some(one)).await;
+    let _agent = Agent::builder(&gw.url, TOKEN, "g1")
+        .inventory(one)
+        .start()
+        .await;
     eventually(
         Duration::from_secs(10),
         "the instance on GPU-y dropped",
@@ -407,8 +420,7 @@ async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
 async fn a_wrong_join_token_gets_401_and_nothing_else() {
     require_docker!();
     let args = gateway_args(None);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gw = Gateway::start_with(&args).await;
+    let gw = Gateway::builder().args(&args).start().await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
         .args([
             "agent",
@@ -448,19 +460,13 @@ async fn a_wrong_join_token_gets_401_and_nothing_else() {
 async fn a_node_that_joins_another_gateway_removes_what_the_old_one_left() {
     require_docker!();
     let args = gateway_args(None);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent_dir = tempfile::tempdir().unwrap();
     let data_dir = agent_dir.path().join("agent");
-    let old = Arc::new(Gateway::start_with(&args).await);
-    let mut agent = Agent::start_in(
-        &old.url,
-        TOKEN,
-        "mover",
-        None,
-        &data_dir,
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let old = Arc::new(Gateway::builder().args(&args).start().await);
+    let mut agent = Agent::builder(&old.url, TOKEN, "mover")
+        .data_dir(&data_dir)
+        .start()
+        .await;
     wait_ready(&old, 1).await;
     old.deploy("left", &common::echo_manifest("left", "", ""))
         .await;
@@ -475,16 +481,11 @@ async fn a_node_that_joins_another_gateway_removes_what_the_old_one_left() {
     let _cleanup = common::Cleanup(old_label.clone());
     agent.kill();
 
-    let new = Arc::new(Gateway::start_with(&args).await);
-    let _agent = Agent::start_in(
-        &new.url,
-        TOKEN,
-        "mover",
-        None,
-        &data_dir,
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let new = Arc::new(Gateway::builder().args(&args).start().await);
+    let _agent = Agent::builder(&new.url, TOKEN, "mover")
+        .data_dir(&data_dir)
+        .start()
+        .await;
     wait_ready(&new, 1).await;
     assert!(
         common::docker_ps_all(&[&old_label]).is_empty(),

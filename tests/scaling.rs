@@ -145,7 +145,12 @@ async fn evicting_a_paused_instance_lets_another_function_start_on_its_gpu() {
         "[[gpu]]\nname = \"NVIDIA L4\"\nuuid = \"GPU-only\"\nmemory = \"24GiB\"\n",
     )
     .unwrap();
-    let gw = Arc::new(Gateway::start_with(&["--gpu-inventory", file.to_str().unwrap()]).await);
+    let gw = Arc::new(
+        Gateway::builder()
+            .args(["--gpu-inventory", file.to_str().unwrap()])
+            .start()
+            .await,
+    );
     let sleeper = common::echo_manifest(
         "sleeper",
         "",
@@ -216,7 +221,7 @@ async fn requests_racing_pause_and_resume_are_never_lost() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_is_capped_gateway_wide_and_leaving_clients_leave_the_queue_at_once() {
     require_docker!();
-    let gw = Arc::new(Gateway::start_with(&["--max-queued", "5"]).await);
+    let gw = Arc::new(Gateway::builder().args(["--max-queued", "5"]).start().await);
     let manifest = common::echo_manifest(
         "flooded",
         "command = [\"--delay-start\", \"4000\"]",

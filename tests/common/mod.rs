@@ -1,10 +1,23 @@
-//! Shared test harness: a real `ember serve` process on 127.0.0.1:0 with its own data
-//! dir, the echo image built locally (no registry), a small HTTP client, and docker CLI
-//! helpers to look at what really runs.
+//! Shared test harness: real `ember serve` and `ember agent` processes on 127.0.0.1:0
+//! with their own data dirs, the echo image built locally (no registry), a small HTTP
+//! client, and docker CLI helpers to look at what really runs.
+//!
+//! # Layout
+//! - `gateway`: [`Gateway`] and its builder, `Gateway::builder().args(..).start()`;
+//! - `agent`: [`Agent`] and its builder, `Agent::builder(url, token, name).start()`;
+//! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
+mod agent;
+mod gateway;
+
+// Only the multi-node tests start agents; the other binaries leave this unused.
+#[allow(unused_imports)]
+pub use agent::Agent;
+pub use gateway::Gateway;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -165,140 +178,6 @@ pub async fn concurrent_statuses(gw: &std::sync::Arc<Gateway>, path: &str, n: us
     out
 }
 
-/// A running gateway process.
-pub struct Gateway {
-    child: Option<Child>,
-    pub url: String,
-    pub data_dir: PathBuf,
-    _tmp: Option<tempfile::TempDir>,
-    pub id: String,
-}
-
-impl Gateway {
-    /// Starts a gateway with a fresh data dir.
-    pub async fn start() -> Gateway {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut g = Gateway::start_in(&dir).await;
-        g._tmp = Some(tmp);
-        g
-    }
-
-    /// Starts a gateway with a fresh data dir and extra `serve` arguments.
-    pub async fn start_with(args: &[&str]) -> Gateway {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut g = Gateway::start_in_with(&dir, args).await;
-        g._tmp = Some(tmp);
-        g
-    }
-
-    /// Starts a gateway on `data_dir` (kept by the caller).
-    pub async fn start_in(data_dir: &Path) -> Gateway {
-        Gateway::start_in_with(data_dir, &[]).await
-    }
-
-    /// Starts a gateway on `data_dir` with extra `serve` arguments.
-    pub async fn start_in_with(data_dir: &Path, args: &[&str]) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
-        cmd.arg("serve");
-        if !args.contains(&"--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
-        }
-        cmd.arg("--data-dir").arg(data_dir).args(args);
-        let (child, url) = spawn_ember(cmd, "gateway").await;
-        let mut g = Gateway {
-            child: Some(child),
-            url,
-            data_dir: data_dir.to_path_buf(),
-            _tmp: None,
-            id: String::new(),
-        };
-        let info = g.get_json("/api/v1/gateway").await;
-        g.id = info["id"].as_str().unwrap().to_string();
-        g
-    }
-
-    /// The gateway's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Kills the process with SIGKILL (no graceful anything) and waits for it.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Sends a request to the gateway.
-    pub async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Response {
-        request(method, &format!("{}{path}", self.url), headers, body).await
-    }
-
-    /// GET and decode JSON (panics on error statuses).
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let r = self.request(Method::GET, path, &[], Bytes::new()).await;
-        assert!(
-            r.status.is_success(),
-            "GET {path}: {} {}",
-            r.status,
-            r.text()
-        );
-        r.json()
-    }
-
-    /// Deploys a TOML manifest; returns the answer.
-    pub async fn deploy(&self, name: &str, toml: &str) -> Response {
-        self.request(
-            Method::PUT,
-            &format!("/api/v1/functions/{name}"),
-            &[("content-type", "application/toml")],
-            toml.to_string(),
-        )
-        .await
-    }
-
-    /// The function's status from the API.
-    pub async fn function(&self, name: &str) -> serde_json::Value {
-        self.get_json(&format!("/api/v1/functions/{name}")).await
-    }
-
-    /// Running containers of this gateway for `function`.
-    pub fn containers(&self, function: &str) -> Vec<String> {
-        docker_ps(&[
-            &format!("ember.gateway={}", self.id),
-            &format!("ember.function={function}"),
-        ])
-    }
-
-    /// Runs the CLI against this gateway.
-    pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(args)
-            .env("EMBER_GATEWAY", &self.url)
-            .current_dir(repo())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-        if !self.id.is_empty() && self._tmp.is_some() {
-            remove_containers(&format!("ember.gateway={}", self.id));
-        }
-    }
-}
-
 /// A free port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -306,75 +185,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A running `ember agent` process.
-pub struct Agent {
-    child: Option<Child>,
-    pub name: String,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    /// Starts an agent named `name` joining `gateway` with `token`, with an optional
-    /// declared GPU inventory (TOML text).
-    pub async fn start(gateway: &str, token: &str, name: &str, inventory: Option<&str>) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("agent");
-        Agent::start_in(gateway, token, name, inventory, &data_dir, dir).await
-    }
-
-    /// Like `start`, with the agent's data dir at `data_dir`.
-    pub async fn start_in(
-        gateway: &str,
-        token: &str,
-        name: &str,
-        inventory: Option<&str>,
-        data_dir: &Path,
-        dir: tempfile::TempDir,
-    ) -> Agent {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
-        cmd.args([
-            "agent",
-            "--gateway",
-            gateway,
-            "--token",
-            token,
-            "--name",
-            name,
-        ])
-        .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
-        .args(["--labels", &format!("name={name}")])
-        .arg("--data-dir")
-        .arg(data_dir);
-        if let Some(inv) = inventory {
-            let file = dir.path().join("gpus.toml");
-            std::fs::write(&file, inv).unwrap();
-            cmd.arg("--gpu-inventory").arg(file);
-        }
-        let (child, url) = spawn_ember(cmd, name).await;
-        Agent {
-            child: Some(child),
-            name: name.to_string(),
-            url,
-            _dir: dir,
-        }
-    }
-
-    /// SIGKILL, as if the machine died (its containers stay unless the test removes them).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Removes every container with its label filter when dropped, panics included.

@@ -1,0 +1,139 @@
+//! Ember against its baselines, side by side, in one run.
+//!
+//! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
+//! enough to finish in about a minute; `-- --only warm,cold,resume,burst,control` picks some.
+//! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
+//! `{scenario, metric, ember, baseline, ratio, unit}`.
+//!
+//! Scenarios:
+//! 1. warm path: the same requests through the gateway and straight to the container's
+//!    published port (latency p50/p99, small and 1 MiB bodies; throughput at concurrency 64);
+//! 2. cold start: first response of a scaled-to-zero function through the gateway vs the same
+//!    create + start + readiness + first request done here with bollard;
+//! 3. resume: first response of a paused instance vs the same `docker unpause` done here;
+//! 4. burst: N concurrent requests into a cold function: all answered, containers started,
+//!    gateway peak memory, time to the last answer;
+//! 5. control plane: deploy many functions, list them, restart the gateway.
+//!
+//! # Layout
+//! - `warm`, `cold`, `resume`, `burst`, `control`: one scenario each, `run(size, rows)`;
+//! - `probe`: the HTTP client, process memory and Docker connection they measure with;
+//! - `report`: rows, percentiles, the table and the JSON file.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+mod burst;
+mod cold;
+mod control;
+mod probe;
+mod report;
+mod resume;
+mod warm;
+
+use std::time::Duration;
+
+use report::Row;
+
+/// How much each scenario does.
+struct Size {
+    latency_requests: usize,
+    big_requests: usize,
+    throughput_for: Duration,
+    cold_rounds: usize,
+    burst: usize,
+    functions: usize,
+}
+
+impl Size {
+    /// Small enough for every scenario to finish in about a minute.
+    fn quick() -> Size {
+        Size {
+            latency_requests: 1000,
+            big_requests: 100,
+            throughput_for: Duration::from_secs(3),
+            cold_rounds: 10,
+            burst: 1000,
+            functions: 200,
+        }
+    }
+
+    fn full() -> Size {
+        Size {
+            latency_requests: 10_000,
+            big_requests: 1000,
+            throughput_for: Duration::from_secs(10),
+            cold_rounds: 20,
+            burst: burst_size(),
+            functions: 1000,
+        }
+    }
+}
+
+/// 10 000, or as many as the open-file limit allows: the gateway holds two sockets per
+/// request in flight (client and instance), and this process one.
+fn burst_size() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    10_000.min(soft.saturating_sub(1024) / 2)
+}
+
+/// Whether `--only a,b` is absent or names `scenario` (for profiling one at a time).
+fn wanted(scenario: &str) -> bool {
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect());
+    only.as_ref()
+        .is_none_or(|o| o.iter().any(|w| w == scenario))
+}
+
+/// Runs the wanted scenarios in order; returns their rows.
+async fn run(size: &Size) -> Vec<Row> {
+    let mut rows = Vec::new();
+    common::echo_image();
+    if wanted("warm") {
+        eprintln!("warm path…");
+        warm::run(size, &mut rows).await;
+    }
+    if wanted("cold") {
+        eprintln!("cold start…");
+        cold::run(size, &mut rows).await;
+    }
+    if wanted("resume") {
+        eprintln!("resume from pause…");
+        resume::run(size, &mut rows).await;
+    }
+    if wanted("burst") {
+        eprintln!("burst of {}…", size.burst);
+        burst::run(size, &mut rows).await;
+    }
+    if wanted("control") {
+        eprintln!("control plane…");
+        control::run(size, &mut rows).await;
+    }
+    rows
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let size = if quick { Size::quick() } else { Size::full() };
+    if !common::docker_available() {
+        eprintln!("the benchmark needs Docker");
+        std::process::exit(1);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let rows = rt.block_on(run(&size));
+    report::print_table(&rows);
+    report::write_json(&rows);
+}
