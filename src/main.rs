@@ -1,4 +1,5 @@
 //! The `ember` binary: parse the command line, dispatch to the gateway or the CLI.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,14 +135,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("bad settings:\n  {}", problems.join("\n  "));
             }
             let shutdown = CancellationToken::new();
-            tokio::spawn(ember::gateway::cancel_on_signal(shutdown.clone()));
-            ember::gateway::run(config, shutdown).await
+            until_signal(ember::gateway::run(config, shutdown.clone()), shutdown).await
         }
         Command::Agent(config) => {
             init_tracing();
             let shutdown = CancellationToken::new();
-            tokio::spawn(ember::gateway::cancel_on_signal(shutdown.clone()));
-            ember::node::agent::run(config, shutdown).await
+            until_signal(ember::node::agent::run(config, shutdown.clone()), shutdown).await
         }
         Command::Nodes { json, gateway } => {
             cli::nodes(&ApiClient::new(&gateway.gateway)?, json).await
@@ -191,6 +190,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// Runs `work`; a SIGINT or SIGTERM cancels `shutdown`, and `work` then ends gracefully.
+async fn until_signal(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => return result,
+        () = ember::gateway::cancel_on_signal(shutdown) => {}
+    }
+    work.await
 }
 
 fn init_tracing() {

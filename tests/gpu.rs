@@ -2,6 +2,7 @@
 //! 80 GiB A100s, one of them in MIG mode with two 3g.40gb instances, and a 24 GiB card),
 //! real containers, and what each container was given, seen by docker inspect and by the
 //! gpu-info function itself.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 

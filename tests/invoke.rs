@@ -1,4 +1,5 @@
 //! The invoke path end to end: real gateway, real Docker, the echo function.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 
@@ -226,4 +227,28 @@ async fn invalid_manifests_answer_400_with_the_field_path() {
         0,
         "nothing was deployed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_whose_container_just_died_is_served_by_a_new_instance() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    gw.deploy("phoenix", &common::echo_manifest("phoenix", "", ""))
+        .await;
+    let r = gw.request(Method::POST, "/fn/phoenix/", &[], "first").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = r.header("x-echo-host").unwrap();
+    for id in gw.containers("phoenix") {
+        std::process::Command::new("docker")
+            .args(["kill", &id])
+            .output()
+            .unwrap();
+    }
+    let body = "0123456789".repeat(10_000);
+    let r = gw
+        .request(Method::POST, "/fn/phoenix/again", &[], body.clone())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), body);
+    assert_ne!(r.header("x-echo-host").unwrap(), first, "a new container");
 }

@@ -1,4 +1,5 @@
 //! Lifecycle end to end: scale to zero, redeploys, removal, restart with adoption, the CLI.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! machine's Docker engine (each labelling its containers with its node), placement across
 //! them, cordon and drain, and the faults: a killed agent, its restart, a gateway restart,
 //! and a node that comes back with fewer GPUs.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 
@@ -290,6 +291,46 @@ async fn a_killed_agent_is_lost_its_work_moves_and_its_restart_is_reconciled() {
         "never duplicated: {status}"
     );
     assert_eq!(gw.containers("moving").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_to_an_instance_whose_agent_and_container_died_is_served_by_another_node() {
+    require_docker!();
+    let (gw, mut agents) = cluster(&["n1", "n2"]).await;
+    gw.deploy(
+        "survivor",
+        &common::echo_manifest("survivor", "", "[scale]\nmax = 1"),
+    )
+    .await;
+    let r = gw
+        .request(Method::POST, "/fn/survivor/", &[], "warm up")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let victim = instance_nodes(&gw, "survivor").await[0].clone();
+    let victim_idx = agents.iter().position(|a| a.name == victim).unwrap();
+    agents[victim_idx].kill();
+    for id in node_containers(&gw, &victim) {
+        std::process::Command::new("docker")
+            .args(["kill", &id])
+            .output()
+            .unwrap();
+    }
+    // The gateway has not noticed yet: the instance looks ready, and refuses the
+    // connection. The body was never read, so the request goes to a new instance.
+    let body = "payload ".repeat(8 * 1024);
+    let r = gw
+        .request(
+            Method::POST,
+            "/fn/survivor/upload",
+            &[("content-type", "text/plain")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), body, "the whole body reached the new instance");
+    let now_on = instance_nodes(&gw, "survivor").await;
+    assert_eq!(now_on.len(), 1);
+    assert_ne!(now_on[0], victim);
 }
 
 #[tokio::test(flavor = "multi_thread")]

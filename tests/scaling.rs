@@ -3,6 +3,7 @@
 //! resume in the same container; paused instances expire, and are evicted when another
 //! function needs their GPU; requests racing the transitions are never lost; a flood is
 //! capped gateway-wide and a client that leaves its queue leaves it at once.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 

@@ -19,6 +19,7 @@
 //! - `warm`, `cold`, `resume`, `burst`, `control`: one scenario each, `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 #[path = "../../tests/common/mod.rs"]
 mod common;

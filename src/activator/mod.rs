@@ -2,20 +2,24 @@
 //! cold-starting instances when there is none free.
 //!
 //! It owns the live state of every function (`function.rs`), the instance lifecycle
-//! (`instance.rs`), cold starts (`start.rs`), retiring idle and draining instances
-//! (`reap.rs`) and adopting containers after a restart (`restore.rs`). It keeps the
-//! store in step with deploys and instances, and leaves HTTP to the gateway and
-//! placement to the scheduler.
+//! (`instance.rs`), deploys and removals (`deploy.rs`), cold starts (`start.rs`), the
+//! warm tier (`tiers.rs`), the reaper that retires idle and draining instances
+//! (`reap.rs`), what node changes do to instances (`nodes.rs`), adopting containers after
+//! a restart (`restore.rs`) and what the API shows (`status.rs`). It keeps the store in
+//! step with deploys and instances, and leaves HTTP to the gateway and placement to the
+//! scheduler.
 //!
 //! Requests that find no free slot wait in the function's bounded queue; many waiting
 //! requests start as many instances as their number needs (by `concurrency`), not one each.
 
+mod deploy;
 mod function;
 mod instance;
 mod nodes;
 pub mod reap;
 mod restore;
 mod start;
+mod status;
 mod tiers;
 
 #[cfg(test)]
@@ -26,20 +30,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use deploy::DeployOutcome;
 pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
 pub use instance::InstanceStatus;
 pub use reap::run as run_reaper;
+pub use restore::ReconcileGuard;
+pub use status::{FailureStatus, FunctionStatus};
 
 use crate::manifest::Manifest;
-use crate::model::Phase;
 use crate::scheduler::Scheduler;
-use crate::store::{self, FunctionRecord, RevisionRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// An immutable revision: its id and manifest.
 #[derive(Debug)]
@@ -125,63 +130,6 @@ pub enum ActivatorError {
     NotFound(String),
 }
 
-/// What a deploy did.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeployOutcome {
-    /// Function name.
-    pub name: String,
-    /// The revision now current.
-    pub revision: String,
-    /// Whether the function is new.
-    pub created: bool,
-    /// Whether the revision changed (false: same manifest, nothing done).
-    pub changed: bool,
-}
-
-/// A function's status for `ember ls` and the API.
-#[derive(Debug, Clone, Serialize)]
-pub struct FunctionStatus {
-    /// Function name.
-    pub name: String,
-    /// Current revision.
-    pub revision: String,
-    /// Image of the current revision.
-    pub image: String,
-    /// Instances starting.
-    pub starting: usize,
-    /// Instances the autoscaler wants.
-    pub desired: usize,
-    /// Instances ready.
-    pub ready: usize,
-    /// Instances paused (or pausing, resuming).
-    pub paused: usize,
-    /// Instances draining or stopping.
-    pub draining: usize,
-    /// Requests in flight.
-    pub in_flight: u32,
-    /// Requests waiting.
-    pub queued: usize,
-    /// Starts attempted since the gateway started.
-    pub starts: u64,
-    /// The current run of failed starts, if any.
-    pub failure: Option<FailureStatus>,
-    /// Why no instance can be placed now, if so.
-    pub unschedulable: Option<String>,
-    /// Each instance.
-    pub instances: Vec<InstanceStatus>,
-}
-
-/// A run of failed starts, as shown to users.
-#[derive(Debug, Clone, Serialize)]
-pub struct FailureStatus {
-    /// The last reason.
-    pub message: String,
-    /// Failures in a row.
-    pub consecutive: u32,
-    /// Milliseconds until a new start may be tried (0: now).
-    pub retry_in_ms: u64,
-}
-
 /// Gateway-wide caps on buffered requests, so a flood on one function cannot take the
 /// gateway's memory.
 #[derive(Debug, Clone, Copy)]
@@ -215,8 +163,12 @@ struct Inner {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     reaper: Arc<Notify>,
-    deploy_lock: tokio::sync::Mutex<()>,
-    reconcile_lock: tokio::sync::Mutex<()>,
+    /// Serialises deploys and removals per function.
+    function_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Nodes being reconciled now: one reconcile per node at a time.
+    reconciling: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether a health check (which lists every node) is under way.
+    checking_health: std::sync::atomic::AtomicBool,
 }
 
 /// The activator. Cheap to clone.
@@ -246,10 +198,21 @@ impl Activator {
                 tracker,
                 shutdown,
                 reaper: Arc::new(Notify::new()),
-                deploy_lock: tokio::sync::Mutex::new(()),
-                reconcile_lock: tokio::sync::Mutex::new(()),
+                function_locks: Default::default(),
+                reconciling: Default::default(),
+                checking_health: Default::default(),
             }),
         }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Where background work goes: tasks spawned here stop with the gateway.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
     }
 
     /// The scheduler (and through it the nodes).
@@ -406,138 +369,6 @@ impl Activator {
             for w in waiters {
                 let _ = w.tx.send(Err(AcquireError::ShuttingDown));
             }
-        }
-    }
-
-    /// Deploys a validated manifest: a new revision when it changed, nothing otherwise.
-    pub async fn deploy(&self, manifest: Manifest) -> Result<DeployOutcome, ActivatorError> {
-        let _one_at_a_time = self.inner.deploy_lock.lock().await;
-        let name = manifest.name.clone();
-        let revision_id = manifest.revision_id();
-        let existing = self.inner.store.function(&name)?;
-        if let Some(existing) = &existing {
-            if existing.revision == revision_id && self.function(&name).is_some() {
-                return Ok(DeployOutcome {
-                    name,
-                    revision: revision_id,
-                    created: false,
-                    changed: false,
-                });
-            }
-        }
-        let now = store::now_ms();
-        let record = FunctionRecord {
-            name: name.clone(),
-            revision: revision_id.clone(),
-            created_ms: existing.as_ref().map_or(now, |e| e.created_ms),
-            updated_ms: now,
-        };
-        let revision_record = RevisionRecord {
-            id: revision_id.clone(),
-            manifest: manifest.clone(),
-            created_ms: now,
-        };
-        self.inner
-            .store
-            .put_deploy(&record, &revision_record)
-            .await?;
-        let revision = Arc::new(Revision {
-            id: revision_id.clone(),
-            manifest: Arc::new(manifest),
-        });
-        let created = match self.function(&name) {
-            Some(f) => {
-                let mut st = f.lock();
-                if st.revision.manifest.scale.keep_alive != revision.manifest.scale.keep_alive
-                    || st.revision.manifest.scale.idle_timeout
-                        != revision.manifest.scale.idle_timeout
-                {
-                    st.keep_alive = function::keep_alive_policy(&revision.manifest.scale);
-                }
-                st.revision = revision;
-                st.failure = None;
-                // Keep serving on the old revision until the new one is ready, then drain.
-                let serving_old = st.instances.iter().any(|i| i.phase.can_serve());
-                if serving_old && st.current_instances() == 0 {
-                    self.start_instance(&f, &mut st);
-                }
-                self.scale_up(&f, &mut st);
-                false
-            }
-            None => {
-                let f = Arc::new(Function::new(revision, self.inner.reaper.clone()));
-                self.write_functions().insert(name.clone(), f.clone());
-                let mut st = f.lock();
-                self.scale_up(&f, &mut st);
-                true
-            }
-        };
-        tracing::info!(function = %name, revision = %revision_id, created, "deployed");
-        Ok(DeployOutcome {
-            name,
-            revision: revision_id,
-            created,
-            changed: true,
-        })
-    }
-
-    /// Removes a function: its queue is answered, its containers removed, its records deleted.
-    /// Returns how many containers were removed.
-    pub async fn remove(&self, name: &str) -> Result<usize, ActivatorError> {
-        let _one_at_a_time = self.inner.deploy_lock.lock().await;
-        let Some(f) = self.write_functions().remove(name) else {
-            return Err(ActivatorError::NotFound(name.to_string()));
-        };
-        let (waiters, instances) = {
-            let mut st = f.lock();
-            st.removed = true;
-            let waiters: Vec<_> = st.queue.drain(..).collect();
-            let instances: Vec<_> = st.instances.drain(..).collect();
-            (waiters, instances)
-        };
-        for w in waiters {
-            let _ = w.tx.send(Err(AcquireError::Removed(name.to_string())));
-        }
-        let mut removed = 0;
-        for inst in &instances {
-            if let Some(cid) = &inst.container_id {
-                match inst.reservation.node().stop(cid).await {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        tracing::warn!(function = %name, container = %cid, error = %e, "could not remove container")
-                    }
-                }
-            }
-        }
-        self.inner.store.delete_function(name).await?;
-        tracing::info!(function = %name, containers = removed, "removed");
-        Ok(removed)
-    }
-
-    /// The status of one function.
-    pub fn status(&self, f: &Function) -> FunctionStatus {
-        let st = f.lock();
-        let now = Instant::now();
-        let count = |p: fn(Phase) -> bool| st.instances.iter().filter(|i| p(i.phase)).count();
-        FunctionStatus {
-            name: f.name().to_string(),
-            revision: st.revision.id.clone(),
-            image: st.revision.manifest.image.clone().unwrap_or_default(),
-            starting: count(|p| p == Phase::Starting),
-            desired: st.desired,
-            ready: count(|p| p == Phase::Ready),
-            paused: count(|p| matches!(p, Phase::Pausing | Phase::Paused | Phase::Resuming)),
-            draining: count(|p| matches!(p, Phase::Draining | Phase::Stopping)),
-            in_flight: st.instances.iter().map(|i| i.in_flight).sum(),
-            queued: st.queue.len(),
-            starts: st.starts,
-            failure: st.failure.as_ref().map(|fl| FailureStatus {
-                message: fl.message.clone(),
-                consecutive: fl.consecutive,
-                retry_in_ms: fl.retry_at.saturating_duration_since(now).as_millis() as u64,
-            }),
-            unschedulable: st.unschedulable.clone(),
-            instances: st.instances.iter().map(|i| i.status(now)).collect(),
         }
     }
 }

@@ -18,7 +18,7 @@ impl Activator {
             st.instances.retain(|i| {
                 let gone = i.reservation.node().name() == node;
                 if gone {
-                    forgotten.push(i.id.clone());
+                    forgotten.push((f.name().to_string(), i.id.clone()));
                 }
                 !gone
             });
@@ -26,8 +26,8 @@ impl Activator {
                 self.scale_up(&f, &mut st);
             }
         }
-        for id in &forgotten {
-            let _ = self.inner.store.delete_instance(id).await;
+        for (function, id) in &forgotten {
+            self.forget_record(function, id).await;
         }
         tracing::warn!(
             node,
@@ -72,7 +72,7 @@ impl Activator {
     }
 
     /// Drops instances holding GPUs the node no longer reports.
-    pub async fn drop_missing_gpus(&self, node: &str, gpus: &[GpuInfo]) {
+    pub fn drop_missing_gpus(&self, node: &str, gpus: &[GpuInfo]) {
         let present = crate::gpu::device_ids(gpus);
         for f in self.functions() {
             let victims = {
@@ -93,8 +93,7 @@ impl Activator {
                 take_victims(&mut st.instances, &missing)
             };
             if !victims.is_empty() {
-                self.stop_victims(&f, victims, "its GPU is gone from the node")
-                    .await;
+                self.stop_in_background(f, victims, "its GPU is gone from the node");
             }
         }
     }

@@ -1,23 +1,33 @@
 //! The reaper: the background loop that retires instances (idle ones above `scale.min`,
 //! drained ones of old revisions, ones whose container died under them) and scales out
 //! while traffic asks for it. Decisions come from `autoscaler`; this file applies them to
-//! the live state and to the nodes.
+//! the live state, under each function's lock, and hands the slow part (stopping
+//! containers on their nodes) to background tasks, so one slow node never holds up the
+//! scaling of every function.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use super::function::FnState;
+use super::instance::Instance;
 use super::{Activator, Function};
 use crate::autoscaler::{self, InstanceView, RetirePolicy, REAP_INTERVAL};
 use crate::keepalive;
-use crate::manifest::OnIdle;
+use crate::manifest::{GpuSpec, OnIdle};
 use crate::model::Phase;
 use crate::node::Node;
 
 /// How often containers are checked to still run.
-pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a health check waits for one node's listing.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The reaper loop: wakes on a short tick, when a permit leaves a draining instance idle,
 /// or when a reservation is freed; runs until `shutdown`.
@@ -33,14 +43,15 @@ pub async fn run(activator: Activator, shutdown: CancellationToken) {
             _ = activator.scheduler().freed().notified() => {}
             _ = tick.tick() => {}
         }
-        activator.reap().await;
+        activator.reap();
         if Instant::now() >= next_health {
-            activator.check_health().await;
+            activator.check_health_in_background();
             next_health = Instant::now() + HEALTH_INTERVAL;
         }
     }
 }
 
+/// An instance taken out of service, to be removed from its node.
 pub(super) struct Victim {
     id: String,
     node: Arc<dyn Node>,
@@ -50,120 +61,149 @@ pub(super) struct Victim {
 impl Activator {
     /// One pass over every function: feed the autoscaler, scale out while traffic asks
     /// for it, pre-warm when the keep-alive policy says so, pause or retire what is idle,
-    /// expire paused instances, and evict one paused instance if a placement waits for room.
-    pub async fn reap(&self) {
+    /// expire paused instances, and evict one paused instance if a placement waits for
+    /// room. Decides only: removals run in the background.
+    pub fn reap(&self) {
         let now = Instant::now();
         let mut waiting_for_room = Vec::new();
         for f in self.functions() {
             let victims = {
                 let mut st = f.lock();
-                let current = st.revision.id.clone();
-                let scale = st.revision.manifest.scale.clone();
-                let demand = st.demand();
-                st.scaler.observe(now, demand as f64, &scale);
-                let active = st.current_instances();
-                let in_flight: u32 = st
-                    .instances
-                    .iter()
-                    .filter(|i| i.revision.id == current)
-                    .map(|i| i.in_flight)
-                    .sum();
-                let decision = st.scaler.decide(now, &scale, active, in_flight);
-                st.desired = decision.desired;
-                let windows = st.keep_alive.windows();
-                let since_end = st.last_end.map(|t| now.saturating_duration_since(t));
-                let keep_alive = since_end.map_or(windows.keep_alive, |se| {
-                    keepalive::idle_threshold(&windows, se)
-                });
-                if demand == 0
-                    && active == 0
-                    && !st.prewarmed
-                    && since_end.is_some_and(|se| keepalive::prewarm_due(&windows, se))
-                {
-                    st.prewarmed = true;
-                    tracing::info!(function = %f.name(), "pre-warming before the expected next call");
-                    self.scale_to(&f, &mut st, 1);
-                }
-                let views: Vec<InstanceView> = st
-                    .instances
-                    .iter()
-                    .map(|i| InstanceView {
-                        current: i.revision.id == current,
-                        phase: i.phase,
-                        in_flight: i.in_flight,
-                        idle: now.saturating_duration_since(i.last_used),
-                        evacuating: i.evacuating,
-                    })
-                    .collect();
-                let retire = autoscaler::retire(
-                    &views,
-                    RetirePolicy {
-                        keep_alive,
-                        desired: decision.desired,
-                        min: scale.min,
-                        demand,
-                    },
-                );
-                let (pause, mut stop): (Vec<usize>, Vec<usize>) =
-                    retire.into_iter().partition(|&idx| {
-                        let i = &st.instances[idx];
-                        scale.on_idle == OnIdle::Pause
-                            && i.phase == Phase::Ready
-                            && i.revision.id == current
-                            && !i.evacuating
-                    });
-                stop.extend(st.instances.iter().enumerate().filter_map(|(idx, i)| {
-                    let expired = i
-                        .paused_at
-                        .is_some_and(|t| now.saturating_duration_since(t) >= scale.pause_timeout);
-                    (i.phase == Phase::Paused
-                        && (expired || i.revision.id != current || i.evacuating))
-                        .then_some(idx)
-                }));
-                for idx in pause {
-                    self.pause_instance(&f, &mut st, idx);
-                }
-                let victims = take_victims(&mut st.instances, &stop);
-                // What waiting and running requests need now, and while traffic asks for it,
-                // what the windows say, ahead of the hard need.
-                let need = st.needed();
-                let want = if demand > 0 {
-                    need.max(decision.desired)
-                } else {
-                    need
-                };
-                self.scale_to(&f, &mut st, want);
+                let victims = self.reap_function(&f, &mut st, now);
                 if st.unschedulable.is_some() && !st.queue.is_empty() {
                     waiting_for_room.push(st.revision.manifest.gpu.clone());
                 }
                 victims
             };
-            self.stop_victims(&f, victims, "idle").await;
+            if !victims.is_empty() {
+                self.stop_in_background(f, victims, "idle");
+            }
         }
         if !waiting_for_room.is_empty() {
-            self.evict_one_paused(&waiting_for_room).await;
+            self.evict_one_paused(&waiting_for_room);
         }
     }
 
+    /// The reaper's decisions for one function, applied to its live state.
+    fn reap_function(&self, f: &Arc<Function>, st: &mut FnState, now: Instant) -> Vec<Victim> {
+        let current = st.revision.id.clone();
+        let scale = st.revision.manifest.scale.clone();
+        let demand = st.demand();
+        st.scaler.observe(now, demand as f64, &scale);
+        let active = st.current_instances();
+        let in_flight: u32 = st
+            .instances
+            .iter()
+            .filter(|i| i.revision.id == current)
+            .map(|i| i.in_flight)
+            .sum();
+        let decision = st.scaler.decide(now, &scale, active, in_flight);
+        st.desired = decision.desired;
+        let windows = st.keep_alive.windows();
+        let since_end = st.last_end.map(|t| now.saturating_duration_since(t));
+        let keep_alive = since_end.map_or(windows.keep_alive, |se| {
+            keepalive::idle_threshold(&windows, se)
+        });
+        if demand == 0
+            && active == 0
+            && !st.prewarmed
+            && since_end.is_some_and(|se| keepalive::prewarm_due(&windows, se))
+        {
+            st.prewarmed = true;
+            tracing::info!(function = %f.name(), "pre-warming before the expected next call");
+            self.scale_to(f, st, 1);
+        }
+        let views: Vec<InstanceView> = st
+            .instances
+            .iter()
+            .map(|i| view(i, &current, now))
+            .collect();
+        let policy = RetirePolicy {
+            keep_alive,
+            desired: decision.desired,
+            min: scale.min,
+            demand,
+        };
+        let (pause, mut stop): (Vec<usize>, Vec<usize>) = autoscaler::retire(&views, policy)
+            .into_iter()
+            .partition(|&idx| {
+                let i = &st.instances[idx];
+                scale.on_idle == OnIdle::Pause
+                    && i.phase == Phase::Ready
+                    && i.revision.id == current
+                    && !i.evacuating
+            });
+        stop.extend(st.instances.iter().enumerate().filter_map(|(idx, i)| {
+            let expired = i
+                .paused_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= scale.pause_timeout);
+            (i.phase == Phase::Paused && (expired || i.revision.id != current || i.evacuating))
+                .then_some(idx)
+        }));
+        for idx in pause {
+            self.pause_instance(f, st, idx);
+        }
+        let victims = take_victims(&mut st.instances, &stop);
+        // What waiting and running requests need now, and while traffic asks for it, what
+        // the windows say, ahead of the hard need.
+        let need = st.needed();
+        let want = if demand > 0 {
+            need.max(decision.desired)
+        } else {
+            need
+        };
+        self.scale_to(f, st, want);
+        victims
+    }
+
+    /// Starts a health check in the background unless one is still running.
+    fn check_health_in_background(&self) {
+        if self.inner.checking_health.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        self.inner.tracker.spawn(
+            async move {
+                this.check_health().await;
+                this.inner.checking_health.store(false, Ordering::Release);
+            }
+            .instrument(tracing::info_span!("health")),
+        );
+    }
+
     /// Drops instances whose containers no longer run (crashed, killed, removed by hand).
+    /// Every node is listed at once, each within `LIST_TIMEOUT`.
     pub async fn check_health(&self) {
         // Only instances ready before the listing began can be judged by it.
         let listed_at = Instant::now();
+        let listings = join_all(
+            self.scheduler()
+                .live_nodes()
+                .into_iter()
+                .map(|node| async move {
+                    let listing = tokio::time::timeout(LIST_TIMEOUT, node.list_managed()).await;
+                    (node, listing)
+                }),
+        )
+        .await;
         let mut running = HashSet::new();
         let mut listed = HashSet::new();
-        for node in self.scheduler().live_nodes() {
-            match node.list_managed().await {
-                Ok(list) => {
+        for (node, listing) in listings {
+            match listing {
+                Ok(Ok(list)) => {
                     listed.insert(node.name().to_string());
                     running.extend(
                         list.into_iter()
                             .filter(|c| c.running)
                             .map(|c| c.container_id),
-                    )
+                    );
                 }
                 // An unreachable node is not proof that its containers died.
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(node = %node.name(), error = %e, "health check: cannot list containers");
+                }
+                Err(_) => {
+                    tracing::warn!(node = %node.name(), timeout = ?LIST_TIMEOUT, "health check: the node did not list its containers in time");
                 }
             }
         }
@@ -188,7 +228,9 @@ impl Activator {
                 self.scale_up(&f, &mut st);
                 victims
             };
-            self.stop_victims(&f, victims, "container stopped").await;
+            if !victims.is_empty() {
+                self.stop_in_background(f, victims, "container stopped");
+            }
         }
     }
 
@@ -207,30 +249,86 @@ impl Activator {
         self.stop_in_background(f.clone(), victims, "unreachable");
     }
 
-    pub(super) async fn stop_victims(&self, f: &Arc<Function>, victims: Vec<Victim>, why: &str) {
-        for v in victims {
-            tracing::info!(function = %f.name(), instance = %v.id, node = %v.node.name(), reason = why, "retiring instance");
-            if let Some(cid) = &v.container_id {
-                if let Err(e) = v.node.stop(cid).await {
-                    tracing::warn!(function = %f.name(), container = %cid, error = %e, "could not remove container");
+    /// Removes the victims' containers, all at once, in a background task.
+    pub(super) fn stop_in_background(
+        &self,
+        f: Arc<Function>,
+        victims: Vec<Victim>,
+        why: &'static str,
+    ) {
+        let this = self.clone();
+        let span = tracing::info_span!("retire", function = %f.name(), reason = why);
+        self.inner.tracker.spawn(
+            async move {
+                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v))).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn stop_victim(&self, f: &Arc<Function>, v: Victim) {
+        tracing::info!(instance = %v.id, node = %v.node.name(), "retiring instance");
+        if let Some(cid) = &v.container_id {
+            if let Err(e) = v.node.stop(cid).await {
+                tracing::warn!(container = %cid, error = %e, "could not remove container");
+            }
+        }
+        self.forget_record(f.name(), &v.id).await;
+        let mut st = f.lock();
+        st.instances.retain(|i| i.id != v.id);
+        // A request may have queued while this instance was stopping.
+        self.scale_up(f, &mut st);
+    }
+
+    /// Removes the least recently used paused instance, of any function, whose room would
+    /// let one of the `waiting` placements fit. Returns whether one was evicted.
+    pub(super) fn evict_one_paused(&self, waiting: &[Option<GpuSpec>]) -> bool {
+        let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
+        for f in self.functions() {
+            let st = f.lock();
+            for i in st.instances.iter().filter(|i| i.phase == Phase::Paused) {
+                if oldest.as_ref().is_some_and(|(_, _, t)| i.last_used >= *t) {
+                    continue;
+                }
+                let helps = waiting
+                    .iter()
+                    .any(|spec| self.scheduler().fits_without(spec.as_ref(), &i.reservation));
+                if helps {
+                    oldest = Some((f.clone(), i.id.clone(), i.last_used));
                 }
             }
-            if let Err(e) = self.inner.store.delete_instance(&v.id).await {
-                tracing::warn!(instance = %v.id, error = %e, "could not delete instance record");
-            }
-            let mut st = f.lock();
-            st.instances.retain(|i| i.id != v.id);
-            // A request may have queued while this instance was stopping.
-            self.scale_up(f, &mut st);
         }
+        let Some((f, id, _)) = oldest else {
+            return false;
+        };
+        let victims = {
+            let mut st = f.lock();
+            let Some(idx) = st
+                .instances
+                .iter()
+                .position(|i| i.id == id && i.phase == Phase::Paused)
+            else {
+                return false;
+            };
+            take_victims(&mut st.instances, &[idx])
+        };
+        self.stop_in_background(f, victims, "evicted: another placement needs its room");
+        true
+    }
+}
+
+fn view(i: &Instance, current: &str, now: Instant) -> InstanceView {
+    InstanceView {
+        current: i.revision.id == current,
+        phase: i.phase,
+        in_flight: i.in_flight,
+        idle: now.saturating_duration_since(i.last_used),
+        evacuating: i.evacuating,
     }
 }
 
 /// Moves the chosen instances to `Stopping` and describes them for removal.
-pub(super) fn take_victims(
-    instances: &mut [super::instance::Instance],
-    chosen: &[usize],
-) -> Vec<Victim> {
+pub(super) fn take_victims(instances: &mut [Instance], chosen: &[usize]) -> Vec<Victim> {
     chosen
         .iter()
         .filter_map(|&idx| {

@@ -24,12 +24,31 @@ use crate::store::InstanceRecord;
 /// How long an adopted container gets to answer its readiness probe.
 const ADOPT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The right to reconcile one node: while it is held, no other reconcile of that node
+/// starts (two at once could both adopt the same container). Dropping it, on any path,
+/// panics included, lets the next one start.
+pub struct ReconcileGuard {
+    activator: Activator,
+    node: String,
+}
+
+impl Drop for ReconcileGuard {
+    fn drop(&mut self) {
+        self.activator
+            .inner
+            .reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.node);
+    }
+}
+
 impl Activator {
     /// Loads deployed functions, then reconciles every node that is reachable now (the
     /// embedded one; agents are reconciled when they next report in).
     pub async fn restore(&self) -> Result<(), ActivatorError> {
         let store = &self.inner.store;
-        for record in store.functions()? {
+        for record in store.functions().await? {
             let Some(rev) = store.revision(&record.name, &record.revision)? else {
                 tracing::warn!(function = %record.name, revision = %record.revision, "function's revision is missing from the store; skipping it");
                 continue;
@@ -42,10 +61,26 @@ impl Activator {
             self.write_functions().insert(record.name, f);
         }
         for node in self.scheduler().live_nodes() {
-            self.reconcile_node(node).await;
+            if let Some(guard) = self.begin_reconcile(node.name()) {
+                let _ = self.reconcile_node(node, &guard).await;
+            }
         }
         tracing::info!(functions = self.functions().len(), "state restored");
         Ok(())
+    }
+
+    /// The right to reconcile `node`, unless a reconcile of it is under way.
+    pub fn begin_reconcile(&self, node: &str) -> Option<ReconcileGuard> {
+        let fresh = self
+            .inner
+            .reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string());
+        fresh.then(|| ReconcileGuard {
+            activator: self.clone(),
+            node: node.to_string(),
+        })
     }
 
     fn live_instance_ids(&self) -> HashSet<String> {
@@ -61,21 +96,25 @@ impl Activator {
             .collect()
     }
 
-    /// Adopts or removes the containers `node` runs for this gateway.
-    pub async fn reconcile_node(&self, node: Arc<dyn Node>) {
-        // Two reconciles of one node at once could both adopt the same container.
-        let _one_at_a_time = self.inner.reconcile_lock.lock().await;
-        let store = &self.inner.store;
+    /// Adopts or removes the containers `node` runs for this gateway. Returns whether it
+    /// could (the node listed its containers and the records were read).
+    pub async fn reconcile_node(&self, node: Arc<dyn Node>, _guard: &ReconcileGuard) -> bool {
         let containers = match node.list_managed().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(node = %node.name(), error = %e, "cannot list containers; reconciling later");
-                return;
+                return false;
             }
         };
-        let mut records: HashMap<String, InstanceRecord> = store
-            .instances()
-            .unwrap_or_default()
+        let records = match self.inner.store.instances().await {
+            Ok(r) => r,
+            Err(e) => {
+                // Without the records every container would look like an orphan.
+                tracing::error!(node = %node.name(), error = %e, "cannot read instance records; not reconciling");
+                return false;
+            }
+        };
+        let mut records: HashMap<String, InstanceRecord> = records
             .into_iter()
             .filter(|r| r.node == node.name())
             .map(|r| (r.id.clone(), r))
@@ -95,35 +134,37 @@ impl Activator {
             } else {
                 None
             };
-            let adopted_now = match adoptable {
-                Some((f, revision)) => self.adopt(node.as_ref(), &c, f, revision),
-                None => false,
-            };
-            if adopted_now {
+            if adoptable.is_some_and(|(f, revision)| self.adopt(node.as_ref(), &c, f, revision)) {
                 adopted += 1;
-            } else {
-                {
-                    let why = if !gpus_present {
-                        "its GPU is gone from the node"
-                    } else {
-                        "no record explains it"
-                    };
-                    tracing::info!(function = %c.function, container = %c.container_id, node = %node.name(), reason = why, "removing container");
-                    if let Err(e) = node.stop(&c.container_id).await {
-                        tracing::warn!(container = %c.container_id, error = %e, "could not remove container");
-                    }
-                    if record.is_some() {
-                        let _ = store.delete_instance(&c.instance).await;
-                    }
-                    removed += 1;
-                }
+                continue;
             }
+            let why = if gpus_present {
+                "no record explains it"
+            } else {
+                "its GPU is gone from the node"
+            };
+            tracing::info!(function = %c.function, container = %c.container_id, node = %node.name(), reason = why, "removing container");
+            if let Err(e) = node.stop(&c.container_id).await {
+                tracing::warn!(container = %c.container_id, error = %e, "could not remove container");
+            }
+            if record.is_some() {
+                self.forget_record(&c.function, &c.instance).await;
+            }
+            removed += 1;
         }
-        for id in records.keys() {
-            let _ = store.delete_instance(id).await;
+        for r in records.values() {
+            self.forget_record(&r.function, &r.id).await;
         }
         tracing::info!(node = %node.name(), adopted, removed, stale_records = records.len(), "node reconciled");
         self.reaper().notify_one();
+        true
+    }
+
+    /// Deletes an instance record; a failure is logged (the next reconcile retries it).
+    pub(super) async fn forget_record(&self, function: &str, instance: &str) {
+        if let Err(e) = self.inner.store.delete_instance(function, instance).await {
+            tracing::warn!(function, instance, error = %e, "could not delete instance record");
+        }
     }
 
     fn adopt(

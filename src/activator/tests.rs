@@ -1,5 +1,6 @@
 //! The activator on a `FakeNode`, whose "containers" are TCP listeners in this process:
 //! queue order, cold-start sharing and permit release, without Docker.
+#![allow(clippy::disallowed_methods)] // test tasks end with the test
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::manifest::{Format, Manifest};
-use crate::node::fake::FakeNode;
+use crate::node::fake::{FakeNode, StartOutcome};
 use crate::node::Node;
 use crate::scheduler::{Policy, Scheduler};
 
@@ -120,4 +121,108 @@ async fn waiting_requests_start_one_instance_per_concurrency_worth_up_to_max() {
         (0, 5),
         "the last five hold their permits in the channel"
     );
+}
+
+fn start_failure(result: Result<Permit, AcquireError>) -> (StartFault, String) {
+    match result {
+        Err(AcquireError::StartFailed { fault, message, .. }) => (fault, message),
+        other => panic!("expected a start failure, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_looping_function_answers_as_its_container_failed_through_the_back_off() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.then([StartOutcome::Exits(3), StartOutcome::Exits(3)]);
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+
+    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    assert_eq!(fault, StartFault::Container);
+    assert!(message.contains("code 3"), "{message}");
+    assert!(
+        message.contains("crashing at start"),
+        "its output: {message}"
+    );
+    assert_eq!(node.stopped(), ["c0"], "the failed container is removed");
+
+    // Within the back-off: no new start, and still the container's fault (502, not 503).
+    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    assert_eq!(fault, StartFault::Container);
+    assert!(message.contains("1 failed starts in a row"), "{message}");
+    assert_eq!(node.starts.load(Ordering::SeqCst), 1);
+
+    tokio::time::advance(BACKOFF_BASE + Duration::from_millis(10)).await;
+    let (fault, _) = start_failure(a.acquire(&f, None).await);
+    assert_eq!(fault, StartFault::Container);
+    assert_eq!(node.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(a.status(&f).failure.unwrap().consecutive, 2);
+    let (_, message) = start_failure(a.acquire(&f, None).await);
+    assert!(
+        message.contains("the next try is in 2s"),
+        "doubled: {message}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_cannot_start_containers_is_the_platforms_fault() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.then([StartOutcome::Fails("docker container create failed".into())]);
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    assert_eq!(fault, StartFault::Platform);
+    assert!(
+        !message.contains("docker container create"),
+        "the node's words stay in the log: {message}"
+    );
+    assert!(a
+        .status(&f)
+        .failure
+        .unwrap()
+        .message
+        .contains("docker container create"));
+    tokio::time::advance(BACKOFF_BASE + Duration::from_millis(10)).await;
+    let permit = a.acquire(&f, None).await.expect("the next start runs");
+    drop(permit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.fail_pauses.store(true, Ordering::SeqCst);
+    let (a, _dir) = activator(node.clone()).await;
+    let m = Manifest::parse(
+        "name = \"f\"\nimage = \"x:1\"\n[scale]\non_idle = \"pause\"\nidle_timeout = \"1s\"",
+        Format::Toml,
+    )
+    .unwrap();
+    a.deploy(m).await.unwrap();
+    let f = a.function("f").unwrap();
+    drop(a.acquire(&f, None).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    a.reap();
+    for _ in 0..100 {
+        if !node.stopped().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        node.stopped(),
+        ["c0"],
+        "the instance that would not freeze is removed"
+    );
+    for _ in 0..100 {
+        if a.status(&f).instances.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.status(&f).instances.is_empty());
+    let permit = a.acquire(&f, None).await.expect("a new instance serves");
+    drop(permit);
+    assert_eq!(node.starts.load(Ordering::SeqCst), 2);
 }

@@ -3,7 +3,7 @@
 //! cold start. A request that arrives while its instance is being paused waits and asks
 //! for it back; one that arrives while it is resuming waits for it. Paused instances are
 //! removed after `pause_timeout`, or earlier, least recently used first, when another
-//! placement needs the room they hold.
+//! placement needs the room they hold (the reaper's `evict_one_paused`).
 
 use std::sync::Arc;
 
@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::function::{FnState, Function};
-use super::reap::Victim;
 use super::Activator;
 use crate::model::Phase;
 
@@ -128,57 +127,5 @@ impl Activator {
             return true;
         }
         false
-    }
-
-    pub(super) fn stop_in_background(
-        &self,
-        f: Arc<Function>,
-        victims: Vec<Victim>,
-        why: &'static str,
-    ) {
-        let this = self.clone();
-        self.inner
-            .tracker
-            .spawn(async move { this.stop_victims(&f, victims, why).await });
-    }
-
-    /// Removes the least recently used paused instance, of any function, whose room would
-    /// let one of the `waiting` placements fit. Returns whether one was evicted.
-    pub(super) async fn evict_one_paused(
-        &self,
-        waiting: &[Option<crate::manifest::GpuSpec>],
-    ) -> bool {
-        let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
-        for f in self.functions() {
-            let st = f.lock();
-            for i in st.instances.iter().filter(|i| i.phase == Phase::Paused) {
-                if oldest.as_ref().is_some_and(|(_, _, t)| i.last_used >= *t) {
-                    continue;
-                }
-                let helps = waiting
-                    .iter()
-                    .any(|spec| self.scheduler().fits_without(spec.as_ref(), &i.reservation));
-                if helps {
-                    oldest = Some((f.clone(), i.id.clone(), i.last_used));
-                }
-            }
-        }
-        let Some((f, id, _)) = oldest else {
-            return false;
-        };
-        let victims = {
-            let mut st = f.lock();
-            let Some(idx) = st
-                .instances
-                .iter()
-                .position(|i| i.id == id && i.phase == Phase::Paused)
-            else {
-                return false;
-            };
-            super::reap::take_victims(&mut st.instances, &[idx])
-        };
-        self.stop_victims(&f, victims, "evicted: another placement needs its room")
-            .await;
-        true
     }
 }

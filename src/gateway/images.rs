@@ -8,11 +8,50 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::model::{ErrorCode, FieldError};
+use crate::node::Node;
+
+/// Builds `tag` on each node in turn, forwarding each node's progress as NDJSON lines;
+/// the last line says whether every build succeeded.
+async fn build_on_nodes(
+    nodes: Vec<Arc<dyn Node>>,
+    tag: &str,
+    dockerfile: &str,
+    context: Bytes,
+    out: &mpsc::Sender<String>,
+) {
+    let mut failed = None;
+    for node in nodes {
+        let (tx, mut rx) = mpsc::channel::<String>(64);
+        let forward = async {
+            while let Some(line) = rx.recv().await {
+                let json = serde_json::json!({ "node": node.name(), "progress": line });
+                let _ = out.send(json.to_string()).await;
+            }
+        };
+        let (result, ()) = tokio::join!(
+            node.build_image(tag, dockerfile, context.clone(), tx),
+            forward
+        );
+        if let Err(e) = result {
+            tracing::warn!(node = %node.name(), error = %crate::model::error_chain(&e), "image build failed");
+            failed = Some(format!("node `{}`: {}", node.name(), e.public_message()));
+            break;
+        }
+    }
+    let last = match failed {
+        Some(error) => serde_json::json!({ "error": error }),
+        None => serde_json::json!({ "done": true, "tag": tag }),
+    };
+    let _ = out.send(last.to_string()).await;
+}
 
 /// Largest build context accepted.
 pub const MAX_CONTEXT_BYTES: usize = 1 << 30;
@@ -78,33 +117,20 @@ pub async fn build_image(
     let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
     let nodes = state.activator().scheduler().live_nodes();
     let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
-    tokio::spawn(async move {
-        let mut failed = None;
-        for node in nodes {
-            let (tx, mut rx) = mpsc::channel::<String>(64);
-            let out = lines_tx.clone();
-            let node_name = node.name().to_string();
-            let forward = tokio::spawn(async move {
-                while let Some(line) = rx.recv().await {
-                    let json = serde_json::json!({ "node": node_name, "progress": line });
-                    let _ = out.send(json.to_string()).await;
+    let shutdown = state.shutdown.clone();
+    let span = tracing::info_span!("build", tag = %q.tag);
+    state.tracker.spawn(
+        async move {
+            tokio::select! {
+                _ = build_on_nodes(nodes, &q.tag, &dockerfile, body, &lines_tx) => {}
+                _ = shutdown.cancelled() => {
+                    let stop = serde_json::json!({ "error": "the gateway is shutting down" });
+                    let _ = lines_tx.send(stop.to_string()).await;
                 }
-            });
-            let result = node
-                .build_image(&q.tag, &dockerfile, body.clone(), tx)
-                .await;
-            let _ = forward.await;
-            if let Err(e) = result {
-                failed = Some(format!("node `{}`: {e}", node.name()));
-                break;
             }
         }
-        let last = match failed {
-            Some(error) => serde_json::json!({ "error": error }),
-            None => serde_json::json!({ "done": true, "tag": q.tag }),
-        };
-        let _ = lines_tx.send(last.to_string()).await;
-    });
+        .instrument(span),
+    );
     let stream = futures_util::stream::unfold(lines_rx, |mut rx| async move {
         rx.recv()
             .await

@@ -28,7 +28,7 @@ use crate::activator::{Activator, Limits};
 use crate::config::ServeConfig;
 use crate::gpu::GpuMonitor;
 use crate::invoke::Invoker;
-use crate::membership::Membership;
+use crate::membership::{Membership, Timing};
 use crate::node::{LocalNode, Node};
 use crate::proxy::Proxy;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
@@ -90,7 +90,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let tracker = TaskTracker::new();
     let activator = Activator::new(
         Scheduler::new(nodes, config.placement, config.gpu_max_sharers),
-        store.clone(),
+        store,
         tracker.clone(),
         shutdown.clone(),
         Limits {
@@ -98,17 +98,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             max_queued_bytes: config.max_queued_bytes.as_u64(),
         },
     );
-    let membership = Arc::new(
-        Membership::load(
-            activator.clone(),
-            store,
-            config.join_token.clone(),
-            gateway_id.clone(),
-            config.node_timeout,
-            config.heartbeat_interval,
-        )
-        .await?,
-    );
+    let timing = Timing {
+        node_timeout: config.node_timeout,
+        heartbeat: config.heartbeat_interval,
+    };
+    let membership = Membership::load(
+        activator.clone(),
+        config.join_token.clone(),
+        gateway_id.clone(),
+        timing,
+    )
+    .await?;
+    let membership = Arc::new(membership);
     activator.scheduler().refresh().await;
     for node in activator.scheduler().status() {
         tracing::info!(node = %node.name, gpus = node.gpus.len(), source = %node.gpu_source, driver = %node.gpu_driver, "node inventory");
@@ -228,6 +229,9 @@ async fn serve_until(listener: tokio::net::TcpListener, state: AppState) {
     if drained.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
     }
+    if let Err(e) = activator.store().flush().await {
+        tracing::error!(error = %e, "the state store did not flush at shutdown");
+    }
 }
 
 /// How often node GPU inventories are read.
@@ -241,7 +245,7 @@ async fn refresh_inventory(activator: Activator, shutdown: CancellationToken) {
         }
         for node in activator.scheduler().refresh().await {
             let gpus = node.gpus().await;
-            activator.drop_missing_gpus(node.name(), &gpus).await;
+            activator.drop_missing_gpus(node.name(), &gpus);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! nvml-wrapper loads `libnvidia-ml.so` at run time, so this builds and runs on machines
 //! without a GPU: `NvmlInventory::new` fails there with a message saying what is missing.
 //! The conversions from NVML's raw values are plain functions, unit-tested without a GPU.
+#![allow(clippy::disallowed_types)] // the one module that may hold this crate's types
 
 use nvml_wrapper::enum_wrappers::device::Brand;
 use nvml_wrapper::enums::device::UsedGpuMemory;

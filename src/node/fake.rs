@@ -1,9 +1,13 @@
 //! A test double of `Node`, for the activator and scheduler tests: it reports the GPUs it
 //! is given, and "starts" a container by binding a TCP listener in this process that
-//! accepts and holds connections (so readiness probes pass), once its gate lets it.
+//! accepts and holds connections (so readiness probes pass), once its gate lets it. Tests
+//! script what its calls do (a start that fails, a container that exits at start, a pause
+//! that fails) and read what it was asked (starts, stops).
+#![allow(clippy::disallowed_methods)] // test tasks end with the test
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -15,6 +19,17 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo};
 
+/// What one scripted start does.
+#[derive(Debug, Clone)]
+pub enum StartOutcome {
+    /// The container starts and listens.
+    Runs,
+    /// The node cannot start it (an engine or network failure).
+    Fails(String),
+    /// The container exits at once with this code, printing "crashing at start".
+    Exits(i64),
+}
+
 /// A node in this process.
 pub struct FakeNode {
     name: String,
@@ -23,6 +38,12 @@ pub struct FakeNode {
     pub starts: AtomicUsize,
     /// Each start takes one permit; tests add permits to let starts finish.
     pub gate: Semaphore,
+    /// What the next starts do, in order; when empty, containers run.
+    pub script: Mutex<VecDeque<StartOutcome>>,
+    /// Whether pauses fail.
+    pub fail_pauses: AtomicBool,
+    /// Containers stopped, in order.
+    pub stopped: Mutex<Vec<String>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -33,6 +54,9 @@ impl FakeNode {
             gpus,
             starts: AtomicUsize::new(0),
             gate: Semaphore::new(permits),
+            script: Mutex::default(),
+            fail_pauses: AtomicBool::new(false),
+            stopped: Mutex::default(),
             listeners: Mutex::default(),
         }
     }
@@ -46,6 +70,21 @@ impl FakeNode {
     pub fn gated(name: &str) -> FakeNode {
         FakeNode::with_gate(name, Vec::new(), 0)
     }
+
+    /// Scripts the next starts.
+    pub fn then(&self, outcomes: impl IntoIterator<Item = StartOutcome>) -> &Self {
+        lock(&self.script).extend(outcomes);
+        self
+    }
+
+    /// The containers stopped so far.
+    pub fn stopped(&self) -> Vec<String> {
+        lock(&self.stopped).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for FakeNode {
@@ -72,9 +111,6 @@ impl Node for FakeNode {
     fn gpu_source(&self) -> String {
         "fake".into()
     }
-    fn last_seen(&self) -> Option<std::time::SystemTime> {
-        None
-    }
     async fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.clone()
     }
@@ -84,6 +120,23 @@ impl Node for FakeNode {
     async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
         let n = self.starts.fetch_add(1, Ordering::SeqCst);
         self.gate.acquire().await.expect("gate open").forget();
+        let outcome = lock(&self.script).pop_front().unwrap_or(StartOutcome::Runs);
+        match outcome {
+            StartOutcome::Runs => {}
+            StartOutcome::Fails(message) => {
+                return Err(NodeError::Remote {
+                    node: self.name.clone(),
+                    message,
+                })
+            }
+            StartOutcome::Exits(code) => {
+                return Err(NodeError::ExitedAtStart {
+                    container_id: format!("c{n}"),
+                    code: Some(code),
+                    status: "exited".into(),
+                })
+            }
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a local port");
@@ -107,15 +160,22 @@ impl Node for FakeNode {
         Ok(ContainerState::Running)
     }
     async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
-        Ok(String::new())
+        Ok("crashing at start".into())
     }
     async fn pause(&self, _: &str) -> Result<(), NodeError> {
+        if self.fail_pauses.load(Ordering::SeqCst) {
+            return Err(NodeError::Remote {
+                node: self.name.clone(),
+                message: "the freezer refused".into(),
+            });
+        }
         Ok(())
     }
     async fn resume(&self, _: &str) -> Result<(), NodeError> {
         Ok(())
     }
-    async fn stop(&self, _: &str) -> Result<(), NodeError> {
+    async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
+        lock(&self.stopped).push(container_id.to_string());
         Ok(())
     }
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {

@@ -173,10 +173,6 @@ impl Node for LocalNode {
         self.gpus.source()
     }
 
-    fn last_seen(&self) -> Option<std::time::SystemTime> {
-        Some(std::time::SystemTime::now())
-    }
-
     async fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.read().await
     }

@@ -160,8 +160,6 @@ pub trait Node: Send + Sync + 'static {
     fn gpu_driver(&self) -> GpuDriver;
     /// Where the node's GPU facts come from.
     fn gpu_source(&self) -> String;
-    /// When the node was last heard from (now, for the embedded node).
-    fn last_seen(&self) -> Option<std::time::SystemTime>;
     /// The node's GPUs now (empty when it has none or cannot tell).
     async fn gpus(&self) -> Vec<GpuInfo>;
     /// Opens a byte stream to `endpoint`, the address this node gave for one of its

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -35,7 +35,7 @@ struct Facts {
     gpus: Vec<GpuInfo>,
     driver: GpuDriver,
     source: String,
-    last_seen: Option<SystemTime>,
+    last_seen: Option<tokio::time::Instant>,
 }
 
 /// A node reached over HTTP.
@@ -80,14 +80,22 @@ impl RemoteNode {
         f.gpus = r.gpus.clone();
         f.driver = r.gpu_driver;
         f.source = r.gpu_source.clone();
-        f.last_seen = Some(SystemTime::now());
+        f.last_seen = Some(tokio::time::Instant::now());
+    }
+
+    /// When the node was last heard from.
+    pub fn last_seen(&self) -> Option<tokio::time::Instant> {
+        self.facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_seen
     }
 
     /// Takes a heartbeat.
     pub fn heartbeat(&self, hb: &Heartbeat) {
         let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
         f.gpus = hb.gpus.clone();
-        f.last_seen = Some(SystemTime::now());
+        f.last_seen = Some(tokio::time::Instant::now());
     }
 
     async fn call_raw(
@@ -164,13 +172,6 @@ impl Node for RemoteNode {
             .unwrap_or_else(|e| e.into_inner())
             .source
             .clone()
-    }
-
-    fn last_seen(&self) -> Option<SystemTime> {
-        self.facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_seen
     }
 
     async fn gpus(&self) -> Vec<GpuInfo> {

@@ -3,6 +3,7 @@
 //!
 //! The container config is built by a pure function (`create_body`) so the exact request
 //! sent to Docker is unit-tested without an engine.
+#![allow(clippy::disallowed_types)] // the one module that may hold this crate's types
 
 use std::collections::HashMap;
 use std::net::IpAddr;

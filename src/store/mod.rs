@@ -1,0 +1,232 @@
+//! Durable state in sled: the only module that touches sled.
+//!
+//! # Layout
+//! - `functions.rs`: `functions` (name → current revision) and `revisions`
+//!   (`name/rev` → manifest).
+//! - `instances.rs`: `instances` (`function/instance` → container placement), keyed by
+//!   function so a function's instances are one prefix scan.
+//! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark).
+//! - `meta` (here): the layout's schema version and the gateway's id.
+//! - `writer.rs`: every write goes through one writer thread that batches writes and
+//!   flushes once per batch; a write that promises durability (a deploy, an instance
+//!   record) waits for its batch's flush.
+//! - `migrate.rs`: upgrades an older layout in place when the store is opened.
+//!
+//! Every value is JSON inside a versioned envelope (`{"v":1,"data":…}`) so later versions
+//! can still read old data. Point reads (`get`) are in-memory operations and run where they
+//! are called; scans run on the blocking pool, off the runtime's threads.
+#![allow(clippy::disallowed_types)] // the one module that may hold sled's types
+
+mod functions;
+mod instances;
+mod migrate;
+mod nodes;
+mod writer;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use functions::{FunctionRecord, RevisionRecord};
+pub use instances::InstanceRecord;
+pub use nodes::{NodeAddress, NodeMark, NodeRecord};
+pub use writer::{Change, TreeId, WriterStats};
+
+use writer::{Trees, Write};
+
+/// Version of the store's layout (trees and keys), kept in `meta`.
+/// 1: instances keyed by id; node records with `url`, `cordoned`, `draining`.
+/// 2: instances keyed by `function/instance`; node records with `address` and `mark`.
+pub const SCHEMA_VERSION: u32 = 2;
+/// Version of the value envelope (`{"v":…,"data":…}`).
+pub const VALUE_VERSION: u32 = 1;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled refused an operation (disk full, corruption, another process holding the lock).
+    #[error("state store")]
+    Sled(#[from] sled::Error),
+    /// A value could not be decoded.
+    #[error("state store: record {key} is unreadable")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What the decoder said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The data dir was written by a newer Ember.
+    #[error("state store schema version {found} is newer than this Ember understands ({SCHEMA_VERSION}); upgrade Ember")]
+    TooNew {
+        /// The version found on disk.
+        found: u32,
+    },
+    /// The writer thread could not be started.
+    #[error("state store: cannot start the writer thread")]
+    Writer(#[source] std::io::Error),
+    /// A write failed (the writer logged why), or the writer is gone.
+    #[error("state store: a write failed: {0}")]
+    Write(String),
+    /// A scan's blocking task failed.
+    #[error("state store: a scan failed")]
+    Scan(#[source] tokio::task::JoinError),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    data: T,
+}
+
+/// The state store. Cheap to clone; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    trees: Arc<Trees>,
+    writes: mpsc::UnboundedSender<Write>,
+    stats: Arc<WriterStats>,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, upgrading an older layout.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir.join("state")).open()?;
+        let trees = Trees {
+            functions: db.open_tree("functions")?,
+            revisions: db.open_tree("revisions")?,
+            instances: db.open_tree("instances")?,
+            nodes: db.open_tree("nodes")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        migrate::to_current(&trees)?;
+        let trees = Arc::new(trees);
+        let stats = Arc::new(WriterStats::default());
+        let writes = writer::start(trees.clone(), stats.clone())?;
+        Ok(Store {
+            trees,
+            writes,
+            stats,
+        })
+    }
+
+    /// Applies `changes` in order; resolves once they are on disk.
+    pub async fn write(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writes
+            .send(Write {
+                changes,
+                ack: Some(tx),
+            })
+            .map_err(|_| StoreError::Write("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Write("the writer has stopped".into()))?
+            .map_err(StoreError::Write)
+    }
+
+    /// Queues `changes` without waiting for the disk (for records whose loss in a crash
+    /// is harmless); a failure is logged by the writer.
+    pub fn write_later(&self, changes: Vec<Change>) {
+        let _ = self.writes.send(Write { changes, ack: None });
+    }
+
+    /// Waits until every write queued before this call is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.write(Vec::new()).await
+    }
+
+    /// Writes and flushes done so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.writes.load(Ordering::Relaxed),
+            self.stats.flushes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The id of the gateway owning this data dir: generated once, then stable.
+    /// Containers are labelled with it so gateways sharing a Docker engine leave each
+    /// other's containers alone.
+    pub async fn gateway_id(&self) -> Result<String, StoreError> {
+        if let Some(id) = self.trees.meta.get("gateway_id")? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = crate::model::short_id();
+        self.write(vec![Change::Put(
+            TreeId::Meta,
+            b"gateway_id".to_vec(),
+            id.clone().into_bytes(),
+        )])
+        .await?;
+        Ok(id)
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: TreeId, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.trees
+            .tree(tree)
+            .get(key)?
+            .map(|v| decode(key, &v))
+            .transpose()
+    }
+
+    /// Every record under `prefix`, read on the blocking pool.
+    async fn scan<T: DeserializeOwned + Send + 'static>(
+        &self,
+        tree: TreeId,
+        prefix: Vec<u8>,
+    ) -> Result<Vec<T>, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            trees
+                .tree(tree)
+                .scan_prefix(prefix)
+                .map(|entry| {
+                    let (k, v) = entry?;
+                    decode(&k, &v)
+                })
+                .collect()
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(&Envelope {
+        v: VALUE_VERSION,
+        data: value,
+    })
+    .expect("records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    };
+    #[derive(Deserialize)]
+    struct Head {
+        v: u32,
+    }
+    // The version is read first so that a newer record is refused, not misread.
+    let head: Head = serde_json::from_slice(bytes).map_err(corrupt)?;
+    if head.v > VALUE_VERSION {
+        return Err(StoreError::TooNew { found: head.v });
+    }
+    let envelope: Envelope<T> = serde_json::from_slice(bytes).map_err(corrupt)?;
+    Ok(envelope.data)
+}
+
+/// Milliseconds since the Unix epoch, for records.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,80 @@
+//! The `nodes` tree: every node the gateway knows, with where it is and what an operator
+//! set (cordon, drain), so both survive restarts.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{encode, Change, Store, StoreError, TreeId};
+use crate::model::NodeState;
+
+/// How the gateway reaches a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum NodeAddress {
+    /// The gateway's own embedded node.
+    Embedded,
+    /// An agent, at the URL of its node API.
+    Agent {
+        /// The URL.
+        url: String,
+    },
+}
+
+/// What an operator set on a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeMark {
+    /// Nothing: the node takes placements.
+    #[default]
+    None,
+    /// No new instances.
+    Cordoned,
+    /// No new instances, and the existing ones move away.
+    Draining,
+}
+
+impl NodeMark {
+    /// The state a reachable node with this mark is in.
+    pub fn state(self) -> NodeState {
+        match self {
+            NodeMark::None => NodeState::Ready,
+            NodeMark::Cordoned => NodeState::Cordoned,
+            NodeMark::Draining => NodeState::Draining,
+        }
+    }
+}
+
+/// A node the gateway knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node name.
+    pub name: String,
+    /// How it is reached.
+    pub address: NodeAddress,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// What an operator set.
+    #[serde(default)]
+    pub mark: NodeMark,
+}
+
+impl Store {
+    /// Records a node, durably.
+    pub async fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        let k = node.name.as_bytes().to_vec();
+        self.write(vec![Change::Put(TreeId::Nodes, k, encode(node))])
+            .await
+    }
+
+    /// One node.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.get(TreeId::Nodes, name.as_bytes())
+    }
+
+    /// Every node.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.scan(TreeId::Nodes, Vec::new()).await
+    }
+}

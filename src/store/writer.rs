@@ -1,0 +1,149 @@
+//! The store's writer: one thread that applies every write, in order, in batches, with one
+//! flush to disk per batch. A write that promises durability waits for its batch's flush
+//! (`Ack`); a burst of writes from many tasks shares one flush instead of paying one each.
+//! Runtime threads never block on sled's disk work.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+
+/// Writes applied in one batch at the most, so acks are not held back for long.
+pub const MAX_BATCH: usize = 4096;
+
+/// Which tree a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeId {
+    /// `functions`.
+    Functions,
+    /// `revisions`.
+    Revisions,
+    /// `instances`.
+    Instances,
+    /// `nodes`.
+    Nodes,
+    /// `meta`.
+    Meta,
+}
+
+/// One change.
+#[derive(Debug)]
+pub enum Change {
+    /// Sets a key.
+    Put(TreeId, Vec<u8>, Vec<u8>),
+    /// Removes a key.
+    Remove(TreeId, Vec<u8>),
+    /// Removes every key with a prefix.
+    RemovePrefix(TreeId, Vec<u8>),
+}
+
+/// Changes applied in order, acknowledged together after their batch's flush.
+pub(super) struct Write {
+    pub changes: Vec<Change>,
+    pub ack: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// What the writer has done, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Writes applied.
+    pub writes: AtomicU64,
+    /// Batches flushed.
+    pub flushes: AtomicU64,
+}
+
+/// The sled handles the writer needs.
+pub(super) struct Trees {
+    pub db: sled::Db,
+    pub functions: sled::Tree,
+    pub revisions: sled::Tree,
+    pub instances: sled::Tree,
+    pub nodes: sled::Tree,
+    pub meta: sled::Tree,
+}
+
+impl Trees {
+    pub(super) fn tree(&self, id: TreeId) -> &sled::Tree {
+        match id {
+            TreeId::Functions => &self.functions,
+            TreeId::Revisions => &self.revisions,
+            TreeId::Instances => &self.instances,
+            TreeId::Nodes => &self.nodes,
+            TreeId::Meta => &self.meta,
+        }
+    }
+
+    fn apply(&self, change: &Change) -> Result<(), sled::Error> {
+        match change {
+            Change::Put(t, k, v) => self.tree(*t).insert(k.as_slice(), v.as_slice()).map(drop),
+            Change::Remove(t, k) => self.tree(*t).remove(k.as_slice()).map(drop),
+            Change::RemovePrefix(t, prefix) => {
+                let tree = self.tree(*t);
+                for key in tree.scan_prefix(prefix).keys() {
+                    tree.remove(key?)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Starts the writer thread; it ends when every sender is gone, after its last batch.
+pub(super) fn start(
+    trees: Arc<Trees>,
+    stats: Arc<WriterStats>,
+) -> Result<mpsc::UnboundedSender<Write>, StoreError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("ember-store-writer".into())
+        .spawn(move || run(trees, stats, rx))
+        .map_err(StoreError::Writer)?;
+    Ok(tx)
+}
+
+fn run(trees: Arc<Trees>, stats: Arc<WriterStats>, mut rx: mpsc::UnboundedReceiver<Write>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut failed = None;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for write in &batch {
+            let applied = write.changes.iter().try_for_each(|c| trees.apply(c));
+            if let Err(e) = &applied {
+                failed = Some(e.to_string());
+            }
+            outcomes.push(applied.map_err(|e| e.to_string()));
+        }
+        let flushed = trees.db.flush().map(drop).map_err(|e| e.to_string());
+        stats
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "state store: flushing to disk failed");
+        } else if let Some(e) = failed {
+            tracing::error!(error = %e, "state store: a write failed");
+        }
+        for (write, outcome) in batch.drain(..).zip(outcomes) {
+            let result = outcome.and_then(|()| flushed.clone());
+            match write.ack {
+                Some(ack) => {
+                    let _ = ack.send(result);
+                }
+                None => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "state store: an unacknowledged write failed");
+                    }
+                }
+            }
+        }
+    }
+}
