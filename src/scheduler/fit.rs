@@ -163,6 +163,7 @@ pub fn fit(node: &NodeView, spec: Option<&GpuSpec>, policy: Policy) -> Result<Fi
     )))
 }
 
+/// Fits one GPU of `node`, adding the devices it offers to `out`.
 fn fit_gpu(
     node: &NodeView,
     gpu: &GpuInfo,
@@ -170,116 +171,166 @@ fn fit_gpu(
     policy: Policy,
     out: &mut Vec<Candidate>,
 ) -> Result<(), Misfit> {
-    use Misfit::{Busy, Never};
     if !model_matches(&gpu.name, &spec.models) {
-        return Err(Never(format!("model not in {:?}", spec.models)));
+        return Err(Misfit::Never(format!("model not in {:?}", spec.models)));
+    }
+    match spec.sharing {
+        Sharing::Exclusive => out.push(fit_exclusive(node, gpu, spec, policy)?),
+        Sharing::Shared => out.push(fit_shared(node, gpu, spec, policy)?),
+        Sharing::Mig => out.extend(fit_mig(node, gpu, spec, policy)?),
+    }
+    Ok(())
+}
+
+/// Memory the spec asks of one device (0 when it declares none).
+fn wanted_memory(spec: &GpuSpec) -> u64 {
+    spec.memory.map_or(0, |m| m.as_u64())
+}
+
+/// Smallest device memory the spec accepts (0 when it names none).
+fn min_memory(spec: &GpuSpec) -> u64 {
+    spec.min_memory.map_or(0, |m| m.as_u64())
+}
+
+/// Whether a whole GPU could ever serve the spec (exclusive and shared modes).
+fn whole_gpu_usable(gpu: &GpuInfo, spec: &GpuSpec) -> Result<(), Misfit> {
+    if gpu.mig_enabled {
+        return Err(Misfit::Never(
+            "in MIG mode; only its MIG instances can be used".into(),
+        ));
+    }
+    let needed = min_memory(spec).max(wanted_memory(spec));
+    if gpu.memory_total < needed {
+        return Err(Misfit::Never(format!(
+            "{} in total, less than the {} asked",
+            ByteSize(gpu.memory_total),
+            ByteSize(needed)
+        )));
+    }
+    Ok(())
+}
+
+/// A whole GPU no other instance holds, with the asked memory free of other users.
+fn fit_exclusive(
+    node: &NodeView,
+    gpu: &GpuInfo,
+    spec: &GpuSpec,
+    policy: Policy,
+) -> Result<Candidate, Misfit> {
+    whole_gpu_usable(gpu, spec)?;
+    let hold = node.holds.get(&gpu.uuid).cloned().unwrap_or_default();
+    if hold.exclusive || hold.sharers > 0 {
+        return Err(Misfit::Busy("held by another instance".into()));
     }
     let total = gpu.memory_total;
-    let min_memory = spec.min_memory.map_or(0, |m| m.as_u64());
-    let want = spec.memory.map_or(0, |m| m.as_u64());
-    let util = gpu.utilization.unwrap_or(0.0);
-    let hold = node.holds.get(&gpu.uuid).cloned().unwrap_or_default();
-    match spec.sharing {
-        Sharing::Exclusive | Sharing::Shared if gpu.mig_enabled => Err(Never(
-            "in MIG mode; only its MIG instances can be used".into(),
-        )),
-        Sharing::Exclusive | Sharing::Shared if total < min_memory.max(want) => {
-            Err(Never(format!(
-                "{} in total, less than the {} asked",
-                ByteSize(total),
-                ByteSize(min_memory.max(want))
-            )))
-        }
-        Sharing::Exclusive => {
-            if hold.exclusive || hold.sharers > 0 {
-                return Err(Busy("held by another instance".into()));
-            }
-            let available = total.saturating_sub(gpu.memory_used);
-            if want > available {
-                return Err(Busy(format!("only {} free", ByteSize(available))));
-            }
-            out.push(Candidate {
-                assignment: GpuAssignment {
-                    gpu_uuid: gpu.uuid.clone(),
-                    device_id: gpu.uuid.clone(),
-                    sharing: Sharing::Exclusive,
-                    memory: want,
-                },
-                score: device_score(policy, available as f64 / total.max(1) as f64, util),
-            });
-            Ok(())
-        }
-        Sharing::Shared => {
-            if hold.exclusive {
-                return Err(Busy("held whole by another instance".into()));
-            }
-            if hold.sharers >= node.max_sharers {
-                return Err(Busy(format!(
-                    "{} instances share it already, the node's limit",
-                    hold.sharers
-                )));
-            }
-            // NVML's used memory includes Ember's own instances; count what is larger.
-            let available = total.saturating_sub(gpu.memory_used.max(hold.memory));
-            if want > available {
-                return Err(Busy(format!(
-                    "only {} free after other users and reservations",
-                    ByteSize(available)
-                )));
-            }
-            out.push(Candidate {
-                assignment: GpuAssignment {
-                    gpu_uuid: gpu.uuid.clone(),
-                    device_id: gpu.uuid.clone(),
-                    sharing: Sharing::Shared,
-                    memory: want,
-                },
-                score: device_score(
-                    policy,
-                    (available - want) as f64 / total.max(1) as f64,
-                    util,
-                ),
-            });
-            Ok(())
-        }
-        Sharing::Mig => {
-            if !gpu.mig_enabled {
-                return Err(Never("not in MIG mode".into()));
-            }
-            let profile = spec.mig_profile.as_deref().unwrap_or("");
-            let matching: Vec<_> = gpu
-                .mig
-                .iter()
-                .filter(|m| m.profile == profile && m.memory_total >= min_memory)
-                .collect();
-            if matching.is_empty() {
-                return Err(Never(format!("no MIG instance of profile {profile}")));
-            }
-            let free: Vec<_> = matching
-                .iter()
-                .filter(|m| !node.holds.get(&m.uuid).is_some_and(|h| h.exclusive))
-                .collect();
-            if free.is_empty() {
-                return Err(Busy(format!(
-                    "its {} MIG instances of profile {profile} are held",
-                    matching.len()
-                )));
-            }
-            let free_share = free.len() as f64 / gpu.mig.len() as f64;
-            for m in free {
-                out.push(Candidate {
-                    assignment: GpuAssignment {
-                        gpu_uuid: gpu.uuid.clone(),
-                        device_id: m.uuid.clone(),
-                        sharing: Sharing::Mig,
-                        memory: m.memory_total,
-                    },
-                    score: device_score(policy, free_share, util),
-                });
-            }
-            Ok(())
-        }
+    let want = wanted_memory(spec);
+    let available = total.saturating_sub(gpu.memory_used);
+    if want > available {
+        return Err(Misfit::Busy(format!("only {} free", ByteSize(available))));
     }
+    let util = gpu.utilization.unwrap_or(0.0);
+    Ok(Candidate {
+        assignment: GpuAssignment {
+            gpu_uuid: gpu.uuid.clone(),
+            device_id: gpu.uuid.clone(),
+            sharing: Sharing::Exclusive,
+            memory: want,
+        },
+        score: device_score(policy, available as f64 / total.max(1) as f64, util),
+    })
+}
+
+/// A GPU not held whole, under the node's limit of sharers, with the declared memory free
+/// after NVML's used memory and other reservations.
+fn fit_shared(
+    node: &NodeView,
+    gpu: &GpuInfo,
+    spec: &GpuSpec,
+    policy: Policy,
+) -> Result<Candidate, Misfit> {
+    whole_gpu_usable(gpu, spec)?;
+    let hold = node.holds.get(&gpu.uuid).cloned().unwrap_or_default();
+    if hold.exclusive {
+        return Err(Misfit::Busy("held whole by another instance".into()));
+    }
+    if hold.sharers >= node.max_sharers {
+        return Err(Misfit::Busy(format!(
+            "{} instances share it already, the node's limit",
+            hold.sharers
+        )));
+    }
+    let total = gpu.memory_total;
+    let want = wanted_memory(spec);
+    // NVML's used memory includes Ember's own instances; count what is larger.
+    let available = total.saturating_sub(gpu.memory_used.max(hold.memory));
+    if want > available {
+        return Err(Misfit::Busy(format!(
+            "only {} free after other users and reservations",
+            ByteSize(available)
+        )));
+    }
+    let util = gpu.utilization.unwrap_or(0.0);
+    Ok(Candidate {
+        assignment: GpuAssignment {
+            gpu_uuid: gpu.uuid.clone(),
+            device_id: gpu.uuid.clone(),
+            sharing: Sharing::Shared,
+            memory: want,
+        },
+        score: device_score(
+            policy,
+            (available - want) as f64 / total.max(1) as f64,
+            util,
+        ),
+    })
+}
+
+/// Every free MIG instance of the asked profile; whole GPUs are never used for it.
+fn fit_mig(
+    node: &NodeView,
+    gpu: &GpuInfo,
+    spec: &GpuSpec,
+    policy: Policy,
+) -> Result<Vec<Candidate>, Misfit> {
+    if !gpu.mig_enabled {
+        return Err(Misfit::Never("not in MIG mode".into()));
+    }
+    let profile = spec.mig_profile.as_deref().unwrap_or("");
+    let min_memory = min_memory(spec);
+    let matching: Vec<_> = gpu
+        .mig
+        .iter()
+        .filter(|m| m.profile == profile && m.memory_total >= min_memory)
+        .collect();
+    if matching.is_empty() {
+        return Err(Misfit::Never(format!(
+            "no MIG instance of profile {profile}"
+        )));
+    }
+    let free: Vec<_> = matching
+        .iter()
+        .filter(|m| !node.holds.get(&m.uuid).is_some_and(|h| h.exclusive))
+        .collect();
+    if free.is_empty() {
+        return Err(Misfit::Busy(format!(
+            "its {} MIG instances of profile {profile} are held",
+            matching.len()
+        )));
+    }
+    let free_share = free.len() as f64 / gpu.mig.len() as f64;
+    let util = gpu.utilization.unwrap_or(0.0);
+    Ok(free
+        .into_iter()
+        .map(|m| Candidate {
+            assignment: GpuAssignment {
+                gpu_uuid: gpu.uuid.clone(),
+                device_id: m.uuid.clone(),
+                sharing: Sharing::Mig,
+                memory: m.memory_total,
+            },
+            score: device_score(policy, free_share, util),
+        })
+        .collect())
 }
 
 /// Takes (`take`) or releases an instance's holds.

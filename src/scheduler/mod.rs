@@ -6,20 +6,26 @@
 //! so two concurrent cold starts never get the same exclusive GPU or overbook shared
 //! memory. The `Reservation` is released when the instance holding it is dropped, and
 //! that wakes whoever waits for capacity.
+//!
+//! `fit.rs` holds the placement filters and score, `reservation.rs` the RAII holds
+//! (`Reservation`, `InFlight`), `status.rs` what the API shows of nodes and GPUs.
 
 mod fit;
+mod reservation;
+mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
-use serde::Serialize;
 use tokio::sync::Notify;
 
 pub use fit::{fit, Fit, Hold, Misfit, NodeView, Policy};
+pub use reservation::{InFlight, Reservation};
+pub use status::{describe, GpuStatus, NodeStatus};
 
-use crate::gpu::{GpuDriver, GpuInfo};
+use crate::gpu::GpuInfo;
 use crate::manifest::GpuSpec;
 use crate::model::{GpuAssignment, NodeState};
 use crate::node::Node;
@@ -27,15 +33,17 @@ use crate::node::Node;
 /// Default limit of instances sharing one GPU.
 pub const DEFAULT_MAX_SHARERS: u32 = 8;
 
-struct Slot {
+/// What the scheduler keeps of one node (not a GPU slot: a node entry holds all its GPUs).
+struct NodeEntry {
     node: Arc<dyn Node>,
-    state: Mutex<SlotState>,
+    state: Mutex<EntryState>,
     in_flight: AtomicUsize,
     freed: Arc<Notify>,
 }
 
+/// The part of a node entry that changes under its lock.
 #[derive(Default)]
-struct SlotState {
+struct EntryState {
     gpus: Vec<GpuInfo>,
     holds: HashMap<String, Hold>,
     instances: usize,
@@ -44,8 +52,8 @@ struct SlotState {
     labels: BTreeMap<String, String>,
 }
 
-impl Slot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
+impl NodeEntry {
+    fn lock(&self) -> MutexGuard<'_, EntryState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -74,136 +82,38 @@ pub enum PlacementError {
     NoNodes,
 }
 
+/// Why no node took a placement: `Never` when no node would even if every reservation
+/// went away, `Busy` (waiting nodes' reasons first) when one might later.
+fn refusal(spec: Option<&GpuSpec>, never: Vec<String>, mut busy: Vec<String>) -> PlacementError {
+    let requirement = describe(spec);
+    if busy.is_empty() {
+        PlacementError::Never {
+            requirement,
+            reasons: never.join("; "),
+        }
+    } else {
+        busy.extend(never);
+        PlacementError::Busy {
+            requirement,
+            reasons: busy.join("; "),
+        }
+    }
+}
+
 /// The nodes instances may be placed on.
 pub struct Scheduler {
-    slots: RwLock<Vec<Arc<Slot>>>,
+    entries: RwLock<Vec<Arc<NodeEntry>>>,
     policy: Policy,
     max_sharers: u32,
     place_lock: Mutex<()>,
     freed: Arc<Notify>,
 }
 
-/// A placement: the chosen node and devices, held for as long as the instance lives.
-pub struct Reservation {
-    slot: Arc<Slot>,
-    gpus: Vec<GpuAssignment>,
-}
-
-impl Reservation {
-    /// The node this reservation is on.
-    pub fn node(&self) -> &Arc<dyn Node> {
-        &self.slot.node
-    }
-
-    /// The devices given to the instance.
-    pub fn gpus(&self) -> &[GpuAssignment] {
-        &self.gpus
-    }
-
-    /// Counts one request in flight on the node until the guard drops.
-    pub fn track_request(&self) -> InFlight {
-        self.slot.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight {
-            slot: self.slot.clone(),
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        {
-            let mut st = self.slot.lock();
-            st.instances = st.instances.saturating_sub(1);
-            fit::apply(&mut st.holds, &self.gpus, false);
-        }
-        self.slot.freed.notify_waiters();
-    }
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("node", &self.slot.node.name())
-            .field("gpus", &self.gpus)
-            .finish()
-    }
-}
-
-/// One request in flight on a node.
-pub struct InFlight {
-    slot: Arc<Slot>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A node as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeStatus {
-    /// Name.
-    pub name: String,
-    /// ready, cordoned, draining or lost.
-    pub state: NodeState,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// How containers get GPUs there.
-    pub gpu_driver: GpuDriver,
-    /// Where its GPU facts come from.
-    pub gpu_source: String,
-    /// Its GPUs, each with Ember's reservations.
-    pub gpus: Vec<GpuStatus>,
-    /// Instances placed there.
-    pub instances: usize,
-    /// Requests in flight there.
-    pub in_flight: usize,
-    /// When its inventory was last read (RFC 3339).
-    pub last_heartbeat: Option<String>,
-}
-
-/// A GPU with what Ember holds of it.
-#[derive(Debug, Clone, Serialize)]
-pub struct GpuStatus {
-    /// The inventory's facts.
-    #[serde(flatten)]
-    pub gpu: GpuInfo,
-    /// Reservations on the whole GPU.
-    pub reserved: Hold,
-    /// MIG instances held, by UUID.
-    pub mig_held: Vec<String>,
-}
-
-/// The requirement of a GPU section in words, for errors.
-pub fn describe(spec: Option<&GpuSpec>) -> String {
-    let Some(s) = spec else {
-        return "a node".into();
-    };
-    let mut parts = vec![
-        format!("count = {}", s.count),
-        format!("sharing = {}", s.sharing),
-    ];
-    if let Some(m) = s.memory {
-        parts.push(format!("memory = {m}"));
-    }
-    if let Some(p) = &s.mig_profile {
-        parts.push(format!("mig_profile = {p}"));
-    }
-    if !s.models.is_empty() {
-        parts.push(format!("models = {:?}", s.models));
-    }
-    if let Some(m) = s.min_memory {
-        parts.push(format!("min_memory = {m}"));
-    }
-    format!("gpu {{ {} }}", parts.join(", "))
-}
-
 impl Scheduler {
     /// A scheduler over `nodes` (all ready); more join with `add_node`.
     pub fn new(nodes: Vec<Arc<dyn Node>>, policy: Policy, max_sharers: u32) -> Scheduler {
         let s = Scheduler {
-            slots: RwLock::new(Vec::new()),
+            entries: RwLock::new(Vec::new()),
             policy,
             max_sharers,
             place_lock: Mutex::new(()),
@@ -215,12 +125,16 @@ impl Scheduler {
         s
     }
 
-    fn slots(&self) -> Vec<Arc<Slot>> {
-        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The entries as they are now; the list lock is not held while each node is looked at.
+    fn snapshot(&self) -> Vec<Arc<NodeEntry>> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
-        self.slots
+    fn entry(&self, name: &str) -> Option<Arc<NodeEntry>> {
+        self.entries
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
@@ -236,16 +150,16 @@ impl Scheduler {
         labels: BTreeMap<String, String>,
         state: NodeState,
     ) -> Arc<dyn Node> {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.iter().find(|s| s.node.name() == node.name()) {
-            let mut st = slot.lock();
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = entries.iter().find(|s| s.node.name() == node.name()) {
+            let mut st = entry.lock();
             st.labels = labels;
             st.state = state;
-            return slot.node.clone();
+            return entry.node.clone();
         }
-        slots.push(Arc::new(Slot {
+        entries.push(Arc::new(NodeEntry {
             node: node.clone(),
-            state: Mutex::new(SlotState {
+            state: Mutex::new(EntryState {
                 labels,
                 state,
                 ..Default::default()
@@ -258,8 +172,8 @@ impl Scheduler {
 
     /// Sets a node's state; returns the previous one, or `None` for an unknown node.
     pub fn set_state(&self, name: &str, state: NodeState) -> Option<NodeState> {
-        let slot = self.slot(name)?;
-        let mut st = slot.lock();
+        let entry = self.entry(name)?;
+        let mut st = entry.lock();
         let before = st.state;
         st.state = state;
         Some(before)
@@ -267,7 +181,7 @@ impl Scheduler {
 
     /// A node's state.
     pub fn state(&self, name: &str) -> Option<NodeState> {
-        self.slot(name).map(|s| s.lock().state)
+        self.entry(name).map(|s| s.lock().state)
     }
 
     /// Notified whenever a reservation is released.
@@ -277,12 +191,15 @@ impl Scheduler {
 
     /// Every node.
     pub fn nodes(&self) -> Vec<Arc<dyn Node>> {
-        self.slots().into_iter().map(|s| s.node.clone()).collect()
+        self.snapshot()
+            .into_iter()
+            .map(|s| s.node.clone())
+            .collect()
     }
 
     /// Every node that is not lost.
     pub fn live_nodes(&self) -> Vec<Arc<dyn Node>> {
-        self.slots()
+        self.snapshot()
             .into_iter()
             .filter(|s| s.lock().state != NodeState::Lost)
             .map(|s| s.node.clone())
@@ -291,16 +208,16 @@ impl Scheduler {
 
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Option<Arc<dyn Node>> {
-        self.slot(name).map(|s| s.node.clone())
+        self.entry(name).map(|s| s.node.clone())
     }
 
     /// Takes a node's GPU inventory as it just reported it.
     /// Returns whether the devices it can hand out changed.
     pub fn update_gpus(&self, name: &str, gpus: Vec<GpuInfo>) -> bool {
-        let Some(slot) = self.slot(name) else {
+        let Some(entry) = self.entry(name) else {
             return false;
         };
-        let mut st = slot.lock();
+        let mut st = entry.lock();
         let changed = crate::gpu::device_ids(&st.gpus) != crate::gpu::device_ids(&gpus);
         st.gpus = gpus;
         st.refreshed = Some(SystemTime::now());
@@ -311,10 +228,10 @@ impl Scheduler {
     /// Returns the nodes whose devices changed, so their instances can be checked.
     pub async fn refresh(&self) -> Vec<Arc<dyn Node>> {
         let mut changed = Vec::new();
-        for slot in &self.slots() {
-            let gpus = slot.node.gpus().await;
-            if self.update_gpus(slot.node.name(), gpus) {
-                changed.push(slot.node.clone());
+        for entry in &self.snapshot() {
+            let gpus = entry.node.gpus().await;
+            if self.update_gpus(entry.node.name(), gpus) {
+                changed.push(entry.node.clone());
             }
         }
         changed
@@ -322,27 +239,27 @@ impl Scheduler {
 
     /// Places one instance needing `spec` (or no GPU) on the best node under the policy.
     pub fn place(&self, spec: Option<&GpuSpec>) -> Result<Reservation, PlacementError> {
-        let slots = self.slots();
-        if slots.is_empty() {
+        let entries = self.snapshot();
+        if entries.is_empty() {
             return Err(PlacementError::NoNodes);
         }
         let _one_at_a_time = self.place_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(usize, Fit, usize)> = None;
         let mut never = Vec::new();
         let mut busy = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            let st = slot.lock();
+        for (i, entry) in entries.iter().enumerate() {
+            let st = entry.lock();
             if !st.state.schedulable() {
                 // Cordoned, draining and lost nodes may come back: a wait, not a never.
-                busy.push(format!("node {}: {}", slot.node.name(), st.state));
+                busy.push(format!("node {}: {}", entry.node.name(), st.state));
                 continue;
             }
             let view = NodeView {
-                name: slot.node.name(),
+                name: entry.node.name(),
                 gpus: &st.gpus,
                 holds: &st.holds,
                 instances: st.instances,
-                in_flight: slot.in_flight.load(Ordering::Acquire),
+                in_flight: entry.in_flight.load(Ordering::Acquire),
                 max_sharers: self.max_sharers,
             };
             match fit(&view, spec, self.policy) {
@@ -350,15 +267,7 @@ impl Scheduler {
                     let mine = st.instances;
                     let better = match &best {
                         None => true,
-                        Some((_, b, theirs)) => {
-                            let theirs = *theirs;
-                            f.score > b.score + 1e-9
-                                || ((f.score - b.score).abs() <= 1e-9
-                                    && match self.policy {
-                                        Policy::Spread => mine < theirs,
-                                        Policy::Binpack => mine > theirs,
-                                    })
-                        }
+                        Some((_, b, theirs)) => self.beats(&f, mine, b, *theirs),
                     };
                     if better {
                         best = Some((i, f, mine));
@@ -369,36 +278,34 @@ impl Scheduler {
             }
         }
         let Some((i, chosen, _)) = best else {
-            let requirement = describe(spec);
-            let all_never = busy.is_empty();
-            return Err(if all_never {
-                PlacementError::Never {
-                    requirement,
-                    reasons: never.join("; "),
-                }
-            } else {
-                busy.extend(never);
-                PlacementError::Busy {
-                    requirement,
-                    reasons: busy.join("; "),
-                }
-            });
+            return Err(refusal(spec, never, busy));
         };
-        Ok(self.hold(&slots[i], chosen.gpus))
+        Ok(self.hold(&entries[i], chosen.gpus))
+    }
+
+    /// Whether a fit with `mine` instances on its node beats the best so far: a higher
+    /// score, or an equal one with the node the policy prefers by instance count.
+    fn beats(&self, f: &Fit, mine: usize, best: &Fit, theirs: usize) -> bool {
+        f.score > best.score + 1e-9
+            || ((f.score - best.score).abs() <= 1e-9
+                && match self.policy {
+                    Policy::Spread => mine < theirs,
+                    Policy::Binpack => mine > theirs,
+                })
     }
 
     /// Whether some node could ever place `spec` (reservations aside).
     pub fn feasible(&self, spec: Option<&GpuSpec>) -> Result<(), PlacementError> {
-        let slots = self.slots();
-        if slots.is_empty() {
+        let entries = self.snapshot();
+        if entries.is_empty() {
             return Err(PlacementError::NoNodes);
         }
         let empty = HashMap::new();
         let mut reasons = Vec::new();
-        for slot in &slots {
-            let st = slot.lock();
+        for entry in &entries {
+            let st = entry.lock();
             let view = NodeView {
-                name: slot.node.name(),
+                name: entry.node.name(),
                 gpus: &st.gpus,
                 holds: &empty,
                 instances: 0,
@@ -419,79 +326,43 @@ impl Scheduler {
     /// Whether `spec` would fit on the reservation's node if that reservation were released
     /// (to choose which paused instance to evict for a waiting placement).
     pub fn fits_without(&self, spec: Option<&GpuSpec>, r: &Reservation) -> bool {
-        let st = r.slot.lock();
+        let st = r.entry.lock();
         if !st.state.schedulable() {
             return false;
         }
         let mut holds = st.holds.clone();
         fit::apply(&mut holds, &r.gpus, false);
         let view = NodeView {
-            name: r.slot.node.name(),
+            name: r.entry.node.name(),
             gpus: &st.gpus,
             holds: &holds,
             instances: st.instances.saturating_sub(1),
-            in_flight: r.slot.in_flight.load(Ordering::Acquire),
+            in_flight: r.entry.in_flight.load(Ordering::Acquire),
             max_sharers: self.max_sharers,
         };
         fit(&view, spec, self.policy).is_ok()
     }
 
-    fn hold(&self, slot: &Arc<Slot>, gpus: Vec<GpuAssignment>) -> Reservation {
-        let mut st = slot.lock();
+    fn hold(&self, entry: &Arc<NodeEntry>, gpus: Vec<GpuAssignment>) -> Reservation {
+        let mut st = entry.lock();
         st.instances += 1;
         fit::apply(&mut st.holds, &gpus, true);
         Reservation {
-            slot: slot.clone(),
+            entry: entry.clone(),
             gpus,
         }
     }
 
     /// Records an instance found running on `node` with `gpus` (adoption at start).
     pub fn adopt(&self, node: &str, gpus: Vec<GpuAssignment>) -> Option<Reservation> {
-        let slot = self.slot(node)?;
-        Some(self.hold(&slot, gpus))
+        let entry = self.entry(node)?;
+        Some(self.hold(&entry, gpus))
     }
 
     /// Instances placed on the node named `name`.
     #[cfg(test)]
     pub fn load(&self, name: &str) -> usize {
-        self.slot(name).map_or(0, |s| s.lock().instances)
-    }
-
-    /// Every node with its GPUs and reservations, for the API.
-    pub fn status(&self) -> Vec<NodeStatus> {
-        self.slots()
-            .iter()
-            .map(|slot| {
-                let st = slot.lock();
-                NodeStatus {
-                    name: slot.node.name().to_string(),
-                    state: st.state,
-                    labels: st.labels.clone(),
-                    gpu_driver: slot.node.gpu_driver(),
-                    gpu_source: slot.node.gpu_source(),
-                    gpus: st
-                        .gpus
-                        .iter()
-                        .map(|g| GpuStatus {
-                            gpu: g.clone(),
-                            reserved: st.holds.get(&g.uuid).cloned().unwrap_or_default(),
-                            mig_held: g
-                                .mig
-                                .iter()
-                                .filter(|m| st.holds.contains_key(&m.uuid))
-                                .map(|m| m.uuid.clone())
-                                .collect(),
-                        })
-                        .collect(),
-                    instances: st.instances,
-                    in_flight: slot.in_flight.load(Ordering::Acquire),
-                    last_heartbeat: st
-                        .refreshed
-                        .map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                }
-            })
-            .collect()
+        self.entry(name).map_or(0, |s| s.lock().instances)
     }
 }
 

@@ -1,0 +1,259 @@
+//! The node API an agent serves to its gateway: the axum router, the join-token check in
+//! front of every route but `/healthz`, and one handler per call, each a thin wrapper over
+//! the agent's `LocalNode`. `RemoteNode` is the client of these routes.
+//!
+//! Node errors become responses here, in `AgentError`, and nowhere else.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::node::wire::WireErrorBody;
+use crate::node::{InstanceSpec, LocalNode, Node, NodeError};
+
+/// Largest image build context the API accepts, in bytes.
+const MAX_BUILD_CONTEXT: usize = 1 << 30;
+
+/// Build progress lines buffered between the build and the response.
+const BUILD_PROGRESS_BUFFER: usize = 1024;
+
+#[derive(Clone)]
+struct AgentState {
+    node: Arc<LocalNode>,
+    token: Arc<str>,
+}
+
+/// The node API over `node`, for callers bearing `token`.
+pub(super) fn router(node: Arc<LocalNode>, token: Arc<str>) -> Router {
+    let state = AgentState { node, token };
+    Router::new()
+        .route("/node/v1/instances", post(start))
+        .route("/node/v1/containers", get(list))
+        .route(
+            "/node/v1/containers/{id}",
+            get(container_state).delete(stop),
+        )
+        .route("/node/v1/containers/{id}/logs", get(logs))
+        .route("/node/v1/containers/{id}/pause", post(pause))
+        .route("/node/v1/containers/{id}/resume", post(resume))
+        .route(
+            "/node/v1/images",
+            get(image_exists)
+                .post(build_image)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BUILD_CONTEXT)),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<AgentState>, req: Request, next: Next) -> Response {
+    if !crate::access::check_bearer(req.headers(), &state.token) {
+        tracing::warn!(path = %req.uri().path(), "refused a call without the join token");
+        let body = WireErrorBody::unauthorized("missing or wrong join token");
+        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    }
+    next.run(req).await
+}
+
+/// A node error as the node API answers it.
+struct AgentError(NodeError);
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            NodeError::Runtime(crate::runtime::RuntimeError::ImageNotFound(_)) => {
+                StatusCode::NOT_FOUND
+            }
+            NodeError::ExitedAtStart { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(WireErrorBody::from_node_error(&self.0))).into_response()
+    }
+}
+
+impl From<NodeError> for AgentError {
+    fn from(e: NodeError) -> Self {
+        AgentError(e)
+    }
+}
+
+async fn start(
+    State(s): State<AgentState>,
+    Json(spec): Json<InstanceSpec>,
+) -> Result<Response, AgentError> {
+    Ok(Json(s.node.start(&spec).await?).into_response())
+}
+
+async fn list(State(s): State<AgentState>) -> Result<Response, AgentError> {
+    Ok(Json(s.node.list_managed().await?).into_response())
+}
+
+async fn container_state(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, AgentError> {
+    Ok(Json(s.node.state(&id).await?).into_response())
+}
+
+async fn stop(State(s): State<AgentState>, Path(id): Path<String>) -> Result<Response, AgentError> {
+    s.node.stop(&id).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn pause(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, AgentError> {
+    s.node.pause(&id).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn resume(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, AgentError> {
+    s.node.resume(&id).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default = "default_lines")]
+    lines: usize,
+}
+
+fn default_lines() -> usize {
+    50
+}
+
+async fn logs(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, AgentError> {
+    Ok(Json(s.node.logs(&id, q.lines).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct ImageQuery {
+    tag: String,
+    #[serde(default)]
+    dockerfile: Option<String>,
+}
+
+async fn image_exists(
+    State(s): State<AgentState>,
+    Query(q): Query<ImageQuery>,
+) -> Result<Response, AgentError> {
+    Ok(Json(s.node.image_exists(&q.tag).await?).into_response())
+}
+
+async fn build_image(
+    State(s): State<AgentState>,
+    Query(q): Query<ImageQuery>,
+    body: Bytes,
+) -> Result<Response, AgentError> {
+    let (tx, mut rx) = mpsc::channel(BUILD_PROGRESS_BUFFER);
+    let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
+    let collect = async move {
+        let mut lines = Vec::new();
+        while let Some(line) = rx.recv().await {
+            lines.push(line);
+        }
+        lines
+    };
+    // The channel is bounded, so the lines are read while the build runs; the build drops
+    // its sender when it ends, which ends the collection.
+    let (result, lines) = tokio::join!(s.node.build_image(&q.tag, &dockerfile, body, tx), collect);
+    result?;
+    Ok(Json(lines).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use async_trait::async_trait;
+    use http_body_util::BodyExt;
+    use tower_service::Service;
+
+    use super::*;
+    use crate::runtime::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
+
+    /// A runtime whose builds print `lines` progress lines; it runs nothing.
+    struct Chatty {
+        lines: usize,
+    }
+
+    #[async_trait]
+    impl ContainerRuntime for Chatty {
+        async fn ping(&self) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn image_exists(&self, _: &str) -> Result<bool, RuntimeError> {
+            Ok(false)
+        }
+        async fn build_image(
+            &self,
+            _: &str,
+            _: &str,
+            _: Bytes,
+            progress: mpsc::Sender<String>,
+        ) -> Result<(), RuntimeError> {
+            for i in 0..self.lines {
+                let _ = progress.send(format!("step {i}")).await;
+            }
+            Ok(())
+        }
+        async fn run(&self, _: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+            Err(RuntimeError::NoPort("test".into()))
+        }
+        async fn inspect(&self, _: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+            Ok(None)
+        }
+        async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
+            Ok(String::new())
+        }
+        async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn list(&self, _: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_build_answers_every_progress_line_even_past_the_buffer() {
+        let lines = 3 * BUILD_PROGRESS_BUFFER;
+        let runtime = Arc::new(Chatty { lines });
+        let node = LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime);
+        let mut app = router(Arc::new(node), "secret".into());
+        let req = Request::builder()
+            .method("POST")
+            .uri("/node/v1/images?tag=t:1")
+            .header("authorization", "Bearer secret")
+            .body(axum::body::Body::from("context"))
+            .unwrap();
+        let resp = app.call(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let got: Vec<String> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(got.len(), lines);
+        assert_eq!(got.last(), Some(&format!("step {}", lines - 1)));
+    }
+}
