@@ -1,7 +1,7 @@
 //! Many machines, one endpoint: a gateway and three agents as separate processes on this
 //! machine's Docker engine (each labelling its containers with its node), placement across
-//! them, cordon and drain, and the faults: a killed agent, its restart, a gateway restart,
-//! and a node that comes back with fewer GPUs.
+//! them, cordon and drain, and the faults: a killed agent, its restart, a dead instance
+//! behind a POST, and a node that comes back with fewer GPUs.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
@@ -10,88 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::cluster::{
+    cluster, gateway_args, instance_nodes, node_containers, node_state, wait_ready, TOKEN,
+};
 use common::{eventually, Agent, Gateway};
 use http::Method;
-
-const TOKEN: &str = "join-token-for-tests";
-
-fn gateway_args(listen: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--join-token",
-        TOKEN,
-        "--no-local-node",
-        "--node-timeout",
-        "2s",
-        "--heartbeat-interval",
-        "300ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(l) = listen {
-        args.extend(["--listen".to_string(), l.to_string()]);
-    }
-    args
-}
-
-async fn cluster(names: &[&str]) -> (Arc<Gateway>, Vec<Agent>) {
-    let args = gateway_args(None);
-    let gw = Arc::new(Gateway::builder().args(&args).start().await);
-    let mut agents = Vec::new();
-    for name in names {
-        agents.push(Agent::builder(&gw.url, TOKEN, name).start().await);
-    }
-    wait_ready(&gw, names.len()).await;
-    (gw, agents)
-}
-
-async fn wait_ready(gw: &Arc<Gateway>, n: usize) {
-    eventually(Duration::from_secs(10), "agents ready", || {
-        let gw = gw.clone();
-        async move {
-            let nodes = gw.get_json("/api/v1/nodes").await;
-            nodes["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|n| n["state"] == "ready")
-                .count()
-                == n
-        }
-    })
-    .await;
-}
-
-async fn node_state(gw: &Gateway, name: &str) -> String {
-    let nodes = gw.get_json("/api/v1/nodes").await;
-    nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .map(|n| n["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
-async fn instance_nodes(gw: &Gateway, function: &str) -> Vec<String> {
-    let f = gw.function(function).await;
-    let mut nodes: Vec<String> = f["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["phase"] == "ready")
-        .map(|i| i["node"].as_str().unwrap().to_string())
-        .collect();
-    nodes.sort();
-    nodes
-}
-
-fn node_containers(gw: &Gateway, node: &str) -> Vec<String> {
-    common::docker_ps_all(&[
-        &format!("ember.gateway={}", gw.id),
-        &format!("ember.node={node}"),
-    ])
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn placement_spreads_over_nodes_and_cordon_and_drain_move_work_away() {
@@ -334,68 +257,6 @@ async fn a_post_to_an_instance_whose_agent_and_container_died_is_served_by_anoth
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_gateway_gets_its_agents_back_and_adopts_their_instances() {
-    require_docker!();
-    let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", common::free_port());
-    let args = gateway_args(Some(&listen));
-    let mut gw = Gateway::builder()
-        .args(&args)
-        .data_dir(dir.path())
-        .start()
-        .await;
-    let label = format!("ember.gateway={}", gw.id);
-    let _cleanup = common::Cleanup(label.clone());
-    let _agents = [
-        Agent::builder(&gw.url, TOKEN, "n1").start().await,
-        Agent::builder(&gw.url, TOKEN, "n2").start().await,
-    ];
-    let shared = Arc::new(gw);
-    wait_ready(&shared, 2).await;
-    gw = Arc::try_unwrap(shared).ok().unwrap();
-    gw.deploy("kept", &common::echo_manifest("kept", "", ""))
-        .await;
-    let before = gw
-        .request(Method::GET, "/fn/kept/", &[], Bytes::new())
-        .await;
-    assert_eq!(before.status, 200);
-    let containers = gw.containers("kept");
-    gw.kill();
-
-    let gw = Arc::new(
-        Gateway::builder()
-            .args(&args)
-            .data_dir(dir.path())
-            .start()
-            .await,
-    );
-    eventually(
-        Duration::from_secs(10),
-        "agents back and the instance adopted",
-        || {
-            let gw = gw.clone();
-            async move { gw.function("kept").await["ready"] == 1 }
-        },
-    )
-    .await;
-    // Each node takes placements again once it has been reconciled.
-    wait_ready(&gw, 2).await;
-    let status = gw.function("kept").await;
-    assert_eq!(status["instances"][0]["adopted"], true);
-    assert_eq!(gw.containers("kept"), containers, "the same container");
-    let after = gw
-        .request(Method::GET, "/fn/kept/", &[], Bytes::new())
-        .await;
-    assert_eq!(after.header("x-echo-host"), before.header("x-echo-host"));
-    assert_eq!(
-        gw.function("kept").await["starts"],
-        0,
-        "warm after the restart"
-    );
-    drop(gw);
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
     require_docker!();
     let args = gateway_args(None);
@@ -454,82 +315,5 @@ async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
             .await
             .status,
         200
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_wrong_join_token_gets_401_and_nothing_else() {
-    require_docker!();
-    let args = gateway_args(None);
-    let gw = Gateway::builder().args(&args).start().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args([
-            "agent",
-            "--gateway",
-            &gw.url,
-            "--token",
-            "wrong-token",
-            "--name",
-            "intruder",
-        ])
-        .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
-        .arg("--data-dir")
-        .arg(tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong or missing join token"));
-    let r = gw
-        .request(
-            Method::POST,
-            "/api/v1/nodes/intruder/heartbeat",
-            &[
-                ("authorization", "Bearer nope"),
-                ("content-type", "application/json"),
-            ],
-            "{}",
-        )
-        .await;
-    assert_eq!(r.status, 401);
-    assert!(gw.get_json("/api/v1/nodes").await["nodes"]
-        .as_array()
-        .unwrap()
-        .is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_node_that_joins_another_gateway_removes_what_the_old_one_left() {
-    require_docker!();
-    let args = gateway_args(None);
-    let agent_dir = tempfile::tempdir().unwrap();
-    let data_dir = agent_dir.path().join("agent");
-    let old = Arc::new(Gateway::builder().args(&args).start().await);
-    let mut agent = Agent::builder(&old.url, TOKEN, "mover")
-        .data_dir(&data_dir)
-        .start()
-        .await;
-    wait_ready(&old, 1).await;
-    old.deploy("left", &common::echo_manifest("left", "", ""))
-        .await;
-    assert_eq!(
-        old.request(Method::GET, "/fn/left/", &[], Bytes::new())
-            .await
-            .status,
-        200
-    );
-    assert_eq!(old.containers("left").len(), 1);
-    let old_label = format!("ember.gateway={}", old.id);
-    let _cleanup = common::Cleanup(old_label.clone());
-    agent.kill();
-
-    let new = Arc::new(Gateway::builder().args(&args).start().await);
-    let _agent = Agent::builder(&new.url, TOKEN, "mover")
-        .data_dir(&data_dir)
-        .start()
-        .await;
-    wait_ready(&new, 1).await;
-    assert!(
-        common::docker_ps_all(&[&old_label]).is_empty(),
-        "the old gateway's container on this node is gone"
     );
 }

@@ -20,6 +20,7 @@
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
+#![allow(clippy::disallowed_types)] // the baselines drive Docker directly, as a user would
 
 #[path = "../../tests/common/mod.rs"]
 mod common;

@@ -5,7 +5,7 @@
 //! only way to reach an instance: `connect` hands out the byte stream that the proxy and
 //! the readiness prober speak HTTP over, so nothing outside this module dials a container
 //! or an agent. `LocalNode` (local.rs) implements the trait in process on a
-//! `ContainerRuntime`; `RemoteNode` (remote.rs) as a client of an agent (agent.rs), whose
+//! `ContainerRuntime`; `RemoteNode` (remote.rs) as a client of an agent (agent/), whose
 //! server wraps the same `LocalNode`, so both paths share the activator.
 
 pub mod agent;

@@ -5,10 +5,12 @@
 //! # Layout
 //! - `gateway`: [`Gateway`] and its builder, `Gateway::builder().args(..).start()`;
 //! - `agent`: [`Agent`] and its builder, `Agent::builder(url, token, name).start()`;
+//! - `cluster`: a gateway of agents only, and what the API says of nodes;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
 mod agent;
+pub mod cluster;
 mod gateway;
 
 // Only the multi-node tests start agents; the other binaries leave this unused.
