@@ -288,57 +288,7 @@ mod tests {
     use crate::manifest::{Format, Manifest};
     use crate::model::GpuAssignment;
     use crate::model::Sharing;
-
-    struct NoRuntime;
-
-    #[async_trait]
-    impl ContainerRuntime for NoRuntime {
-        async fn ping(&self) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn image_exists(&self, _: &str) -> Result<bool, RuntimeError> {
-            Ok(true)
-        }
-        async fn build_image(
-            &self,
-            _: &str,
-            _: &str,
-            _: Bytes,
-            _: mpsc::Sender<String>,
-        ) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn run(
-            &self,
-            _: &ContainerSpec,
-        ) -> Result<crate::runtime::ContainerInfo, RuntimeError> {
-            Err(RuntimeError::NoPort("test".into()))
-        }
-        async fn inspect(
-            &self,
-            _: &str,
-        ) -> Result<Option<crate::runtime::ContainerInfo>, RuntimeError> {
-            Ok(None)
-        }
-        async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
-            Ok(String::new())
-        }
-        async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn list(
-            &self,
-            _: &[(&str, &str)],
-        ) -> Result<Vec<crate::runtime::ContainerInfo>, RuntimeError> {
-            Ok(vec![])
-        }
-    }
+    use crate::runtime::fake::FakeRuntime;
 
     fn spec_with(gpus: Vec<GpuAssignment>) -> InstanceSpec {
         InstanceSpec {
@@ -353,7 +303,7 @@ mod tests {
     }
 
     fn node(driver: GpuDriver) -> LocalNode {
-        LocalNode::new("n", "gw", "127.0.0.1".parse().unwrap(), Arc::new(NoRuntime))
+        LocalNode::new("n", "gw", "127.0.0.1".parse().unwrap(), Arc::new(FakeRuntime::default()))
             .with_gpus(GpuMonitor::new(None), driver)
     }
 

@@ -5,6 +5,8 @@
 //! (a `ContainerSpec` in, a `ContainerInfo` out) so nothing above it sees Docker types.
 
 pub mod docker;
+#[cfg(test)]
+pub mod fake;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

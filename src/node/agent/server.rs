@@ -182,65 +182,16 @@ async fn build_image(
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use async_trait::async_trait;
     use http_body_util::BodyExt;
     use tower_service::Service;
 
     use super::*;
-    use crate::runtime::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
-
-    /// A runtime whose builds print `lines` progress lines; it runs nothing.
-    struct Chatty {
-        lines: usize,
-    }
-
-    #[async_trait]
-    impl ContainerRuntime for Chatty {
-        async fn ping(&self) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn image_exists(&self, _: &str) -> Result<bool, RuntimeError> {
-            Ok(false)
-        }
-        async fn build_image(
-            &self,
-            _: &str,
-            _: &str,
-            _: Bytes,
-            progress: mpsc::Sender<String>,
-        ) -> Result<(), RuntimeError> {
-            for i in 0..self.lines {
-                let _ = progress.send(format!("step {i}")).await;
-            }
-            Ok(())
-        }
-        async fn run(&self, _: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
-            Err(RuntimeError::NoPort("test".into()))
-        }
-        async fn inspect(&self, _: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
-            Ok(None)
-        }
-        async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
-            Ok(String::new())
-        }
-        async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn list(&self, _: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError> {
-            Ok(Vec::new())
-        }
-    }
+    use crate::runtime::fake::FakeRuntime;
 
     #[tokio::test]
     async fn a_build_answers_every_progress_line_even_past_the_buffer() {
         let lines = 3 * BUILD_PROGRESS_BUFFER;
-        let runtime = Arc::new(Chatty { lines });
+        let runtime = Arc::new(FakeRuntime { build_lines: lines });
         let node = LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime);
         let mut app = router(Arc::new(node), "secret".into());
         let req = Request::builder()

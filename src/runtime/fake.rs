@@ -1,0 +1,58 @@
+//! A test double of `ContainerRuntime` for the node tests: it runs nothing, and its builds
+//! print as many progress lines as a test asks for.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
+
+/// A runtime that runs nothing.
+#[derive(Default)]
+pub struct FakeRuntime {
+    /// Progress lines each build prints.
+    pub build_lines: usize,
+}
+
+#[async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn image_exists(&self, _: &str) -> Result<bool, RuntimeError> {
+        Ok(true)
+    }
+    async fn build_image(
+        &self,
+        _: &str,
+        _: &str,
+        _: Bytes,
+        progress: mpsc::Sender<String>,
+    ) -> Result<(), RuntimeError> {
+        for i in 0..self.build_lines {
+            let _ = progress.send(format!("step {i}")).await;
+        }
+        Ok(())
+    }
+    async fn run(&self, _: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+        Err(RuntimeError::NoPort("test".into()))
+    }
+    async fn inspect(&self, _: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        Ok(None)
+    }
+    async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
+        Ok(String::new())
+    }
+    async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn list(&self, _: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        Ok(Vec::new())
+    }
+}
