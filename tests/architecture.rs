@@ -1,6 +1,6 @@
 //! The seams of DESIGN.md, checked on the source: no two modules import each other,
-//! nothing imports the gateway or the CLI, and sled, bollard and NVML stay in the one
-//! module each that owns them. A change that crosses a seam fails here, not in review.
+//! nothing imports the gateway or the CLI, sled, bollard and NVML stay in the one module
+//! each that owns them, and only nodes dial instances and agents. A change that crosses a seam fails here, not in review.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -188,6 +188,22 @@ fn sled_bollard_and_nvml_stay_in_their_modules() {
                 assert!(
                     rel.starts_with(owner),
                     "{rel} uses {needle}; only {owner} may (DESIGN.md seams)"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn only_nodes_dial_instances_and_agents() {
+    // The gateway reaches an instance only through `Node::connect`, which a tunnelled
+    // node answers with a stream of its tunnel; `client.rs` dials the gateway itself.
+    for (rel, code) in library() {
+        for needle in ["TcpStream::connect", "HttpConnector"] {
+            if code.contains(needle) {
+                assert!(
+                    rel.starts_with("node/") || rel == "client.rs",
+                    "{rel} uses {needle}; reach instances through Node::connect"
                 );
             }
         }

@@ -23,8 +23,9 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, GpuRequest, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
-    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
+    ContainerRuntime, ContainerSpec, DeviceDriver, GpuRequest, RuntimeError, LABEL_FUNCTION,
+    LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT,
+    LABEL_REVISION,
 };
 
 /// Process limit per container: generous for thread-per-connection servers, still a cap
@@ -146,11 +147,11 @@ pub fn gpu_request(driver: GpuDriver, ids: &[String]) -> Option<GpuRequest> {
     match driver {
         GpuDriver::Simulated => None,
         GpuDriver::Nvidia => Some(GpuRequest {
-            driver: "nvidia".into(),
+            driver: DeviceDriver::Nvidia,
             device_ids: ids.to_vec(),
         }),
         GpuDriver::Cdi => Some(GpuRequest {
-            driver: "cdi".into(),
+            driver: DeviceDriver::Cdi,
             device_ids: ids
                 .iter()
                 .map(|id| format!("nvidia.com/gpu={id}"))
@@ -247,7 +248,7 @@ impl Node for LocalNode {
                     revision: label(LABEL_REVISION),
                     instance: label(LABEL_INSTANCE),
                     running: c.running,
-                    paused: c.status == "paused",
+                    paused: c.paused,
                     endpoint: c
                         .labels
                         .get(LABEL_PORT)
@@ -303,8 +304,13 @@ mod tests {
     }
 
     fn node(driver: GpuDriver) -> LocalNode {
-        LocalNode::new("n", "gw", "127.0.0.1".parse().unwrap(), Arc::new(FakeRuntime::default()))
-            .with_gpus(GpuMonitor::new(None), driver)
+        LocalNode::new(
+            "n",
+            "gw",
+            "127.0.0.1".parse().unwrap(),
+            Arc::new(FakeRuntime::default()),
+        )
+        .with_gpus(GpuMonitor::new(None), driver)
     }
 
     fn mig() -> GpuAssignment {
@@ -336,7 +342,7 @@ mod tests {
         assert_eq!(nv.gpus.unwrap().device_ids, ["MIG-1"]);
         let cdi = node(GpuDriver::Cdi).container_spec(&spec_with(vec![mig()]));
         let cdi = cdi.gpus.unwrap();
-        assert_eq!(cdi.driver, "cdi");
+        assert_eq!(cdi.driver, DeviceDriver::Cdi);
         assert_eq!(cdi.device_ids, ["nvidia.com/gpu=MIG-1"]);
     }
 

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
+use super::{ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, RuntimeError};
 
 /// Docker through bollard.
 pub struct DockerRuntime {
@@ -82,9 +82,10 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         cap_drop: Some(vec!["ALL".into()]),
         device_requests: spec.gpus.as_ref().map(|g| {
             vec![DeviceRequest {
-                driver: Some(g.driver.clone()),
+                driver: Some(g.driver.as_str().to_string()),
                 device_ids: Some(g.device_ids.clone()),
-                capabilities: (g.driver == "nvidia").then(|| vec![vec!["gpu".to_string()]]),
+                capabilities: (g.driver == DeviceDriver::Nvidia)
+                    .then(|| vec![vec!["gpu".to_string()]]),
                 ..Default::default()
             }]
         }),
@@ -105,6 +106,7 @@ fn info_from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
     let state = c.state.unwrap_or_default();
     // A paused container is still running as far as Ember is concerned: it is alive.
     let running = state.running.unwrap_or(false);
+    let paused = state.paused.unwrap_or(false);
     let mut status = state
         .status
         .map(|s| s.to_string())
@@ -128,6 +130,7 @@ fn info_from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
         id: c.id.unwrap_or_default(),
         labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
         running,
+        paused,
         exit_code: if running { None } else { state.exit_code },
         status,
         host_port,
@@ -303,6 +306,7 @@ impl ContainerRuntime for DockerRuntime {
                     id: c.id.unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
                     running: status == "running" || status == "paused",
+                    paused: status == "paused",
                     exit_code: None,
                     host_port: c
                         .ports

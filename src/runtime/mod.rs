@@ -61,11 +61,30 @@ pub struct ContainerSpec {
     pub gpus: Option<GpuRequest>,
 }
 
+/// The engine driver a device request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceDriver {
+    /// The NVIDIA container runtime: device ids are `GPU-…`/`MIG-…` UUIDs.
+    Nvidia,
+    /// The Container Device Interface: device ids are CDI names.
+    Cdi,
+}
+
+impl DeviceDriver {
+    /// The driver's name in the Docker API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceDriver::Nvidia => "nvidia",
+            DeviceDriver::Cdi => "cdi",
+        }
+    }
+}
+
 /// GPUs given to a container through a Docker device request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuRequest {
-    /// `nvidia` (device ids are GPU-/MIG- UUIDs) or `cdi` (device ids are CDI names).
-    pub driver: String,
+    /// Which driver hands them over.
+    pub driver: DeviceDriver,
     /// The devices.
     pub device_ids: Vec<String>,
 }
@@ -77,8 +96,10 @@ pub struct ContainerInfo {
     pub id: String,
     /// Labels.
     pub labels: HashMap<String, String>,
-    /// Whether it is running now.
+    /// Whether it is running now (a paused container runs: it is alive, frozen).
     pub running: bool,
+    /// Whether it is paused.
+    pub paused: bool,
     /// Exit code, once it has exited.
     pub exit_code: Option<i64>,
     /// The engine's own words for its state ("running", "exited", "OOMKilled", ...).

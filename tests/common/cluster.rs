@@ -86,4 +86,3 @@ pub fn node_containers(gw: &Gateway, node: &str) -> Vec<String> {
         &format!("ember.node={node}"),
     ])
 }
-
