@@ -19,7 +19,7 @@ use http::request::Parts;
 use http::{header, Request, Response, Uri};
 
 use crate::activator::{AcquireError, Activator, Function};
-use crate::proxy::{Limits, Proxy, ProxyError, ReclaimableBody};
+use crate::proxy::{ForwardError, Limits, Proxy, ProxyError, ReclaimableBody};
 
 /// Attempts one request gets: the first, and one more per instance found dead on the way,
 /// up to this many in all (a node that lost every instance at once must not loop).
@@ -83,23 +83,22 @@ impl Invoker {
         loop {
             attempt += 1;
             let permit = self.activator.acquire(f, announced).await?;
-            let instance = permit.instance().to_string();
-            let node = permit.node().name().to_string();
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy
                 .forward(permit, copy_head(&head), sent, call.client, limits)
                 .await;
             match result {
-                Err(e @ ProxyError::Upstream { connect: true, .. }) => {
-                    tracing::warn!(function = %f.name(), node = %node, instance = %instance, attempt, error = %e, "instance unreachable; retiring it");
-                    self.activator.retire_unreachable(f, &instance);
+                Ok(response) => return Ok(response),
+                Err(ForwardError::Failed(e)) => return Err(e.into()),
+                Err(ForwardError::Undelivered { error, permit }) => {
+                    tracing::warn!(function = %f.name(), node = %permit.node().name(), instance = %permit.instance(), attempt, error = %error, "instance unreachable; retiring it");
+                    self.activator.retire_unreachable(*permit);
                     match reclaim.take() {
                         Some(unsent) if attempt < MAX_ATTEMPTS => body = Some(unsent),
-                        _ => return Err(e.into()),
+                        _ => return Err(error.into()),
                     }
                 }
-                other => return other.map_err(Into::into),
             }
         }
     }

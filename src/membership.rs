@@ -242,7 +242,7 @@ impl Membership {
             async move {
                 // The inventory loop may have taken the new list first; check anyway.
                 activator.drop_missing_gpus(&name, &gpus);
-                let reconciled = activator.reconcile_node(remote, &guard).await;
+                let reconciled = guard.reconcile(remote).await;
                 // Unreconciled, it stays lost; its next heartbeat tries again.
                 if hold && reconciled {
                     let mark = match store.node(&name) {

@@ -198,6 +198,8 @@ pub enum ErrorCode {
     ExitedAtStart,
     /// A container engine failure (agent to gateway).
     Runtime,
+    /// The request itself is malformed.
+    BadRequest,
     /// A failure of Ember itself; the log has the details.
     Internal,
 }
@@ -237,6 +239,7 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::Unauthorized, "unauthorized"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),
+    (ErrorCode::BadRequest, "bad_request"),
     (ErrorCode::Internal, "internal"),
 ];
 

@@ -97,11 +97,19 @@ impl Activator {
         })
     }
 
-    /// Removes a function: its queue is answered, its records deleted, its containers
-    /// removed (all at once). Returns how many containers were removed.
+    /// Removes a function: its queue is answered, its containers removed (all at once),
+    /// then its records deleted. Returns how many containers were removed.
     pub async fn remove(&self, name: &str) -> Result<usize, ActivatorError> {
         let lock = self.function_lock(name);
-        let _one_at_a_time = lock.lock().await;
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.remove_locked(name).await
+        };
+        self.prune_function_lock(name, lock);
+        result
+    }
+
+    async fn remove_locked(&self, name: &str) -> Result<usize, ActivatorError> {
         let Some(f) = self.write_functions().remove(name) else {
             return Err(ActivatorError::NotFound(name.to_string()));
         };
@@ -115,7 +123,6 @@ impl Activator {
         for w in waiters {
             let _ = w.tx.send(Err(AcquireError::Removed(name.to_string())));
         }
-        self.inner.store.delete_function(name).await?;
         let stops = instances.iter().filter_map(|inst| {
             let cid = inst.container_id.as_ref()?;
             let node = inst.reservation.node().clone();
@@ -134,8 +141,24 @@ impl Activator {
             .into_iter()
             .filter(|stopped| *stopped)
             .count();
+        // Records go last: a failure here leaves a function record without containers
+        // (restored empty at the next start), never containers without records.
+        self.inner.store.delete_function(name).await?;
         tracing::info!(function = %name, containers = removed, "removed");
         Ok(removed)
+    }
+
+    /// Forgets a function's lock once nothing else holds it.
+    fn prune_function_lock(&self, name: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self
+            .inner
+            .function_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody waits on it.
+        if Arc::strong_count(&lock) == 2 && self.function(name).is_none() {
+            locks.remove(name);
+        }
     }
 
     /// The lock that serialises deploys and removals of one function.

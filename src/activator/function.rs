@@ -330,7 +330,14 @@ impl Permit {
         &self.container_id
     }
 
-    fn disarm(mut self, st: &mut FnState) {
+    /// The function the permit is for.
+    pub(super) fn function(&self) -> &Arc<Function> {
+        &self.function
+    }
+
+    /// Gives the slot back under a lock the caller holds (dropping the permit would take
+    /// that lock again), without handing it on: the caller dispatches.
+    pub(super) fn disarm(mut self, st: &mut FnState) {
         self.armed = false;
         release_slot(st, &self.instance);
     }

@@ -128,6 +128,9 @@ pub enum ActivatorError {
     /// No such function.
     #[error("function `{0}` is not deployed")]
     NotFound(String),
+    /// A node's containers could not be reconciled with the records (the log says why).
+    #[error("node `{0}` could not be reconciled: its containers could not be listed or the records read")]
+    Reconcile(String),
 }
 
 /// Gateway-wide caps on buffered requests, so a flood on one function cannot take the
@@ -169,6 +172,8 @@ struct Inner {
     reconciling: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Whether a health check (which lists every node) is under way.
     checking_health: std::sync::atomic::AtomicBool,
+    /// Whether a paused instance is being evicted to make room.
+    evicting: std::sync::atomic::AtomicBool,
 }
 
 /// The activator. Cheap to clone.
@@ -201,6 +206,7 @@ impl Activator {
                 function_locks: Default::default(),
                 reconciling: Default::default(),
                 checking_health: Default::default(),
+                evicting: Default::default(),
             }),
         }
     }

@@ -26,9 +26,7 @@ impl Activator {
                 self.scale_up(&f, &mut st);
             }
         }
-        for (function, id) in &forgotten {
-            self.forget_record(function, id).await;
-        }
+        self.forget_records(&forgotten).await;
         tracing::warn!(
             node,
             instances = forgotten.len(),

@@ -6,7 +6,7 @@
 //! scaling of every function.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use super::function::FnState;
 use super::instance::Instance;
-use super::{Activator, Function};
+use super::{Activator, Function, Permit};
 use crate::autoscaler::{self, InstanceView, RetirePolicy, REAP_INTERVAL};
 use crate::keepalive;
 use crate::manifest::{GpuSpec, OnIdle};
@@ -28,6 +28,9 @@ use crate::node::Node;
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a health check waits for one node's listing.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the removal of one container may take before the instance is forgotten
+/// anyway (its container, if it still runs, is removed when its node is reconciled).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The reaper loop: wakes on a short tick, when a permit leaves a draining instance idle,
 /// or when a reservation is freed; runs until `shutdown`.
@@ -158,14 +161,14 @@ impl Activator {
 
     /// Starts a health check in the background unless one is still running.
     fn check_health_in_background(&self) {
-        if self.inner.checking_health.swap(true, Ordering::AcqRel) {
+        let Some(running) = Busy::try_claim(self, |i| &i.checking_health) else {
             return;
-        }
+        };
         let this = self.clone();
         self.inner.tracker.spawn(
             async move {
+                let _running = running;
                 this.check_health().await;
-                this.inner.checking_health.store(false, Ordering::Release);
             }
             .instrument(tracing::info_span!("health")),
         );
@@ -234,19 +237,25 @@ impl Activator {
         }
     }
 
-    /// Takes an instance that refused a connection out of service at once and removes it
-    /// in the background, so the next request does not pick it again.
-    pub fn retire_unreachable(&self, f: &Arc<Function>, instance: &str) {
+    /// Takes the instance of a permit whose connection could not be made out of service,
+    /// then gives the permit's slot back, under one lock, so that no waiting request is
+    /// handed the dead instance; removes it in the background.
+    pub fn retire_unreachable(&self, permit: Permit) {
+        let f = permit.function().clone();
         let victims = {
             let mut st = f.lock();
-            let Some(idx) = st.instances.iter().position(|i| i.id == instance) else {
-                return;
+            let victims = match st.instances.iter().position(|i| i.id == permit.instance()) {
+                Some(idx) => take_victims(&mut st.instances, &[idx]),
+                None => Vec::new(),
             };
-            let victims = take_victims(&mut st.instances, &[idx]);
-            self.scale_up(f, &mut st);
+            permit.disarm(&mut st);
+            self.scale_up(&f, &mut st);
+            f.dispatch(&mut st);
             victims
         };
-        self.stop_in_background(f.clone(), victims, "unreachable");
+        if !victims.is_empty() {
+            self.stop_in_background(f, victims, "unreachable");
+        }
     }
 
     /// Removes the victims' containers, all at once, in a background task.
@@ -269,8 +278,14 @@ impl Activator {
     async fn stop_victim(&self, f: &Arc<Function>, v: Victim) {
         tracing::info!(instance = %v.id, node = %v.node.name(), "retiring instance");
         if let Some(cid) = &v.container_id {
-            if let Err(e) = v.node.stop(cid).await {
-                tracing::warn!(container = %cid, error = %e, "could not remove container");
+            match tokio::time::timeout(STOP_TIMEOUT, v.node.stop(cid)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(container = %cid, error = %e, "could not remove container")
+                }
+                Err(_) => {
+                    tracing::error!(container = %cid, timeout = ?STOP_TIMEOUT, "the node did not remove the container in time; forgetting the instance")
+                }
             }
         }
         self.forget_record(f.name(), &v.id).await;
@@ -281,8 +296,12 @@ impl Activator {
     }
 
     /// Removes the least recently used paused instance, of any function, whose room would
-    /// let one of the `waiting` placements fit. Returns whether one was evicted.
+    /// let one of the `waiting` placements fit. One eviction at a time: while one is being
+    /// removed (its room not free yet), no other goes. Returns whether one was evicted.
     pub(super) fn evict_one_paused(&self, waiting: &[Option<GpuSpec>]) -> bool {
+        let Some(evicting) = Busy::try_claim(self, |i| &i.evicting) else {
+            return false;
+        };
         let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
         for f in self.functions() {
             let st = f.lock();
@@ -312,8 +331,39 @@ impl Activator {
             };
             take_victims(&mut st.instances, &[idx])
         };
-        self.stop_in_background(f, victims, "evicted: another placement needs its room");
+        let this = self.clone();
+        let span = tracing::info_span!("retire", function = %f.name(), reason = "evicted: another placement needs its room");
+        self.inner.tracker.spawn(
+            async move {
+                let _evicting = evicting;
+                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v))).await;
+            }
+            .instrument(span),
+        );
         true
+    }
+}
+
+/// One of the activator's "under way" flags, claimed; released when dropped, on every
+/// path, so a panicking task cannot leave it set for good.
+struct Busy {
+    activator: Activator,
+    flag: fn(&super::Inner) -> &AtomicBool,
+}
+
+impl Busy {
+    fn try_claim(activator: &Activator, flag: fn(&super::Inner) -> &AtomicBool) -> Option<Busy> {
+        let claimed = !flag(&activator.inner).swap(true, Ordering::AcqRel);
+        claimed.then(|| Busy {
+            activator: activator.clone(),
+            flag,
+        })
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        (self.flag)(&self.activator.inner).store(false, Ordering::Release);
     }
 }
 

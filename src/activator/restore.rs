@@ -32,6 +32,18 @@ pub struct ReconcileGuard {
     node: String,
 }
 
+impl ReconcileGuard {
+    /// Adopts or removes the containers the guarded node runs for this gateway. Returns
+    /// whether it could (the node listed its containers and the records were read).
+    pub async fn reconcile(&self, node: Arc<dyn Node>) -> bool {
+        if node.name() != self.node {
+            tracing::error!(guarded = %self.node, node = %node.name(), "a reconcile guard was used for another node");
+            return false;
+        }
+        self.activator.reconcile_node(node).await
+    }
+}
+
 impl Drop for ReconcileGuard {
     fn drop(&mut self) {
         self.activator
@@ -61,8 +73,14 @@ impl Activator {
             self.write_functions().insert(record.name, f);
         }
         for node in self.scheduler().live_nodes() {
-            if let Some(guard) = self.begin_reconcile(node.name()) {
-                let _ = self.reconcile_node(node, &guard).await;
+            let name = node.name().to_string();
+            let Some(guard) = self.begin_reconcile(&name) else {
+                continue; // being reconciled already
+            };
+            // Unreconciled, the node's containers would be neither adopted nor removed while
+            // their GPUs looked free: better not to start.
+            if !guard.reconcile(node).await {
+                return Err(ActivatorError::Reconcile(name));
             }
         }
         tracing::info!(functions = self.functions().len(), "state restored");
@@ -96,9 +114,7 @@ impl Activator {
             .collect()
     }
 
-    /// Adopts or removes the containers `node` runs for this gateway. Returns whether it
-    /// could (the node listed its containers and the records were read).
-    pub async fn reconcile_node(&self, node: Arc<dyn Node>, _guard: &ReconcileGuard) -> bool {
+    async fn reconcile_node(&self, node: Arc<dyn Node>) -> bool {
         let containers = match node.list_managed().await {
             Ok(c) => c,
             Err(e) => {
@@ -152,9 +168,11 @@ impl Activator {
             }
             removed += 1;
         }
-        for r in records.values() {
-            self.forget_record(&r.function, &r.id).await;
-        }
+        let stale: Vec<_> = records
+            .values()
+            .map(|r| (r.function.clone(), r.id.clone()))
+            .collect();
+        self.forget_records(&stale).await;
         tracing::info!(node = %node.name(), adopted, removed, stale_records = records.len(), "node reconciled");
         self.reaper().notify_one();
         true
@@ -164,6 +182,16 @@ impl Activator {
     pub(super) async fn forget_record(&self, function: &str, instance: &str) {
         if let Err(e) = self.inner.store.delete_instance(function, instance).await {
             tracing::warn!(function, instance, error = %e, "could not delete instance record");
+        }
+    }
+
+    /// Deletes instance records, `(function, instance)`, in one write; a failure is logged.
+    pub(super) async fn forget_records(&self, which: &[(String, String)]) {
+        if which.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.delete_instances(which).await {
+            tracing::warn!(records = which.len(), error = %e, "could not delete instance records");
         }
     }
 

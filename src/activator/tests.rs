@@ -226,3 +226,68 @@ async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
     drop(permit);
     assert_eq!(node.starts.load(Ordering::SeqCst), 2);
 }
+
+fn l4(index: u32) -> crate::gpu::GpuInfo {
+    crate::gpu::GpuInfo {
+        index,
+        uuid: format!("GPU-{index}"),
+        name: "NVIDIA L4".into(),
+        memory_total: 24 << 30,
+        memory_used: 0,
+        utilization: Some(0.0),
+        processes: vec![],
+        mig_enabled: false,
+        mig: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_waiting_placement_evicts_one_paused_instance_even_while_its_stop_is_slow() {
+    let node = Arc::new(FakeNode::new("fake", vec![l4(0), l4(1)]));
+    let (a, _dir) = activator(node.clone()).await;
+    a.scheduler().refresh().await;
+    for name in ["a", "b"] {
+        let m = Manifest::parse(
+            &format!("name = \"{name}\"\nimage = \"x:1\"\n[scale]\non_idle = \"pause\"\nidle_timeout = \"1s\"\npause_timeout = \"1h\"\n[gpu]\ncount = 1"),
+            Format::Toml,
+        )
+        .unwrap();
+        a.deploy(m).await.unwrap();
+        drop(a.acquire(&a.function(name).unwrap(), None).await.unwrap());
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(super::run_reaper(a.clone(), shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for name in ["a", "b"] {
+        assert_eq!(
+            a.status(&a.function(name).unwrap()).paused,
+            1,
+            "{name} paused"
+        );
+    }
+    node.slow_stops.store(true, Ordering::SeqCst);
+    let m = Manifest::parse(
+        "name = \"c\"\nimage = \"x:1\"\n[gpu]\ncount = 1",
+        Format::Toml,
+    )
+    .unwrap();
+    a.deploy(m).await.unwrap();
+    let c = a.function("c").unwrap();
+    let (a2, c2) = (a.clone(), c.clone());
+    let waiter = tokio::spawn(async move { a2.acquire(&c2, None).await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Six reaper passes while the evicted container is still being removed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        node.stopped().len(),
+        1,
+        "one eviction: {:?}",
+        node.stopped()
+    );
+    waiter
+        .await
+        .unwrap()
+        .expect("the waiting request got the freed GPU");
+    assert_eq!(a.status(&c).ready, 1);
+    shutdown.cancel();
+}

@@ -31,9 +31,9 @@ pub async fn invoke(
         .activator()
         .function(&name)
         .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
-    let path = strip_prefix("/fn/".len() + name.len(), req.uri());
+    let path = strip_prefix(route_prefix_len(req.uri().path()), req.uri());
     *req.uri_mut() = path.parse().map_err(|_| ApiError::BadRequest {
-        code: crate::model::ErrorCode::UpstreamError,
+        code: crate::model::ErrorCode::BadRequest,
         message: format!("`{path}` is not a path a function can be sent"),
         details: Vec::new(),
     })?;
@@ -42,4 +42,23 @@ pub async fn invoke(
         client: Some(client),
     };
     Ok(state.invoker.call(&f, call).await?)
+}
+
+/// The length of `/fn/NAME` in the raw path (NAME may be percent-encoded there).
+fn route_prefix_len(path: &str) -> usize {
+    let rest = path.get("/fn/".len()..).unwrap_or("");
+    "/fn/".len() + rest.find('/').unwrap_or(rest.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_is_cut_from_the_raw_path_even_when_the_name_is_encoded() {
+        assert_eq!(route_prefix_len("/fn/echo"), "/fn/echo".len());
+        assert_eq!(route_prefix_len("/fn/echo/a/b"), "/fn/echo".len());
+        let uri: axum::http::Uri = "/fn/%65cho/x?y=1".parse().unwrap();
+        assert_eq!(strip_prefix(route_prefix_len(uri.path()), &uri), "/x?y=1");
+    }
 }

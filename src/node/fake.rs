@@ -19,6 +19,9 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo};
 
+/// How long a stop takes when `slow_stops` is set.
+pub const SLOW_STOP: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What one scripted start does.
 #[derive(Debug, Clone)]
 pub enum StartOutcome {
@@ -44,6 +47,8 @@ pub struct FakeNode {
     pub fail_pauses: AtomicBool,
     /// Containers stopped, in order.
     pub stopped: Mutex<Vec<String>>,
+    /// Whether stops take `SLOW_STOP` (as a force-removal of a GPU container may).
+    pub slow_stops: AtomicBool,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -57,6 +62,7 @@ impl FakeNode {
             script: Mutex::default(),
             fail_pauses: AtomicBool::new(false),
             stopped: Mutex::default(),
+            slow_stops: AtomicBool::new(false),
             listeners: Mutex::default(),
         }
     }
@@ -176,6 +182,9 @@ impl Node for FakeNode {
     }
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         lock(&self.stopped).push(container_id.to_string());
+        if self.slow_stops.load(Ordering::SeqCst) {
+            tokio::time::sleep(SLOW_STOP).await;
+        }
         Ok(())
     }
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {

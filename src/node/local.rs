@@ -194,7 +194,9 @@ impl Node for LocalNode {
                     status: container.status,
                 });
             }
-            let _ = self.runtime.remove(&container.id).await;
+            if let Err(e) = self.runtime.remove(&container.id).await {
+                tracing::warn!(container = %container.id, error = %e, "could not remove a container without a published port");
+            }
             return Err(RuntimeError::NoPort(container.id).into());
         };
         Ok(Started {

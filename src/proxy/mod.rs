@@ -135,6 +135,28 @@ pub struct Limits {
     pub timeout: Duration,
 }
 
+/// Why a forward failed.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// Nothing reached the instance: no connection to it could be made. The permit comes
+    /// back, so the caller can take the instance out of service before its slot could go
+    /// to another request.
+    Undelivered {
+        /// What went wrong.
+        error: ProxyError,
+        /// The permit on the unreachable instance.
+        permit: Box<Permit>,
+    },
+    /// The request failed on its way, or after it reached the instance.
+    Failed(ProxyError),
+}
+
+impl From<ProxyError> for ForwardError {
+    fn from(e: ProxyError) -> Self {
+        ForwardError::Failed(e)
+    }
+}
+
 impl Proxy {
     /// Sends a request (`head` with its URI set to the path and query the instance sees)
     /// to the permit's instance; the response streams back holding the permit.
@@ -145,7 +167,7 @@ impl Proxy {
         body: ReclaimableBody,
         client_addr: Option<SocketAddr>,
         limits: Limits,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, ForwardError> {
         let endpoint = permit.endpoint();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
         head.uri =
@@ -173,22 +195,28 @@ impl Proxy {
         let sent = tokio::time::timeout(limits.timeout, client.request(request)).await;
         let response = match sent {
             Err(_) => {
-                return Err(ProxyError::Timeout {
-                    after: limits.timeout,
-                })
+                let after = limits.timeout;
+                return Err(ProxyError::Timeout { after }.into());
             }
             Ok(Err(_)) if too_large.load(Ordering::Acquire) => {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: limits.max_body,
-                })
+                let limit = limits.max_body;
+                return Err(ProxyError::BodyTooLarge { limit }.into());
             }
             Ok(Err(e)) => {
-                return Err(ProxyError::Upstream {
+                let error = ProxyError::Upstream {
                     instance: permit.instance().to_string(),
                     endpoint,
                     connect: e.is_connect(),
                     reason: error_chain(&e),
-                })
+                };
+                return Err(if e.is_connect() {
+                    ForwardError::Undelivered {
+                        error,
+                        permit: Box::new(permit),
+                    }
+                } else {
+                    ForwardError::Failed(error)
+                });
             }
             Ok(Ok(r)) => r,
         };

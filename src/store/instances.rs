@@ -52,6 +52,15 @@ impl Store {
             .await
     }
 
+    /// Forgets several instances, `(function, instance)`, in one durable write.
+    pub async fn delete_instances(&self, which: &[(String, String)]) -> Result<(), StoreError> {
+        let changes = which
+            .iter()
+            .map(|(f, i)| Change::Remove(TreeId::Instances, key(f, i)))
+            .collect();
+        self.write(changes).await
+    }
+
     /// Every recorded instance.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
         self.scan(TreeId::Instances, Vec::new()).await

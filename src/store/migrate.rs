@@ -53,7 +53,15 @@ fn v1_to_v2(trees: &Trees) -> Result<(), StoreError> {
         if key.contains(&b'/') {
             continue;
         }
-        let record: InstanceRecord = decode(&key, &value)?;
+        let record: InstanceRecord = match decode(&key, &value) {
+            Ok(r) => r,
+            Err(e) => {
+                // Its container, if any, is removed at the next reconcile as unexplained.
+                tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "dropping an unreadable instance record");
+                trees.instances.remove(key)?;
+                continue;
+            }
+        };
         let new_key = super::instances::key(&record.function, &record.id);
         trees.instances.insert(new_key, value)?;
         trees.instances.remove(key)?;

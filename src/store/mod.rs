@@ -69,9 +69,12 @@ pub enum StoreError {
     /// The writer thread could not be started.
     #[error("state store: cannot start the writer thread")]
     Writer(#[source] std::io::Error),
-    /// A write failed (the writer logged why), or the writer is gone.
-    #[error("state store: a write failed: {0}")]
-    Write(String),
+    /// A write failed (the writer logged it too).
+    #[error("state store: a write failed")]
+    Write(#[source] Arc<sled::Error>),
+    /// The writer thread is gone (it panicked, or the process is ending).
+    #[error("state store: the writer has stopped")]
+    WriterGone,
     /// A scan's blocking task failed.
     #[error("state store: a scan failed")]
     Scan(#[source] tokio::task::JoinError),
@@ -122,9 +125,9 @@ impl Store {
                 changes,
                 ack: Some(tx),
             })
-            .map_err(|_| StoreError::Write("the writer has stopped".into()))?;
+            .map_err(|_| StoreError::WriterGone)?;
         rx.await
-            .map_err(|_| StoreError::Write("the writer has stopped".into()))?
+            .map_err(|_| StoreError::WriterGone)?
             .map_err(StoreError::Write)
     }
 

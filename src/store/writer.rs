@@ -42,7 +42,7 @@ pub enum Change {
 /// Changes applied in order, acknowledged together after their batch's flush.
 pub(super) struct Write {
     pub changes: Vec<Change>,
-    pub ack: Option<oneshot::Sender<Result<(), String>>>,
+    pub ack: Option<oneshot::Sender<Result<(), Arc<sled::Error>>>>,
 }
 
 /// What the writer has done, for tests and metrics.
@@ -117,12 +117,13 @@ fn run(trees: Arc<Trees>, stats: Arc<WriterStats>, mut rx: mpsc::UnboundedReceiv
         let mut outcomes = Vec::with_capacity(batch.len());
         for write in &batch {
             let applied = write.changes.iter().try_for_each(|c| trees.apply(c));
+            let applied = applied.map_err(Arc::new);
             if let Err(e) = &applied {
-                failed = Some(e.to_string());
+                failed = Some(e.clone());
             }
-            outcomes.push(applied.map_err(|e| e.to_string()));
+            outcomes.push(applied);
         }
-        let flushed = trees.db.flush().map(drop).map_err(|e| e.to_string());
+        let flushed = trees.db.flush().map(drop).map_err(Arc::new);
         stats
             .writes
             .fetch_add(batch.len() as u64, Ordering::Relaxed);

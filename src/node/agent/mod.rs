@@ -203,9 +203,18 @@ async fn forget_previous_gateway(
     // This machine now belongs to another gateway: what the old one started here would
     // otherwise run forever, since no gateway will ever reconcile it.
     let old = LocalNode::new(&config.name, &previous, publish_ip, runtime.clone());
-    for c in old.list_managed().await.unwrap_or_default() {
+    let containers = match old.list_managed().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(gateway = %previous, error = %e, "cannot list the containers the gateway this node left; they stay");
+            return;
+        }
+    };
+    for c in containers {
         tracing::info!(container = %c.container_id, gateway = %previous, "removing a container of the gateway this node left");
-        let _ = old.stop(&c.container_id).await;
+        if let Err(e) = old.stop(&c.container_id).await {
+            tracing::warn!(container = %c.container_id, error = %e, "could not remove it");
+        }
     }
 }
 
