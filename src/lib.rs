@@ -28,6 +28,7 @@
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
 //! - [`proxy`]: streaming a request to an instance and the answer back.
 //! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
+//! - [`tls`]: rustls for the listener and its clients: the gateway's own CA, pins.
 //! - [`config`]: `serve` settings.
 //! - [`client`]: the HTTP client of the gateway's API, shared by the CLI and the agent.
 //! - [`cli`]: the client commands.
@@ -58,3 +59,4 @@ pub mod readiness;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;
+pub mod tls;
