@@ -76,6 +76,53 @@ pub struct ServeConfig {
     /// Placement policy: spread (least loaded first) or binpack.
     #[arg(long, env = "EMBER_PLACEMENT", value_enum, default_value_t = Policy::Spread)]
     pub placement: Policy,
+    /// Serve HTTPS with a certificate Ember makes: a CA kept in the data dir (its pin is
+    /// logged, and printed by `ember token create`) and a server certificate for
+    /// --tls-san. Or give your own with --tls-cert and --tls-key.
+    #[arg(long, env = "EMBER_TLS", value_enum, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain to serve HTTPS with (with --tls-key).
+    #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EMBER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Names and addresses the self-signed certificate is valid for, besides localhost,
+    /// 127.0.0.1 and ::1 (how agents and clients reach the gateway), `a,b,...`.
+    #[arg(long, env = "EMBER_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+    /// Time a client has to send a request head (and an idle keep-alive connection may
+    /// stay open).
+    #[arg(long, env = "EMBER_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub header_timeout: std::time::Duration,
+    /// Client connections open at once; more are closed as they arrive. Default: three
+    /// quarters of the process's open-file limit.
+    #[arg(long, env = "EMBER_MAX_CONNECTIONS", default_value_t = default_max_connections())]
+    pub max_connections: usize,
+}
+
+/// Files the process keeps for itself (store, Docker, logs) below its limit.
+const RESERVED_FILES: u64 = 128;
+
+/// A default for `--max-connections`: three quarters of the process's open-file limit
+/// (less a reserve for the gateway's own files), or 10,000 where the limit is unknown.
+pub fn default_max_connections() -> usize {
+    let limit = open_file_limit().unwrap_or(13_500);
+    (limit.saturating_sub(RESERVED_FILES) * 3 / 4).max(16) as usize
+}
+
+/// The soft limit on open files, from /proc on Linux.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// How the gateway gets its TLS certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// Make a CA in the data dir and a server certificate signed by it.
+    SelfSigned,
 }
 
 impl ServeConfig {
@@ -117,16 +164,35 @@ impl ServeConfig {
                 humantime::format_duration(self.heartbeat_interval)
             ));
         }
-        if self.no_local_node && self.join_token.is_none() {
-            problems.push(
-                "--no-local-node needs --join-token: without either there is no node to run on"
-                    .into(),
-            );
+        if self.header_timeout < std::time::Duration::from_millis(100) {
+            problems.push("--header-timeout: expected at least 100ms".into());
+        }
+        if self.max_connections == 0 {
+            problems.push("--max-connections: expected at least 1".into());
+        }
+        for path in [&self.tls_cert, &self.tls_key].into_iter().flatten() {
+            if !path.is_file() {
+                problems.push(format!("{}: no such file (--tls-cert/--tls-key)", path.display()));
+            }
         }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(problems)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_connection_cap_stays_below_the_open_file_limit() {
+        let cap = default_max_connections() as u64;
+        if let Some(limit) = open_file_limit() {
+            assert!(cap < limit, "{cap} < {limit}");
+        }
+        assert!(cap >= 16);
     }
 }

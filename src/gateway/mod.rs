@@ -9,23 +9,24 @@ mod api;
 pub mod error;
 mod images;
 mod invoke;
+mod listener;
 mod nodes;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post, put};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::activator::{Activator, Limits};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, TlsMode};
+use crate::tls::ServerIdentity;
+use listener::ConnectionLimits;
 use crate::gpu::GpuMonitor;
 use crate::invoke::Invoker;
 use crate::membership::{Membership, Timing};
@@ -116,12 +117,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     activator.restore().await?;
     spawn_loops(&tracker, &activator, &membership, &shutdown);
+    let tls = tls_identity(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // One plain line on stdout for scripts and tests; the log goes to stderr.
-    println!("ember gateway listening on http://{addr}");
+    println!("ember gateway listening on {scheme}://{addr}");
     tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
     tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
     let state = AppState {
@@ -131,7 +134,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tracker,
         shutdown,
     };
-    serve_until(listener, state).await;
+    let limits = ConnectionLimits {
+        header_timeout: config.header_timeout,
+        max_connections: config.max_connections,
+    };
+    serve_until(listener, tls, limits, state).await;
     Ok(())
 }
 
@@ -194,27 +201,45 @@ fn spawn_loops(
     );
 }
 
+/// The TLS identity the settings ask for, if any; its pin goes to the log.
+fn tls_identity(config: &ServeConfig) -> anyhow::Result<Option<ServerIdentity>> {
+    let identity = match (&config.tls, &config.tls_cert, &config.tls_key) {
+        (Some(TlsMode::SelfSigned), _, _) => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+            if !config.listen.ip().is_unspecified() {
+                names.push(config.listen.ip().to_string());
+            }
+            names.extend(config.tls_san.iter().cloned());
+            names.dedup();
+            ServerIdentity::self_signed(&config.data_dir.join("tls"), &names)?
+        }
+        (None, Some(cert), Some(key)) => ServerIdentity::from_pem_files(cert, key)?,
+        _ => return Ok(None),
+    };
+    tracing::info!(pin = %identity.pin, "serving HTTPS; agents and clients trust it with --ca-pin");
+    Ok(Some(identity))
+}
+
 /// Serves HTTP until shutdown, then answers waiting requests, lets in-flight ones and
 /// background tasks finish within `SHUTDOWN_GRACE`, and warns if the grace runs out.
-async fn serve_until(listener: tokio::net::TcpListener, state: AppState) {
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerIdentity>,
+    limits: ConnectionLimits,
+    state: AppState,
+) {
     let (tracker, shutdown) = (state.tracker.clone(), state.shutdown.clone());
     let activator = state.activator().clone();
-    // Small writes (headers, SSE events) go out at once instead of waiting on the
-    // client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
     let serving = tracker.spawn(
-        async move {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "the HTTP server failed");
-            }
-        }
+        listener::serve(
+            listener,
+            acceptor,
+            router(state),
+            limits,
+            shutdown.clone(),
+            tracker.clone(),
+        )
         .instrument(tracing::info_span!("http")),
     );
     shutdown.cancelled().await;
