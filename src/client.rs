@@ -7,14 +7,17 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+
+use crate::tls::Trust;
 
 /// CLI failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The gateway URL is malformed.
-    #[error("--gateway `{0}` is not a URL like http://127.0.0.1:8080")]
+    #[error("--gateway `{0}` is not a URL like http://127.0.0.1:8080 or https://gateway:8080")]
     BadUrl(String),
     /// The gateway could not be reached.
     #[error("cannot reach the gateway at {url}: {reason}; is `ember serve` running there? (set --gateway or EMBER_GATEWAY)")]
@@ -32,6 +35,9 @@ pub enum ClientError {
         /// Response body.
         body: Bytes,
     },
+    /// The TLS settings are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The response could not be read.
     #[error("reading the gateway's answer failed: {0}")]
     Read(String),
@@ -78,19 +84,33 @@ pub fn encode(s: &str) -> String {
 /// A client of one gateway.
 pub struct ApiClient {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl ApiClient {
-    /// A client of the gateway at `url`.
+    /// A client of the gateway at `url` (http, or https trusted by the public web roots).
     pub fn new(url: &str) -> Result<ApiClient, ClientError> {
+        ApiClient::with_trust(url, &Trust::PublicRoots)
+    }
+
+    /// A client of the gateway at `url`, trusting an https gateway as `trust` says.
+    pub fn with_trust(url: &str, trust: &Trust) -> Result<ApiClient, ClientError> {
         let base = url.trim_end_matches('/').to_string();
         let uri: Uri = base.parse().map_err(|_| ClientError::BadUrl(url.into()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(ClientError::BadUrl(url.into()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.enforce_http(false);
+        let tls = trust
+            .client_config(&[])
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Ok(ApiClient {
             base,
             client: Client::builder(TokioExecutor::new()).build(connector),

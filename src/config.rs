@@ -9,14 +9,6 @@ use clap::Args;
 
 use crate::gpu::GpuDriver;
 use crate::node::local::Endpoints;
-
-fn default_endpoints() -> Endpoints {
-    if cfg!(target_os = "linux") {
-        Endpoints::Direct
-    } else {
-        Endpoints::Published
-    }
-}
 use crate::scheduler::{Policy, DEFAULT_MAX_SHARERS};
 
 /// Default gateway address.
@@ -42,7 +34,7 @@ pub struct ServeConfig {
     /// How the gateway reaches the embedded node's containers: direct (the container's
     /// bridge address, no userland proxy; the default on Linux) or published (the port
     /// published on --node-address).
-    #[arg(long, env = "EMBER_NODE_ENDPOINTS", value_enum, default_value_t = default_endpoints())]
+    #[arg(long, env = "EMBER_NODE_ENDPOINTS", value_enum, default_value_t = Endpoints::platform_default())]
     pub node_endpoints: Endpoints,
     /// Declared GPU inventory (TOML) of the embedded node; puts it in simulation mode
     /// unless --gpu-driver says otherwise. Without it the node asks NVML.
@@ -172,7 +164,10 @@ impl ServeConfig {
         }
         for path in [&self.tls_cert, &self.tls_key].into_iter().flatten() {
             if !path.is_file() {
-                problems.push(format!("{}: no such file (--tls-cert/--tls-key)", path.display()));
+                problems.push(format!(
+                    "{}: no such file (--tls-cert/--tls-key)",
+                    path.display()
+                ));
             }
         }
         if problems.is_empty() {

@@ -89,7 +89,10 @@ pub enum NodeState {
     Cordoned,
     /// Takes no new instances; its instances are replaced elsewhere, then stopped when idle.
     Draining,
-    /// Not heard from within the heartbeat timeout.
+    /// Its connection to the gateway dropped: no new instances, its instances take no
+    /// requests, until it reconnects (or is lost after the node timeout).
+    Disconnected,
+    /// Not heard from within the node timeout: its instances are replaced elsewhere.
     Lost,
 }
 
@@ -99,6 +102,7 @@ impl std::fmt::Display for NodeState {
             NodeState::Ready => "ready",
             NodeState::Cordoned => "cordoned",
             NodeState::Draining => "draining",
+            NodeState::Disconnected => "disconnected",
             NodeState::Lost => "lost",
         })
     }
@@ -108,6 +112,11 @@ impl NodeState {
     /// Whether new instances may be placed there.
     pub fn schedulable(self) -> bool {
         self == NodeState::Ready
+    }
+
+    /// Whether the gateway can talk to it now.
+    pub fn reachable(self) -> bool {
+        !matches!(self, NodeState::Disconnected | NodeState::Lost)
     }
 }
 
@@ -190,8 +199,6 @@ pub enum ErrorCode {
     BadRegistration,
     /// The node name belongs to the embedded node.
     NodeNameTaken,
-    /// The gateway takes no agents.
-    NoJoinToken,
     /// A missing or wrong credential.
     Unauthorized,
     /// A container exited as it started (agent to gateway).
@@ -235,7 +242,6 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::UnknownAction, "unknown_action"),
     (ErrorCode::BadRegistration, "bad_registration"),
     (ErrorCode::NodeNameTaken, "node_name_taken"),
-    (ErrorCode::NoJoinToken, "no_join_token"),
     (ErrorCode::Unauthorized, "unauthorized"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),

@@ -66,8 +66,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// The pin of a certificate: `sha256:` and the hex SHA-256 of its SubjectPublicKeyInfo.
 pub fn pin_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
-    let parsed = webpki::EndEntityCert::try_from(cert)
-        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let parsed =
+        webpki::EndEntityCert::try_from(cert).map_err(|e| TlsError::Certificate(e.to_string()))?;
     let spki = parsed.subject_public_key_info();
     let hex: String = Sha256::digest(spki.as_ref())
         .iter()
@@ -260,7 +260,8 @@ impl Trust {
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
             Trust::PublicRoots => {
-                let roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                let roots =
+                    RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
         };

@@ -90,25 +90,28 @@ async fn a_wrong_join_token_gets_401_and_nothing_else() {
             "--name",
             "intruder",
         ])
-        .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
         .arg("--data-dir")
         .arg(tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong or missing join token"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong, expired or missing join token"));
+    // A tunnel with a made-up credential is refused before anything is upgraded.
     let r = gw
         .request(
-            Method::POST,
-            "/api/v1/nodes/intruder/heartbeat",
+            Method::GET,
+            "/api/v1/nodes/tunnel",
             &[
                 ("authorization", "Bearer nope"),
-                ("content-type", "application/json"),
+                ("ember-node", "intruder"),
+                ("connection", "upgrade"),
+                ("upgrade", "ember-tunnel/1"),
             ],
-            "{}",
+            "",
         )
         .await;
-    assert_eq!(r.status, 401);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unauthorized");
     assert!(gw.get_json("/api/v1/nodes").await["nodes"]
         .as_array()
         .unwrap()

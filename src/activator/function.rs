@@ -162,7 +162,9 @@ impl Function {
             .instances
             .iter()
             .enumerate()
-            .filter(|(_, i)| i.phase.can_serve() && i.has_free_slot())
+            .filter(|(_, i)| {
+                i.phase.can_serve() && i.has_free_slot() && i.reservation.node().reachable()
+            })
             .min_by_key(|(_, i)| (i.evacuating, i.revision.id != current, i.in_flight))
             .map(|(idx, _)| idx)?;
         let inst = &mut st.instances[idx];

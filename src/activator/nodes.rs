@@ -34,6 +34,20 @@ impl Activator {
         );
     }
 
+    /// The node can be reached again: requests waiting for its instances get them.
+    pub fn node_reachable(&self, node: &str) {
+        for f in self.functions() {
+            let mut st = f.lock();
+            if st
+                .instances
+                .iter()
+                .any(|i| i.reservation.node().name() == node)
+            {
+                f.dispatch(&mut st);
+            }
+        }
+    }
+
     /// Marks the node's instances as leaving: they serve until replacements elsewhere are
     /// ready (as demand and `min` ask), then stop once idle.
     pub fn drain_node(&self, node: &str) {

@@ -242,11 +242,15 @@ impl Activator {
     /// handed the dead instance; removes it in the background.
     pub fn retire_unreachable(&self, permit: Permit) {
         let f = permit.function().clone();
+        // A node that dropped its tunnel is not proof that its containers died: its
+        // instances wait for it to come back (or to be lost), and the request goes on.
+        let node_gone = !permit.node().reachable();
         let victims = {
             let mut st = f.lock();
-            let victims = match st.instances.iter().position(|i| i.id == permit.instance()) {
-                Some(idx) => take_victims(&mut st.instances, &[idx]),
-                None => Vec::new(),
+            let found = st.instances.iter().position(|i| i.id == permit.instance());
+            let victims = match found {
+                Some(idx) if !node_gone => take_victims(&mut st.instances, &[idx]),
+                _ => Vec::new(),
             };
             permit.disarm(&mut st);
             self.scale_up(&f, &mut st);

@@ -104,8 +104,9 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         }
         ApiError::Activator(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
         ApiError::Membership(e) => match e {
-            MembershipError::NoJoinToken => (S::FORBIDDEN, C::NoJoinToken, None),
-            MembershipError::BadToken => (S::UNAUTHORIZED, C::Unauthorized, None),
+            MembershipError::BadToken | MembershipError::BadCredential(_) => {
+                (S::UNAUTHORIZED, C::Unauthorized, None)
+            }
             MembershipError::UnknownNode(_) => (S::NOT_FOUND, C::NodeNotFound, None),
             MembershipError::BadRegistration(_) => (S::BAD_REQUEST, C::BadRegistration, None),
             MembershipError::NameTaken(_) => (S::CONFLICT, C::NodeNameTaken, None),

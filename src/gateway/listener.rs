@@ -66,7 +66,7 @@ pub async fn serve(
         let Ok(slot) = open.clone().try_acquire_owned() else {
             drop(tcp);
             // One line per thousand refusals: a flood must not become a flood of logs.
-            if refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+            if refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
                 tracing::warn!(max = limits.max_connections, client = %addr, "--max-connections reached: closing new connections");
             }
             continue;

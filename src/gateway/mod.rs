@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,8 +25,6 @@ use tracing::Instrument;
 
 use crate::activator::{Activator, Limits};
 use crate::config::{ServeConfig, TlsMode};
-use crate::tls::ServerIdentity;
-use listener::ConnectionLimits;
 use crate::gpu::GpuMonitor;
 use crate::invoke::Invoker;
 use crate::membership::{Membership, Timing};
@@ -35,6 +33,8 @@ use crate::proxy::Proxy;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
 use crate::scheduler::Scheduler;
 use crate::store::Store;
+use crate::tls::ServerIdentity;
+use listener::ConnectionLimits;
 
 /// How long shutdown waits for in-flight requests and background tasks.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +45,8 @@ pub struct AppState {
     invoker: Invoker,
     gateway_id: String,
     membership: Arc<Membership>,
+    /// The pin of the gateway's CA, when it serves HTTPS.
+    ca_pin: Option<String>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -64,9 +66,11 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
         .route("/api/v1/gateway", get(api::gateway_info))
         .route("/api/v1/nodes", get(api::list_nodes))
-        .route("/api/v1/nodes/register", post(nodes::register))
-        .route("/api/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
+        .route("/api/v1/nodes/join", post(nodes::join))
+        .route(crate::node::tunnel::TUNNEL_PATH, get(nodes::tunnel))
+        .route("/api/v1/nodes/{name}", delete(nodes::remove))
         .route("/api/v1/nodes/{name}/{action}", post(nodes::act))
+        .route("/api/v1/tokens", post(nodes::create_token))
         .route("/api/v1/functions", get(api::list_functions))
         .route(
             "/api/v1/functions/{name}",
@@ -108,6 +112,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         config.join_token.clone(),
         gateway_id.clone(),
         timing,
+        shutdown.clone(),
     )
     .await?;
     let membership = Arc::new(membership);
@@ -131,6 +136,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         invoker: Invoker::new(activator, Proxy::default()),
         gateway_id,
         membership,
+        ca_pin: tls.as_ref().map(|t| t.pin.clone()),
         tracker,
         shutdown,
     };

@@ -1,46 +1,131 @@
-//! Node routes: agents join and report in (join token required); operators cordon,
-//! drain and uncordon.
+//! Node routes: agents join (join token) and dial their tunnel (node credential); operators
+//! make join tokens, cordon, drain, uncordon and remove nodes.
 
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::membership::NodeAction;
-use crate::model::NodeState;
-use crate::node::wire::{Heartbeat, Registration};
+use crate::model::{ErrorCode, NodeState};
+use crate::node::tunnel::{NODE_HEADER, PROTOCOL};
+use crate::node::wire::{JoinRequest, Joined};
 
-fn authorize(state: &AppState, headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
+/// `POST /api/v1/nodes/join` with `Authorization: Bearer JOIN_TOKEN`: an agent trades its
+/// join token for a node credential.
+pub async fn join(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(request): Json<JoinRequest>,
+) -> Result<Json<Joined>, ApiError> {
+    let presented = crate::access::bearer(&headers);
+    let joined = state
+        .membership
+        .join(presented, request)
+        .await
+        .inspect_err(|e| tracing::warn!(%client, error = %e, "refused a join"))?;
+    Ok(Json(joined))
+}
+
+/// `GET /api/v1/nodes/tunnel` with `Upgrade: ember-tunnel/1`, `Ember-Node: NAME` and the
+/// node credential: answers 101, then serves the node's tunnel on the connection.
+pub async fn tunnel(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let name = req
+        .headers()
+        .get(NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     state
         .membership
-        .check_token(crate::access::bearer(headers))
-        .inspect_err(|e| tracing::warn!(what, error = %e, "refused a node request"))
-        .map_err(Into::into)
+        .check_credential(&name, crate::access::bearer(req.headers()))
+        .inspect_err(|e| tracing::warn!(%client, node = %name, error = %e, "refused a tunnel"))?;
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgrade != Some(PROTOCOL) {
+        return Err(ApiError::BadRequest {
+            code: ErrorCode::BadRequest,
+            message: format!("a tunnel is an `Upgrade: {PROTOCOL}` request"),
+            details: Vec::new(),
+        });
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let membership = state.membership.clone();
+    let span = tracing::info_span!("tunnel", node = %name);
+    state.tracker.spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => membership.serve_tunnel(name, upgraded).await,
+                Err(e) => tracing::warn!(error = %e, "the tunnel's upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    let switching = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Body::empty());
+    Ok(switching.expect("a static response"))
 }
 
-/// `POST /api/v1/nodes/register`.
-pub async fn register(
+/// The body of `POST /api/v1/tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// How long the token works (`24h` when absent).
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+}
+
+#[derive(Serialize)]
+struct TokenAnswer {
+    token: String,
+    expires: String,
+    /// The pin agents verify the gateway's certificate with, when it serves HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_pin: Option<String>,
+}
+
+/// `POST /api/v1/tokens`: a join token, shown once, with the CA pin when TLS is on.
+pub async fn create_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Json(r): Json<Registration>,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers, "register")?;
-    Ok(Json(state.membership.register(r).await?).into_response())
+    body: Option<Json<TokenRequest>>,
+) -> Result<Json<impl Serialize>, ApiError> {
+    let ttl = body
+        .and_then(|Json(b)| b.ttl)
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    let made = state.membership.create_token(ttl).await?;
+    let expires = std::time::UNIX_EPOCH + Duration::from_millis(made.expires_ms);
+    Ok(Json(TokenAnswer {
+        token: made.token,
+        expires: humantime::format_rfc3339_seconds(expires).to_string(),
+        ca_pin: state.ca_pin.clone(),
+    }))
 }
 
-/// `POST /api/v1/nodes/{name}/heartbeat`.
-pub async fn heartbeat(
+/// `DELETE /api/v1/nodes/{name}`: revokes an agent's credential and closes its tunnel.
+pub async fn remove(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    Json(hb): Json<Heartbeat>,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers, "heartbeat")?;
-    state.membership.heartbeat(&name, hb).await?;
-    Ok(Json(serde_json::json!({})).into_response())
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.membership.remove(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
 }
 
 #[derive(Serialize)]

@@ -55,6 +55,18 @@ pub enum Endpoints {
     Direct,
 }
 
+impl Endpoints {
+    /// Direct where the gateway shares the host's network with Docker (Linux), published
+    /// elsewhere (Docker Desktop).
+    pub fn platform_default() -> Endpoints {
+        if cfg!(target_os = "linux") {
+            Endpoints::Direct
+        } else {
+            Endpoints::Published
+        }
+    }
+}
+
 impl LocalNode {
     /// A node named `name`, publishing container ports on `host_ip`, labelling its
     /// containers as owned by `gateway_id`.

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod local;
 pub mod remote;
 mod transport;
+pub mod tunnel;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -162,6 +163,10 @@ pub trait Node: Send + Sync + 'static {
     fn gpu_source(&self) -> String;
     /// The node's GPUs now (empty when it has none or cannot tell).
     async fn gpus(&self) -> Vec<GpuInfo>;
+    /// Whether the gateway can reach the node now (an agent whose tunnel is down cannot).
+    fn reachable(&self) -> bool {
+        true
+    }
     /// Opens a byte stream to `endpoint`, the address this node gave for one of its
     /// instances (`Started::endpoint`). The only way the gateway reaches an instance.
     async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError>;

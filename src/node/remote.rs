@@ -1,27 +1,30 @@
-//! `RemoteNode`: the `Node` trait as an HTTP client of an agent (`ember agent`), whose
-//! server (agent.rs) wraps the same `LocalNode` the embedded node uses.
+//! `RemoteNode`: the `Node` trait driven over an agent's tunnel (`tunnel.rs`). The agent's
+//! server (agent/) wraps the same `LocalNode` the embedded node uses.
 //!
 //! The wire format (wire.rs) is JSON of the node types; errors come back in Ember's one
 //! error body and are mapped back to `NodeError`, so a missing image or a container that
 //! exits at start reads the same on both paths. GPU facts and liveness come from the
-//! agent's heartbeats, not from calls.
+//! gateway's regular inventory calls; without a tunnel the node is unreachable, and every
+//! call fails at once instead of waiting.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::body::Body;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::wire::{Heartbeat, Registration, WireErrorBody};
+use super::tunnel::{Tunnel, AUTHORITY};
+use super::wire::{Heartbeat, NodeInfo, WireErrorBody};
 use super::{
-    connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
+    ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
+    CONNECT_TIMEOUT,
 };
 use crate::client::encode;
 use crate::gpu::{GpuDriver, GpuInfo};
@@ -36,103 +39,129 @@ struct Facts {
     driver: GpuDriver,
     source: String,
     last_seen: Option<tokio::time::Instant>,
+    /// The open tunnel and its number (each new tunnel of the node gets a higher one).
+    tunnel: Option<(u64, Tunnel)>,
+    tunnels: u64,
 }
 
-/// A node reached over HTTP.
+/// A node reached through the tunnel its agent dials.
 pub struct RemoteNode {
     name: String,
-    url: RwLock<String>,
-    token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
     facts: Mutex<Facts>,
 }
 
 impl RemoteNode {
-    /// A node named `name` whose agent answers at `url`, called with `token`.
-    pub fn new(name: &str, url: &str, token: &str) -> RemoteNode {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
+    /// A node named `name`, not connected yet.
+    pub fn new(name: &str) -> RemoteNode {
         RemoteNode {
             name: name.to_string(),
-            url: RwLock::new(url.trim_end_matches('/').to_string()),
-            token: token.to_string(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
             facts: Mutex::new(Facts {
                 gpus: Vec::new(),
                 driver: GpuDriver::Simulated,
                 source: "unknown".into(),
                 last_seen: None,
+                tunnel: None,
+                tunnels: 0,
             }),
         }
     }
 
-    /// The agent's URL.
-    pub fn url(&self) -> String {
-        self.url.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a (re-)registration: new URL and facts.
-    pub fn registered(&self, r: &Registration) {
-        *self.url.write().unwrap_or_else(|e| e.into_inner()) =
-            r.url.trim_end_matches('/').to_string();
-        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
-        f.gpus = r.gpus.clone();
-        f.driver = r.gpu_driver;
-        f.source = r.gpu_source.clone();
+    /// Takes a new tunnel (replacing any older one); returns its number.
+    pub fn attach(&self, tunnel: Tunnel) -> u64 {
+        let mut f = self.facts();
+        f.tunnels += 1;
+        let id = f.tunnels;
+        f.tunnel = Some((id, tunnel));
+        f.last_seen = Some(tokio::time::Instant::now());
+        id
+    }
+
+    /// Lets go of tunnel `id` if it is still the node's; returns whether it was.
+    pub fn detach(&self, id: u64) -> bool {
+        let mut f = self.facts();
+        if f.tunnel.as_ref().is_some_and(|(current, _)| *current == id) {
+            f.tunnel = None;
+            return true;
+        }
+        false
+    }
+
+    /// Takes what the agent says of itself.
+    pub fn described(&self, info: &NodeInfo) {
+        let mut f = self.facts();
+        f.gpus = info.gpus.clone();
+        f.driver = info.gpu_driver;
+        f.source = info.gpu_source.clone();
         f.last_seen = Some(tokio::time::Instant::now());
     }
 
-    /// When the node was last heard from.
+    /// When the node last answered.
     pub fn last_seen(&self) -> Option<tokio::time::Instant> {
-        self.facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_seen
+        self.facts().last_seen
     }
 
-    /// Takes a heartbeat.
+    /// Takes an inventory report.
     pub fn heartbeat(&self, hb: &Heartbeat) {
-        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.facts();
         f.gpus = hb.gpus.clone();
         f.last_seen = Some(tokio::time::Instant::now());
+    }
+
+    fn tunnel(&self) -> Result<Tunnel, NodeError> {
+        self.facts()
+            .tunnel
+            .as_ref()
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| self.remote("not connected: its agent's tunnel is down".into()))
+    }
+
+    /// What the agent says of itself, asked over the tunnel.
+    pub async fn info(&self) -> Result<NodeInfo, NodeError> {
+        self.call(Method::GET, "/node/v1/info", Body::empty(), CALL_TIMEOUT)
+            .await
+    }
+
+    /// The agent's GPUs now, asked over the tunnel.
+    pub async fn inventory(&self, timeout: Duration) -> Result<Heartbeat, NodeError> {
+        self.call(Method::GET, "/node/v1/gpus", Body::empty(), timeout)
+            .await
     }
 
     async fn call_raw(
         &self,
         method: Method,
         path: &str,
-        body: Bytes,
+        body: Body,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), NodeError> {
+        let tunnel = self.tunnel()?;
         let req = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.url()))
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
+            .uri(format!("http://{AUTHORITY}{path}"))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| self.remote(e.to_string()))?;
-        let resp = tokio::time::timeout(timeout, self.client.request(req))
+        let answered = tokio::time::timeout(timeout, async {
+            let resp = tunnel.send(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        });
+        answered
             .await
             .map_err(|_| self.remote(format!("no answer within {timeout:?}")))?
-            .map_err(|e| self.remote(format!("unreachable: {e}")))?;
-        let status = resp.status();
-        let body = tokio::time::timeout(timeout, resp.into_body().collect())
-            .await
-            .map_err(|_| self.remote("answer cut off".into()))?
-            .map_err(|e| self.remote(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+            .map_err(|e| self.remote(format!("the tunnel failed: {e}")))
     }
 
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Bytes,
+        body: Body,
         timeout: Duration,
     ) -> Result<T, NodeError> {
         let (status, body) = self.call_raw(method, path, body, timeout).await?;
@@ -163,28 +192,52 @@ impl Node for RemoteNode {
     }
 
     fn gpu_driver(&self) -> GpuDriver {
-        self.facts.lock().unwrap_or_else(|e| e.into_inner()).driver
+        self.facts().driver
+    }
+
+    fn reachable(&self) -> bool {
+        self.facts()
+            .tunnel
+            .as_ref()
+            .is_some_and(|(_, t)| !t.is_closed())
     }
 
     fn gpu_source(&self) -> String {
-        self.facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .source
-            .clone()
+        self.facts().source.clone()
     }
 
     async fn gpus(&self) -> Vec<GpuInfo> {
-        self.facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .gpus
-            .clone()
+        self.facts().gpus.clone()
     }
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
-        // The agent publishes its containers on the address it advertised.
-        connect_tcp(endpoint).await
+        let refused = |why: String| NodeError::Connect {
+            endpoint,
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, why),
+        };
+        let tunnel = self.tunnel().map_err(|e| refused(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(endpoint.to_string())
+            .body(Body::empty())
+            .map_err(|e| refused(e.to_string()))?;
+        let resp = tokio::time::timeout(CONNECT_TIMEOUT, tunnel.send(req))
+            .await
+            .map_err(|_| refused("the node did not open the stream in time".into()))?
+            .map_err(|e| refused(format!("the tunnel failed: {e}")))?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let text = resp.into_body().collect().await.map(|b| b.to_bytes());
+            let text = text.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+            return Err(refused(format!(
+                "the node answered {status}: {}",
+                text.unwrap_or_default()
+            )));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| refused(format!("the stream did not open: {e}")))?;
+        Ok(Box::new(TokioIo::new(upgraded)))
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
@@ -192,7 +245,7 @@ impl Node for RemoteNode {
         self.call(
             Method::POST,
             "/node/v1/instances",
-            body.into(),
+            Body::from(body),
             START_TIMEOUT,
         )
         .await
@@ -200,7 +253,7 @@ impl Node for RemoteNode {
 
     async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError> {
         let path = format!("/node/v1/containers/{}", encode(container_id));
-        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+        self.call(Method::GET, &path, Body::empty(), CALL_TIMEOUT)
             .await
     }
 
@@ -209,14 +262,14 @@ impl Node for RemoteNode {
             "/node/v1/containers/{}/logs?lines={lines}",
             encode(container_id)
         );
-        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+        self.call(Method::GET, &path, Body::empty(), CALL_TIMEOUT)
             .await
     }
 
     async fn pause(&self, container_id: &str) -> Result<(), NodeError> {
         let path = format!("/node/v1/containers/{}/pause", encode(container_id));
         let _: serde_json::Value = self
-            .call(Method::POST, &path, Bytes::new(), CALL_TIMEOUT)
+            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
             .await?;
         Ok(())
     }
@@ -224,7 +277,7 @@ impl Node for RemoteNode {
     async fn resume(&self, container_id: &str) -> Result<(), NodeError> {
         let path = format!("/node/v1/containers/{}/resume", encode(container_id));
         let _: serde_json::Value = self
-            .call(Method::POST, &path, Bytes::new(), CALL_TIMEOUT)
+            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
             .await?;
         Ok(())
     }
@@ -232,7 +285,7 @@ impl Node for RemoteNode {
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         let path = format!("/node/v1/containers/{}", encode(container_id));
         let _: serde_json::Value = self
-            .call(Method::DELETE, &path, Bytes::new(), CALL_TIMEOUT)
+            .call(Method::DELETE, &path, Body::empty(), CALL_TIMEOUT)
             .await?;
         Ok(())
     }
@@ -241,7 +294,7 @@ impl Node for RemoteNode {
         self.call(
             Method::GET,
             "/node/v1/containers",
-            Bytes::new(),
+            Body::empty(),
             CALL_TIMEOUT,
         )
         .await
@@ -249,7 +302,7 @@ impl Node for RemoteNode {
 
     async fn image_exists(&self, image: &str) -> Result<bool, NodeError> {
         let path = format!("/node/v1/images?tag={}", encode(image));
-        self.call(Method::GET, &path, Bytes::new(), CALL_TIMEOUT)
+        self.call(Method::GET, &path, Body::empty(), CALL_TIMEOUT)
             .await
     }
 
@@ -267,7 +320,12 @@ impl Node for RemoteNode {
         );
         // The agent answers with the build's output lines once it is done.
         let lines: Vec<String> = self
-            .call(Method::POST, &path, context_tar, START_TIMEOUT * 5)
+            .call(
+                Method::POST,
+                &path,
+                Body::from(context_tar),
+                START_TIMEOUT * 5,
+            )
             .await?;
         for line in lines {
             let _ = progress.send(line).await;

@@ -18,7 +18,7 @@ use crate::runtime::RuntimeError;
 /// The version of this protocol an agent speaks (sent in its registration).
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// What an agent reports in each heartbeat.
+/// The GPUs an agent reports each time the gateway asks (`GET /node/v1/gpus`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Its GPUs now.
@@ -26,16 +26,14 @@ pub struct Heartbeat {
     pub gpus: Vec<GpuInfo>,
 }
 
-/// What an agent sends to join.
+/// What an agent says of itself when its tunnel opens (`GET /node/v1/info`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Registration {
+pub struct NodeInfo {
     /// The protocol version the agent speaks.
     #[serde(default = "first_version")]
     pub protocol: u32,
     /// Node name.
     pub name: String,
-    /// URL of the agent's node API.
-    pub url: String,
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -52,13 +50,28 @@ fn first_version() -> u32 {
     1
 }
 
-/// What the gateway answers a registration with.
+/// What an agent sends, with a join token, to join (`POST /api/v1/nodes/join`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Registered {
+pub struct JoinRequest {
+    /// The protocol version the agent speaks.
+    #[serde(default = "first_version")]
+    pub protocol: u32,
+    /// Node name.
+    pub name: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the gateway answers a join with. The credential is shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Joined {
     /// The gateway's id: the agent labels its containers with it.
     pub gateway_id: String,
-    /// How often to send heartbeats, in milliseconds.
-    pub heartbeat_ms: u64,
+    /// The node's name.
+    pub name: String,
+    /// The node's credential: the agent keeps it (0600) and presents it when it dials.
+    pub credential: String,
 }
 
 /// A node failure on the wire: its code, and the facts the gateway needs to handle it.
@@ -167,7 +180,6 @@ impl WireErrorBody {
 mod tests {
     use super::*;
     use crate::model::{ErrorBody, ErrorCode};
-    use crate::node::ContainerState;
 
     #[test]
     fn node_errors_survive_the_wire() {
@@ -217,29 +229,11 @@ mod tests {
     }
 
     #[test]
-    fn registrations_from_a_newer_agent_with_more_fields_are_read() {
-        let r: Registration = serde_json::from_str(
-            r#"{"name":"n","url":"http://a:1","gpu_driver":"simulated","gpu_source":"x","future":true}"#,
+    fn node_info_from_a_newer_agent_with_more_fields_is_read() {
+        let info: NodeInfo = serde_json::from_str(
+            r#"{"name":"n","gpu_driver":"simulated","gpu_source":"x","future":true}"#,
         )
         .unwrap();
-        assert_eq!(r.protocol, 1);
-    }
-
-    #[test]
-    fn container_states_have_a_stable_wire_form() {
-        let s = ContainerState::Exited {
-            code: Some(1),
-            status: "exited".into(),
-        };
-        let json = serde_json::to_value(&s).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"state":"exited","code":1,"status":"exited"})
-        );
-        assert_eq!(
-            serde_json::from_value::<ContainerState>(serde_json::json!({"state":"running"}))
-                .unwrap(),
-            ContainerState::Running
-        );
+        assert_eq!(info.protocol, 1);
     }
 }

@@ -170,6 +170,14 @@ impl Scheduler {
         node
     }
 
+    /// Forgets a node; its instances' reservations keep its entry alive until they go.
+    pub fn remove_node(&self, name: &str) -> bool {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let before = entries.len();
+        entries.retain(|e| e.node.name() != name);
+        entries.len() != before
+    }
+
     /// Sets a node's state; returns the previous one, or `None` for an unknown node.
     pub fn set_state(&self, name: &str, state: NodeState) -> Option<NodeState> {
         let entry = self.entry(name)?;
@@ -197,11 +205,11 @@ impl Scheduler {
             .collect()
     }
 
-    /// Every node that is not lost.
+    /// Every node the gateway can talk to now (not disconnected, not lost).
     pub fn live_nodes(&self) -> Vec<Arc<dyn Node>> {
         self.snapshot()
             .into_iter()
-            .filter(|s| s.lock().state != NodeState::Lost)
+            .filter(|s| s.lock().state.reachable())
             .map(|s| s.node.clone())
             .collect()
     }

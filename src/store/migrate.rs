@@ -75,8 +75,11 @@ fn v1_to_v2(trees: &Trees) -> Result<(), StoreError> {
             address: if old.url == "embedded" {
                 NodeAddress::Embedded
             } else {
-                NodeAddress::Agent { url: old.url }
+                // Agents of version 1 reached the gateway with the long-lived join token
+                // and have no credential: they join again when they next start.
+                NodeAddress::Agent
             },
+            credential: None,
             mark: match (old.cordoned, old.draining) {
                 (_, true) => NodeMark::Draining,
                 (true, false) => NodeMark::Cordoned,

@@ -5,7 +5,9 @@
 //!   (`name/rev` → manifest).
 //! - `instances.rs`: `instances` (`function/instance` → container placement), keyed by
 //!   function so a function's instances are one prefix scan.
-//! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark).
+//! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark, the hash of the
+//!   agent's credential).
+//! - `tokens.rs`: `tokens` (hash → expiry): join tokens.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -21,6 +23,7 @@ mod functions;
 mod instances;
 mod migrate;
 mod nodes;
+mod tokens;
 mod writer;
 
 use std::path::Path;
@@ -34,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord};
+pub use tokens::TokenRecord;
 pub use writer::{Change, TreeId, WriterStats};
 
 use writer::{Trees, Write};
@@ -103,6 +107,7 @@ impl Store {
             revisions: db.open_tree("revisions")?,
             instances: db.open_tree("instances")?,
             nodes: db.open_tree("nodes")?,
+            tokens: db.open_tree("tokens")?,
             meta: db.open_tree("meta")?,
             db,
         };

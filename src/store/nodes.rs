@@ -14,11 +14,8 @@ use crate::model::NodeState;
 pub enum NodeAddress {
     /// The gateway's own embedded node.
     Embedded,
-    /// An agent, at the URL of its node API.
-    Agent {
-        /// The URL.
-        url: String,
-    },
+    /// An agent, over the tunnel it dials.
+    Agent,
 }
 
 /// What an operator set on a node.
@@ -58,6 +55,10 @@ pub struct NodeRecord {
     /// What an operator set.
     #[serde(default)]
     pub mark: NodeMark,
+    /// The hash of the agent's node credential (`access::hash_secret`); none for the
+    /// embedded node, and for an agent that must join again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 impl Store {
@@ -76,5 +77,11 @@ impl Store {
     /// Every node.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.scan(TreeId::Nodes, Vec::new()).await
+    }
+
+    /// Forgets a node, durably.
+    pub async fn delete_node(&self, name: &str) -> Result<(), StoreError> {
+        let k = name.as_bytes().to_vec();
+        self.write(vec![Change::Remove(TreeId::Nodes, k)]).await
     }
 }

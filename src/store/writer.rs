@@ -24,6 +24,8 @@ pub enum TreeId {
     Instances,
     /// `nodes`.
     Nodes,
+    /// `tokens`.
+    Tokens,
     /// `meta`.
     Meta,
 }
@@ -61,6 +63,7 @@ pub(super) struct Trees {
     pub revisions: sled::Tree,
     pub instances: sled::Tree,
     pub nodes: sled::Tree,
+    pub tokens: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -71,6 +74,7 @@ impl Trees {
             TreeId::Revisions => &self.revisions,
             TreeId::Instances => &self.instances,
             TreeId::Nodes => &self.nodes,
+            TreeId::Tokens => &self.tokens,
             TreeId::Meta => &self.meta,
         }
     }

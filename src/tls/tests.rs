@@ -44,7 +44,10 @@ fn the_self_signed_ca_is_made_once_and_keeps_its_pin() {
     let dir = tempfile::tempdir().unwrap();
     let first = identity(dir.path());
     let second = identity(dir.path());
-    assert_eq!(first.pin, second.pin, "the CA key is kept, so the pin is too");
+    assert_eq!(
+        first.pin, second.pin,
+        "the CA key is kept, so the pin is too"
+    );
     assert!(parse_pin(&first.pin).is_ok(), "{}", first.pin);
     #[cfg(unix)]
     {
@@ -94,8 +97,16 @@ async fn a_wrong_pin_a_wrong_name_or_public_roots_refuse_and_say_why() {
 #[test]
 fn pins_are_sha256_and_64_hex_digits() {
     let good = format!("sha256:{}", "aB".repeat(32));
-    assert_eq!(parse_pin(&good).unwrap(), format!("sha256:{}", "ab".repeat(32)));
-    for bad in ["", "sha256:", "md5:00", &format!("sha256:{}", "g".repeat(64))] {
+    assert_eq!(
+        parse_pin(&good).unwrap(),
+        format!("sha256:{}", "ab".repeat(32))
+    );
+    for bad in [
+        "",
+        "sha256:",
+        "md5:00",
+        &format!("sha256:{}", "g".repeat(64)),
+    ] {
         assert!(parse_pin(bad).is_err(), "{bad}");
     }
 }

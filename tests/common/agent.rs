@@ -1,6 +1,7 @@
 //! A real `ember agent` process for a test, started by a chainable builder
-//! (`Agent::builder(gateway, token, name).inventory(..).data_dir(..).start()`).
-//! It owns the process only: the agent's containers outlive it, as on a dead machine.
+//! (`Agent::builder(gateway, token, name).inventory(..).data_dir(..).start()`), optionally
+//! inside a network namespace. It owns the process only: the agent's containers outlive
+//! it, as on a dead machine.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -24,6 +25,8 @@ pub struct AgentBuilder {
     name: String,
     inventory: Option<String>,
     data_dir: Option<PathBuf>,
+    args: Vec<String>,
+    netns: Option<String>,
 }
 
 impl AgentBuilder {
@@ -40,16 +43,40 @@ impl AgentBuilder {
         self
     }
 
-    /// Starts the process and waits until it prints its URL.
+    /// More `ember agent` arguments (`--ca-pin`, …).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// Runs the agent inside network namespace `ns` (`ip netns exec`; needs root).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
+    }
+
+    /// Starts the process and waits until its tunnel is open (it prints the gateway URL).
     pub async fn start(self) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = self.data_dir.unwrap_or_else(|| dir.path().join("agent"));
         let name = &self.name;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        let mut cmd = match &self.netns {
+            None => Command::new(env!("CARGO_BIN_EXE_ember")),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ember")]);
+                c
+            }
+        };
         cmd.args(["agent", "--gateway", &self.gateway])
             .args(["--token", &self.token, "--name", name])
-            .args(["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
             .args(["--labels", &format!("name={name}")])
+            .args(&self.args)
             .arg("--data-dir")
             .arg(data_dir);
         if let Some(inv) = &self.inventory {
@@ -76,7 +103,14 @@ impl Agent {
             name: name.to_string(),
             inventory: None,
             data_dir: None,
+            args: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// The process id (of `ip netns exec`'s child, the agent, once it has exec'd).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL, as if the machine died (its containers stay unless the test removes them).

@@ -153,7 +153,7 @@ async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
         .trim()
         .rsplit(' ')
         .next()
-        .filter(|u| u.starts_with("http://"))
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
         .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
         .to_string();
     (child, url)

@@ -1,54 +1,48 @@
-//! `ember agent`: a node of a remote gateway.
+//! `ember agent`: a node of a remote gateway, with no port open.
 //!
-//! The agent owns the local Docker engine and GPUs. It binds its node API, registers with
-//! the gateway (join token), then sends heartbeats with its GPU inventory; the gateway
-//! drives it through the node API (`RemoteNode` is the client), which wraps the same
-//! `LocalNode` the embedded node uses. Every call must carry the join token. A gateway
-//! that has forgotten the node (404 on a heartbeat) gets a fresh registration.
-//!
-//! This file owns the settings and the start-up sequence; `server.rs` serves the node API,
-//! `heartbeat.rs` registers and keeps the node known to the gateway.
+//! The agent owns the local Docker engine and GPUs. On its first start it trades a join
+//! token for a node credential (`credential.rs`), then dials the gateway and keeps one
+//! tunnel open (`dial.rs`), over which the gateway drives the node (`server.rs`: the node
+//! API over the same `LocalNode` the embedded node uses, and CONNECT streams to its
+//! containers). Containers are published on the node's loopback only.
 
-mod heartbeat;
+mod credential;
+mod dial;
 mod server;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
 use clap::Args;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::wire::{Registration, PROTOCOL_VERSION};
+use super::local::Endpoints;
+use super::wire::{NodeInfo, PROTOCOL_VERSION};
 use super::{LocalNode, Node};
 use crate::client::ApiClient;
 use crate::gpu::{GpuDriver, GpuMonitor};
 use crate::runtime::{ContainerRuntime, DockerRuntime};
+use crate::tls::Trust;
+
+pub use credential::CREDENTIAL_FILE;
 
 /// `ember agent` settings.
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
-    /// Gateway URL.
+    /// Gateway URL (https:// when it serves TLS).
     #[arg(long, env = "EMBER_GATEWAY")]
     pub gateway: String,
-    /// Join token (the gateway's --join-token).
+    /// Join token (`ember token create`), traded once for this node's credential; not
+    /// needed again while the data dir keeps the credential.
     #[arg(long, env = "EMBER_JOIN_TOKEN")]
-    pub token: String,
-    /// Node name (a lower-case DNS label).
+    pub token: Option<String>,
+    /// Node name (a lower-case DNS label); the host name by default.
     #[arg(long, env = "EMBER_NODE_NAME")]
-    pub name: String,
-    /// Address the node API listens on.
-    #[arg(long, env = "EMBER_AGENT_LISTEN", default_value = "0.0.0.0:8090")]
-    pub listen: SocketAddr,
-    /// Host or IP the gateway reaches this node and its containers at.
-    #[arg(long, env = "EMBER_ADVERTISE")]
-    pub advertise: String,
+    pub name: Option<String>,
     /// Labels, `k=v,k2=v2`.
     #[arg(long, env = "EMBER_LABELS", value_parser = parse_labels, default_value = "")]
     pub labels: BTreeMap<String, String>,
@@ -58,22 +52,19 @@ pub struct AgentConfig {
     /// How containers get GPUs: nvidia, cdi or simulated.
     #[arg(long, env = "EMBER_GPU_DRIVER", value_enum)]
     pub gpu_driver: Option<GpuDriver>,
-    /// Directory for the agent's own files: `agent.json` remembers the gateway it joined,
-    /// so joining another one removes the containers the old one left here.
+    /// Trust an https gateway whose CA has this pin (`ember token create` prints it).
+    #[arg(long, env = "EMBER_CA_PIN")]
+    pub ca_pin: Option<String>,
+    /// Trust an https gateway whose certificate a CA in this PEM file signed.
+    #[arg(long, env = "EMBER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// How the agent reaches its containers: direct (their bridge address; the default on
+    /// Linux) or published (the port published on the node's loopback).
+    #[arg(long, env = "EMBER_NODE_ENDPOINTS", value_enum, default_value_t = Endpoints::platform_default())]
+    pub endpoints: Endpoints,
+    /// Directory for the agent's own files: its credential (`node.json`, 0600).
     #[arg(long, env = "EMBER_DATA_DIR", default_value = ".ember-agent")]
     pub data_dir: PathBuf,
-}
-
-/// Shortest wait between heartbeats, whatever the gateway asks.
-const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-
-/// File in the data dir naming the gateway this node last joined.
-pub const MEMBERSHIP_FILE: &str = "agent.json";
-
-fn previous_gateway(file: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["gateway_id"].as_str().map(str::to_string)
 }
 
 /// Parses `k=v,k2=v2`.
@@ -98,48 +89,90 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
-/// Runs the agent until `shutdown`.
+/// Runs the agent until `shutdown`, or until the gateway refuses its credential.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    check(&config)?;
+    let name = node_name(&config)?;
+    let trust = Trust::from_settings(config.ca_pin.as_deref(), config.ca_file.as_deref())?;
     let (runtime, monitor, driver) = setup(&config).await?;
-    let listener = bind(config.listen).await?;
-    let port = listener.local_addr()?.port();
-    let url = format!("http://{}:{port}", config.advertise);
-    let client = ApiClient::new(&config.gateway)?;
-    let registration = registration(&config, &url, &monitor, driver).await;
-    let registered = heartbeat::register(&client, &config.token, &registration, &shutdown).await?;
-    let publish_ip = publish_ip(&config.advertise);
-    forget_previous_gateway(&config, &registered.gateway_id, publish_ip, &runtime).await;
-    remember_gateway(&config, &registered.gateway_id)?;
+    let credential = credential(&config, &name, &trust).await?;
+    forget_previous_gateway(&config, &name, &credential.gateway_id, &runtime).await;
+    credential.save(&config.data_dir)?;
     let node = Arc::new(
-        LocalNode::new(&config.name, &registered.gateway_id, publish_ip, runtime)
-            .with_gpus(monitor, driver),
+        LocalNode::new(&name, &credential.gateway_id, LOOPBACK, runtime)
+            .with_gpus(monitor.clone(), driver)
+            .with_endpoints(config.endpoints),
     );
-    println!("ember agent {} serving node API on {url}", config.name);
-    tracing::info!(node = %config.name, %url, gateway = %config.gateway, "registered with the gateway");
-    let token: Arc<str> = config.token.into();
-    let interval = Duration::from_millis(registered.heartbeat_ms).max(MIN_HEARTBEAT_INTERVAL);
-    let app = server::router(node.clone(), token.clone());
-    let beat = heartbeat::run(
-        client,
-        token,
-        node,
-        registration,
-        interval,
-        shutdown.clone(),
+    let info = NodeInfo {
+        protocol: PROTOCOL_VERSION,
+        name: name.clone(),
+        labels: config.labels.clone(),
+        gpu_driver: driver,
+        gpu_source: monitor.source(),
+        gpus: Vec::new(),
+    };
+    let tracker = TaskTracker::new();
+    let service = server::TunnelService::new(
+        server::router(node.clone(), info),
+        node.clone(),
+        tracker.clone(),
     );
-    serve(listener, app, beat, shutdown).await
+    let target = dial::Target::new(&config.gateway, &trust)?;
+    let announce = {
+        let (name, gateway) = (name.clone(), config.gateway.clone());
+        // One plain line on stdout for scripts and tests; the log goes to stderr.
+        Box::new(move || println!("ember agent {name} connected to {gateway}"))
+    };
+    let ended = dial::run(&target, &credential, service, &shutdown, Some(announce)).await;
+    tracker.close();
+    tracker.wait().await;
+    match ended {
+        dial::Ended::Shutdown => Ok(()),
+        dial::Ended::Refused(why) => {
+            remove_containers_of(&node).await;
+            credential::Credential::forget(&config.data_dir);
+            anyhow::bail!(
+                "the gateway no longer accepts this node ({why}); its containers were removed. \
+                 Join again with a new join token: `ember token create` on the gateway, then \
+                 `ember agent --token TOKEN ...`"
+            )
+        }
+    }
 }
 
-/// Refuses settings the agent cannot run with.
-fn check(config: &AgentConfig) -> anyhow::Result<()> {
-    if let Err(e) = crate::manifest::check_name(&config.name) {
-        anyhow::bail!("--name: {e}");
+/// Containers of agent nodes are published on the loopback only, never outside.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// `--name`, or the host name made into a DNS label.
+fn node_name(config: &AgentConfig) -> anyhow::Result<String> {
+    let name = match &config.name {
+        Some(n) => n.clone(),
+        None => host_name(),
+    };
+    crate::manifest::check_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    Ok(name)
+}
+
+/// The machine's name as a DNS label (`node` when it has none usable).
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_default();
+    let label: String = raw
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() || !label.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return "node".into();
     }
-    if config.token.trim().is_empty() {
-        anyhow::bail!("--token: expected the gateway's join token");
-    }
-    Ok(())
+    label.chars().take(crate::manifest::MAX_NAME_LEN).collect()
 }
 
 /// Prepares the data dir, the Docker engine and the GPUs.
@@ -154,95 +187,70 @@ async fn setup(
     Ok((runtime, monitor, driver))
 }
 
-/// Binds the node API's address.
-async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))
-}
-
-/// What the gateway is told of this node, reachable at `url`.
-async fn registration(
+/// The credential kept in the data dir, or a new one for the join token.
+async fn credential(
     config: &AgentConfig,
-    url: &str,
-    monitor: &GpuMonitor,
-    driver: GpuDriver,
-) -> Registration {
-    Registration {
-        protocol: PROTOCOL_VERSION,
-        name: config.name.clone(),
-        url: url.to_string(),
-        labels: config.labels.clone(),
-        gpu_driver: driver,
-        gpu_source: monitor.source(),
-        gpus: monitor.read().await,
+    name: &str,
+    trust: &Trust,
+) -> anyhow::Result<credential::Credential> {
+    if let Some(kept) = credential::Credential::load(&config.data_dir, &config.gateway, name) {
+        return Ok(kept);
     }
+    let Some(token) = config.token.as_deref().filter(|t| !t.trim().is_empty()) else {
+        anyhow::bail!(
+            "--token: this node has not joined {} yet; give it a join token (`ember token create` on the gateway)",
+            config.gateway
+        );
+    };
+    let client = ApiClient::with_trust(&config.gateway, trust)?;
+    let joined = credential::join(&client, &config.gateway, token, name, &config.labels).await?;
+    tracing::info!(node = %name, gateway = %config.gateway, "joined the gateway");
+    Ok(joined)
 }
 
-/// Where containers are published: the advertised address, so the gateway reaches them
-/// (every interface when it is a host name).
-fn publish_ip(advertise: &str) -> IpAddr {
-    advertise
-        .parse::<IpAddr>()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-}
-
-/// Removes the containers a previous gateway started here, if this node joined another.
+/// Removes the containers a previous gateway started here, if this node joined another:
+/// no gateway would ever reconcile them again.
 async fn forget_previous_gateway(
     config: &AgentConfig,
+    name: &str,
     gateway_id: &str,
-    publish_ip: IpAddr,
     runtime: &Arc<dyn ContainerRuntime>,
 ) {
-    let Some(previous) = previous_gateway(&config.data_dir.join(MEMBERSHIP_FILE)) else {
+    let Some(previous) = credential::previous_gateway_id(&config.data_dir) else {
         return;
     };
-    if previous == gateway_id {
-        return;
+    if previous != gateway_id {
+        let old = LocalNode::new(name, &previous, LOOPBACK, runtime.clone());
+        remove_containers_of(&old).await;
     }
-    // This machine now belongs to another gateway: what the old one started here would
-    // otherwise run forever, since no gateway will ever reconcile it.
-    let old = LocalNode::new(&config.name, &previous, publish_ip, runtime.clone());
-    let containers = match old.list_managed().await {
+}
+
+/// Removes every container `node`'s gateway left on this machine.
+async fn remove_containers_of(node: &LocalNode) {
+    let containers = match node.list_managed().await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(gateway = %previous, error = %e, "cannot list the containers the gateway this node left; they stay");
+            tracing::warn!(error = %e, "cannot list this gateway's containers here; they stay");
             return;
         }
     };
     for c in containers {
-        tracing::info!(container = %c.container_id, gateway = %previous, "removing a container of the gateway this node left");
-        if let Err(e) = old.stop(&c.container_id).await {
+        tracing::info!(container = %c.container_id, function = %c.function, "removing a container no gateway will reconcile");
+        if let Err(e) = node.stop(&c.container_id).await {
             tracing::warn!(container = %c.container_id, error = %e, "could not remove it");
         }
     }
 }
 
-/// Records the gateway this node joined, for `forget_previous_gateway` on the next start.
-fn remember_gateway(config: &AgentConfig, gateway_id: &str) -> anyhow::Result<()> {
-    let file = config.data_dir.join(MEMBERSHIP_FILE);
-    let record = serde_json::json!({ "gateway": config.gateway, "gateway_id": gateway_id });
-    std::fs::write(&file, record.to_string())
-        .with_context(|| format!("cannot write {}", file.display()))
-}
-
-/// Serves the node API while `beat` runs; both end at `shutdown` (the server once its
-/// open calls are answered).
-async fn serve(
-    listener: TcpListener,
-    app: Router,
-    beat: impl Future<Output = ()>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-    let (served, ()) = tokio::join!(server, beat);
-    served?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_become_dns_labels() {
+        let name = host_name();
+        assert!(crate::manifest::check_name(&name).is_ok(), "{name}");
+    }
 
     #[test]
     fn labels_parse_from_k_equals_v_lists() {

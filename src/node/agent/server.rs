@@ -1,22 +1,32 @@
-//! The node API an agent serves to its gateway: the axum router, the join-token check in
-//! front of every route but `/healthz`, and one handler per call, each a thin wrapper over
-//! the agent's `LocalNode`. `RemoteNode` is the client of these routes.
+//! The node API an agent serves to its gateway over the tunnel it dialed: the axum router
+//! of control calls (each a thin wrapper over the agent's `LocalNode`), and CONNECT streams
+//! to the node's own containers. The tunnel was authenticated when it opened (the agent
+//! dialed the gateway, verified its certificate, and presented its credential), so calls
+//! on it carry no credential of their own. `RemoteNode` is the client of these routes.
 //!
-//! Node errors become responses here, in `AgentError`, and nowhere else.
+//! A CONNECT is accepted only to the endpoint of a container Ember manages on this node:
+//! the tunnel is never an open relay into the node's network. Node errors become responses
+//! here, in `AgentError`, and nowhere else.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+use tracing::Instrument;
 
-use crate::node::wire::WireErrorBody;
+use crate::node::wire::{Heartbeat, NodeInfo, WireErrorBody};
 use crate::node::{InstanceSpec, LocalNode, Node, NodeError};
 
 /// Largest image build context the API accepts, in bytes.
@@ -28,13 +38,18 @@ const BUILD_PROGRESS_BUFFER: usize = 1024;
 #[derive(Clone)]
 struct AgentState {
     node: Arc<LocalNode>,
-    token: Arc<str>,
+    info: Arc<NodeInfo>,
 }
 
-/// The node API over `node`, for callers bearing `token`.
-pub(super) fn router(node: Arc<LocalNode>, token: Arc<str>) -> Router {
-    let state = AgentState { node, token };
+/// The node API over `node`, which describes itself as `info` (its GPUs read fresh).
+pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo) -> Router {
+    let state = AgentState {
+        node,
+        info: Arc::new(info),
+    };
     Router::new()
+        .route("/node/v1/info", get(describe))
+        .route("/node/v1/gpus", get(gpus))
         .route("/node/v1/instances", post(start))
         .route("/node/v1/containers", get(list))
         .route(
@@ -50,18 +65,113 @@ pub(super) fn router(node: Arc<LocalNode>, token: Arc<str>) -> Router {
                 .post(build_image)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BUILD_CONTEXT)),
         )
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
 }
 
-async fn authorize(State(state): State<AgentState>, req: Request, next: Next) -> Response {
-    if !crate::access::check_bearer(req.headers(), &state.token) {
-        tracing::warn!(path = %req.uri().path(), "refused a call without the join token");
-        let body = WireErrorBody::unauthorized("missing or wrong join token");
-        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+/// What the tunnel serves: CONNECT streams to the node's containers, and the node API.
+#[derive(Clone)]
+pub(super) struct TunnelService {
+    app: Router,
+    node: Arc<LocalNode>,
+    allowed: Arc<RwLock<HashSet<SocketAddr>>>,
+    tracker: TaskTracker,
+}
+
+impl TunnelService {
+    pub(super) fn new(app: Router, node: Arc<LocalNode>, tracker: TaskTracker) -> TunnelService {
+        TunnelService {
+            app,
+            node,
+            allowed: Arc::default(),
+            tracker,
+        }
     }
-    next.run(req).await
+
+    /// Answers one request of the tunnel.
+    pub(super) async fn call<B>(mut self, req: Request<B>) -> Result<Response, Infallible>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        if req.method() == Method::CONNECT {
+            return Ok(self.connect(req).await);
+        }
+        self.app.call(req.map(Body::new)).await
+    }
+
+    /// Opens a stream to a managed container's endpoint and splices it to the CONNECT
+    /// stream once the gateway's side is upgraded.
+    async fn connect<B>(&self, mut req: Request<B>) -> Response {
+        let target = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let Some(target) = target else {
+            return refuse(StatusCode::BAD_REQUEST, "CONNECT needs ip:port");
+        };
+        if !self.is_managed_endpoint(target).await {
+            tracing::warn!(%target, "refused a CONNECT to an address that is no container of this node");
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "not the endpoint of a managed container",
+            );
+        }
+        let tcp = match crate::node::connect_tcp(target).await {
+            Ok(s) => s,
+            Err(e) => return refuse(StatusCode::BAD_GATEWAY, &e.to_string()),
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        self.tracker.spawn(
+            async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let mut upgraded = TokioIo::new(upgraded);
+                let mut tcp = tcp;
+                if let Err(e) = tokio::io::copy_bidirectional(&mut upgraded, &mut tcp).await {
+                    tracing::debug!(error = %e, "a container stream ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("stream", %target)),
+        );
+        StatusCode::OK.into_response()
+    }
+
+    /// Whether `target` is where a container Ember manages here answers (the list is
+    /// read again when an address is not in it yet).
+    async fn is_managed_endpoint(&self, target: SocketAddr) -> bool {
+        let known = |set: &RwLock<HashSet<SocketAddr>>| {
+            set.read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&target)
+        };
+        if known(&self.allowed) {
+            return true;
+        }
+        let Ok(containers) = self.node.list_managed().await else {
+            return false;
+        };
+        let endpoints: HashSet<_> = containers.into_iter().filter_map(|c| c.endpoint).collect();
+        *self.allowed.write().unwrap_or_else(|e| e.into_inner()) = endpoints;
+        known(&self.allowed)
+    }
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, why.to_string()).into_response()
+}
+
+async fn describe(State(s): State<AgentState>) -> Json<NodeInfo> {
+    let mut info = (*s.info).clone();
+    info.gpus = s.node.gpus().await;
+    Json(info)
+}
+
+async fn gpus(State(s): State<AgentState>) -> Json<Heartbeat> {
+    Json(Heartbeat {
+        gpus: s.node.gpus().await,
+    })
 }
 
 /// A node error as the node API answers it.
@@ -193,11 +303,18 @@ mod tests {
         let lines = 3 * BUILD_PROGRESS_BUFFER;
         let runtime = Arc::new(FakeRuntime { build_lines: lines });
         let node = LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime);
-        let mut app = router(Arc::new(node), "secret".into());
+        let info = NodeInfo {
+            protocol: 1,
+            name: "n1".into(),
+            labels: Default::default(),
+            gpu_driver: crate::gpu::GpuDriver::Simulated,
+            gpu_source: "none".into(),
+            gpus: Vec::new(),
+        };
+        let mut app = router(Arc::new(node), info);
         let req = Request::builder()
             .method("POST")
             .uri("/node/v1/images?tag=t:1")
-            .header("authorization", "Bearer secret")
             .body(axum::body::Body::from("context"))
             .unwrap();
         let resp = app.call(req).await.unwrap();
