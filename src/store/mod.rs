@@ -6,6 +6,7 @@
 //! - `instances.rs`: `instances` (`function/instance` → container placement), keyed by
 //!   function so a function's instances are one prefix scan.
 //! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark).
+//! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -19,6 +20,7 @@
 
 mod functions;
 mod instances;
+mod keys;
 mod migrate;
 mod nodes;
 mod writer;
@@ -33,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
+pub use keys::KeyRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord};
 pub use writer::{Change, TreeId, WriterStats};
 
@@ -103,6 +106,7 @@ impl Store {
             revisions: db.open_tree("revisions")?,
             instances: db.open_tree("instances")?,
             nodes: db.open_tree("nodes")?,
+            keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
             db,
         };

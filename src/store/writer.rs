@@ -24,6 +24,8 @@ pub enum TreeId {
     Instances,
     /// `nodes`.
     Nodes,
+    /// `keys`.
+    Keys,
     /// `meta`.
     Meta,
 }
@@ -61,6 +63,7 @@ pub(super) struct Trees {
     pub revisions: sled::Tree,
     pub instances: sled::Tree,
     pub nodes: sled::Tree,
+    pub keys: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -71,6 +74,7 @@ impl Trees {
             TreeId::Revisions => &self.revisions,
             TreeId::Instances => &self.instances,
             TreeId::Nodes => &self.nodes,
+            TreeId::Keys => &self.keys,
             TreeId::Meta => &self.meta,
         }
     }
