@@ -16,7 +16,8 @@
 //! * `/exit` - 200 `exiting`, then the process exits with code 0.
 //! * anything else, any method - echo: 200 with the request body as the response body,
 //!   plus `x-echo-method`, `x-echo-uri`, `x-echo-host`, one `x-echo-h-NAME` per `x-*`
-//!   request header and, when `GREETING` is set, `x-greeting`.
+//!   request header and for `authorization` (so tests see which credentials reach a
+//!   function) and, when `GREETING` is set, `x-greeting`.
 //!
 //! Flags: `--crash` exits with code 3 before listening; `--delay-start MS` sleeps before
 //! binding the port, to simulate a slow cold start.
@@ -252,7 +253,8 @@ fn echo(req: Request, config: &Config) -> Response {
         ("x-echo-uri".to_string(), req.target.clone()),
         ("x-echo-host".to_string(), config.hostname.clone()),
     ];
-    for (name, value) in req.headers.iter().filter(|(n, _)| n.starts_with("x-")) {
+    let echoed = |n: &str| n.starts_with("x-") || n == "authorization";
+    for (name, value) in req.headers.iter().filter(|(n, _)| echoed(n)) {
         headers.push((format!("x-echo-h-{name}"), value.clone()));
     }
     if let Some(greeting) = &config.greeting {
