@@ -159,6 +159,17 @@ async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
     (child, url)
 }
 
+/// The `ember` CLI with none of the caller's gateway, token or saved login: its config
+/// directory is `config_home` (`XDG_CONFIG_HOME`), and `EMBER_GATEWAY` and `EMBER_TOKEN`
+/// are unset.
+pub fn cli_command(config_home: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.env("XDG_CONFIG_HOME", config_home)
+        .env_remove("EMBER_GATEWAY")
+        .env_remove("EMBER_TOKEN");
+    cmd
+}
+
 /// Sends `n` concurrent GETs of `path` to the gateway; returns their statuses in order.
 pub async fn concurrent_statuses(gw: &std::sync::Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
     let calls: Vec<_> = (0..n)
