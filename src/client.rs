@@ -85,6 +85,7 @@ pub fn encode(s: &str) -> String {
 pub struct ApiClient {
     base: String,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -114,7 +115,33 @@ impl ApiClient {
         Ok(ApiClient {
             base,
             client: Client::builder(TokioExecutor::new()).build(connector),
+            token: None,
         })
+    }
+
+    /// Sends `token` with every request: as `Authorization: Bearer` to the API, and as
+    /// `X-Ember-Key` to functions (`/fn/...`), which the gateway always removes, so the
+    /// token never reaches a function's code. A header the caller sets itself wins.
+    pub fn with_token(mut self, token: Option<String>) -> ApiClient {
+        self.token = token;
+        self
+    }
+
+    /// The gateway's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The credential header for a request to `path`, unless `headers` has one already.
+    fn credential(&self, path: &str, headers: &[(String, String)]) -> Option<(&str, String)> {
+        let token = self.token.as_deref()?;
+        let (name, value) = if path.starts_with("/fn/") {
+            (crate::access::KEY_HEADER, token.to_string())
+        } else {
+            ("authorization", format!("Bearer {token}"))
+        };
+        let set = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+        (!set).then_some((name, value))
     }
 
     /// Sends a request; returns the streaming response whatever its status.
@@ -129,6 +156,9 @@ impl ApiClient {
             .method(method)
             .uri(format!("{}{path}", self.base));
         for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some((k, v)) = self.credential(path, headers) {
             req = req.header(k, v);
         }
         let req = req
@@ -191,6 +221,29 @@ mod tests {
     #[test]
     fn query_values_are_percent_encoded() {
         assert_eq!(encode("ember/echo:abc"), "ember%2Fecho%3Aabc");
+    }
+
+    #[test]
+    fn the_token_goes_to_the_api_as_bearer_and_to_functions_as_the_key_header() {
+        let c = ApiClient::new("http://127.0.0.1:1")
+            .unwrap()
+            .with_token(Some("t".into()));
+        assert_eq!(
+            c.credential("/api/v1/functions", &[]),
+            Some(("authorization", "Bearer t".into()))
+        );
+        assert_eq!(
+            c.credential("/fn/echo/", &[]),
+            Some(("x-ember-key", "t".into()))
+        );
+        let own = [("Authorization".to_string(), "Bearer mine".to_string())];
+        assert_eq!(c.credential("/api/v1/keys", &own), None);
+        assert_eq!(
+            ApiClient::new("http://127.0.0.1:1")
+                .unwrap()
+                .credential("/api/v1/keys", &[]),
+            None
+        );
     }
 
     #[test]

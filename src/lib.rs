@@ -8,7 +8,8 @@
 //! containers still running are adopted.
 //!
 //! # Layout
-//! - [`access`]: bearer credentials, compared in constant time.
+//! - [`access`]: bearer credentials, compared in constant time; key scopes; the admin
+//!   token's file.
 //! - [`model`]: shared leaf types (phases, node states, GPU assignments, error codes and
 //!   the error body); imports nothing of the crate.
 //! - [`manifest`]: the function manifest, its parsing and validation.
@@ -27,11 +28,12 @@
 //! - [`readiness`]: probing new instances.
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
 //! - [`proxy`]: streaming a request to an instance and the answer back.
-//! - [`gateway`]: the `serve` process: routes, errors as responses, shutdown.
+//! - [`gateway`]: the `serve` process: routes, who may call them (`gateway/auth.rs`),
+//!   errors as responses, shutdown.
 //! - [`tls`]: rustls for the listener and its clients: the gateway's own CA, pins.
 //! - [`config`]: `serve` settings.
 //! - [`client`]: the HTTP client of the gateway's API, shared by the CLI and the agent.
-//! - [`cli`]: the client commands.
+//! - [`cli`]: the client commands, and where they find their gateway and token.
 //!
 //! Dependencies point down: gateway → membership → activator → scheduler → node →
 //! runtime, with model, manifest and store underneath; nothing imports gateway or cli.

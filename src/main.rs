@@ -7,13 +7,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use ember::cli::{self, ApiClient, GatewayArgs};
+use ember::cli::{self, ApiClient, GatewayArgs, NewScope};
 use ember::config::ServeConfig;
 
 /// Ember: scale-to-zero functions on your own GPU machines.
 #[derive(Parser)]
 #[command(name = "ember", version, about)]
 struct Cli {
+    /// The client commands' gateway and token, given before the command.
+    #[command(flatten)]
+    client: GatewayArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,13 +49,21 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
-    /// List nodes: state, labels, GPUs, instances, last heartbeat.
+    /// List nodes: state, labels, GPUs, instances, last heartbeat; `nodes rm NAME`
+    /// removes one.
     Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         gateway: GatewayArgs,
+    },
+    /// Make join tokens for agents.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Stop new placements on a node.
     Cordon {
@@ -107,6 +118,79 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// Make, list and revoke keys for private functions and for the control API.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Check a gateway's admin token (or admin key) and save both for later commands.
+    Login {
+        /// Gateway URL.
+        url: String,
+        /// The admin token (the gateway's DATA_DIR/admin.token) or an admin key
+        /// [env: EMBER_TOKEN].
+        #[arg(long)]
+        token: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Remove an agent's node: its credential is revoked and its tunnel closed at once;
+    /// its instances move elsewhere. It needs a new join token to come back.
+    Rm {
+        /// Node name.
+        name: String,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a join token; printed this once, with the gateway's CA pin when it serves
+    /// HTTPS, and the `ember agent` command that uses them.
+    Create {
+        /// How long the token works.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key; its secret is printed this once.
+    #[command(group = clap::ArgGroup::new("scope").required(true).args(["invoke", "admin"]))]
+    Create {
+        /// The key's name (a lower-case DNS label).
+        #[arg(long)]
+        name: String,
+        /// Functions the key may invoke, comma-separated; `*` for all.
+        #[arg(long, value_delimiter = ',')]
+        invoke: Vec<String>,
+        /// The key may do anything the admin token may.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// List keys: names, scopes, when made (never the keys).
+    Ls {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Revoke a key: it fails from its next request on.
+    Revoke {
+        /// Key name.
+        name: String,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,7 +202,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, cli.client)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -127,9 +211,23 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+/// Runs a client command with a client of the gateway that `flags` (falling back to
+/// `outer`), the environment and the saved login name; a 401 says where the token came from.
+async fn with_client(
+    flags: GatewayArgs,
+    outer: &GatewayArgs,
+    command: impl AsyncFnOnce(&ApiClient) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let target = cli::Target::resolve(&flags.or(outer), &cli::Places::here())?;
+    let client = target.client()?;
+    command(&client).await.map_err(|e| target.explain(e))
+}
+
+async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
+    let outer = &outer;
     match command {
         Command::Serve(config) => {
+            no_client_flags(outer, "serve")?;
             init_tracing();
             if let Err(problems) = config.check() {
                 anyhow::bail!("bad settings:\n  {}", problems.join("\n  "));
@@ -138,26 +236,47 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             until_signal(ember::gateway::run(config, shutdown.clone()), shutdown).await
         }
         Command::Agent(config) => {
+            no_client_flags(outer, "agent")?;
             init_tracing();
             let shutdown = CancellationToken::new();
             until_signal(ember::node::agent::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Nodes { json, gateway } => {
-            cli::nodes(&ApiClient::new(&gateway.gateway)?, json).await
-        }
+        Command::Nodes {
+            command: None,
+            json,
+            gateway,
+        } => with_client(gateway, outer, async |c| cli::nodes(c, json).await).await,
+        Command::Nodes {
+            command: Some(NodesCommand::Rm { name, gateway }),
+            ..
+        } => with_client(gateway, outer, async |c| cli::remove_node(c, &name).await).await,
+        Command::Token {
+            command: TokenCommand::Create { ttl, gateway },
+        } => with_client(gateway, outer, async |c| cli::create_token(c, ttl).await).await,
         Command::Cordon { name, gateway } => {
-            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "cordon").await
+            with_client(gateway, outer, async |c| {
+                cli::node_action(c, &name, "cordon").await
+            })
+            .await
         }
         Command::Uncordon { name, gateway } => {
-            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "uncordon").await
+            with_client(gateway, outer, async |c| {
+                cli::node_action(c, &name, "uncordon").await
+            })
+            .await
         }
         Command::Drain { name, gateway } => {
-            cli::node_action(&ApiClient::new(&gateway.gateway)?, &name, "drain").await
+            with_client(gateway, outer, async |c| {
+                cli::node_action(c, &name, "drain").await
+            })
+            .await
         }
         Command::Deploy { path, gateway } => {
-            cli::deploy(&ApiClient::new(&gateway.gateway)?, &path).await
+            with_client(gateway, outer, async |c| cli::deploy(c, &path).await).await
         }
-        Command::Ls { json, gateway } => cli::ls(&ApiClient::new(&gateway.gateway)?, json).await,
+        Command::Ls { json, gateway } => {
+            with_client(gateway, outer, async |c| cli::ls(c, json).await).await
+        }
         Command::Gpus {
             json,
             local,
@@ -167,10 +286,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if local {
                 cli::local_gpus(gpu_inventory.as_deref(), json).await
             } else {
-                cli::gpus(&ApiClient::new(&gateway.gateway)?, json).await
+                with_client(gateway, outer, async |c| cli::gpus(c, json).await).await
             }
         }
-        Command::Rm { name, gateway } => cli::rm(&ApiClient::new(&gateway.gateway)?, &name).await,
+        Command::Rm { name, gateway } => {
+            with_client(gateway, outer, async |c| cli::rm(c, &name).await).await
+        }
         Command::Invoke {
             name,
             path,
@@ -179,17 +300,61 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             headers,
             gateway,
         } => {
-            cli::invoke(
-                &ApiClient::new(&gateway.gateway)?,
-                &name,
-                path.as_deref(),
-                data.as_deref(),
-                method.as_deref(),
-                &headers,
-            )
+            with_client(gateway, outer, async |c| {
+                let (path, data, method) = (path.as_deref(), data.as_deref(), method.as_deref());
+                cli::invoke(c, &name, path, data, method, &headers).await
+            })
             .await
         }
+        Command::Keys { command } => keys(command, outer).await,
+        Command::Login { url, token } => {
+            if outer.gateway.is_some() {
+                anyhow::bail!("`ember login URL` takes the gateway as its argument, not --gateway");
+            }
+            let flags = GatewayArgs {
+                token: token.or_else(|| outer.token.clone()),
+                ..outer.clone()
+            };
+            cli::login(&url, &flags, &cli::Places::here()).await
+        }
     }
+}
+
+async fn keys(command: KeysCommand, outer: &GatewayArgs) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            name,
+            invoke,
+            admin,
+            gateway,
+        } => {
+            let scope = if admin {
+                NewScope::Admin
+            } else {
+                NewScope::Invoke(invoke)
+            };
+            with_client(gateway, outer, async |c| {
+                cli::keys::create(c, &name, scope).await
+            })
+            .await
+        }
+        KeysCommand::Ls { json, gateway } => {
+            with_client(gateway, outer, async |c| cli::keys::ls(c, json).await).await
+        }
+        KeysCommand::Revoke { name, gateway } => {
+            with_client(gateway, outer, async |c| cli::keys::revoke(c, &name).await).await
+        }
+    }
+}
+
+/// Refuses the client flags before a command that is not a client, rather than ignoring them.
+fn no_client_flags(outer: &GatewayArgs, command: &str) -> anyhow::Result<()> {
+    if outer.any() {
+        anyhow::bail!(
+            "--gateway and --token before the command are for client commands; `ember {command}` takes its own flags (see `ember {command} --help`)"
+        );
+    }
+    Ok(())
 }
 
 /// Runs `work`; a SIGINT or SIGTERM cancels `shutdown`, and `work` then ends gracefully.

@@ -201,6 +201,10 @@ pub enum ErrorCode {
     NodeNameTaken,
     /// A missing or wrong credential.
     Unauthorized,
+    /// A key of that name exists.
+    KeyNameTaken,
+    /// No key of that name.
+    KeyNotFound,
     /// A container exited as it started (agent to gateway).
     ExitedAtStart,
     /// A container engine failure (agent to gateway).
@@ -243,6 +247,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::BadRegistration, "bad_registration"),
     (ErrorCode::NodeNameTaken, "node_name_taken"),
     (ErrorCode::Unauthorized, "unauthorized"),
+    (ErrorCode::KeyNameTaken, "key_name_taken"),
+    (ErrorCode::KeyNotFound, "key_not_found"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),
     (ErrorCode::BadRequest, "bad_request"),

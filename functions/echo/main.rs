@@ -16,7 +16,8 @@
 //! * `/exit` - 200 `exiting`, then the process exits with code 0.
 //! * anything else, any method - echo: 200 with the request body as the response body,
 //!   plus `x-echo-method`, `x-echo-uri`, `x-echo-host`, one `x-echo-h-NAME` per `x-*`
-//!   request header and, when `GREETING` is set, `x-greeting`.
+//!   request header and for `authorization` (so tests see which credentials reach a
+//!   function) and, when `GREETING` is set, `x-greeting`.
 //!
 //! Flags: `--crash` exits with code 3 before listening; `--delay-start MS` sleeps before
 //! binding the port, to simulate a slow cold start.
@@ -233,6 +234,8 @@ fn handle<W: Write>(req: Request, config: &Config, w: &mut W) -> io::Result<bool
         }
     } else if let Some(count) = path.strip_prefix("/stream/") {
         return stream(&req, count, keep_alive, w);
+    } else if let Some(size) = path.strip_prefix("/bytes/") {
+        return bytes(&req, size, keep_alive, w);
     } else if path == "/exit" {
         // Finish the answer first so the caller sees success rather than a reset.
         let _ = send(w, Response::text(200, "exiting"), head_only, Some("close"));
@@ -252,7 +255,8 @@ fn echo(req: Request, config: &Config) -> Response {
         ("x-echo-uri".to_string(), req.target.clone()),
         ("x-echo-host".to_string(), config.hostname.clone()),
     ];
-    for (name, value) in req.headers.iter().filter(|(n, _)| n.starts_with("x-")) {
+    let echoed = |n: &str| n.starts_with("x-") || n == "authorization";
+    for (name, value) in req.headers.iter().filter(|(n, _)| echoed(n)) {
         headers.push((format!("x-echo-h-{name}"), value.clone()));
     }
     if let Some(greeting) = &config.greeting {
@@ -301,6 +305,36 @@ fn stream<W: Write>(req: &Request, count: &str, keep_alive: bool, w: &mut W) -> 
     }
     w.flush()?;
     Ok(chunked && keep_alive)
+}
+
+/// Largest `/bytes/N` download.
+const MAX_BYTES: u64 = 1 << 30;
+
+/// `/bytes/N`: N bytes of a repeating pattern (byte i is `i % 251`), with a
+/// content-length, for large downloads whose every byte a client can check.
+fn bytes<W: Write>(req: &Request, size: &str, keep_alive: bool, w: &mut W) -> io::Result<bool> {
+    let conn = connection_header(keep_alive, req.http10);
+    let Ok(size) = size.parse::<u64>() else {
+        send(w, Response::text(400, "bad size"), req.method == "HEAD", conn)?;
+        return Ok(keep_alive);
+    };
+    let size = size.min(MAX_BYTES);
+    let headers = vec![
+        ("content-type".to_string(), "application/octet-stream".to_string()),
+        ("content-length".to_string(), size.to_string()),
+    ];
+    write_head(w, 200, &headers, conn)?;
+    if req.method != "HEAD" {
+        let block: Vec<u8> = (0..251u64 * 256).map(|i| (i % 251) as u8).collect();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            w.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+    }
+    w.flush()?;
+    Ok(keep_alive)
 }
 
 fn query_param<'a>(target: &'a str, key: &str) -> Option<&'a str> {

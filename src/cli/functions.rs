@@ -140,7 +140,8 @@ pub async fn invoke(
         }
     }
     if !status.is_success() {
-        bail!("{}", crate::client::render_api_error(status, &collected));
+        let body = collected.into();
+        return Err(crate::client::ClientError::Api { status, body }.into());
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
-//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`. Each is a client of the gateway's
-//! HTTP API (`client.rs`); errors the gateway returns are printed as it wrote them,
-//! with the field each one is about.
+//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`, `nodes`, `keys`, `login`.
+//! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
+//! (login.rs); errors the gateway returns are printed as it wrote them, with the field
+//! each one is about.
 
 mod deploy;
 mod functions;
+pub mod keys;
+mod login;
 mod nodes;
 
 use clap::Args;
@@ -11,15 +14,50 @@ use clap::Args;
 pub use crate::client::{render_api_error, ApiClient, ClientError};
 pub use deploy::{build_context_tar, deploy};
 pub use functions::{invoke, ls, rm};
-pub use nodes::{gpus, local_gpus, node_action, nodes};
+pub use keys::NewScope;
+pub use login::{is_loopback, login, login_file, Login, Places, Target, TokenSource};
+pub use nodes::{create_token, gpus, local_gpus, node_action, nodes, remove_node};
 
 /// Default gateway URL of the CLI.
 pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";
 
-/// Where the CLI finds the gateway.
-#[derive(Debug, Clone, Args)]
+/// Where the CLI finds the gateway and its credential. Accepted before the command
+/// (`ember --gateway URL ls`) and after it (`ember ls --gateway URL`); after wins.
+#[derive(Debug, Clone, Default, Args)]
 pub struct GatewayArgs {
-    /// Gateway URL.
-    #[arg(long, env = "EMBER_GATEWAY", default_value = DEFAULT_GATEWAY, global = true)]
-    pub gateway: String,
+    /// Gateway URL [env: EMBER_GATEWAY; default: the saved login's, else http://127.0.0.1:8080].
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Admin token or key [env: EMBER_TOKEN; default: the saved login's, else
+    /// ./.ember/admin.token for a gateway on loopback].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Trust an https gateway whose CA has this pin (`ember token create` prints it)
+    /// [env: EMBER_CA_PIN; default: the saved login's].
+    #[arg(long)]
+    pub ca_pin: Option<String>,
+    /// Trust an https gateway whose certificate a CA in this PEM file signed
+    /// [env: EMBER_CA_FILE].
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl GatewayArgs {
+    /// These flags, each falling back to `outer`'s (the ones given before the command).
+    pub fn or(self, outer: &GatewayArgs) -> GatewayArgs {
+        GatewayArgs {
+            gateway: self.gateway.or_else(|| outer.gateway.clone()),
+            token: self.token.or_else(|| outer.token.clone()),
+            ca_pin: self.ca_pin.or_else(|| outer.ca_pin.clone()),
+            ca_file: self.ca_file.or_else(|| outer.ca_file.clone()),
+        }
+    }
+
+    /// Whether any flag was given.
+    pub fn any(&self) -> bool {
+        self.gateway.is_some()
+            || self.token.is_some()
+            || self.ca_pin.is_some()
+            || self.ca_file.is_some()
+    }
 }

@@ -72,6 +72,44 @@ pub async fn nodes(client: &ApiClient, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ember nodes rm NAME`.
+pub async fn remove_node(client: &ApiClient, name: &str) -> anyhow::Result<()> {
+    client
+        .call(
+            http::Method::DELETE,
+            &format!("/api/v1/nodes/{}", crate::client::encode(name)),
+            None,
+            bytes::Bytes::new(),
+        )
+        .await?;
+    println!("node {name} removed: its credential is revoked and its tunnel closed");
+    Ok(())
+}
+
+/// `ember token create [--ttl 24h]`: the token, the pin, and the command that uses them.
+pub async fn create_token(client: &ApiClient, ttl: std::time::Duration) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "ttl": humantime::format_duration(ttl).to_string() });
+    let answer = client
+        .call(
+            http::Method::POST,
+            "/api/v1/tokens",
+            Some("application/json"),
+            serde_json::to_vec(&body)?.into(),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&answer)?;
+    let token = v["token"].as_str().unwrap_or_default();
+    println!("join token: {token}");
+    println!("expires:    {}", v["expires"].as_str().unwrap_or("?"));
+    let mut command = format!("ember agent --gateway {} --token {token}", client.url());
+    if let Some(pin) = v["ca_pin"].as_str() {
+        println!("CA pin:     {pin}");
+        command.push_str(&format!(" --ca-pin {pin}"));
+    }
+    println!("on the node: {command}");
+    Ok(())
+}
+
 /// `ember cordon|uncordon|drain NAME`.
 pub async fn node_action(client: &ApiClient, name: &str, action: &str) -> anyhow::Result<()> {
     let body = client

@@ -16,6 +16,7 @@ use crate::membership::MembershipError;
 use crate::model::{error_chain, ErrorBody, ErrorCode, FieldError};
 use crate::node::NodeError;
 use crate::proxy::ProxyError;
+use crate::store::StoreError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,19 @@ pub enum ApiError {
     /// A node's join or report, or an operator's node action, failed.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// A missing or wrong credential; the message says which one was expected and how
+    /// to get it.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A key of that name exists.
+    #[error("a key named `{0}` exists already; pick another name, or revoke it first with `ember keys revoke {0}`")]
+    KeyNameTaken(String),
+    /// No key of that name.
+    #[error("no key named `{0}`; `ember keys ls` lists the keys")]
+    KeyNotFound(String),
+    /// The state store failed outside the activator (keys, credentials).
+    #[error("the state store failed")]
+    Store(#[from] StoreError),
 }
 
 impl From<InvokeError> for ApiError {
@@ -112,6 +126,10 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
             MembershipError::NameTaken(_) => (S::CONFLICT, C::NodeNameTaken, None),
             MembershipError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
         },
+        ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized, None),
+        ApiError::KeyNameTaken(_) => (S::CONFLICT, C::KeyNameTaken, None),
+        ApiError::KeyNotFound(_) => (S::NOT_FOUND, C::KeyNotFound, None),
+        ApiError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
     }
 }
 
@@ -161,6 +179,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ember\""),
+            );
+        }
         response
     }
 }
@@ -198,6 +222,21 @@ mod tests {
             failed(StartFault::Platform).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_answers_401_with_the_bearer_challenge_and_the_error_body() {
+        use http_body_util::BodyExt;
+        let r = ApiError::Unauthorized("send the admin token".into()).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"ember\""
+        );
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unauthorized);
+        assert_eq!(body.error.message, "send the admin token");
     }
 
     #[tokio::test]

@@ -1,36 +1,27 @@
-//! `/fn/NAME/...`: the invoke route, a thin layer over the invoke core. It finds the
-//! function, hands the request (with the path after `/fn/NAME`) to `Invoker::call`, and
-//! lets errors become responses.
+//! `/fn/NAME/...`: the invoke route, a thin layer over the invoke core. The function comes
+//! found and admitted (`auth::Admitted`: its access rule met, Ember's credential taken
+//! out); the request, with the path after `/fn/NAME`, goes to `Invoker::call`, and errors
+//! become responses.
 
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::Request;
 use axum::response::Response;
-use serde::Deserialize;
 
+use super::auth::Admitted;
 use super::error::ApiError;
 use super::AppState;
 use crate::invoke::{strip_prefix, Call};
 
-/// The function's name in `/fn/{name}` and `/fn/{name}/{*rest}`.
-#[derive(Deserialize)]
-pub struct FnPath {
-    name: String,
-}
-
 /// Handles `/fn/{name}` and `/fn/{name}/{*rest}`.
 pub async fn invoke(
     State(state): State<AppState>,
-    Path(FnPath { name }): Path<FnPath>,
+    Admitted(f): Admitted,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     mut req: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let f = state
-        .activator()
-        .function(&name)
-        .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
     let path = strip_prefix(route_prefix_len(req.uri().path()), req.uri());
     *req.uri_mut() = path.parse().map_err(|_| ApiError::BadRequest {
         code: crate::model::ErrorCode::BadRequest,

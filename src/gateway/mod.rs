@@ -3,12 +3,15 @@
 //! `run` opens the store, connects the embedded node to Docker, restores state (adopting
 //! running containers), starts the reaper, and serves HTTP until the shutdown token is
 //! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
-//! `/api/v1/images` (images.rs), `/healthz`. Errors become responses in error.rs.
+//! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/healthz`. Who may call which
+//! route is decided in auth.rs; errors become responses in error.rs.
 
 mod api;
+pub mod auth;
 pub mod error;
 mod images;
 mod invoke;
+mod keys;
 mod listener;
 mod nodes;
 
@@ -47,6 +50,7 @@ pub struct AppState {
     membership: Arc<Membership>,
     /// The pin of the gateway's CA, when it serves HTTPS.
     ca_pin: Option<String>,
+    auth: auth::Auth,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -57,7 +61,7 @@ impl AppState {
     }
 }
 
-/// The gateway's routes.
+/// The gateway's routes, each behind the credential `auth::rule` gives it.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -85,12 +89,24 @@ pub fn router(state: AppState) -> Router {
                 .post(images::build_image)
                 .layer(DefaultBodyLimit::max(images::MAX_CONTEXT_BYTES)),
         )
+        .route(
+            "/api/v1/keys",
+            get(keys::list_keys)
+                .post(keys::create_key)
+                .layer(DefaultBodyLimit::max(keys::MAX_KEY_REQUEST_BYTES)),
+        )
+        .route("/api/v1/keys/{name}", delete(keys::revoke_key))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .with_state(state)
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (store, gateway_id) = open_store(&config).await?;
+    let auth = auth::Auth::load(&config.data_dir, store.clone())?;
     let nodes = embedded_node(&config, &gateway_id).await?;
     let tracker = TaskTracker::new();
     let activator = Activator::new(
@@ -137,6 +153,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         gateway_id,
         membership,
         ca_pin: tls.as_ref().map(|t| t.pin.clone()),
+        auth,
         tracker,
         shutdown,
     };

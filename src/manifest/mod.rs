@@ -14,6 +14,7 @@
 //! - `scale.rs`: `[scale]`, [`Scale`], [`OnIdle`], [`KeepAliveKind`].
 //! - `request.rs`: `[queue]` and `[request]`, [`Queue`], [`RequestLimits`].
 //! - `gpu.rs`: `[gpu]`, [`GpuSpec`], [`Sharing`].
+//! - `access.rs`: `[access]`, [`Access`] (public or private).
 //! - `tests.rs`: manifest-wide tests and the revision-id golden values.
 //!
 //! # Revision ids
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod access;
 mod gpu;
 mod readiness;
 mod request;
@@ -41,6 +43,7 @@ mod resources;
 mod scale;
 
 pub use crate::model::FieldError;
+pub use access::Access;
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
@@ -99,6 +102,9 @@ pub struct Manifest {
     /// GPUs each instance needs; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuSpec>,
+    /// Who may invoke the function; absent: anyone (public).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub access: Access,
 }
 
 fn default_port() -> u16 {

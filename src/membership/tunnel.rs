@@ -20,7 +20,8 @@ impl Membership {
     /// Serves node `name`'s tunnel until it closes, a newer one replaces it, the node is
     /// removed, or the gateway shuts down.
     pub async fn serve_tunnel(self: Arc<Self>, name: String, upgraded: Upgraded) {
-        let (tunnel, drive) = match tunnel::accept(upgraded).await {
+        let stop = CancellationToken::new();
+        let (tunnel, drive) = match tunnel::accept(upgraded, stop.clone()).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(node = %name, error = %e, "tunnel handshake failed");
@@ -32,7 +33,7 @@ impl Membership {
         };
         let remote = self.remote_or_new(&name, &record);
         let id = remote.attach(tunnel);
-        let stop = self.open_session(&name, id);
+        self.open_session(&name, id, stop.clone());
         tracing::info!(node = %name, "tunnel open");
         tokio::select! {
             () = drive => {}
@@ -40,6 +41,8 @@ impl Membership {
             () = stop.cancelled() => {}
             () = self.shutdown.cancelled() => {}
         }
+        // Whatever ended the session, the connection ends with it, open streams included.
+        stop.cancel();
         if remote.detach(id) {
             self.end_session(&name, id);
             let state = self.scheduler().state(&name);
@@ -50,18 +53,16 @@ impl Membership {
         }
     }
 
-    /// Records session `id` of `name`, closing an older one.
-    fn open_session(&self, name: &str, id: u64) -> CancellationToken {
-        let stop = CancellationToken::new();
+    /// Records session `id` of `name`, closed by `stop`, closing an older one.
+    fn open_session(&self, name: &str, id: u64, stop: CancellationToken) {
         let older = self
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), (id, stop.clone()));
+            .insert(name.to_string(), (id, stop));
         if let Some((_, older)) = older {
             older.cancel();
         }
-        stop
     }
 
     /// Forgets session `id` of `name` if it is still the node's.

@@ -9,6 +9,10 @@
 //! streams, each with its own HTTP/2 flow control, so one slow download never stalls the
 //! others. HTTP/2 pings both ways notice a dead connection within about 20 s even when idle.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The route an agent upgrades.
 pub const TUNNEL_PATH: &str = "/api/v1/nodes/tunnel";
@@ -27,8 +32,9 @@ pub const NODE_HEADER: &str = "ember-node";
 /// The authority of control calls inside the tunnel (any name does; this one reads well).
 pub const AUTHORITY: &str = "node.ember";
 
-/// How often each end pings the other when the tunnel is quiet.
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How often each end pings the other when the tunnel is quiet (with `PING_TIMEOUT`, a
+/// silent tunnel is noticed within 15 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a ping may go unanswered before the tunnel is closed.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,10 +61,13 @@ impl Tunnel {
 
 /// Takes over a connection an agent upgraded: the HTTP/2 handshake as the client. Returns
 /// the tunnel and the future that drives the connection; the tunnel works while that
-/// future is polled, and the future ends when the connection does.
+/// future is polled, and the future ends when the connection does. Cancelling `stop`
+/// closes the connection at once, streams still open on it included.
 pub async fn accept(
     upgraded: Upgraded,
+    stop: CancellationToken,
 ) -> Result<(Tunnel, impl std::future::Future<Output = ()> + Send), hyper::Error> {
+    let upgraded = Killable::new(upgraded, stop);
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(PING_INTERVAL)
@@ -73,4 +82,67 @@ pub async fn accept(
         }
     };
     Ok((Tunnel { sender }, drive))
+}
+
+/// A connection that fails every read and write once its token is cancelled: HTTP/2 keeps
+/// a connection alive while streams use it, and a revoked node's tunnel must end at once.
+struct Killable<T> {
+    inner: T,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<T> Killable<T> {
+    fn new(inner: T, stop: CancellationToken) -> Killable<T> {
+        Killable {
+            inner,
+            killed: Box::pin(stop.cancelled_owned()),
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the tunnel was closed by the gateway",
+            ))),
+            Poll::Pending => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Killable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(Err(e)) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Killable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Err(e)) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(Err(e)) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

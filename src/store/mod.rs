@@ -8,6 +8,7 @@
 //! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark, the hash of the
 //!   agent's credential).
 //! - `tokens.rs`: `tokens` (hash → expiry): join tokens.
+//! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -21,6 +22,7 @@
 
 mod functions;
 mod instances;
+mod keys;
 mod migrate;
 mod nodes;
 mod tokens;
@@ -36,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
+pub use keys::KeyRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord};
 pub use tokens::TokenRecord;
 pub use writer::{Change, TreeId, WriterStats};
@@ -108,6 +111,7 @@ impl Store {
             instances: db.open_tree("instances")?,
             nodes: db.open_tree("nodes")?,
             tokens: db.open_tree("tokens")?,
+            keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
             db,
         };

@@ -187,3 +187,33 @@ async fn a_version_1_data_dir_is_upgraded_in_place() {
     assert_eq!(local.address, NodeAddress::Embedded);
     assert_eq!(local.mark, NodeMark::Draining);
 }
+
+#[tokio::test]
+async fn keys_are_found_by_the_hash_of_their_secret_until_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = crate::access::new_secret("ek");
+    let key = KeyRecord {
+        name: "ci".into(),
+        scope: crate::access::Scope::Invoke {
+            functions: vec!["echo".into()],
+        },
+        hash: crate::access::hash_secret(&secret),
+        created_ms: 1,
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.put_key(&key).await.unwrap();
+    }
+    let store = reopen(dir.path()).await;
+    let hash = crate::access::hash_secret(&secret);
+    assert_eq!(store.key_by_hash(&hash).unwrap(), Some(key.clone()));
+    assert!(store
+        .key_by_hash(&crate::access::hash_secret("ek_other"))
+        .unwrap()
+        .is_none());
+    assert_eq!(store.keys().await.unwrap(), [key]);
+    assert!(store.delete_key("ci").await.unwrap());
+    assert!(store.key_by_hash(&hash).unwrap().is_none());
+    assert!(store.keys().await.unwrap().is_empty());
+    assert!(!store.delete_key("ci").await.unwrap());
+}

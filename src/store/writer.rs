@@ -26,6 +26,8 @@ pub enum TreeId {
     Nodes,
     /// `tokens`.
     Tokens,
+    /// `keys`.
+    Keys,
     /// `meta`.
     Meta,
 }
@@ -64,6 +66,7 @@ pub(super) struct Trees {
     pub instances: sled::Tree,
     pub nodes: sled::Tree,
     pub tokens: sled::Tree,
+    pub keys: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -75,6 +78,7 @@ impl Trees {
             TreeId::Instances => &self.instances,
             TreeId::Nodes => &self.nodes,
             TreeId::Tokens => &self.tokens,
+            TreeId::Keys => &self.keys,
             TreeId::Meta => &self.meta,
         }
     }

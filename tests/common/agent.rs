@@ -113,6 +113,20 @@ impl Agent {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Waits up to `within` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL, as if the machine died (its containers stay unless the test removes them).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,6 +1,10 @@
 //! A real `ember serve` process for a test, started by a chainable builder
 //! (`Gateway::builder().args(..).data_dir(..).start()`), and the calls tests make on it.
 //! It owns the process and, when the harness made its data dir, the containers it started.
+//!
+//! The harness reads the gateway's admin token (`DATA_DIR/admin.token`) once it starts and
+//! sends it with every `/api/` request and CLI run, as an operator would; `raw_request`
+//! sends only the headers it is given, for tests of credentials.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -8,7 +12,10 @@ use std::process::{Child, Command};
 use bytes::Bytes;
 use http::Method;
 
-use super::{docker_ps, remove_containers, repo, request, spawn_ember, Response};
+use super::{
+    cli_command, client, client_trusting, docker_ps, remove_containers, repo, request_via,
+    spawn_ember, HttpClient, Response,
+};
 
 /// A running gateway process.
 pub struct Gateway {
@@ -19,6 +26,10 @@ pub struct Gateway {
     /// containers: a caller that keeps the dir restarts on it and cleans up itself.
     own_dir: Option<tempfile::TempDir>,
     pub id: String,
+    /// The admin token the gateway made on its first start.
+    pub token: String,
+    /// The client of this gateway (trusting its own CA when it serves HTTPS).
+    http: HttpClient,
 }
 
 /// How to start a gateway: extra `serve` arguments and the data dir.
@@ -27,6 +38,7 @@ pub struct Gateway {
 pub struct GatewayBuilder {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
+    cwd: Option<PathBuf>,
 }
 
 impl GatewayBuilder {
@@ -49,28 +61,54 @@ impl GatewayBuilder {
         self
     }
 
+    /// Runs in `dir` with the default data dir (`dir/.ember`), as someone following the
+    /// README would; the caller keeps `dir` and removes the containers.
+    pub fn in_dir(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
     /// Starts the process and waits until it serves its API.
     pub async fn start(self) -> Gateway {
-        let own_dir = match self.data_dir {
-            Some(_) => None,
-            None => Some(tempfile::tempdir().unwrap()),
+        let own_dir = match (&self.data_dir, &self.cwd) {
+            (None, None) => Some(tempfile::tempdir().unwrap()),
+            _ => None,
         };
-        let data_dir = self
-            .data_dir
-            .unwrap_or_else(|| own_dir.as_ref().unwrap().path().to_path_buf());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
         cmd.arg("serve");
         if !self.args.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.arg("--data-dir").arg(&data_dir).args(&self.args);
+        let data_dir = match (&self.cwd, self.data_dir) {
+            (Some(cwd), None) => {
+                cmd.current_dir(cwd).env_remove("EMBER_DATA_DIR");
+                cwd.join(".ember")
+            }
+            (_, data_dir) => {
+                let dir =
+                    data_dir.unwrap_or_else(|| own_dir.as_ref().unwrap().path().to_path_buf());
+                cmd.arg("--data-dir").arg(&dir);
+                dir
+            }
+        };
+        cmd.args(&self.args);
         let (child, url) = spawn_ember(cmd, "gateway").await;
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("the gateway writes its admin token before it listens");
+        let http = if url.starts_with("https://") {
+            let ca = data_dir.join("tls").join(ember::tls::CA_CERT_FILE);
+            client_trusting(&ember::tls::Trust::CaFile(ca))
+        } else {
+            client()
+        };
         let mut g = Gateway {
             child: Some(child),
             url,
             data_dir,
             own_dir,
             id: String::new(),
+            token: token.trim().to_string(),
+            http,
         };
         let info = g.get_json("/api/v1/gateway").await;
         g.id = info["id"].as_str().unwrap().to_string();
@@ -102,7 +140,8 @@ impl Gateway {
         }
     }
 
-    /// Sends a request to the gateway.
+    /// Sends a request to the gateway, with the admin token when `path` is under `/api/`
+    /// and `headers` has no `Authorization` of its own.
     pub async fn request(
         &self,
         method: Method,
@@ -110,7 +149,33 @@ impl Gateway {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Response {
-        request(method, &format!("{}{path}", self.url), headers, body).await
+        let bearer = format!("Bearer {}", self.token);
+        let mut headers = headers.to_vec();
+        let own = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        if path.starts_with("/api/") && !own {
+            headers.push(("authorization", &bearer));
+        }
+        self.raw_request(method, path, &headers, body).await
+    }
+
+    /// Sends a request with exactly these headers: no admin token is added.
+    pub async fn raw_request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Response {
+        request_via(
+            &self.http,
+            method,
+            &format!("{}{path}", self.url),
+            headers,
+            body,
+        )
+        .await
     }
 
     /// GET and decode JSON (panics on error statuses).
@@ -149,14 +214,22 @@ impl Gateway {
         ])
     }
 
-    /// Runs the CLI against this gateway.
+    /// Runs the CLI against this gateway, with its admin token.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(args)
+        let mut cmd = cli_command(&self.data_dir.join("cli-config"));
+        cmd.args(args)
             .env("EMBER_GATEWAY", &self.url)
-            .current_dir(repo())
-            .output()
-            .unwrap()
+            .env("EMBER_TOKEN", &self.token)
+            .current_dir(repo());
+        if self.url.starts_with("https://") {
+            cmd.env("EMBER_CA_FILE", self.ca_file());
+        }
+        cmd.output().unwrap()
+    }
+
+    /// The CA certificate of a gateway started with `--tls self-signed`.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("tls").join(ember::tls::CA_CERT_FILE)
     }
 }
 

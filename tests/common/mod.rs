@@ -12,6 +12,7 @@
 mod agent;
 pub mod cluster;
 mod gateway;
+pub mod net;
 
 // Only the multi-node tests start agents; the other binaries leave this unused.
 #[allow(unused_imports)]
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
@@ -131,7 +133,7 @@ pub fn echo_manifest(name: &str, top: &str, sections: &str) -> String {
 
 /// Starts `ember serve` or `ember agent` (logging at `EMBER_TEST_LOG`, `error` by
 /// default) and returns it with the URL it prints as the last word of its first stdout line.
-async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
+pub async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
     let mut child = cmd
         .env(
             "EMBER_LOG",
@@ -157,6 +159,19 @@ async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
         .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
         .to_string();
     (child, url)
+}
+
+/// The `ember` CLI with none of the caller's gateway, token or saved login: its config
+/// directory is `config_home` (`XDG_CONFIG_HOME`), and `EMBER_GATEWAY` and `EMBER_TOKEN`
+/// are unset.
+pub fn cli_command(config_home: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.env("XDG_CONFIG_HOME", config_home)
+        .env_remove("EMBER_GATEWAY")
+        .env_remove("EMBER_TOKEN")
+        .env_remove("EMBER_CA_PIN")
+        .env_remove("EMBER_CA_FILE");
+    cmd
 }
 
 /// Sends `n` concurrent GETs of `path` to the gateway; returns their statuses in order.
@@ -260,11 +275,27 @@ impl Response {
     }
 }
 
-fn client() -> Client<HttpConnector, Full<Bytes>> {
-    static CLIENT: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
+/// The harness's HTTP client (https too, trusting what it was made with).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    static CLIENT: OnceLock<HttpClient> = OnceLock::new();
     CLIENT
-        .get_or_init(|| Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+        .get_or_init(|| client_trusting(&ember::tls::Trust::PublicRoots))
         .clone()
+}
+
+/// A client that trusts https gateways as `trust` says.
+pub fn client_trusting(trust: &ember::tls::Trust) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let tls = trust.client_config(&[]).expect("a usable trust");
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// One HTTP request, collected.
@@ -274,11 +305,22 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Response {
+    request_via(&client(), method, url, headers, body).await
+}
+
+/// One HTTP request through `client`, collected.
+pub async fn request_via(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client()
+    let resp = client
         .request(req.body(Full::new(body.into())).unwrap())
         .await
         .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
@@ -290,6 +332,19 @@ pub async fn request(
         headers,
         body,
     }
+}
+
+/// One request whose response streams (its body is read by the caller).
+pub async fn send(method: Method, url: &str) -> http::Response<hyper::body::Incoming> {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client()
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"))
 }
 
 /// Polls `check` until it is true or `timeout` passes.
