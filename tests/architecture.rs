@@ -211,6 +211,21 @@ fn only_nodes_dial_instances_and_agents() {
 }
 
 #[test]
+fn a_remote_node_reaches_its_containers_only_through_its_tunnel() {
+    let remote = library()
+        .into_iter()
+        .find(|(rel, _)| rel == "node/remote.rs")
+        .expect("node/remote.rs")
+        .1;
+    for needle in ["TcpStream", "connect_tcp", "HttpConnector", "SocketAddr::new"] {
+        assert!(
+            !remote.contains(needle),
+            "node/remote.rs uses {needle}: a remote node's traffic goes through its tunnel only"
+        );
+    }
+}
+
+#[test]
 fn the_import_scan_reads_grouped_uses() {
     let found = imports("use crate::{a::B, c, d::{e, f}};\nlet x = crate::g::h();");
     assert_eq!(

@@ -39,6 +39,7 @@ pub struct GatewayBuilder {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
     cwd: Option<PathBuf>,
+    netns: Option<String>,
 }
 
 impl GatewayBuilder {
@@ -68,13 +69,26 @@ impl GatewayBuilder {
         self
     }
 
+    /// Runs the gateway inside network namespace `ns` (`ip netns exec`; needs root).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
+    }
+
     /// Starts the process and waits until it serves its API.
     pub async fn start(self) -> Gateway {
         let own_dir = match (&self.data_dir, &self.cwd) {
             (None, None) => Some(tempfile::tempdir().unwrap()),
             _ => None,
         };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        let mut cmd = match &self.netns {
+            None => Command::new(env!("CARGO_BIN_EXE_ember")),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ember")]);
+                c
+            }
+        };
         cmd.arg("serve");
         if !self.args.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);

@@ -13,6 +13,7 @@ mod agent;
 pub mod cluster;
 mod gateway;
 pub mod net;
+pub mod netns;
 
 // Only the multi-node tests start agents; the other binaries leave this unused.
 #[allow(unused_imports)]

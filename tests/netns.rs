@@ -1,0 +1,88 @@
+//! Agents where no inbound connection can reach them: the gateway and each agent run in a
+//! network namespace of their own; the agents' namespaces drop every inbound TCP
+//! connection, so they can only dial out (to the gateway, and to their own containers on
+//! Docker's bridge). Placement, streaming and a 20 MiB download all work through the
+//! tunnel, and the agent's namespace has no listening socket at all. Needs root.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::cluster::{instance_nodes, wait_ready, TOKEN};
+use common::netns::{self, Netns};
+use common::{Agent, Gateway};
+use http::Method;
+use http_body_util::BodyExt;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_dial() {
+    require_docker!();
+    if !netns::available() {
+        return;
+    }
+    let gw_ns = Netns::new("gw", 1);
+    let ag_ns = Netns::new("ag", 2);
+    ag_ns.drop_inbound_tcp();
+    let listen = format!("{}:0", gw_ns.ip);
+    let gw = Arc::new(
+        Gateway::builder()
+            .netns(&gw_ns.name)
+            .args(["--listen", &listen, "--no-local-node", "--join-token", TOKEN])
+            .args(["--node-timeout", "5s", "--heartbeat-interval", "300ms"])
+            .start()
+            .await,
+    );
+    let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
+    let agent = Agent::builder(&gw.url, TOKEN, "walled")
+        .netns(&ag_ns.name)
+        .start()
+        .await;
+    wait_ready(&gw, 1).await;
+
+    // Nothing listens in the agent's namespace, and nothing from outside gets in.
+    let listening = ag_ns.output(&["ss", "-Hltn"]);
+    assert_eq!(listening.trim(), "", "listening sockets: {listening}");
+    assert_eq!(common::net::listening_ports(agent.pid().unwrap()), Vec::<u16>::new());
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(format!("{}:8080", ag_ns.ip)),
+    )
+    .await;
+    assert!(probe.is_err(), "inbound TCP is dropped, not even refused: {probe:?}");
+
+    gw.deploy("walled", &common::echo_manifest("walled", "", ""))
+        .await;
+    let r = gw
+        .request(Method::POST, "/fn/walled/in", &[], "from outside")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "from outside");
+    assert_eq!(instance_nodes(&gw, "walled").await, ["walled"]);
+
+    let size = 20 << 20;
+    let started = Instant::now();
+    let r = gw
+        .request(Method::GET, &format!("/fn/walled/bytes/{size}"), &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), size);
+    assert!(r.body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    eprintln!("20 MiB through the tunnel in {:?}", started.elapsed());
+
+    let url = format!("{}/fn/walled/stream/4?interval_ms=200", gw.url);
+    let resp = common::send(Method::GET, &url).await;
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().unwrap().starts_with(b"chunk 0"));
+    let mut rest = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            rest.extend_from_slice(d);
+        }
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("chunk 3"));
+    drop(agent);
+}
