@@ -217,7 +217,12 @@ fn a_remote_node_reaches_its_containers_only_through_its_tunnel() {
         .find(|(rel, _)| rel == "node/remote.rs")
         .expect("node/remote.rs")
         .1;
-    for needle in ["TcpStream", "connect_tcp", "HttpConnector", "SocketAddr::new"] {
+    for needle in [
+        "TcpStream",
+        "connect_tcp",
+        "HttpConnector",
+        "SocketAddr::new",
+    ] {
         assert!(
             !remote.contains(needle),
             "node/remote.rs uses {needle}: a remote node's traffic goes through its tunnel only"

@@ -30,7 +30,13 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
     let gw = Arc::new(
         Gateway::builder()
             .netns(&gw_ns.name)
-            .args(["--listen", &listen, "--no-local-node", "--join-token", TOKEN])
+            .args([
+                "--listen",
+                &listen,
+                "--no-local-node",
+                "--join-token",
+                TOKEN,
+            ])
             .args(["--node-timeout", "5s", "--heartbeat-interval", "300ms"])
             .start()
             .await,
@@ -45,13 +51,19 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
     // Nothing listens in the agent's namespace, and nothing from outside gets in.
     let listening = ag_ns.output(&["ss", "-Hltn"]);
     assert_eq!(listening.trim(), "", "listening sockets: {listening}");
-    assert_eq!(common::net::listening_ports(agent.pid().unwrap()), Vec::<u16>::new());
+    assert_eq!(
+        common::net::listening_ports(agent.pid().unwrap()),
+        Vec::<u16>::new()
+    );
     let probe = tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::TcpStream::connect(format!("{}:8080", ag_ns.ip)),
     )
     .await;
-    assert!(probe.is_err(), "inbound TCP is dropped, not even refused: {probe:?}");
+    assert!(
+        probe.is_err(),
+        "inbound TCP is dropped, not even refused: {probe:?}"
+    );
 
     gw.deploy("walled", &common::echo_manifest("walled", "", ""))
         .await;
@@ -65,11 +77,20 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
     let size = 20 << 20;
     let started = Instant::now();
     let r = gw
-        .request(Method::GET, &format!("/fn/walled/bytes/{size}"), &[], Bytes::new())
+        .request(
+            Method::GET,
+            &format!("/fn/walled/bytes/{size}"),
+            &[],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), size);
-    assert!(r.body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    assert!(r
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == (i % 251) as u8));
     eprintln!("20 MiB through the tunnel in {:?}", started.elapsed());
 
     let url = format!("{}/fn/walled/stream/4?interval_ms=200", gw.url);

@@ -1,7 +1,8 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute; `-- --only warm,cold,resume,burst,control` picks some.
+//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control`
+//! picks some.
 //! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
 //! `{scenario, metric, ember, baseline, ratio, unit}`.
 //!
@@ -13,10 +14,13 @@
 //! 3. resume: first response of a paused instance vs the same `docker unpause` done here;
 //! 4. burst: N concurrent requests into a cold function: all answered, containers started,
 //!    gateway peak memory, time to the last answer;
-//! 5. control plane: deploy many functions, list them, restart the gateway.
+//! 5. control plane: deploy many functions, list them, restart the gateway;
+//! 6. tunnel: warm requests to an agent's container through the gateway and the tunnel
+//!    vs the same container reached directly on its node.
 //!
 //! # Layout
-//! - `warm`, `cold`, `resume`, `burst`, `control`: one scenario each, `run(size, rows)`;
+//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`: one scenario each,
+//!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
@@ -31,6 +35,7 @@ mod control;
 mod probe;
 mod report;
 mod resume;
+mod tunnel;
 mod warm;
 
 use std::time::Duration;
@@ -104,6 +109,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("warm") {
         eprintln!("warm path…");
         warm::run(size, &mut rows).await;
+    }
+    if wanted("tunnel") {
+        eprintln!("tunnel…");
+        tunnel::run(size, &mut rows).await;
     }
     if wanted("cold") {
         eprintln!("cold start…");

@@ -45,7 +45,16 @@ pub async fn run(size: &Size, rows: &mut Vec<Row>) {
             size.big_requests,
         ),
     ] {
-        latency(&client, &targets, label, body, n, rows).await;
+        latency(
+            &client,
+            "warm",
+            (&targets.via, &targets.direct),
+            label,
+            body,
+            n,
+            rows,
+        )
+        .await;
     }
     throughput(&client, &targets, size, rows).await;
 }
@@ -76,16 +85,17 @@ async fn targets(gw: &Gateway, client: &HttpClient) -> Targets {
     }
 }
 
-/// `n` requests with `body` through the gateway and to the published port, interleaved.
-async fn latency(
+/// `n` requests with `body` through the gateway (`via`) and straight to the container
+/// (`direct`), interleaved; rows of `scenario`.
+pub async fn latency(
     client: &HttpClient,
-    targets: &Targets,
+    scenario: &str,
+    (via, direct): (&str, &str),
     label: &str,
     body: Bytes,
     n: usize,
     rows: &mut Vec<Row>,
 ) {
-    let (via, direct) = (&targets.via, &targets.direct);
     // Warm both connection pools, then interleave so drift hits both alike.
     for _ in 0..50 {
         send(client, via, body.clone()).await;
@@ -104,14 +114,14 @@ async fn latency(
     for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
         let (pe, pb) = (percentile(&e, p), percentile(&b, p));
         rows.push(row(
-            "warm",
+            scenario,
             &format!("{label} latency {name}"),
             pe,
             Some(pb),
             "ms",
         ));
         rows.push(row(
-            "warm",
+            scenario,
             &format!("{label} added latency {name}"),
             (pe - pb) * 1e3,
             None,
@@ -157,7 +167,7 @@ async fn throughput(client: &HttpClient, targets: &Targets, size: &Size, rows: &
 }
 
 /// 64 tasks sending small requests to `url` for `size.throughput_for`; the 200s per second.
-async fn requests_per_second(client: &HttpClient, url: &str, size: &Size) -> f64 {
+pub async fn requests_per_second(client: &HttpClient, url: &str, size: &Size) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + size.throughput_for;
     let mut tasks = Vec::new();

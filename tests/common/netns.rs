@@ -65,16 +65,33 @@ impl Netns {
             ip: ip.clone(),
             host_if: host_if.clone(),
         };
-        run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
         run(&["ip", "link", "set", &ns_if, "netns", &name]);
-        run(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if,
+        ]);
         run(&["ip", "link", "set", &host_if, "up"]);
         ns.exec(&["ip", "addr", "add", &format!("{ip}/30"), "dev", &ns_if]);
         ns.exec(&["ip", "link", "set", &ns_if, "up"]);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns.exec(&["ip", "route", "add", "default", "via", &host_ip]);
         for dir in ["-i", "-o"] {
-            run(&["iptables", "-I", "DOCKER-USER", dir, &host_if, "-j", "ACCEPT"]);
+            run(&[
+                "iptables",
+                "-I",
+                "DOCKER-USER",
+                dir,
+                &host_if,
+                "-j",
+                "ACCEPT",
+            ]);
         }
         ns
     }
@@ -99,7 +116,16 @@ impl Netns {
     /// Drops every new inbound TCP connection: the namespace can only dial out.
     pub fn drop_inbound_tcp(&self) {
         self.exec(&[
-            "iptables", "-A", "INPUT", "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW", "-j",
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
             "DROP",
         ]);
     }
@@ -113,7 +139,11 @@ impl Drop for Netns {
                 .output();
         }
         // Deleting the namespace deletes its end of the veth, and with it the host's.
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
-        let _ = Command::new("ip").args(["link", "delete", &self.host_if]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.host_if])
+            .output();
     }
 }
