@@ -206,6 +206,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<ember::node::agent::Refused>().is_some() {
+                return ExitCode::from(ember::node::agent::REFUSED_EXIT_CODE);
+            }
             ExitCode::FAILURE
         }
     }

@@ -223,9 +223,10 @@ async fn a_removed_node_is_refused_cleans_up_and_needs_a_new_join_token() {
     );
     // Its tunnel closes; its next dial is refused, and it cleans up and exits.
     let exited = agent.wait_exit(Duration::from_secs(15));
-    assert!(
-        exited.is_some_and(|s| !s.success()),
-        "the refused agent exits with an error"
+    assert_eq!(
+        exited.and_then(|s| s.code()),
+        Some(3),
+        "the refused agent exits with the code its service manager does not restart"
     );
     assert!(
         !dir.path().join("node.json").exists(),

@@ -44,6 +44,8 @@ pub struct Places {
     pub login_file: Option<PathBuf>,
     /// The admin token of a gateway run from the current directory.
     pub local_token: PathBuf,
+    /// The CA of a gateway run from the current directory with `--tls self-signed`.
+    pub local_ca: PathBuf,
 }
 
 impl Places {
@@ -57,6 +59,9 @@ impl Places {
             env_ca_file: var("EMBER_CA_FILE").map(PathBuf::from),
             login_file: login_file(var("XDG_CONFIG_HOME"), var("HOME")),
             local_token: Path::new(crate::config::DEFAULT_DATA_DIR).join(access::ADMIN_TOKEN_FILE),
+            local_ca: Path::new(crate::config::DEFAULT_DATA_DIR)
+                .join("tls")
+                .join(crate::tls::CA_CERT_FILE),
         }
     }
 }
@@ -141,7 +146,13 @@ impl Target {
             .clone()
             .or_else(|| places.env_ca_pin.clone())
             .or_else(|| saved_here.and_then(|s| s.ca_pin.clone()));
-        let file = flags.ca_file.clone().or_else(|| places.env_ca_file.clone());
+        let local_ca = (pin.is_none() && is_loopback(&url) && places.local_ca.is_file())
+            .then(|| places.local_ca.clone());
+        let file = flags
+            .ca_file
+            .clone()
+            .or_else(|| places.env_ca_file.clone())
+            .or(local_ca);
         let trust = Trust::from_settings(pin.as_deref(), file.as_deref())?;
         let (token, source) = if let Some(t) = &flags.token {
             (Some(t.clone()), TokenSource::Flag)
@@ -319,6 +330,7 @@ mod tests {
             env_ca_file: None,
             login_file: Some(login_file),
             local_token,
+            local_ca: dir.join("ca.pem"),
         }
     }
 

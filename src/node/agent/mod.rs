@@ -130,14 +130,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         dial::Ended::Refused(why) => {
             remove_containers_of(&node).await;
             credential::Credential::forget(&config.data_dir);
-            anyhow::bail!(
-                "the gateway no longer accepts this node ({why}); its containers were removed. \
-                 Join again with a new join token: `ember token create` on the gateway, then \
-                 `ember agent --token TOKEN ...`"
-            )
+            Err(Refused(why).into())
         }
     }
 }
+
+/// The gateway refused this node's credential: it was removed (`ember nodes rm`). The
+/// agent exits with `REFUSED_EXIT_CODE`, which its service manager should not restart.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway no longer accepts this node ({0}); its containers were removed. Join again with a new join token: `ember token create` on the gateway, then `ember agent --token TOKEN ...`")]
+pub struct Refused(String);
+
+/// The exit code of an agent the gateway refused.
+pub const REFUSED_EXIT_CODE: u8 = 3;
 
 /// Containers of agent nodes are published on the loopback only, never outside.
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
