@@ -106,3 +106,42 @@ async fn connections_past_the_cap_are_closed_at_once_and_the_cap_frees_up() {
     }
     assert!(served, "closed connections give their place back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_sockets_and_idle_http2_connections_are_closed_too() {
+    require_docker!();
+    let gw = Gateway::builder()
+        .args(["--header-timeout", "1s", "--max-connections", "100"])
+        .start()
+        .await;
+    let addr = gw.url.trim_start_matches("http://").to_string();
+    // A socket that never sends a byte.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // An HTTP/2 client that sends its preface and settings, then nothing.
+    let mut preface = TcpStream::connect(&addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(4)).await,
+        "silent socket"
+    );
+    assert!(
+        closed_within(&mut preface, Duration::from_secs(4)).await,
+        "idle HTTP/2"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // A request that takes longer than the header timeout is not idle: it is answered.
+    gw.deploy("slow", &common::echo_manifest("slow", "", ""))
+        .await;
+    let r = gw
+        .request(Method::GET, "/fn/slow/sleep/2500", &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
