@@ -1,5 +1,8 @@
-//! A test double of `ContainerRuntime` for the node tests: it runs nothing, and its builds
-//! print as many progress lines as a test asks for.
+//! A test double of `ContainerRuntime` for the node tests: it runs nothing, lists the
+//! containers a test gives it (removing one forgets it), and its builds print as many
+//! progress lines as a test asks for.
+
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -12,6 +15,8 @@ use super::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
 pub struct FakeRuntime {
     /// Progress lines each build prints.
     pub build_lines: usize,
+    /// What `list` answers (whatever the filter).
+    pub containers: Mutex<Vec<ContainerInfo>>,
 }
 
 #[async_trait]
@@ -49,10 +54,16 @@ impl ContainerRuntime for FakeRuntime {
     async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
-    async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut containers = self.containers.lock().unwrap_or_else(|e| e.into_inner());
+        containers.retain(|c| c.id != id);
         Ok(())
     }
     async fn list(&self, _: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError> {
-        Ok(Vec::new())
+        Ok(self
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
     }
 }

@@ -111,9 +111,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         gpus: Vec::new(),
     };
     let tracker = TaskTracker::new();
+    let allowed = server::SharedAllowed::default();
     let service = server::TunnelService::new(
-        server::router(node.clone(), info),
+        server::router(node.clone(), info, allowed.clone()),
         node.clone(),
+        allowed,
         tracker.clone(),
     );
     let target = dial::Target::new(&config.gateway, &trust)?;

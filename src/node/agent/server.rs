@@ -5,13 +5,17 @@
 //! on it carry no credential of their own. `RemoteNode` is the client of these routes.
 //!
 //! A CONNECT is accepted only to the endpoint of a container Ember manages on this node:
-//! the tunnel is never an open relay into the node's network. Node errors become responses
+//! the tunnel is never an open relay into the node's network. The managed endpoints are
+//! read from the engine and trusted for `ALLOWED_FOR` at most; a miss reads them again,
+//! and stopping or pausing a container forgets them, so an address a stopped container
+//! left (and another container took) is never reached through a stale list. Node errors become responses
 //! here, in `AgentError`, and nowhere else.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -35,17 +39,50 @@ const MAX_BUILD_CONTEXT: usize = 1 << 30;
 /// Build progress lines buffered between the build and the response.
 const BUILD_PROGRESS_BUFFER: usize = 1024;
 
+/// How long a list of managed endpoints is trusted.
+const ALLOWED_FOR: Duration = Duration::from_secs(1);
+
+/// The endpoints of the node's managed containers, as last read.
+#[derive(Default)]
+pub(super) struct Allowed {
+    /// When the read that produced `endpoints` began.
+    read_at: Option<Instant>,
+    /// When a container last stopped or paused: a list read before is stale.
+    forgotten_at: Option<Instant>,
+    endpoints: HashSet<SocketAddr>,
+}
+
+impl Allowed {
+    /// Whether a read that began at `t` is newer than everything known.
+    fn newer(&self, t: Instant) -> bool {
+        self.read_at.is_none_or(|r| r < t) && self.forgotten_at.is_none_or(|f| f < t)
+    }
+}
+
+/// The allow-list shared by the CONNECT path and the control routes that change it.
+pub(super) type SharedAllowed = Arc<Mutex<Allowed>>;
+
+fn forget(allowed: &SharedAllowed) {
+    allowed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .forgotten_at = Some(Instant::now());
+}
+
 #[derive(Clone)]
 struct AgentState {
     node: Arc<LocalNode>,
     info: Arc<NodeInfo>,
+    allowed: SharedAllowed,
 }
 
-/// The node API over `node`, which describes itself as `info` (its GPUs read fresh).
-pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo) -> Router {
+/// The node API over `node`, which describes itself as `info` (its GPUs read fresh);
+/// stopping or pausing a container forgets `allowed`.
+pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo, allowed: SharedAllowed) -> Router {
     let state = AgentState {
         node,
         info: Arc::new(info),
+        allowed,
     };
     Router::new()
         .route("/node/v1/info", get(describe))
@@ -74,16 +111,21 @@ pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo) -> Router {
 pub(super) struct TunnelService {
     app: Router,
     node: Arc<LocalNode>,
-    allowed: Arc<RwLock<HashSet<SocketAddr>>>,
+    allowed: SharedAllowed,
     tracker: TaskTracker,
 }
 
 impl TunnelService {
-    pub(super) fn new(app: Router, node: Arc<LocalNode>, tracker: TaskTracker) -> TunnelService {
+    pub(super) fn new(
+        app: Router,
+        node: Arc<LocalNode>,
+        allowed: SharedAllowed,
+        tracker: TaskTracker,
+    ) -> TunnelService {
         TunnelService {
             app,
             node,
-            allowed: Arc::default(),
+            allowed,
             tracker,
         }
     }
@@ -138,23 +180,30 @@ impl TunnelService {
         StatusCode::OK.into_response()
     }
 
-    /// Whether `target` is where a container Ember manages here answers (the list is
-    /// read again when an address is not in it yet).
+    /// Whether `target` is where a container Ember manages here answers: from a list read
+    /// within `ALLOWED_FOR`, else from a fresh one (kept unless a newer read landed first).
     async fn is_managed_endpoint(&self, target: SocketAddr) -> bool {
-        let known = |set: &RwLock<HashSet<SocketAddr>>| {
-            set.read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&target)
-        };
-        if known(&self.allowed) {
-            return true;
+        {
+            let allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh = allowed.read_at.is_some_and(|t| {
+                t.elapsed() < ALLOWED_FOR && allowed.forgotten_at.is_none_or(|f| f < t)
+            });
+            if fresh && allowed.endpoints.contains(&target) {
+                return true;
+            }
         }
+        let began = Instant::now();
         let Ok(containers) = self.node.list_managed().await else {
             return false;
         };
         let endpoints: HashSet<_> = containers.into_iter().filter_map(|c| c.endpoint).collect();
-        *self.allowed.write().unwrap_or_else(|e| e.into_inner()) = endpoints;
-        known(&self.allowed)
+        let managed = endpoints.contains(&target);
+        let mut allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        if allowed.newer(began) {
+            allowed.read_at = Some(began);
+            allowed.endpoints = endpoints;
+        }
+        managed
     }
 }
 
@@ -215,7 +264,10 @@ async fn container_state(
 }
 
 async fn stop(State(s): State<AgentState>, Path(id): Path<String>) -> Result<Response, AgentError> {
-    s.node.stop(&id).await?;
+    forget(&s.allowed);
+    let stopped = s.node.stop(&id).await;
+    forget(&s.allowed);
+    stopped?;
     Ok(Json(serde_json::json!({})).into_response())
 }
 
@@ -223,6 +275,7 @@ async fn pause(
     State(s): State<AgentState>,
     Path(id): Path<String>,
 ) -> Result<Response, AgentError> {
+    forget(&s.allowed);
     s.node.pause(&id).await?;
     Ok(Json(serde_json::json!({})).into_response())
 }
@@ -296,22 +349,119 @@ mod tests {
     use tower_service::Service;
 
     use super::*;
+    use crate::node::local::Endpoints;
     use crate::runtime::fake::FakeRuntime;
+    use crate::runtime::{ContainerInfo, LABEL_PORT};
 
-    #[tokio::test]
-    async fn a_build_answers_every_progress_line_even_past_the_buffer() {
-        let lines = 3 * BUILD_PROGRESS_BUFFER;
-        let runtime = Arc::new(FakeRuntime { build_lines: lines });
-        let node = LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime);
-        let info = NodeInfo {
+    fn info() -> NodeInfo {
+        NodeInfo {
             protocol: 1,
             name: "n1".into(),
             labels: Default::default(),
             gpu_driver: crate::gpu::GpuDriver::Simulated,
             gpu_source: "none".into(),
             gpus: Vec::new(),
-        };
-        let mut app = router(Arc::new(node), info);
+        }
+    }
+
+    fn container(id: &str, host_port: u16) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            labels: [(LABEL_PORT.to_string(), "8080".to_string())].into(),
+            running: true,
+            paused: false,
+            exit_code: None,
+            status: "running".into(),
+            host_port: Some(host_port),
+            ip: None,
+        }
+    }
+
+    /// The status a CONNECT to `target` gets (403: refused by the allow-list).
+    async fn connect_status(service: &TunnelService, target: &str) -> StatusCode {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target)
+            .body(Body::empty())
+            .unwrap();
+        service.clone().call(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn connects_reach_only_managed_containers_and_never_a_stopped_ones_address() {
+        // A port nothing listens on: an allowed CONNECT gets as far as dialing (502).
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let runtime = Arc::new(FakeRuntime::default());
+        runtime
+            .containers
+            .lock()
+            .unwrap()
+            .push(container("c1", port));
+        let node = Arc::new(
+            LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime.clone())
+                .with_endpoints(Endpoints::Published),
+        );
+        let allowed = SharedAllowed::default();
+        let app = router(node.clone(), info(), allowed.clone());
+        let service = TunnelService::new(app.clone(), node, allowed, TaskTracker::new());
+        let target = format!("127.0.0.1:{port}");
+
+        assert_eq!(
+            connect_status(&service, &target).await,
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            connect_status(&service, "127.0.0.1:1").await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            connect_status(&service, "10.0.0.1:80").await,
+            StatusCode::FORBIDDEN
+        );
+
+        // Stopped: its address is refused at once, within the list's lifetime.
+        let stop = Request::delete("/node/v1/containers/c1")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            app.clone().call(stop).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            connect_status(&service, &target).await,
+            StatusCode::FORBIDDEN
+        );
+
+        // A container that appears is reachable without waiting for the list to age.
+        runtime
+            .containers
+            .lock()
+            .unwrap()
+            .push(container("c2", port));
+        assert_eq!(
+            connect_status(&service, &target).await,
+            StatusCode::BAD_GATEWAY
+        );
+        // One that vanishes behind Ember's back is refused once the list aged.
+        runtime.containers.lock().unwrap().clear();
+        tokio::time::sleep(ALLOWED_FOR + Duration::from_millis(50)).await;
+        assert_eq!(
+            connect_status(&service, &target).await,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[tokio::test]
+    async fn a_build_answers_every_progress_line_even_past_the_buffer() {
+        let lines = 3 * BUILD_PROGRESS_BUFFER;
+        let runtime = Arc::new(FakeRuntime {
+            build_lines: lines,
+            ..Default::default()
+        });
+        let node = LocalNode::new("n1", "gw", IpAddr::V4(Ipv4Addr::LOCALHOST), runtime);
+        let mut app = router(Arc::new(node), info(), SharedAllowed::default());
         let req = Request::builder()
             .method("POST")
             .uri("/node/v1/images?tag=t:1")
