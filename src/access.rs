@@ -149,16 +149,55 @@ pub fn readable_by_others(_: &Path) -> bool {
 
 /// A new file only its owner can read and write; fails if `path` exists.
 pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    new_file(path, 0o600)
+}
+
+/// A new file with `mode` (on Unix) from its first byte; fails if `path` exists.
+fn new_file(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
     options.open(path)
+}
+
+/// Replaces `path` with `bytes`, atomically: a reader sees the old file or the new one,
+/// never part of it, and the new one has `mode` (on Unix) from its first byte, so a
+/// secret is never readable by others, not even for a moment.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    let temp = path.with_file_name(name);
+    match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = new_file(&temp, mode)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaced_files_are_private_from_the_first_byte_and_leave_no_temp_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.json");
+        std::fs::write(&path, "old").unwrap();
+        replace_file(&path, b"new", 0o600).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert!(!readable_by_others(&path) || cfg!(not(unix)));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A temp file a crash left behind does not stop the next write.
+        std::fs::write(dir.path().join("node.json.new"), "junk").unwrap();
+        replace_file(&path, b"newer", 0o600).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newer");
+    }
 
     #[test]
     fn invoke_scopes_admit_their_functions_and_only_admin_keys_reach_the_control_api() {

@@ -172,22 +172,12 @@ fn ca_key(path: &Path) -> Result<KeyPair, TlsError> {
     }
 }
 
-/// Writes a file with `mode` (on Unix), replacing it.
+/// Writes a file with `mode` (on Unix), replacing it atomically.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    let file_error = |source| TlsError::File {
+    crate::access::replace_file(path, bytes, mode).map_err(|source| TlsError::File {
         path: path.to_path_buf(),
         source,
-    };
-    std::fs::write(path, bytes).map_err(file_error)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(file_error)?;
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    Ok(())
+    })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -244,14 +244,8 @@ fn save(file: &Path, login: &Login) -> anyhow::Result<()> {
         "# Written by `ember login`; holds a credential, keep it private.\n{}",
         toml::to_string(login)?
     );
-    let temp = file.with_extension("toml.new");
-    let _ = std::fs::remove_file(&temp);
-    let mut out =
-        access::private_file(&temp).with_context(|| format!("cannot write {}", temp.display()))?;
-    std::io::Write::write_all(&mut out, text.as_bytes())?;
-    out.sync_all()?;
-    std::fs::rename(&temp, file).with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(())
+    access::replace_file(file, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", file.display()))
 }
 
 /// `ember login URL --token T`: checks the token against the gateway, then saves both.
