@@ -39,13 +39,15 @@ pub fn matches_hash(presented: &str, stored_hash: &str) -> bool {
     same_secret(&hash_secret(presented), stored_hash)
 }
 
-/// The bearer token of a request (`Authorization: Bearer T`), if it has one.
+/// The bearer token of a request (`Authorization: Bearer T`; the scheme's case does not
+/// matter, as RFC 9110 says), if it has one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Whether `presented` is `expected`, compared in constant time.
@@ -183,6 +185,22 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_schemes_case() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            bearer(&h).map(str::to_string)
+        };
+        assert_eq!(with("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(with("bearer  abc ").as_deref(), Some("abc"));
+        assert_eq!(with("BEARER abc").as_deref(), Some("abc"));
+        assert_eq!(with("Basic abc"), None);
+        assert_eq!(with("Bearer "), None);
+        assert_eq!(with("Bearerabc"), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
 
     #[test]
     fn replaced_files_are_private_from_the_first_byte_and_leave_no_temp_behind() {

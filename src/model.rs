@@ -197,8 +197,11 @@ pub enum ErrorCode {
     UnknownAction,
     /// An agent's registration is unusable.
     BadRegistration,
-    /// The node name belongs to the embedded node.
+    /// The node name is the embedded node's, or a joined node holds it.
     NodeNameTaken,
+    /// The node was removed (`ember nodes rm`), or this gateway never knew it: its agent
+    /// should remove its containers and stop.
+    NodeRemoved,
     /// A missing or wrong credential.
     Unauthorized,
     /// A key of that name exists.
@@ -246,6 +249,7 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::UnknownAction, "unknown_action"),
     (ErrorCode::BadRegistration, "bad_registration"),
     (ErrorCode::NodeNameTaken, "node_name_taken"),
+    (ErrorCode::NodeRemoved, "node_removed"),
     (ErrorCode::Unauthorized, "unauthorized"),
     (ErrorCode::KeyNameTaken, "key_name_taken"),
     (ErrorCode::KeyNotFound, "key_not_found"),

@@ -121,6 +121,8 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
             MembershipError::BadToken | MembershipError::BadCredential(_) => {
                 (S::UNAUTHORIZED, C::Unauthorized, None)
             }
+            MembershipError::NodeRemoved(_) => (S::UNAUTHORIZED, C::NodeRemoved, None),
+            MembershipError::NodeExists(_) => (S::CONFLICT, C::NodeNameTaken, None),
             MembershipError::UnknownNode(_) => (S::NOT_FOUND, C::NodeNotFound, None),
             MembershipError::BadRegistration(_) => (S::BAD_REQUEST, C::BadRegistration, None),
             MembershipError::NameTaken(_) => (S::CONFLICT, C::NodeNameTaken, None),

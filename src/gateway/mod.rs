@@ -128,7 +128,6 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         config.join_token.clone(),
         gateway_id.clone(),
         timing,
-        shutdown.clone(),
     )
     .await?;
     let membership = Arc::new(membership);
@@ -253,6 +252,7 @@ async fn serve_until(
 ) {
     let (tracker, shutdown) = (state.tracker.clone(), state.shutdown.clone());
     let activator = state.activator().clone();
+    let membership = state.membership.clone();
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
     let serving = tracker.spawn(
         listener::serve(
@@ -269,11 +269,13 @@ async fn serve_until(
     activator.shut_down_queues();
     tracing::info!("shutting down; running containers are kept and adopted at the next start");
     tracker.close();
+    // Requests in flight may run through agents' tunnels: those close last.
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = serving.await;
         tracker.wait().await;
     })
     .await;
+    membership.close_tunnels().await;
     if drained.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
     }

@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
 
 use super::error::ApiError;
 use super::AppState;
@@ -49,7 +48,7 @@ pub async fn tunnel(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    state
+    let credential = state
         .membership
         .check_credential(&name, crate::access::bearer(req.headers()))
         .inspect_err(|e| tracing::warn!(%client, node = %name, error = %e, "refused a tunnel"))?;
@@ -65,17 +64,10 @@ pub async fn tunnel(
         });
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let membership = state.membership.clone();
-    let span = tracing::info_span!("tunnel", node = %name);
-    state.tracker.spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => membership.serve_tunnel(name, upgraded).await,
-                Err(e) => tracing::warn!(error = %e, "the tunnel's upgrade failed"),
-            }
-        }
-        .instrument(span),
-    );
+    state
+        .membership
+        .clone()
+        .spawn_session(name, credential, on_upgrade);
     let switching = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")

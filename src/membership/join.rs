@@ -1,11 +1,15 @@
-//! Joining: join tokens (made by `ember token create`, or the long-lived `--join-token`)
-//! are traded once for a node credential. Both are random, shown once, and stored only as
-//! their hash; every check is in constant time.
+//! Joining: a join token is traded for a node credential. Tokens of `ember token create`
+//! are spent by the join that uses them; the long-lived `--join-token` of `serve` lets any
+//! number of agents join (for automated fleets), and an agent keeps a note of the token it
+//! joined with, so a removed node does not come back by itself on that same token. Tokens
+//! and credentials are random, shown once, stored only as their hash, and checked in
+//! constant time. A name a joined node holds is not given to another join: a removed
+//! node's name is free again.
 
 use std::time::Duration;
 
 use super::{Membership, MembershipError};
-use crate::access::{hash_secret, matches_hash, new_secret, same_secret};
+use crate::access::{hash_secret, matches_hash, new_secret};
 use crate::node::wire::{JoinRequest, Joined};
 use crate::store::{now_ms, NodeAddress, NodeMark, NodeRecord, TokenRecord};
 
@@ -44,29 +48,31 @@ impl Membership {
         Ok(NewToken { token, expires_ms })
     }
 
-    /// Whether `presented` is the long-lived join token or a stored one not yet expired
-    /// (an expired one is removed).
-    async fn join_token_valid(&self, presented: &str) -> Result<bool, MembershipError> {
+    /// Checks `presented`: the long-lived join token (`Ok(None)`), or a stored one not yet
+    /// expired (`Ok(Some(hash))`, to spend once the join succeeds). An expired one is
+    /// removed. Runs under `joining`.
+    async fn check_join_token(&self, presented: &str) -> Result<Option<String>, MembershipError> {
         if self
-            .join_token
+            .join_token_hash
             .as_deref()
-            .is_some_and(|t| same_secret(presented, t))
+            .is_some_and(|h| matches_hash(presented, h))
         {
-            return Ok(true);
+            return Ok(None);
         }
         let hash = hash_secret(presented);
         let Some(record) = self.store.token(&hash)? else {
-            return Ok(false);
+            return Err(MembershipError::BadToken);
         };
         if record.expires_ms <= now_ms() {
             self.store.delete_token(&hash).await?;
-            return Ok(false);
+            return Err(MembershipError::BadToken);
         }
-        Ok(true)
+        Ok(Some(hash))
     }
 
-    /// An agent trades a join token for a node credential. Joining again under a known
-    /// name replaces its credential (the old one stops working) and keeps its marks.
+    /// An agent trades a join token for a node credential, under a name no joined node
+    /// holds. A token of `ember token create` is spent, unless the request is refused for
+    /// something other than the token.
     pub async fn join(
         &self,
         presented: Option<&str>,
@@ -75,10 +81,16 @@ impl Membership {
         let Some(presented) = presented else {
             return Err(MembershipError::BadToken);
         };
-        if !self.join_token_valid(presented).await? {
-            return Err(MembershipError::BadToken);
+        let _one_at_a_time = self.joining.lock().await;
+        let spend = self.check_join_token(presented).await?;
+        crate::manifest::check_name(&request.name)
+            .map_err(|e| MembershipError::BadRegistration(format!("name: {e}")))?;
+        if RESERVED_NAMES.contains(&request.name.as_str()) {
+            return Err(MembershipError::BadRegistration(format!(
+                "name: `{}` is reserved by the node API; give the agent another --name",
+                request.name
+            )));
         }
-        crate::manifest::check_name(&request.name).map_err(MembershipError::BadRegistration)?;
         let stored = self.store.node(&request.name)?;
         let taken_by_embedded = stored
             .as_ref()
@@ -88,18 +100,22 @@ impl Membership {
         if taken_by_embedded {
             return Err(MembershipError::NameTaken(request.name));
         }
+        if stored.is_some() {
+            return Err(MembershipError::NodeExists(request.name));
+        }
+        if let Some(hash) = spend {
+            self.store.delete_token(&hash).await?;
+        }
         let credential = new_secret("en");
         let record = NodeRecord {
             name: request.name.clone(),
             address: NodeAddress::Agent,
             labels: request.labels,
-            mark: stored.map_or(NodeMark::None, |n| n.mark),
+            mark: NodeMark::None,
             credential: Some(hash_secret(&credential)),
         };
         self.store.put_node(&record).await?;
         self.remote_or_new(&record.name, &record);
-        // A tunnel of the old credential, if any, must not outlive it.
-        self.close_session(&record.name);
         tracing::info!(node = %record.name, "node joined");
         Ok(Joined {
             gateway_id: self.gateway_id.clone(),
@@ -108,17 +124,30 @@ impl Membership {
         })
     }
 
-    /// Checks a node's credential, in constant time.
+    /// Checks a node's credential, in constant time; its hash, for the tunnel session to
+    /// check again when it opens.
     pub fn check_credential(
         &self,
         name: &str,
         presented: Option<&str>,
-    ) -> Result<(), MembershipError> {
-        let refused = || MembershipError::BadCredential(name.to_string());
-        let record = self.store.node(name)?.ok_or_else(refused)?;
+    ) -> Result<String, MembershipError> {
+        if name.is_empty() {
+            return Err(MembershipError::BadRegistration(format!(
+                "a tunnel names its node in the `{}` header",
+                crate::node::tunnel::NODE_HEADER
+            )));
+        }
+        let record = self
+            .store
+            .node(name)?
+            .filter(|r| r.address == NodeAddress::Agent)
+            .ok_or_else(|| MembershipError::NodeRemoved(name.to_string()))?;
         match (record.credential, presented) {
-            (Some(hash), Some(presented)) if matches_hash(presented, &hash) => Ok(()),
-            _ => Err(refused()),
+            (Some(hash), Some(presented)) if matches_hash(presented, &hash) => Ok(hash),
+            _ => Err(MembershipError::BadCredential(name.to_string())),
         }
     }
 }
+
+/// Names an agent may not take: the node routes' own path segments.
+pub const RESERVED_NAMES: &[&str] = &["join", "tunnel"];

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::activator::Activator;
 use crate::model::NodeState;
@@ -30,8 +31,11 @@ pub enum MembershipError {
     /// Wrong, expired or missing join token.
     #[error("wrong, expired or missing join token: make one with `ember token create` and pass it to `ember agent --token`")]
     BadToken,
-    /// The node credential is not (or no longer) accepted.
-    #[error("node `{0}` is not accepted: it was removed, or its credential is wrong; join again with a new join token (`ember token create`)")]
+    /// The gateway knows no node of that name: it was removed.
+    #[error("node `{0}` was removed from this gateway (`ember nodes rm`); to bring it back, join again with a new join token (`ember token create`)")]
+    NodeRemoved(String),
+    /// The node credential is wrong (or the record is not an agent's).
+    #[error("node `{0}` presented a credential the gateway does not hold: another agent joined under this name since; give this one another --name, or remove that node (`ember nodes rm`) and join again")]
     BadCredential(String),
     /// No such node.
     #[error("node `{0}` is not known; `ember nodes` lists the known ones")]
@@ -42,6 +46,9 @@ pub enum MembershipError {
     /// The node name belongs to the embedded node.
     #[error("node `{0}` is the gateway's embedded node; give the agent another --name")]
     NameTaken(String),
+    /// A joined node holds the name.
+    #[error("node `{0}` has joined already; give this agent another --name, or, if it is that machine and lost its data dir, remove the old node first (`ember nodes rm {0}`) and join again with a new token")]
+    NodeExists(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -82,14 +89,21 @@ pub struct Timing {
 pub struct Membership {
     activator: Activator,
     store: Store,
-    /// The long-lived join token of `serve --join-token`, if any.
-    join_token: Option<String>,
+    /// The hash of the long-lived join token of `serve --join-token`, if any.
+    join_token_hash: Option<String>,
+    /// Joins one at a time: a join token is spent, and a name taken, exactly once.
+    joining: tokio::sync::Mutex<()>,
     gateway_id: String,
     timing: Timing,
     remotes: RwLock<HashMap<String, Arc<RemoteNode>>>,
-    /// Each node's open tunnel session, to close it (a newer tunnel, a removal).
+    /// Each node's open tunnel session, to close it (a newer tunnel, a removal). Its lock
+    /// orders tunnels: a session is checked, attached and recorded under it.
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
-    shutdown: CancellationToken,
+    /// The tunnel sessions' tasks. They outlive the gateway's shutdown signal: requests
+    /// that finish during the shutdown grace may need them; `close_tunnels` ends them.
+    tunnels: TaskTracker,
+    /// Cancelled by `close_tunnels`.
+    closing: CancellationToken,
 }
 
 impl Membership {
@@ -100,18 +114,19 @@ impl Membership {
         join_token: Option<String>,
         gateway_id: String,
         timing: Timing,
-        shutdown: CancellationToken,
     ) -> Result<Membership, MembershipError> {
         let store = activator.store().clone();
         let m = Membership {
             activator,
             store,
-            join_token,
+            join_token_hash: join_token.as_deref().map(crate::access::hash_secret),
+            joining: tokio::sync::Mutex::default(),
             gateway_id,
             timing,
             remotes: RwLock::default(),
             sessions: Mutex::default(),
-            shutdown,
+            tunnels: TaskTracker::new(),
+            closing: CancellationToken::new(),
         };
         for record in m.store.nodes().await? {
             if record.address == NodeAddress::Embedded {
@@ -199,6 +214,14 @@ impl Membership {
         self.scheduler().remove_node(name);
         tracing::warn!(node = name, "node removed: its credential is revoked");
         Ok(())
+    }
+
+    /// Closes every tunnel, once the gateway has finished the requests it had in flight
+    /// (they may need them), and waits for their sessions to end.
+    pub async fn close_tunnels(&self) {
+        self.closing.cancel();
+        self.tunnels.close();
+        self.tunnels.wait().await;
     }
 
     /// Closes the node's tunnel session, if one is open.

@@ -33,15 +33,9 @@ async fn membership(dir: &std::path::Path) -> Membership {
         heartbeat: Duration::from_secs(1),
     };
     let token = Some("long-lived-join-token".into());
-    Membership::load(
-        activator,
-        token,
-        "gw".into(),
-        timing,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
+    Membership::load(activator, token, "gw".into(), timing)
+        .await
+        .unwrap()
 }
 
 fn join_request(name: &str) -> JoinRequest {
@@ -124,15 +118,44 @@ async fn a_join_token_is_traded_for_a_credential_that_alone_opens_the_tunnel() {
         "hashed"
     );
 
-    // Joining again (a new data dir) replaces the credential.
+    // The token is spent.
+    assert!(matches!(
+        m.join(Some(&made.token), join_request("gpu3")).await,
+        Err(MembershipError::BadToken)
+    ));
+    // A name a joined node holds is not given to another join, even with a good token;
+    // nor is a reserved one, and neither refusal spends the token.
+    let other = m.create_token(Duration::from_secs(3600)).await.unwrap();
+    assert!(matches!(
+        m.join(Some(&other.token), join_request("gpu2")).await,
+        Err(MembershipError::NodeExists(_))
+    ));
+    assert!(matches!(
+        m.join(Some(&other.token), join_request("tunnel")).await,
+        Err(MembershipError::BadRegistration(_))
+    ));
+    assert!(m.check_credential("gpu2", Some(&joined.credential)).is_ok());
+    // Once removed, the name is free again.
+    m.remove("gpu2").await.unwrap();
+    assert!(matches!(
+        m.check_credential("gpu2", Some(&joined.credential)),
+        Err(MembershipError::NodeRemoved(_))
+    ));
     let again = m
-        .join(Some("long-lived-join-token"), join_request("gpu2"))
+        .join(Some(&other.token), join_request("gpu2"))
         .await
         .unwrap();
     assert!(m.check_credential("gpu2", Some(&again.credential)).is_ok());
-    assert!(m
-        .check_credential("gpu2", Some(&joined.credential))
-        .is_err());
+    assert!(matches!(
+        m.check_credential("gpu2", Some(&joined.credential)),
+        Err(MembershipError::BadCredential(_))
+    ));
+    // The long-lived token lets any number of nodes join.
+    for name in ["gpu4", "gpu5"] {
+        m.join(Some("long-lived-join-token"), join_request(name))
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -17,9 +17,25 @@ use crate::node::{Node, RemoteNode};
 use crate::store::{NodeMark, NodeRecord};
 
 impl Membership {
-    /// Serves node `name`'s tunnel until it closes, a newer one replaces it, the node is
-    /// removed, or the gateway shuts down.
-    pub async fn serve_tunnel(self: Arc<Self>, name: String, upgraded: Upgraded) {
+    /// Serves node `name`'s tunnel, opened with the credential of hash `credential`, once
+    /// the connection is upgraded; the session runs on the membership's own tasks.
+    pub fn spawn_session(self: Arc<Self>, name: String, credential: String, on_upgrade: OnUpgrade) {
+        let span = tracing::info_span!("tunnel", node = %name);
+        let tunnels = self.tunnels.clone();
+        tunnels.spawn(
+            async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => self.serve_tunnel(name, credential, upgraded).await,
+                    Err(e) => tracing::warn!(error = %e, "the tunnel's upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Serves the tunnel until it closes, a newer one replaces it, the node is removed, or
+    /// the gateway closes its tunnels.
+    async fn serve_tunnel(self: Arc<Self>, name: String, credential: String, upgraded: Upgraded) {
         let stop = CancellationToken::new();
         let (tunnel, drive) = match tunnel::accept(upgraded, stop.clone()).await {
             Ok(t) => t,
@@ -28,18 +44,18 @@ impl Membership {
                 return;
             }
         };
-        let Some(record) = self.store.node(&name).ok().flatten() else {
-            return; // removed between the credential check and now
+        let Some((remote, id, record)) = self.open_session(&name, &credential, tunnel, &stop)
+        else {
+            tracing::warn!(node = %name, "the node was removed, or joined again, as its tunnel opened; closing it");
+            stop.cancel();
+            return;
         };
-        let remote = self.remote_or_new(&name, &record);
-        let id = remote.attach(tunnel);
-        self.open_session(&name, id, stop.clone());
         tracing::info!(node = %name, "tunnel open");
         tokio::select! {
             () = drive => {}
-            () = self.session(&remote, &record) => {}
+            () = self.session(&remote, id, &record) => {}
             () = stop.cancelled() => {}
-            () = self.shutdown.cancelled() => {}
+            () = self.closing.cancelled() => {}
         }
         // Whatever ended the session, the connection ends with it, open streams included.
         stop.cancel();
@@ -53,16 +69,44 @@ impl Membership {
         }
     }
 
-    /// Records session `id` of `name`, closed by `stop`, closing an older one.
-    fn open_session(&self, name: &str, id: u64, stop: CancellationToken) {
-        let older = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), (id, stop));
+    /// Checks again, under the sessions lock, that the node still holds `credential` (a
+    /// removal or a new join may have come between the check and the upgrade), then makes
+    /// the tunnel the node's and its session the current one, closing any older one. The
+    /// lock orders sessions: the newest tunnel is always the node's.
+    fn open_session(
+        &self,
+        name: &str,
+        credential: &str,
+        tunnel: tunnel::Tunnel,
+        stop: &CancellationToken,
+    ) -> Option<(Arc<RemoteNode>, u64, NodeRecord)> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.store.node(name).ok().flatten()?;
+        let holds = record
+            .credential
+            .as_deref()
+            .is_some_and(|h| crate::access::same_secret(h, credential));
+        if !holds {
+            return None;
+        }
+        let remote = self.remote_or_new(name, &record);
+        let id = remote.attach(tunnel);
+        let older = sessions.insert(name.to_string(), (id, stop.clone()));
         if let Some((_, older)) = older {
             older.cancel();
         }
+        Some((remote, id, record))
+    }
+
+    /// Whether session `id` is still the node's; `then` runs under the sessions lock when
+    /// it is (so a removal, which ends the session under that lock, cannot come between).
+    fn while_current(&self, name: &str, id: u64, then: impl FnOnce()) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let current = sessions.get(name).is_some_and(|(c, _)| *c == id);
+        if current {
+            then();
+        }
+        current
     }
 
     /// Forgets session `id` of `name` if it is still the node's.
@@ -78,7 +122,7 @@ impl Membership {
 
     /// Learns the node, brings it in, then keeps asking for its GPUs. Returns (ending the
     /// session) when the node misbehaves; its agent then dials again.
-    async fn session(&self, remote: &Arc<RemoteNode>, record: &NodeRecord) {
+    async fn session(&self, remote: &Arc<RemoteNode>, id: u64, record: &NodeRecord) {
         let info = match remote.info().await {
             Ok(info) if info.name == remote.name() => info,
             Ok(info) => {
@@ -90,7 +134,11 @@ impl Membership {
                 return;
             }
         };
-        self.came_up(remote, &info, record.mark);
+        if !self.while_current(remote.name(), id, || {
+            self.came_up(remote, &info, record.mark)
+        }) {
+            return;
+        }
         let name = remote.name().to_string();
         let every = self.timing.heartbeat;
         let patience = (every * 3).max(std::time::Duration::from_secs(5));
