@@ -36,13 +36,18 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
                 "--no-local-node",
                 "--join-token",
                 TOKEN,
+                "--tls",
+                "self-signed",
             ])
             .args(["--node-timeout", "5s", "--heartbeat-interval", "300ms"])
             .start()
             .await,
     );
     let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
+    assert!(gw.url.starts_with("https://"), "{}", gw.url);
+    let ca = gw.ca_file();
     let agent = Agent::builder(&gw.url, TOKEN, "walled")
+        .args(["--ca-file", ca.to_str().unwrap()])
         .netns(&ag_ns.name)
         .start()
         .await;
@@ -93,8 +98,7 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
         .all(|(i, b)| *b == (i % 251) as u8));
     eprintln!("20 MiB through the tunnel in {:?}", started.elapsed());
 
-    let url = format!("{}/fn/walled/stream/4?interval_ms=200", gw.url);
-    let resp = common::send(Method::GET, &url).await;
+    let resp = gw.stream("/fn/walled/stream/4?interval_ms=200").await;
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.data_ref().unwrap().starts_with(b"chunk 0"));

@@ -55,8 +55,7 @@ async fn an_agent_listens_on_nothing_and_carries_streams_and_large_downloads() {
         .all(|(i, b)| *b == (i % 251) as u8));
 
     // A stream arrives as it is produced, not at the end.
-    let url = format!("{}/fn/far/stream/5?interval_ms=300", gw.url);
-    let resp = common::send(Method::GET, &url).await;
+    let resp = gw.stream("/fn/far/stream/5?interval_ms=300").await;
     let mut body = resp.into_body();
     let started = Instant::now();
     let first = body.frame().await.unwrap().unwrap();
@@ -157,8 +156,7 @@ async fn a_sigkilled_agent_cuts_its_stream_visibly_and_the_next_request_is_serve
     let _survivor = Agent::builder(&gw.url, TOKEN, "survivor").start().await;
     wait_ready(&gw, 2).await;
 
-    let url = format!("{}/fn/mover/stream/50?interval_ms=100", gw.url);
-    let resp = common::send(Method::GET, &url).await;
+    let resp = gw.stream("/fn/mover/stream/50?interval_ms=100").await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     body.frame().await.unwrap().unwrap();
@@ -193,6 +191,48 @@ async fn a_sigkilled_agent_cuts_its_stream_visibly_and_the_next_request_is_serve
     assert_eq!(instance_nodes(&gw, "mover").await, ["survivor"]);
 }
 
+/// A new join token from `ember token create`.
+fn new_token(gw: &Gateway) -> String {
+    let out = gw.cli(&["token", "create", "--ttl", "1h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("join token:"))
+        .map(|t| t.trim().to_string())
+        .expect("a join token")
+}
+
+/// Runs `ember agent` to its exit: its exit code and what it said.
+fn agent_exit(
+    gw: &Gateway,
+    name: &str,
+    token: &str,
+    data_dir: &std::path::Path,
+) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args([
+            "agent",
+            "--gateway",
+            &gw.url,
+            "--token",
+            token,
+            "--name",
+            name,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_node_is_refused_cleans_up_and_needs_a_new_join_token() {
     require_docker!();
@@ -215,6 +255,15 @@ async fn a_removed_node_is_refused_cleans_up_and_needs_a_new_join_token() {
         dir.path().join("node.json").exists(),
         "the credential is kept"
     );
+    // A copy of the credential, stale once the name is given to another join.
+    let stale = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("node.json"), stale.path().join("node.json")).unwrap();
+
+    // Another join under a name a node holds is refused, and says what to do.
+    let (code, said) = agent_exit(&gw, "gone", TOKEN, tempfile::tempdir().unwrap().path());
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("ember nodes rm gone"), "{said}");
+
     let out = gw.cli(&["nodes", "rm", "gone"]);
     assert!(
         out.status.success(),
@@ -240,6 +289,52 @@ async fn a_removed_node_is_refused_cleans_up_and_needs_a_new_join_token() {
     let nodes = gw.get_json("/api/v1/nodes").await;
     assert!(nodes["nodes"].as_array().unwrap().is_empty());
     agent.kill();
+
+    // Started again with the same (long-lived) token, it stays removed, and says why.
+    let (code, said) = agent_exit(&gw, "gone", TOKEN, dir.path());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("was removed") && said.contains("ember token create"),
+        "{said}"
+    );
+    assert!(gw.get_json("/api/v1/nodes").await["nodes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // A new token brings it back; that token is spent by the join.
+    let token = new_token(&gw);
+    let _back = Agent::builder(&gw.url, &token, "gone")
+        .data_dir(dir.path())
+        .start()
+        .await;
+    wait_ready(&gw, 1).await;
+    let (code, said) = agent_exit(&gw, "other", &token, tempfile::tempdir().unwrap().path());
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("join token"), "{said}");
+    assert_eq!(
+        gw.request(Method::GET, "/fn/left/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(gw.containers("left").len(), 1);
+
+    // The stale credential is refused; that agent leaves the name's containers alone.
+    let (code, said) = agent_exit(&gw, "gone", TOKEN, stale.path());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("left running"), "{said}");
+    assert_eq!(
+        gw.containers("left").len(),
+        1,
+        "the new node's container stays"
+    );
+    assert_eq!(
+        gw.request(Method::GET, "/fn/left/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

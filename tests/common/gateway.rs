@@ -192,6 +192,18 @@ impl Gateway {
         .await
     }
 
+    /// GET `path` with the gateway's own client (its CA trusted): the response, its body
+    /// left for the caller to read as it streams.
+    pub async fn stream(&self, path: &str) -> http::Response<hyper::body::Incoming> {
+        let req = http::Request::get(format!("{}{path}", self.url))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        self.http
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} failed: {e:?}"))
+    }
+
     /// GET and decode JSON (panics on error statuses).
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let r = self.request(Method::GET, path, &[], Bytes::new()).await;

@@ -335,19 +335,6 @@ pub async fn request_via(
     }
 }
 
-/// One request whose response streams (its body is read by the caller).
-pub async fn send(method: Method, url: &str) -> http::Response<hyper::body::Incoming> {
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    client()
-        .request(req)
-        .await
-        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"))
-}
-
 /// Polls `check` until it is true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where

@@ -2,7 +2,8 @@
 //! upgrade with the node credential, then serve HTTP/2 on the socket it dialed until the
 //! connection ends; dial again with exponential back-off and full jitter (100 ms up to
 //! 30 s, reset once a tunnel has stayed up 10 s). A gateway that refuses the credential
-//! ends the loop: the node was removed, and only a new join token brings it back.
+//! ends the loop: `node_removed` when the node was removed (only a new join token brings
+//! it back), `unauthorized` when another agent holds the name now.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::credential::Credential;
 use super::server::TunnelService;
+use crate::model::{ErrorBody, ErrorCode};
 use crate::node::tunnel::{NODE_HEADER, PING_INTERVAL, PING_TIMEOUT, PROTOCOL, TUNNEL_PATH};
 use crate::node::Upstream;
 use crate::tls::Trust;
@@ -42,8 +44,10 @@ pub struct Target {
 }
 
 impl Target {
-    /// The gateway at `url`, trusted as `trust` says when it is https.
-    pub fn new(url: &str, trust: &Trust) -> anyhow::Result<Target> {
+    /// The gateway at `url`, trusted as `trust` says when it is https. Plain http is
+    /// refused past the loopback unless `plain_http` allows it: the join token and the
+    /// node's credential would cross the network in the clear.
+    pub fn new(url: &str, trust: &Trust, plain_http: bool) -> anyhow::Result<Target> {
         let uri: Uri = url
             .parse()
             .map_err(|_| anyhow::anyhow!("--gateway `{url}` is not a URL like https://gw:8080"))?;
@@ -58,6 +62,11 @@ impl Target {
             Some("http") => false,
             _ => anyhow::bail!("--gateway `{url}`: expected http:// or https://"),
         };
+        if !https && !plain_http && !is_loopback(&host) {
+            anyhow::bail!(
+                "--gateway `{url}`: plain http would send the join token and this node's credential in the clear. Serve the gateway with TLS (`ember serve --tls self-signed`) and dial https:// with --ca-pin (`ember token create` prints it), or pass --allow-plain-http if the network between them is private (a VPN, WireGuard)"
+            );
+        }
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
             let config = trust.client_config(&[])?;
@@ -74,16 +83,28 @@ impl Target {
     }
 }
 
+/// Whether `host` names this machine.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Why dialing stopped for good.
 pub enum Ended {
     /// The agent is shutting down.
     Shutdown,
-    /// The gateway refused the credential, in these words.
+    /// The gateway removed the node (`node_removed`), in these words.
+    Removed(String),
+    /// The gateway refused the credential otherwise, in these words.
     Refused(String),
 }
 
 /// Why one dial failed.
 enum DialError {
+    /// The gateway removed the node.
+    Removed(String),
     /// The gateway refused the credential.
     Refused(String),
     /// Anything else: dial again later.
@@ -126,6 +147,7 @@ pub async fn run(
                     backoff = BACKOFF_FIRST;
                 }
             }
+            Ok(Err(DialError::Removed(why))) => return Ended::Removed(why),
             Ok(Err(DialError::Refused(why))) => return Ended::Refused(why),
             Ok(Err(DialError::Failed(why))) => {
                 if !failing {
@@ -211,10 +233,17 @@ async fn open(target: &Target, credential: &Credential) -> Result<Upgraded, Dial
     match response.status() {
         StatusCode::SWITCHING_PROTOCOLS => {}
         StatusCode::UNAUTHORIZED => {
-            let body = response.into_body().collect().await.map(|b| b.to_bytes());
-            let body = body.unwrap_or_default();
+            let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let why = crate::client::render_api_error(StatusCode::UNAUTHORIZED, &body);
-            return Err(DialError::Refused(why));
+            let code = serde_json::from_slice::<ErrorBody>(&body).map(|b| b.error.code);
+            return Err(match code {
+                Ok(ErrorCode::NodeRemoved) => DialError::Removed(why),
+                _ => DialError::Refused(why),
+            });
         }
         other => return Err(DialError::Failed(format!("the gateway answered {other}"))),
     }
@@ -263,16 +292,35 @@ mod tests {
 
     #[test]
     fn targets_read_their_scheme_host_and_port() {
-        let t = Target::new("http://10.0.0.1:8080", &Trust::PublicRoots).unwrap();
+        let t = Target::new("http://10.0.0.1:8080", &Trust::PublicRoots, true).unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.tls.is_none()),
             ("10.0.0.1", 8080, true)
         );
-        let t = Target::new("https://gw.example", &Trust::PublicRoots).unwrap();
+        let t = Target::new("https://gw.example", &Trust::PublicRoots, false).unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.tls.is_some()),
             ("gw.example", 443, true)
         );
-        assert!(Target::new("ftp://x", &Trust::PublicRoots).is_err());
+        assert!(Target::new("ftp://x", &Trust::PublicRoots, true).is_err());
+    }
+
+    #[test]
+    fn plain_http_is_refused_past_the_loopback_unless_allowed() {
+        let err = Target::new("http://10.0.0.1:8080", &Trust::PublicRoots, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--allow-plain-http") && err.contains("--tls self-signed"));
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:80",
+        ] {
+            assert!(
+                Target::new(local, &Trust::PublicRoots, false).is_ok(),
+                "{local}"
+            );
+        }
     }
 }

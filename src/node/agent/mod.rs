@@ -65,6 +65,10 @@ pub struct AgentConfig {
     /// Directory for the agent's own files: its credential (`node.json`, 0600).
     #[arg(long, env = "EMBER_DATA_DIR", default_value = ".ember-agent")]
     pub data_dir: PathBuf,
+    /// Dial a gateway past the loopback over plain http (only on a private network: the
+    /// join token and the node credential cross it in the clear).
+    #[arg(long, env = "EMBER_ALLOW_PLAIN_HTTP")]
+    pub allow_plain_http: bool,
 }
 
 /// Parses `k=v,k2=v2`.
@@ -90,13 +94,20 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 }
 
 /// Runs the agent until `shutdown`, or until the gateway refuses its credential.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.gateway = credential::normalize_url(&config.gateway).to_string();
     let name = node_name(&config)?;
     let trust = Trust::from_settings(config.ca_pin.as_deref(), config.ca_file.as_deref())?;
+    let target = dial::Target::new(&config.gateway, &trust, config.allow_plain_http)?;
     let (runtime, monitor, driver) = setup(&config).await?;
+    let previous = credential::previous_gateway_id(&config.data_dir);
     let credential = credential(&config, &name, &trust).await?;
-    forget_previous_gateway(&config, &name, &credential.gateway_id, &runtime).await;
+    // Kept before anything else can fail: a spent join token cannot be traded again.
     credential.save(&config.data_dir)?;
+    credential::clear_removed(&config.data_dir);
+    if let Some(previous) = previous.filter(|p| *p != credential.gateway_id) {
+        remove_containers_of(&LocalNode::new(&name, &previous, LOOPBACK, runtime.clone())).await;
+    }
     let node = Arc::new(
         LocalNode::new(&name, &credential.gateway_id, LOOPBACK, runtime)
             .with_gpus(monitor.clone(), driver)
@@ -118,7 +129,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         allowed,
         tracker.clone(),
     );
-    let target = dial::Target::new(&config.gateway, &trust)?;
     let announce = {
         let (name, gateway) = (name.clone(), config.gateway.clone());
         // One plain line on stdout for scripts and tests; the log goes to stderr.
@@ -126,21 +136,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     };
     let ended = dial::run(&target, &credential, service, &shutdown, Some(announce)).await;
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(STREAMS_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?STREAMS_GRACE, "streams still open at exit; they are cut");
+    }
     match ended {
         dial::Ended::Shutdown => Ok(()),
-        dial::Ended::Refused(why) => {
+        dial::Ended::Removed(why) => {
             remove_containers_of(&node).await;
-            credential::Credential::forget(&config.data_dir);
-            Err(Refused(why).into())
+            credential.forget_removed(&config.data_dir)?;
+            Err(Refused(format!(
+                "the gateway no longer accepts this node: {why}; its containers were removed"
+            ))
+            .into())
         }
+        dial::Ended::Refused(why) => Err(Refused(format!(
+            "the gateway does not accept this node's credential: {why}; its containers are left running, with the label ember.node={name}"
+        ))
+        .into()),
     }
 }
 
-/// The gateway refused this node's credential: it was removed (`ember nodes rm`). The
-/// agent exits with `REFUSED_EXIT_CODE`, which its service manager should not restart.
+/// How long an agent that stops waits for the streams it serves to end.
+const STREAMS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The gateway refused this node: it was removed (`ember nodes rm`), or another agent
+/// holds its name now. The agent exits with `REFUSED_EXIT_CODE`, which its service
+/// manager should not restart: only an operator can bring it back.
 #[derive(Debug, thiserror::Error)]
-#[error("the gateway no longer accepts this node ({0}); its containers were removed. Join again with a new join token: `ember token create` on the gateway, then `ember agent --token TOKEN ...`")]
+#[error("{0}")]
 pub struct Refused(String);
 
 /// The exit code of an agent the gateway refused.
@@ -209,27 +235,11 @@ async fn credential(
             config.gateway
         );
     };
+    credential::check_not_removed(&config.data_dir, token).map_err(|e| Refused(e.to_string()))?;
     let client = ApiClient::with_trust(&config.gateway, trust)?;
     let joined = credential::join(&client, &config.gateway, token, name, &config.labels).await?;
     tracing::info!(node = %name, gateway = %config.gateway, "joined the gateway");
     Ok(joined)
-}
-
-/// Removes the containers a previous gateway started here, if this node joined another:
-/// no gateway would ever reconcile them again.
-async fn forget_previous_gateway(
-    config: &AgentConfig,
-    name: &str,
-    gateway_id: &str,
-    runtime: &Arc<dyn ContainerRuntime>,
-) {
-    let Some(previous) = credential::previous_gateway_id(&config.data_dir) else {
-        return;
-    };
-    if previous != gateway_id {
-        let old = LocalNode::new(name, &previous, LOOPBACK, runtime.clone());
-        remove_containers_of(&old).await;
-    }
 }
 
 /// Removes every container `node`'s gateway left on this machine.
