@@ -91,9 +91,18 @@ impl Invoker {
             match result {
                 Ok(response) => return Ok(response),
                 Err(ForwardError::Failed(e)) => return Err(e.into()),
-                Err(ForwardError::Undelivered { error, permit }) => {
-                    tracing::warn!(function = %f.name(), node = %permit.node().name(), instance = %permit.instance(), attempt, error = %error, "instance unreachable; retiring it");
-                    self.activator.retire_unreachable(*permit);
+                Err(ForwardError::Undelivered {
+                    error,
+                    permit,
+                    instance_at_fault,
+                }) => {
+                    if instance_at_fault {
+                        tracing::warn!(function = %f.name(), node = %permit.node().name(), instance = %permit.instance(), attempt, error = %error, "instance unreachable; retiring it");
+                        self.activator.retire_unreachable(*permit);
+                    } else {
+                        tracing::warn!(function = %f.name(), node = %permit.node().name(), instance = %permit.instance(), attempt, error = %error, "the way to the instance's node failed; trying again");
+                        drop(permit);
+                    }
                     match reclaim.take() {
                         Some(unsent) if attempt < MAX_ATTEMPTS => body = Some(unsent),
                         _ => return Err(error.into()),

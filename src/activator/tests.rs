@@ -291,3 +291,57 @@ async fn one_waiting_placement_evicts_one_paused_instance_even_while_its_stop_is
     assert_eq!(a.status(&c).ready, 1);
     shutdown.cancel();
 }
+
+/// One GET through the invoke core.
+async fn invoke(a: &Activator, f: &Arc<Function>) -> Result<u16, crate::invoke::InvokeError> {
+    let invoker = crate::invoke::Invoker::new(a.clone(), crate::proxy::Proxy::default());
+    let call = crate::invoke::Call {
+        request: http::Request::get("/")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+        client: None,
+    };
+    Ok(invoker.call(f, call).await?.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_way_to_a_node_retries_without_retiring_but_a_refusing_instance_is_replaced() {
+    use std::io::ErrorKind;
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(4, 2)).await.unwrap();
+    let f = a.function("f").unwrap();
+    assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+    assert_eq!(node.starts.load(Ordering::SeqCst), 1);
+
+    // The tunnel failed twice: the request is sent again, the instance kept.
+    node.failing_connects
+        .lock()
+        .unwrap()
+        .extend([ErrorKind::NotConnected, ErrorKind::NotConnected]);
+    assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+    assert_eq!(node.starts.load(Ordering::SeqCst), 1, "no new instance");
+    assert!(node.stopped().is_empty(), "{:?}", node.stopped());
+
+    // The instance refused: it is retired and replaced, and the request still served.
+    node.failing_connects
+        .lock()
+        .unwrap()
+        .push_back(ErrorKind::ConnectionRefused);
+    assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+    assert_eq!(node.starts.load(Ordering::SeqCst), 2, "replaced");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while node.stopped().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the refusing instance is stopped");
+
+    // A way that stays broken fails after MAX_ATTEMPTS, and still retires nothing.
+    let broken = [ErrorKind::NotConnected; crate::invoke::MAX_ATTEMPTS];
+    node.failing_connects.lock().unwrap().extend(broken);
+    assert!(invoke(&a, &f).await.is_err());
+    assert_eq!(node.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(node.stopped().len(), 1);
+}

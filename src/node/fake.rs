@@ -1,8 +1,9 @@
 //! A test double of `Node`, for the activator and scheduler tests: it reports the GPUs it
 //! is given, and "starts" a container by binding a TCP listener in this process that
-//! accepts and holds connections (so readiness probes pass), once its gate lets it. Tests
-//! script what its calls do (a start that fails, a container that exits at start, a pause
-//! that fails) and read what it was asked (starts, stops).
+//! answers every request head `200 ok` (so readiness probes pass and requests are served),
+//! once its gate lets it. Tests script what its calls do (a start that fails, a container
+//! that exits at start, a pause that fails, a connect that fails) and read what it was
+//! asked (starts, stops).
 #![allow(clippy::disallowed_methods)] // test tasks end with the test
 
 use std::collections::VecDeque;
@@ -49,6 +50,9 @@ pub struct FakeNode {
     pub stopped: Mutex<Vec<String>>,
     /// Whether stops take `SLOW_STOP` (as a force-removal of a GPU container may).
     pub slow_stops: AtomicBool,
+    /// How the next connects fail, in order (`NotConnected`: the way to the node broke;
+    /// `ConnectionRefused`: the instance refused); when empty, they connect.
+    pub failing_connects: Mutex<VecDeque<std::io::ErrorKind>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -63,6 +67,7 @@ impl FakeNode {
             fail_pauses: AtomicBool::new(false),
             stopped: Mutex::default(),
             slow_stops: AtomicBool::new(false),
+            failing_connects: Mutex::default(),
             listeners: Mutex::default(),
         }
     }
@@ -86,6 +91,26 @@ impl FakeNode {
     /// The containers stopped so far.
     pub fn stopped(&self) -> Vec<String> {
         lock(&self.stopped).clone()
+    }
+}
+
+/// Answers each request head on `s` with `200 ok`, keeping the connection open.
+async fn answer_ok(mut s: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            seen.drain(..end + 4);
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -121,6 +146,10 @@ impl Node for FakeNode {
         self.gpus.clone()
     }
     async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
+        if let Some(kind) = lock(&self.failing_connects).pop_front() {
+            let source = std::io::Error::new(kind, "scripted");
+            return Err(NodeError::Connect { endpoint, source });
+        }
         connect_tcp(endpoint).await
     }
     async fn start(&self, _: &InstanceSpec) -> Result<Started, NodeError> {
@@ -150,7 +179,7 @@ impl Node for FakeNode {
         let accept = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((s, _)) = listener.accept().await {
-                held.push(s);
+                held.push(tokio::spawn(answer_ok(s)));
             }
         });
         self.listeners

@@ -146,6 +146,12 @@ impl NodeError {
         }
     }
 
+    /// Whether a connect failed on the way to the node (its tunnel), not at the instance:
+    /// the instance is not to blame.
+    pub fn is_path_failure(&self) -> bool {
+        matches!(self, NodeError::Connect { source, .. } if source.kind() == std::io::ErrorKind::NotConnected)
+    }
+
     /// Whether the failure is a missing image (a deploy problem, not a node problem).
     pub fn is_image_missing(&self) -> bool {
         matches!(self, NodeError::Runtime(RuntimeError::ImageNotFound(_)))

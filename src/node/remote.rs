@@ -33,6 +33,12 @@ use crate::gpu::{GpuDriver, GpuInfo};
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Time allowed for other agent calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest answer the gateway reads of a control call (a node's list, logs, state).
+pub const MAX_ANSWER: usize = 16 << 20;
+/// Largest answer the gateway reads of an image build (its output lines).
+pub const MAX_BUILD_ANSWER: usize = 64 << 20;
+/// Largest refusal of a CONNECT the gateway reads.
+const MAX_REFUSAL: usize = 64 << 10;
 
 struct Facts {
     gpus: Vec<GpuInfo>,
@@ -131,12 +137,14 @@ impl RemoteNode {
             .await
     }
 
+    /// One control call: its status and answer (at most `limit` bytes of it).
     async fn call_raw(
         &self,
         method: Method,
         path: &str,
         body: Body,
         timeout: Duration,
+        limit: usize,
     ) -> Result<(StatusCode, Bytes), NodeError> {
         let tunnel = self.tunnel()?;
         let req = Request::builder()
@@ -146,15 +154,23 @@ impl RemoteNode {
             .body(body)
             .map_err(|e| self.remote(e.to_string()))?;
         let answered = tokio::time::timeout(timeout, async {
-            let resp = tunnel.send(req).await?;
+            let resp = tunnel.send(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, body))
+            let body = http_body_util::Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
         });
         answered
             .await
             .map_err(|_| self.remote(format!("no answer within {timeout:?}")))?
-            .map_err(|e| self.remote(format!("the tunnel failed: {e}")))
+            .map_err(|e| {
+                self.remote(format!(
+                    "the call failed (answers stop at {limit} bytes): {e}"
+                ))
+            })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -164,7 +180,19 @@ impl RemoteNode {
         body: Body,
         timeout: Duration,
     ) -> Result<T, NodeError> {
-        let (status, body) = self.call_raw(method, path, body, timeout).await?;
+        self.call_limited(method, path, body, timeout, MAX_ANSWER)
+            .await
+    }
+
+    async fn call_limited<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<T, NodeError> {
+        let (status, body) = self.call_raw(method, path, body, timeout, limit).await?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<WireErrorBody>(&body) {
                 Ok(e) => e.into_node_error(&self.name),
@@ -210,33 +238,40 @@ impl Node for RemoteNode {
         self.facts().gpus.clone()
     }
 
+    /// A stream to `endpoint` over the tunnel. When the agent says no (the container
+    /// refuses, or is no longer there) the error is the instance's (`ConnectionRefused`);
+    /// when the tunnel itself fails, it is the path's (`NotConnected`), and the instance is
+    /// not blamed for it.
     async fn connect(&self, endpoint: SocketAddr) -> Result<Upstream, NodeError> {
-        let refused = |why: String| NodeError::Connect {
+        let failed = |kind, why: String| NodeError::Connect {
             endpoint,
-            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, why),
+            source: std::io::Error::new(kind, why),
         };
-        let tunnel = self.tunnel().map_err(|e| refused(e.to_string()))?;
+        let path = |why: String| failed(std::io::ErrorKind::NotConnected, why);
+        let tunnel = self.tunnel().map_err(|e| path(e.to_string()))?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(endpoint.to_string())
             .body(Body::empty())
-            .map_err(|e| refused(e.to_string()))?;
-        let resp = tokio::time::timeout(CONNECT_TIMEOUT, tunnel.send(req))
+            .map_err(|e| path(e.to_string()))?;
+        let resp = tokio::time::timeout(CONNECT_TIMEOUT * 2, tunnel.send(req))
             .await
-            .map_err(|_| refused("the node did not open the stream in time".into()))?
-            .map_err(|e| refused(format!("the tunnel failed: {e}")))?;
+            .map_err(|_| path("the node did not open the stream in time".into()))?
+            .map_err(|e| path(format!("the tunnel failed: {e}")))?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let text = resp.into_body().collect().await.map(|b| b.to_bytes());
-            let text = text.map(|b| String::from_utf8_lossy(&b).trim().to_string());
-            return Err(refused(format!(
-                "the node answered {status}: {}",
-                text.unwrap_or_default()
-            )));
+            let text = http_body_util::Limited::new(resp.into_body(), MAX_REFUSAL)
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string());
+            return Err(failed(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("the node answered {status}: {}", text.unwrap_or_default()),
+            ));
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
-            .map_err(|e| refused(format!("the stream did not open: {e}")))?;
+            .map_err(|e| path(format!("the stream did not open: {e}")))?;
         Ok(Box::new(TokioIo::new(upgraded)))
     }
 
@@ -320,11 +355,12 @@ impl Node for RemoteNode {
         );
         // The agent answers with the build's output lines once it is done.
         let lines: Vec<String> = self
-            .call(
+            .call_limited(
                 Method::POST,
                 &path,
                 Body::from(context_tar),
                 START_TIMEOUT * 5,
+                MAX_BUILD_ANSWER,
             )
             .await?;
         for line in lines {

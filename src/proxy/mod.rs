@@ -28,7 +28,7 @@ pub use body::{LimitedBody, Reclaim, ReclaimableBody};
 
 use crate::activator::Permit;
 use crate::model::error_chain;
-use crate::node::{Node, NodeConnector};
+use crate::node::{Node, NodeConnector, NodeError};
 
 /// Idle pooled connections to instances are closed after this.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -146,6 +146,9 @@ pub enum ForwardError {
         error: ProxyError,
         /// The permit on the unreachable instance.
         permit: Box<Permit>,
+        /// Whether the instance failed (it refused, or is gone), not the way to its node
+        /// (a tunnel that broke): only then is it to be retired.
+        instance_at_fault: bool,
     },
     /// The request failed on its way, or after it reached the instance.
     Failed(ProxyError),
@@ -213,6 +216,7 @@ impl Proxy {
                     ForwardError::Undelivered {
                         error,
                         permit: Box::new(permit),
+                        instance_at_fault: !path_failed(&e),
                     }
                 } else {
                     ForwardError::Failed(error)
@@ -225,6 +229,20 @@ impl Proxy {
         let body = Body::new(PermitBody::new(body, permit));
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// Whether a connect error is a node's path failing (see `NodeError::is_path_failure`).
+fn path_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<NodeError>()
+            .is_some_and(NodeError::is_path_failure)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
