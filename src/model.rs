@@ -199,8 +199,8 @@ pub enum ErrorCode {
     BadRegistration,
     /// The node name is the embedded node's, or a joined node holds it.
     NodeNameTaken,
-    /// The node was removed (`ember nodes rm`), or this gateway never knew it: its agent
-    /// should remove its containers and stop.
+    /// The node was removed (`ember nodes rm`), as the credential its agent presented
+    /// proves: the agent should remove its containers and stop.
     NodeRemoved,
     /// A missing or wrong credential.
     Unauthorized,

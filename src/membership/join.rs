@@ -114,7 +114,7 @@ impl Membership {
             mark: NodeMark::None,
             credential: Some(hash_secret(&credential)),
         };
-        self.store.put_node(&record).await?;
+        self.store.join_node(&record).await?;
         self.remote_or_new(&record.name, &record);
         tracing::info!(node = %record.name, "node joined");
         Ok(Joined {
@@ -137,14 +137,23 @@ impl Membership {
                 crate::node::tunnel::NODE_HEADER
             )));
         }
-        let record = self
-            .store
-            .node(name)?
-            .filter(|r| r.address == NodeAddress::Agent)
-            .ok_or_else(|| MembershipError::NodeRemoved(name.to_string()))?;
-        match (record.credential, presented) {
-            (Some(hash), Some(presented)) if matches_hash(presented, &hash) => Ok(hash),
-            _ => Err(MembershipError::BadCredential(name.to_string())),
+        let refused = || MembershipError::BadCredential(name.to_string());
+        let presented = presented.ok_or_else(refused)?;
+        let Some(record) = self.store.node(name)? else {
+            // Only the agent that held the credential is told its node was removed.
+            let removed = self.store.removed_node(name)?;
+            if removed.is_some_and(|r| matches_hash(presented, &r.credential)) {
+                return Err(MembershipError::NodeRemoved(name.to_string()));
+            }
+            return Err(refused());
+        };
+        match record.credential {
+            Some(hash)
+                if record.address == NodeAddress::Agent && matches_hash(presented, &hash) =>
+            {
+                Ok(hash)
+            }
+            _ => Err(refused()),
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::activator::Activator;
 use crate::model::NodeState;
 use crate::node::{Node, RemoteNode};
-use crate::store::{NodeAddress, NodeMark, NodeRecord, Store, StoreError};
+use crate::store::{NodeAddress, NodeMark, NodeRecord, RemovedNode, Store, StoreError};
 
 /// Membership failures.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +31,11 @@ pub enum MembershipError {
     /// Wrong, expired or missing join token.
     #[error("wrong, expired or missing join token: make one with `ember token create` and pass it to `ember agent --token`")]
     BadToken,
-    /// The gateway knows no node of that name: it was removed.
+    /// The node was removed, and the credential presented was the one it held.
     #[error("node `{0}` was removed from this gateway (`ember nodes rm`); to bring it back, join again with a new join token (`ember token create`)")]
     NodeRemoved(String),
-    /// The node credential is wrong (or the record is not an agent's).
-    #[error("node `{0}` presented a credential the gateway does not hold: another agent joined under this name since; give this one another --name, or remove that node (`ember nodes rm`) and join again")]
+    /// The node credential is wrong, or the node unknown.
+    #[error("node `{0}` is not accepted with this credential: this gateway does not know the node, or another agent joined under its name since. Join with a new join token (`ember token create`) under a free --name")]
     BadCredential(String),
     /// No such node.
     #[error("node `{0}` is not known; `ember nodes` lists the known ones")]
@@ -203,7 +203,12 @@ impl Membership {
         if record.address == NodeAddress::Embedded {
             return Err(MembershipError::NameTaken(name.to_string()));
         }
-        self.store.delete_node(name).await?;
+        let removed = record.credential.map(|credential| RemovedNode {
+            name: name.to_string(),
+            credential,
+            removed_ms: crate::store::now_ms(),
+        });
+        self.store.delete_node(name, removed.as_ref()).await?;
         self.close_session(name);
         self.remotes
             .write()

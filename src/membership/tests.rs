@@ -141,6 +141,13 @@ async fn a_join_token_is_traded_for_a_credential_that_alone_opens_the_tunnel() {
         m.check_credential("gpu2", Some(&joined.credential)),
         Err(MembershipError::NodeRemoved(_))
     ));
+    // Only the credential it held is told so; others learn nothing of the name.
+    for (name, credential) in [("gpu2", "en_guess"), ("never", "en_guess")] {
+        assert!(matches!(
+            m.check_credential(name, Some(credential)),
+            Err(MembershipError::BadCredential(_))
+        ));
+    }
     let again = m
         .join(Some(&other.token), join_request("gpu2"))
         .await

@@ -6,7 +6,8 @@
 //! - `instances.rs`: `instances` (`function/instance` → container placement), keyed by
 //!   function so a function's instances are one prefix scan.
 //! - `nodes.rs`: `nodes` (name → address, labels, an operator's mark, the hash of the
-//!   agent's credential).
+//!   agent's credential), and `removed_nodes` (name → the hash of the credential a removed
+//!   agent held, so it alone is told it was removed).
 //! - `tokens.rs`: `tokens` (hash → expiry): join tokens.
 //! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
 //! - `meta` (here): the layout's schema version and the gateway's id.
@@ -39,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
-pub use nodes::{NodeAddress, NodeMark, NodeRecord};
+pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
 pub use tokens::TokenRecord;
 pub use writer::{Change, TreeId, WriterStats};
 
@@ -110,6 +111,7 @@ impl Store {
             revisions: db.open_tree("revisions")?,
             instances: db.open_tree("instances")?,
             nodes: db.open_tree("nodes")?,
+            removed_nodes: db.open_tree("removed_nodes")?,
             tokens: db.open_tree("tokens")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,

@@ -1,5 +1,7 @@
 //! The `nodes` tree: every node the gateway knows, with where it is and what an operator
-//! set (cordon, drain), so both survive restarts.
+//! set (cordon, drain), so both survive restarts. The `removed_nodes` tree keeps the
+//! credential hash of each removed agent until its name joins again: an agent proves with
+//! its old credential that it is the one removed, and only then removes its containers.
 
 use std::collections::BTreeMap;
 
@@ -61,6 +63,17 @@ pub struct NodeRecord {
     pub credential: Option<String>,
 }
 
+/// An agent's node that was removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    /// Node name.
+    pub name: String,
+    /// The hash of the credential it held.
+    pub credential: String,
+    /// When it was removed (unix ms).
+    pub removed_ms: u64,
+}
+
 impl Store {
     /// Records a node, durably.
     pub async fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
@@ -79,9 +92,34 @@ impl Store {
         self.scan(TreeId::Nodes, Vec::new()).await
     }
 
-    /// Forgets a node, durably.
-    pub async fn delete_node(&self, name: &str) -> Result<(), StoreError> {
+    /// Records a node that joins, forgetting any removal of its name, durably.
+    pub async fn join_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        let k = node.name.as_bytes().to_vec();
+        self.write(vec![
+            Change::Remove(TreeId::RemovedNodes, k.clone()),
+            Change::Put(TreeId::Nodes, k, encode(node)),
+        ])
+        .await
+    }
+
+    /// Forgets a node, keeping the removal of an agent's, durably and at once.
+    pub async fn delete_node(
+        &self,
+        name: &str,
+        removed: Option<&RemovedNode>,
+    ) -> Result<(), StoreError> {
+        // In this order, a crash between the two leaves a state that reads safely.
         let k = name.as_bytes().to_vec();
-        self.write(vec![Change::Remove(TreeId::Nodes, k)]).await
+        let mut changes = Vec::new();
+        if let Some(r) = removed {
+            changes.push(Change::Put(TreeId::RemovedNodes, k.clone(), encode(r)));
+        }
+        changes.push(Change::Remove(TreeId::Nodes, k));
+        self.write(changes).await
+    }
+
+    /// The removal of an agent's node of that name, if it was removed.
+    pub fn removed_node(&self, name: &str) -> Result<Option<RemovedNode>, StoreError> {
+        self.get(TreeId::RemovedNodes, name.as_bytes())
     }
 }

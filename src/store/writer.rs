@@ -24,6 +24,8 @@ pub enum TreeId {
     Instances,
     /// `nodes`.
     Nodes,
+    /// `removed_nodes`.
+    RemovedNodes,
     /// `tokens`.
     Tokens,
     /// `keys`.
@@ -65,6 +67,7 @@ pub(super) struct Trees {
     pub revisions: sled::Tree,
     pub instances: sled::Tree,
     pub nodes: sled::Tree,
+    pub removed_nodes: sled::Tree,
     pub tokens: sled::Tree,
     pub keys: sled::Tree,
     pub meta: sled::Tree,
@@ -77,6 +80,7 @@ impl Trees {
             TreeId::Revisions => &self.revisions,
             TreeId::Instances => &self.instances,
             TreeId::Nodes => &self.nodes,
+            TreeId::RemovedNodes => &self.removed_nodes,
             TreeId::Tokens => &self.tokens,
             TreeId::Keys => &self.keys,
             TreeId::Meta => &self.meta,
