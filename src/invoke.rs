@@ -144,7 +144,21 @@ pub fn strip_prefix(prefix_len: usize, uri: &Uri) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // test tasks end with the test
+
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
     use super::*;
+    use crate::activator::Limits;
+    use crate::manifest::{Format, Manifest};
+    use crate::node::fake::FakeNode;
+    use crate::node::Node;
+    use crate::scheduler::{Policy, Scheduler};
+    use crate::store::Store;
 
     #[test]
     fn the_rest_of_the_path_and_the_query_pass_through() {
@@ -171,5 +185,79 @@ mod tests {
         assert_eq!(copy.method, http::Method::POST);
         assert_eq!(copy.uri, "/x?y");
         assert_eq!(copy.headers["a"], "1");
+    }
+
+    async fn activator(node: Arc<FakeNode>) -> (Activator, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let scheduler = Scheduler::new(vec![node as Arc<dyn Node>], Policy::Spread, 8);
+        let limits = Limits::default();
+        let a = Activator::new(
+            scheduler,
+            store,
+            TaskTracker::new(),
+            CancellationToken::new(),
+            limits,
+        );
+        (a, dir)
+    }
+
+    fn manifest() -> Manifest {
+        let toml = "name = \"f\"\nimage = \"x:1\"\n[scale]\nconcurrency = 4\nmax = 2";
+        Manifest::parse(toml, Format::Toml).unwrap()
+    }
+
+    /// One GET through the invoke core.
+    async fn invoke(a: &Activator, f: &Arc<Function>) -> Result<u16, InvokeError> {
+        let invoker = Invoker::new(a.clone(), Proxy::default());
+        let call = Call {
+            request: http::Request::get("/")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+            client: None,
+        };
+        Ok(invoker.call(f, call).await?.status().as_u16())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_way_to_a_node_retries_without_retiring_but_a_refusing_instance_is_replaced() {
+        use std::io::ErrorKind;
+        let node = Arc::new(FakeNode::new("fake", Vec::new()));
+        let (a, _dir) = activator(node.clone()).await;
+        a.deploy(manifest()).await.unwrap();
+        let f = a.function("f").unwrap();
+        assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+        assert_eq!(node.starts.load(Ordering::SeqCst), 1);
+
+        // The tunnel failed twice: the request is sent again, the instance kept.
+        node.failing_connects
+            .lock()
+            .unwrap()
+            .extend([ErrorKind::NotConnected, ErrorKind::NotConnected]);
+        assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+        assert_eq!(node.starts.load(Ordering::SeqCst), 1, "no new instance");
+        assert!(node.stopped().is_empty(), "{:?}", node.stopped());
+
+        // The instance refused: it is retired and replaced, and the request still served.
+        node.failing_connects
+            .lock()
+            .unwrap()
+            .push_back(ErrorKind::ConnectionRefused);
+        assert_eq!(invoke(&a, &f).await.unwrap(), 200);
+        assert_eq!(node.starts.load(Ordering::SeqCst), 2, "replaced");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while node.stopped().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the refusing instance is stopped");
+
+        // A way that stays broken fails after MAX_ATTEMPTS, and still retires nothing.
+        let broken = [ErrorKind::NotConnected; MAX_ATTEMPTS];
+        node.failing_connects.lock().unwrap().extend(broken);
+        assert!(invoke(&a, &f).await.is_err());
+        assert_eq!(node.starts.load(Ordering::SeqCst), 2);
+        assert_eq!(node.stopped().len(), 1);
     }
 }
