@@ -199,7 +199,7 @@ async fn a_killed_agent_is_lost_its_work_moves_and_its_restart_is_reconciled() {
         1,
         "the dead container is still there"
     );
-    agents[victim_idx] = Agent::builder(&gw.url, TOKEN, &victim).start().await;
+    agents[victim_idx].restart().await;
     eventually(Duration::from_secs(10), "leftover removed", || {
         let gw = gw.clone();
         let victim = victim.clone();
@@ -291,11 +291,7 @@ async fn a_node_back_with_fewer_gpus_loses_the_instances_on_the_missing_ones() {
     };
     assert_eq!(held(&gw.function("gpus").await), ["GPU-x", "GPU-y"]);
 
-    agent.kill();
-    let _agent = Agent::builder(&gw.url, TOKEN, "g1")
-        .inventory(one)
-        .start()
-        .await;
+    agent.restart_with(|b| b.inventory(one)).await;
     eventually(
         Duration::from_secs(10),
         "the instance on GPU-y dropped",

@@ -13,12 +13,15 @@ pub struct Agent {
     child: Option<Child>,
     pub name: String,
     pub url: String,
+    /// How it was started (its data dir filled in), to start it again.
+    builder: AgentBuilder,
     /// Holds the declared inventory file and, unless the caller gave one, the data dir.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// How to start an agent: whom it joins, as what, with which GPUs and data dir.
 #[must_use = "an agent starts only with `.start().await`"]
+#[derive(Clone)]
 pub struct AgentBuilder {
     gateway: String,
     token: String,
@@ -61,9 +64,23 @@ impl AgentBuilder {
     }
 
     /// Starts the process and waits until its tunnel is open (it prints the gateway URL).
-    pub async fn start(self) -> Agent {
+    pub async fn start(mut self) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = self.data_dir.unwrap_or_else(|| dir.path().join("agent"));
+        if self.data_dir.is_none() {
+            self.data_dir = Some(dir.path().join("agent"));
+        }
+        let (child, url) = spawn_ember(self.command(dir.path()), &self.name).await;
+        Agent {
+            child: Some(child),
+            name: self.name.clone(),
+            url,
+            builder: self,
+            dir,
+        }
+    }
+
+    /// The command line, with the inventory file written into `dir`.
+    fn command(&self, dir: &Path) -> Command {
         let name = &self.name;
         let mut cmd = match &self.netns {
             None => Command::new(env!("CARGO_BIN_EXE_ember")),
@@ -78,19 +95,13 @@ impl AgentBuilder {
             .args(["--labels", &format!("name={name}")])
             .args(&self.args)
             .arg("--data-dir")
-            .arg(data_dir);
+            .arg(self.data_dir.as_ref().expect("set by start"));
         if let Some(inv) = &self.inventory {
-            let file = dir.path().join("gpus.toml");
+            let file = dir.join("gpus.toml");
             std::fs::write(&file, inv).unwrap();
             cmd.arg("--gpu-inventory").arg(file);
         }
-        let (child, url) = spawn_ember(cmd, name).await;
-        Agent {
-            child: Some(child),
-            name: self.name,
-            url,
-            _dir: dir,
-        }
+        cmd
     }
 }
 
@@ -125,6 +136,21 @@ impl Agent {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         None
+    }
+
+    /// Starts the agent again on its data dir (as the same node, with its credential),
+    /// killing it first if it runs; `change` may alter how (say, its inventory).
+    pub async fn restart_with(&mut self, change: impl FnOnce(AgentBuilder) -> AgentBuilder) {
+        self.kill();
+        self.builder = change(self.builder.clone());
+        let (child, url) = spawn_ember(self.builder.command(self.dir.path()), &self.name).await;
+        self.child = Some(child);
+        self.url = url;
+    }
+
+    /// Starts the agent again on its data dir, as the same node.
+    pub async fn restart(&mut self) {
+        self.restart_with(|b| b).await;
     }
 
     /// SIGKILL, as if the machine died (its containers stay unless the test removes them).
