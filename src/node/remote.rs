@@ -137,15 +137,26 @@ impl RemoteNode {
             .await
     }
 
-    /// One control call: its status and answer (at most `limit` bytes of it).
-    async fn call_raw(
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<T, NodeError> {
+        self.call_limited(method, path, body, timeout, MAX_ANSWER)
+            .await
+    }
+
+    /// One control call, its answer read up to `limit` bytes.
+    async fn call_limited<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Body,
         timeout: Duration,
         limit: usize,
-    ) -> Result<(StatusCode, Bytes), NodeError> {
+    ) -> Result<T, NodeError> {
         let tunnel = self.tunnel()?;
         let req = Request::builder()
             .method(method)
@@ -163,36 +174,14 @@ impl RemoteNode {
                 .to_bytes();
             Ok::<_, String>((status, body))
         });
-        answered
+        let (status, body) = answered
             .await
             .map_err(|_| self.remote(format!("no answer within {timeout:?}")))?
             .map_err(|e| {
                 self.remote(format!(
                     "the call failed (answers stop at {limit} bytes): {e}"
                 ))
-            })
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Body,
-        timeout: Duration,
-    ) -> Result<T, NodeError> {
-        self.call_limited(method, path, body, timeout, MAX_ANSWER)
-            .await
-    }
-
-    async fn call_limited<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Body,
-        timeout: Duration,
-        limit: usize,
-    ) -> Result<T, NodeError> {
-        let (status, body) = self.call_raw(method, path, body, timeout, limit).await?;
+            })?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<WireErrorBody>(&body) {
                 Ok(e) => e.into_node_error(&self.name),
