@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use ember::cli::{self, ApiClient, GatewayArgs, NewScope};
+use ember::cli::{self, with_client, GatewayArgs, NewScope};
 use ember::config::ServeConfig;
 
 /// Ember: scale-to-zero functions on your own GPU machines.
@@ -118,6 +118,11 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// Set, list and remove secrets that manifests name in `env`.
+    Secret {
+        #[command(subcommand)]
+        command: cli::secrets::SecretCommand,
+    },
     /// Make, list and revoke keys for private functions and for the control API.
     Keys {
         #[command(subcommand)]
@@ -214,18 +219,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a client command with a client of the gateway that `flags` (falling back to
-/// `outer`), the environment and the saved login name; a 401 says where the token came from.
-async fn with_client(
-    flags: GatewayArgs,
-    outer: &GatewayArgs,
-    command: impl AsyncFnOnce(&ApiClient) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let target = cli::Target::resolve(&flags.or(outer), &cli::Places::here())?;
-    let client = target.client()?;
-    command(&client).await.map_err(|e| target.explain(e))
-}
-
 async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
     let outer = &outer;
     match command {
@@ -310,6 +303,7 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
             .await
         }
         Command::Keys { command } => keys(command, outer).await,
+        Command::Secret { command } => cli::secrets::run(command, outer).await,
         Command::Login { url, token } => {
             if outer.gateway.is_some() {
                 anyhow::bail!("`ember login URL` takes the gateway as its argument, not --gateway");
@@ -378,6 +372,9 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("EMBER_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // bollard logs whole request and response bodies at debug, the environment of every
+    // container created included, secrets among it: never below info, whatever is asked.
+    let filter = filter.add_directive("bollard=info".parse().expect("a static directive"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -156,6 +156,28 @@ pub struct GpuAssignment {
     pub memory: u64,
 }
 
+/// Secret values on their way to a container, by the variable they fill. They travel in
+/// the start call only; `Debug` shows the variable names, never a value, so a spec that
+/// ends up in a log line leaks nothing.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
+
+impl SecretEnv {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries(self.0.keys().map(|k| format!("{k}=<secret>")))
+            .finish()
+    }
+}
+
 /// The stable error codes of Ember's HTTP answers (gateway and agent). Clients match on
 /// these, never on messages; a code is never renamed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +230,10 @@ pub enum ErrorCode {
     KeyNameTaken,
     /// No key of that name.
     KeyNotFound,
+    /// No secret of that name.
+    SecretNotFound,
+    /// A function's manifest names the secret.
+    SecretInUse,
     /// A container exited as it started (agent to gateway).
     ExitedAtStart,
     /// A container engine failure (agent to gateway).
@@ -253,6 +279,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::Unauthorized, "unauthorized"),
     (ErrorCode::KeyNameTaken, "key_name_taken"),
     (ErrorCode::KeyNotFound, "key_not_found"),
+    (ErrorCode::SecretNotFound, "secret_not_found"),
+    (ErrorCode::SecretInUse, "secret_in_use"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),
     (ErrorCode::BadRequest, "bad_request"),

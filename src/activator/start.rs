@@ -11,7 +11,7 @@ use super::function::{FnState, Function};
 use super::instance::Instance;
 use super::{AcquireError, Activator, Revision, StartFault};
 use crate::model::Phase;
-use crate::model::{short_id, GpuAssignment};
+use crate::model::{short_id, GpuAssignment, SecretEnv};
 use crate::node::{InstanceSpec, Node, NodeError, Started};
 use crate::readiness::{self, NotReady};
 use crate::scheduler::PlacementError;
@@ -29,6 +29,9 @@ enum StartError {
     NotReady(#[from] NotReady),
     #[error("cancelled")]
     Cancelled,
+    /// A secret the manifest names is gone (or unreadable).
+    #[error("secret `{secret}` (for `env.{variable}`) is not set: set it with `ember secret set {secret}`")]
+    MissingSecret { variable: String, secret: String },
 }
 
 impl StartError {
@@ -45,6 +48,27 @@ impl StartError {
             StartError::Node(e) => e.public_message(),
             other => other.to_string(),
         }
+    }
+}
+
+impl Activator {
+    /// The values of the manifest's secret variables, read now: a secret set again since
+    /// the deploy reaches the next instance.
+    fn secret_env(&self, manifest: &crate::manifest::Manifest) -> Result<SecretEnv, StartError> {
+        let mut env = SecretEnv::default();
+        for (variable, secret) in manifest.secret_refs() {
+            let missing = || StartError::MissingSecret {
+                variable: variable.to_string(),
+                secret: secret.to_string(),
+            };
+            let record = self.store().secret(secret).map_err(|e| {
+                tracing::error!(%secret, error = %e, "cannot read a secret");
+                missing()
+            })?;
+            env.0
+                .insert(variable.to_string(), record.ok_or_else(missing)?.value);
+        }
+        Ok(env)
     }
 }
 
@@ -145,6 +169,7 @@ impl Activator {
             instance: start.id.clone(),
             manifest: start.revision.manifest.clone(),
             gpus: start.gpus.clone(),
+            secrets: self.secret_env(&start.revision.manifest)?,
         };
         let started = match start.node.start(&spec).await {
             Ok(s) => s,

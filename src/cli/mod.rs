@@ -1,4 +1,5 @@
-//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`, `nodes`, `keys`, `login`.
+//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`, `nodes`, `keys`, `secret`,
+//! `login`.
 //! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
 //! (login.rs); errors the gateway returns are printed as it wrote them, with the field
 //! each one is about.
@@ -8,6 +9,7 @@ mod functions;
 pub mod keys;
 mod login;
 mod nodes;
+pub mod secrets;
 
 use clap::Args;
 
@@ -17,6 +19,18 @@ pub use functions::{invoke, ls, rm};
 pub use keys::NewScope;
 pub use login::{is_loopback, login, login_file, Login, Places, Target, TokenSource};
 pub use nodes::{create_token, gpus, local_gpus, node_action, nodes, remove_node};
+
+/// Runs a client command with a client of the gateway that `flags` (falling back to
+/// `outer`), the environment and the saved login name; a 401 says where the token came from.
+pub async fn with_client(
+    flags: GatewayArgs,
+    outer: &GatewayArgs,
+    command: impl AsyncFnOnce(&ApiClient) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let target = Target::resolve(&flags.or(outer), &Places::here())?;
+    let client = target.client()?;
+    command(&client).await.map_err(|e| target.explain(e))
+}
 
 /// Default gateway URL of the CLI.
 pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";

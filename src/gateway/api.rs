@@ -54,6 +54,19 @@ pub async fn put_function(
                 .into(),
         ));
     };
+    let _secrets_stay = state.secrets_lock.lock().await;
+    let missing = super::secrets::missing_secrets(&state, &manifest)?;
+    if !missing.is_empty() {
+        return Err(ApiError::BadRequest {
+            code: ErrorCode::InvalidManifest,
+            message: missing
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            details: missing,
+        });
+    }
     let mut warnings = Vec::new();
     for node in state.activator().scheduler().live_nodes() {
         if let Ok(false) = node.image_exists(&image).await {

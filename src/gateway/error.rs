@@ -65,6 +65,17 @@ pub enum ApiError {
     /// No key of that name.
     #[error("no key named `{0}`; `ember keys ls` lists the keys")]
     KeyNotFound(String),
+    /// No secret of that name.
+    #[error("no secret named `{0}`; `ember secret ls` lists the secrets")]
+    SecretNotFound(String),
+    /// Functions name the secret.
+    #[error("secret `{name}` is used by {}; deploy them without it (or remove them) first", .used_by.join(", "))]
+    SecretInUse {
+        /// The secret.
+        name: String,
+        /// The functions whose manifest names it.
+        used_by: Vec<String>,
+    },
     /// The state store failed outside the activator (keys, credentials).
     #[error("the state store failed")]
     Store(#[from] StoreError),
@@ -131,6 +142,8 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized, None),
         ApiError::KeyNameTaken(_) => (S::CONFLICT, C::KeyNameTaken, None),
         ApiError::KeyNotFound(_) => (S::NOT_FOUND, C::KeyNotFound, None),
+        ApiError::SecretNotFound(_) => (S::NOT_FOUND, C::SecretNotFound, None),
+        ApiError::SecretInUse { .. } => (S::CONFLICT, C::SecretInUse, None),
         ApiError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
     }
 }

@@ -3,8 +3,9 @@
 //! `run` opens the store, connects the embedded node to Docker, restores state (adopting
 //! running containers), starts the reaper, and serves HTTP until the shutdown token is
 //! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
-//! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/healthz`. Who may call which
-//! route is decided in auth.rs; errors become responses in error.rs.
+//! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
+//! (secrets.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
+//! become responses in error.rs.
 
 mod api;
 pub mod auth;
@@ -14,6 +15,7 @@ mod invoke;
 mod keys;
 mod listener;
 mod nodes;
+mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,8 @@ pub struct AppState {
     auth: auth::Auth,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Orders secret changes against deploys that check them.
+    secrets_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -96,6 +100,13 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(keys::MAX_KEY_REQUEST_BYTES)),
         )
         .route("/api/v1/keys/{name}", delete(keys::revoke_key))
+        .route("/api/v1/secrets", get(secrets::list_secrets))
+        .route(
+            "/api/v1/secrets/{name}",
+            put(secrets::set_secret)
+                .delete(secrets::remove_secret)
+                .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,
@@ -155,6 +166,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         auth,
         tracker,
         shutdown,
+        secrets_lock: Arc::default(),
     };
     let limits = ConnectionLimits {
         header_timeout: config.header_timeout,

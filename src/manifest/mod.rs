@@ -8,7 +8,9 @@
 //! # Layout
 //! One file per section, each with its types, defaults, limits and `validate`:
 //! - `mod.rs`: [`Manifest`] and its top-level fields (name, image/build/dockerfile, port,
-//!   command, env), parsing, the revision id, errors and shared checks.
+//!   command), parsing, the revision id, errors and shared checks.
+//! - `env.rs`: `env`, [`EnvValue`] (a string, or a secret's name).
+//! - `volumes.rs`: `[[volumes]]`, [`Volume`] (node volumes and Docker named volumes).
 //! - `readiness.rs`: `[readiness]`, [`Readiness`].
 //! - `resources.rs`: `[resources]`, [`Resources`].
 //! - `scale.rs`: `[scale]`, [`Scale`], [`OnIdle`], [`KeepAliveKind`].
@@ -36,19 +38,23 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod access;
+mod env;
 mod gpu;
 mod readiness;
 mod request;
 mod resources;
 mod scale;
+mod volumes;
 
 pub use crate::model::FieldError;
 pub use access::Access;
+pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
 pub use resources::{Resources, MIN_MEMORY};
 pub use scale::{KeepAliveKind, OnIdle, Scale, MAX_CONCURRENCY, MAX_SCALE};
+pub use volumes::{check_volume_name, Volume, VolumeSource, MAX_VOLUMES};
 
 /// Longest function name: a DNS label.
 pub const MAX_NAME_LEN: usize = 63;
@@ -81,9 +87,9 @@ pub struct Manifest {
     /// Command (entrypoint arguments) overriding the image's; absent keeps the image's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-    /// Extra environment variables.
+    /// Extra environment variables: plain values, or secrets by name.
     #[serde(default, skip_serializing_if = "is_default")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     /// How Ember decides a new instance is ready.
     #[serde(default)]
     pub readiness: Readiness,
@@ -105,6 +111,9 @@ pub struct Manifest {
     /// Who may invoke the function; absent: anyone (public).
     #[serde(default, skip_serializing_if = "is_default")]
     pub access: Access,
+    /// Directories of the node mounted into each instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
 }
 
 fn default_port() -> u16 {
@@ -180,6 +189,8 @@ impl Manifest {
         };
         self.validate_source(&mut bad);
         self.validate_process(&mut bad);
+        env::validate(&self.env, &mut bad);
+        volumes::validate(&self.volumes, &mut bad);
         self.readiness.validate(&mut bad);
         self.resources.validate(&mut bad);
         self.scale.validate(&mut bad);
@@ -226,7 +237,7 @@ impl Manifest {
         }
     }
 
-    /// What the container's process gets: `port`, `command`, `env`.
+    /// What the container's process gets: `port`, `command`.
     fn validate_process(&self, bad: &mut impl FnMut(&str, String)) {
         if self.port == 0 {
             bad("port", "must be between 1 and 65535".into());
@@ -239,19 +250,13 @@ impl Manifest {
                 );
             }
         }
-        for key in self.env.keys() {
-            if !valid_env_name(key) {
-                bad(
-                    &format!("env.{key}"),
-                    "variable names are letters, digits and `_`, not starting with a digit".into(),
-                );
-            } else if key == "PORT" {
-                bad(
-                    "env.PORT",
-                    "is set by Ember from `port`; set `port` instead".into(),
-                );
-            }
-        }
+    }
+
+    /// The secrets the manifest names, each with the variable it fills.
+    pub fn secret_refs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.env
+            .iter()
+            .filter_map(|(k, v)| v.secret().map(|s| (k.as_str(), s)))
     }
 
     /// The revision id: a short hash of the manifest's canonical JSON form, so the same
@@ -319,12 +324,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn valid_env_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn valid_image_ref(image: &str) -> bool {

@@ -1,8 +1,8 @@
 //! The embedded node: runs instances on a container runtime in the gateway's process.
 //!
-//! It turns an `InstanceSpec` into a hardened `ContainerSpec` (labels, limits, `PORT`,
-//! the port published on the node's address, GPU devices) and maps runtime answers to
-//! node terms.
+//! It turns an `InstanceSpec` into a hardened `ContainerSpec` (spec.rs: labels, limits,
+//! `PORT`, secrets, mounts, the port published on the node's address, GPU devices) and
+//! maps runtime answers to node terms.
 //!
 //! Departure from DESIGN.md: the port is still published, but the embedded node of a
 //! Linux gateway reaches its containers at their bridge address (`Endpoints::Direct`):
@@ -10,7 +10,6 @@
 //! throughput in the benchmark. Agents, reached from another machine, use the published
 //! port on their advertised address.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -18,19 +17,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::volumes::NodeVolumes;
 use super::{
     connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
 };
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, DeviceDriver, GpuRequest, RuntimeError, LABEL_FUNCTION,
-    LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT,
-    LABEL_REVISION,
+    ContainerRuntime, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE,
+    LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
-
-/// Process limit per container: generous for thread-per-connection servers, still a cap
-/// on fork bombs.
-pub const PIDS_LIMIT: i64 = 4096;
 
 /// A node backed by a container runtime in this process.
 pub struct LocalNode {
@@ -41,6 +36,7 @@ pub struct LocalNode {
     gpus: GpuMonitor,
     gpu_driver: GpuDriver,
     endpoints: Endpoints,
+    volumes: NodeVolumes,
 }
 
 /// How the gateway reaches a local node's containers.
@@ -84,7 +80,39 @@ impl LocalNode {
             gpus: GpuMonitor::new(None),
             gpu_driver: GpuDriver::Simulated,
             endpoints: Endpoints::Published,
+            volumes: NodeVolumes::default(),
         }
+    }
+
+    /// The node's name.
+    pub fn node_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The id of the gateway its containers belong to.
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Where container ports are published.
+    pub fn host_ip(&self) -> IpAddr {
+        self.host_ip
+    }
+
+    /// How containers get GPUs here.
+    pub fn gpu_driver_kind(&self) -> GpuDriver {
+        self.gpu_driver
+    }
+
+    /// The node's volumes.
+    pub fn volumes(&self) -> &NodeVolumes {
+        &self.volumes
+    }
+
+    /// Lends instances the node's volumes.
+    pub fn with_volumes(mut self, volumes: NodeVolumes) -> LocalNode {
+        self.volumes = volumes;
+        self
     }
 
     /// Reaches containers as `endpoints` says.
@@ -111,65 +139,6 @@ impl LocalNode {
         self.gpu_driver = driver;
         self
     }
-
-    /// The container spec for an instance.
-    pub fn container_spec(&self, spec: &InstanceSpec) -> ContainerSpec {
-        let m = &spec.manifest;
-        let mut labels = HashMap::from([
-            (LABEL_MANAGED.to_string(), "true".to_string()),
-            (LABEL_GATEWAY.to_string(), self.gateway_id.clone()),
-            (LABEL_NODE.to_string(), self.name.clone()),
-            (LABEL_FUNCTION.to_string(), spec.function.clone()),
-            (LABEL_REVISION.to_string(), spec.revision.clone()),
-            (LABEL_INSTANCE.to_string(), spec.instance.clone()),
-            (LABEL_PORT.to_string(), m.port.to_string()),
-        ]);
-        let mut env: Vec<(String, String)> =
-            m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut gpus = None;
-        if !spec.gpus.is_empty() {
-            let ids: Vec<String> = spec.gpus.iter().map(|g| g.device_id.clone()).collect();
-            labels.insert(
-                LABEL_GPUS.to_string(),
-                serde_json::to_string(&spec.gpus).expect("assignments serialize"),
-            );
-            // The same in every mode, so code in the container sees what it was given.
-            env.push(("NVIDIA_VISIBLE_DEVICES".into(), ids.join(",")));
-            env.push(("EMBER_GPU_UUIDS".into(), ids.join(",")));
-            gpus = gpu_request(self.gpu_driver, &ids);
-        }
-        ContainerSpec {
-            name: format!("ember-{}-{}", spec.function, spec.instance),
-            image: m.image.clone().unwrap_or_default(),
-            command: m.command.clone(),
-            env,
-            labels,
-            port: m.port,
-            host_ip: self.host_ip,
-            cpus: m.resources.cpus,
-            memory_bytes: m.resources.memory.as_u64(),
-            pids_limit: PIDS_LIMIT,
-            gpus,
-        }
-    }
-}
-
-/// The device request for `ids` under `driver`; none in simulation.
-pub fn gpu_request(driver: GpuDriver, ids: &[String]) -> Option<GpuRequest> {
-    match driver {
-        GpuDriver::Simulated => None,
-        GpuDriver::Nvidia => Some(GpuRequest {
-            driver: DeviceDriver::Nvidia,
-            device_ids: ids.to_vec(),
-        }),
-        GpuDriver::Cdi => Some(GpuRequest {
-            driver: DeviceDriver::Cdi,
-            device_ids: ids
-                .iter()
-                .map(|id| format!("nvidia.com/gpu={id}"))
-                .collect(),
-        }),
-    }
 }
 
 #[async_trait]
@@ -195,7 +164,8 @@ impl Node for LocalNode {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
-        let container = self.runtime.run(&self.container_spec(spec)).await?;
+        let container_spec = self.container_spec(spec).await?;
+        let container = self.runtime.run(&container_spec).await?;
         let endpoint = self.endpoint(spec.manifest.port, container.host_port, container.ip);
         let Some(endpoint) = endpoint.filter(|_| container.running) else {
             if !container.running {
@@ -300,75 +270,26 @@ impl Node for LocalNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Format, Manifest};
-    use crate::model::GpuAssignment;
-    use crate::model::Sharing;
     use crate::runtime::fake::FakeRuntime;
 
-    fn spec_with(gpus: Vec<GpuAssignment>) -> InstanceSpec {
-        InstanceSpec {
-            function: "f".into(),
-            revision: "r".into(),
-            instance: "i".into(),
-            manifest: Arc::new(
-                Manifest::parse("name = \"f\"\nimage = \"e:1\"", Format::Toml).unwrap(),
-            ),
-            gpus,
-        }
-    }
-
-    fn node(driver: GpuDriver) -> LocalNode {
+    fn node() -> LocalNode {
         LocalNode::new(
             "n",
             "gw",
             "127.0.0.1".parse().unwrap(),
             Arc::new(FakeRuntime::default()),
         )
-        .with_gpus(GpuMonitor::new(None), driver)
-    }
-
-    fn mig() -> GpuAssignment {
-        GpuAssignment {
-            gpu_uuid: "GPU-p".into(),
-            device_id: "MIG-1".into(),
-            sharing: Sharing::Mig,
-            memory: 40 << 30,
-        }
-    }
-
-    #[test]
-    fn simulation_sets_the_env_and_sends_no_device_request() {
-        let spec = node(GpuDriver::Simulated).container_spec(&spec_with(vec![mig()]));
-        assert!(spec.gpus.is_none());
-        assert!(spec
-            .env
-            .contains(&("NVIDIA_VISIBLE_DEVICES".into(), "MIG-1".into())));
-        assert!(spec
-            .env
-            .contains(&("EMBER_GPU_UUIDS".into(), "MIG-1".into())));
-        let label: Vec<GpuAssignment> = serde_json::from_str(&spec.labels[LABEL_GPUS]).unwrap();
-        assert_eq!(label, vec![mig()]);
-    }
-
-    #[test]
-    fn nvidia_and_cdi_nodes_request_the_devices() {
-        let nv = node(GpuDriver::Nvidia).container_spec(&spec_with(vec![mig()]));
-        assert_eq!(nv.gpus.unwrap().device_ids, ["MIG-1"]);
-        let cdi = node(GpuDriver::Cdi).container_spec(&spec_with(vec![mig()]));
-        let cdi = cdi.gpus.unwrap();
-        assert_eq!(cdi.driver, DeviceDriver::Cdi);
-        assert_eq!(cdi.device_ids, ["nvidia.com/gpu=MIG-1"]);
     }
 
     #[test]
     fn direct_endpoints_use_the_container_address_and_published_ones_the_host_port() {
         let ip: IpAddr = "172.17.0.5".parse().unwrap();
-        let published = node(GpuDriver::Simulated);
+        let published = node();
         assert_eq!(
             published.endpoint(8080, Some(32768), Some(ip)),
             Some("127.0.0.1:32768".parse().unwrap())
         );
-        let direct = node(GpuDriver::Simulated).with_endpoints(Endpoints::Direct);
+        let direct = node().with_endpoints(Endpoints::Direct);
         assert_eq!(
             direct.endpoint(8080, Some(32768), Some(ip)),
             Some("172.17.0.5:8080".parse().unwrap())
@@ -379,13 +300,5 @@ mod tests {
             "no bridge address (host network): the published port"
         );
         assert_eq!(published.endpoint(8080, None, None), None);
-    }
-
-    #[test]
-    fn instances_without_gpus_get_no_gpu_env() {
-        let spec = node(GpuDriver::Nvidia).container_spec(&spec_with(vec![]));
-        assert!(spec.gpus.is_none());
-        assert!(!spec.env.iter().any(|(k, _)| k == "NVIDIA_VISIBLE_DEVICES"));
-        assert!(!spec.labels.contains_key(LABEL_GPUS));
     }
 }

@@ -13,8 +13,10 @@ pub mod agent;
 pub mod fake;
 pub mod local;
 pub mod remote;
+mod spec;
 mod transport;
 pub mod tunnel;
+pub mod volumes;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -27,7 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
-use crate::model::GpuAssignment;
+use crate::model::{GpuAssignment, SecretEnv};
 use crate::runtime::RuntimeError;
 
 pub use local::LocalNode;
@@ -47,6 +49,10 @@ pub struct InstanceSpec {
     pub manifest: Arc<Manifest>,
     /// GPUs (or MIG instances) placed for it.
     pub gpus: Vec<GpuAssignment>,
+    /// The values of the manifest's secret variables, filled in by the gateway for this
+    /// call only.
+    #[serde(default, skip_serializing_if = "SecretEnv::is_empty")]
+    pub secrets: SecretEnv,
 }
 
 /// A started instance.
@@ -120,6 +126,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// A volume could not be mounted or written.
+    #[error(transparent)]
+    Volume(#[from] volumes::VolumeError),
     /// The container stopped before it could be reached (it is left for its logs).
     #[error("container exited as it started")]
     ExitedAtStart {
@@ -143,6 +152,10 @@ impl NodeError {
             }
             NodeError::Connect { .. } => "the instance could not be reached".into(),
             NodeError::ExitedAtStart { .. } => self.to_string(),
+            NodeError::Volume(volumes::VolumeError::Io { volume, .. }) => {
+                format!("node volume `{volume}` failed; the node's log has the details")
+            }
+            NodeError::Volume(e) => e.to_string(),
         }
     }
 

@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, DeviceRequest, HostConfig, PortBinding,
+    ContainerCreateBody, ContainerInspectResponse, DeviceRequest, HostConfig, MountType,
+    PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -22,7 +23,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, RuntimeError};
+use super::{
+    ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, MountSource, RuntimeError,
+};
 
 /// Docker through bollard.
 pub struct DockerRuntime {
@@ -77,6 +80,18 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         nano_cpus: Some((spec.cpus * 1e9) as i64),
         memory: Some(spec.memory_bytes as i64),
         pids_limit: Some(spec.pids_limit),
+        shm_size: Some(spec.shm_bytes as i64),
+        ulimits: (!spec.ulimits.is_empty()).then(|| {
+            spec.ulimits
+                .iter()
+                .map(|(name, soft, hard)| ResourcesUlimits {
+                    name: Some(name.clone()),
+                    soft: Some(*soft),
+                    hard: Some(*hard),
+                })
+                .collect()
+        }),
+        mounts: (!spec.mounts.is_empty()).then(|| spec.mounts.iter().map(mount).collect()),
         privileged: Some(false),
         security_opt: Some(vec!["no-new-privileges".into()]),
         cap_drop: Some(vec!["ALL".into()]),
@@ -98,6 +113,20 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         labels: Some(spec.labels.clone()),
         exposed_ports: Some(vec![port_key]),
         host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+fn mount(m: &super::Mount) -> bollard::models::Mount {
+    let (typ, source) = match &m.source {
+        MountSource::Directory(path) => (MountType::BIND, path.display().to_string()),
+        MountSource::Volume(name) => (MountType::VOLUME, name.clone()),
+    };
+    bollard::models::Mount {
+        target: Some(m.target.clone()),
+        source: Some(source),
+        typ: Some(typ),
+        read_only: Some(m.read_only),
         ..Default::default()
     }
 }
@@ -341,6 +370,9 @@ mod tests {
             cpus: 0.5,
             memory_bytes: 64 << 20,
             pids_limit: 512,
+            shm_bytes: 64 << 20,
+            ulimits: Vec::new(),
+            mounts: Vec::new(),
             gpus: None,
         }
     }
@@ -370,8 +402,43 @@ mod tests {
         assert_eq!(host.security_opt, Some(vec!["no-new-privileges".into()]));
         assert_eq!(host.cap_drop, Some(vec!["ALL".into()]));
         assert!(
-            host.binds.is_none(),
+            host.binds.is_none() && host.mounts.is_none(),
             "nothing, the Docker socket least, is mounted"
+        );
+        assert_eq!(host.shm_size, Some(64 << 20));
+        assert!(host.ulimits.is_none());
+    }
+
+    #[test]
+    fn container_config_mounts_volumes_and_sets_shm_and_ulimits() {
+        let mut s = spec();
+        s.shm_bytes = 8 << 30;
+        s.ulimits = vec![("memlock".into(), -1, -1)];
+        s.mounts = vec![
+            crate::runtime::Mount {
+                source: MountSource::Directory("/srv/models".into()),
+                target: "/models".into(),
+                read_only: true,
+            },
+            crate::runtime::Mount {
+                source: MountSource::Volume("hf-cache".into()),
+                target: "/cache".into(),
+                read_only: false,
+            },
+        ];
+        let json = serde_json::to_value(create_body(&s)).unwrap();
+        let host = &json["HostConfig"];
+        assert_eq!(host["ShmSize"], 8i64 << 30);
+        assert_eq!(
+            host["Ulimits"],
+            serde_json::json!([{"Name": "memlock", "Soft": -1, "Hard": -1}])
+        );
+        assert_eq!(
+            host["Mounts"],
+            serde_json::json!([
+                {"Target": "/models", "Source": "/srv/models", "Type": "bind", "ReadOnly": true},
+                {"Target": "/cache", "Source": "hf-cache", "Type": "volume", "ReadOnly": false}
+            ])
         );
     }
 }

@@ -34,8 +34,9 @@ pub const LABEL_PORT: &str = "ember.port";
 /// Label holding the instance's GPU assignments (JSON), so a restart can re-reserve them.
 pub const LABEL_GPUS: &str = "ember.gpus";
 
-/// Everything needed to create and start one container.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything needed to create and start one container. `Debug` shows the environment's
+/// names only: values may be secrets.
+#[derive(Clone, PartialEq)]
 pub struct ContainerSpec {
     /// Container name.
     pub name: String,
@@ -57,8 +58,56 @@ pub struct ContainerSpec {
     pub memory_bytes: u64,
     /// Process limit.
     pub pids_limit: i64,
+    /// Size of `/dev/shm` in bytes.
+    pub shm_bytes: u64,
+    /// Ulimits: name, soft, hard (-1: unlimited).
+    pub ulimits: Vec<(String, i64, i64)>,
+    /// What is mounted.
+    pub mounts: Vec<Mount>,
     /// GPUs to hand to the container through the engine, if any.
     pub gpus: Option<GpuRequest>,
+}
+
+impl std::fmt::Debug for ContainerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("ContainerSpec")
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("command", &self.command)
+            .field("env (names)", &env)
+            .field("labels", &self.labels)
+            .field("port", &self.port)
+            .field("host_ip", &self.host_ip)
+            .field("cpus", &self.cpus)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("pids_limit", &self.pids_limit)
+            .field("shm_bytes", &self.shm_bytes)
+            .field("ulimits", &self.ulimits)
+            .field("mounts", &self.mounts)
+            .field("gpus", &self.gpus)
+            .finish()
+    }
+}
+
+/// One mount of a container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    /// What is mounted.
+    pub source: MountSource,
+    /// Where, inside the container.
+    pub target: String,
+    /// Whether the container may only read it.
+    pub read_only: bool,
+}
+
+/// What a mount brings in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MountSource {
+    /// A directory of the host (a node volume), which exists.
+    Directory(std::path::PathBuf),
+    /// A Docker named volume (made by Docker when missing).
+    Volume(String),
 }
 
 /// The engine driver a device request names.

@@ -10,6 +10,7 @@
 //!   agent held, so it alone is told it was removed).
 //! - `tokens.rs`: `tokens` (hash → expiry): join tokens.
 //! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
+//! - `secrets.rs`: `secrets` (name → value): what manifests name in `env`.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -26,6 +27,7 @@ mod instances;
 mod keys;
 mod migrate;
 mod nodes;
+mod secrets;
 mod tokens;
 mod writer;
 
@@ -41,6 +43,7 @@ pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
+pub use secrets::SecretRecord;
 pub use tokens::TokenRecord;
 pub use writer::{Change, TreeId, WriterStats};
 
@@ -105,7 +108,9 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store under `dir`, upgrading an older layout.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir.join("state")).open()?;
+        let state = dir.join("state");
+        private_dir(&state).map_err(|e| StoreError::Sled(e.into()))?;
+        let db = sled::Config::new().path(state).open()?;
         let trees = Trees {
             functions: db.open_tree("functions")?,
             revisions: db.open_tree("revisions")?,
@@ -114,6 +119,7 @@ impl Store {
             removed_nodes: db.open_tree("removed_nodes")?,
             tokens: db.open_tree("tokens")?,
             keys: db.open_tree("keys")?,
+            secrets: db.open_tree("secrets")?,
             meta: db.open_tree("meta")?,
             db,
         };
@@ -232,6 +238,17 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     }
     let envelope: Envelope<T> = serde_json::from_slice(bytes).map_err(corrupt)?;
     Ok(envelope.data)
+}
+
+/// Creates `dir` if missing and makes it readable by its owner only: it holds secrets.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, for records.

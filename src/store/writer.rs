@@ -30,6 +30,8 @@ pub enum TreeId {
     Tokens,
     /// `keys`.
     Keys,
+    /// `secrets`.
+    Secrets,
     /// `meta`.
     Meta,
 }
@@ -70,6 +72,7 @@ pub(super) struct Trees {
     pub removed_nodes: sled::Tree,
     pub tokens: sled::Tree,
     pub keys: sled::Tree,
+    pub secrets: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -83,6 +86,7 @@ impl Trees {
             TreeId::RemovedNodes => &self.removed_nodes,
             TreeId::Tokens => &self.tokens,
             TreeId::Keys => &self.keys,
+            TreeId::Secrets => &self.secrets,
             TreeId::Meta => &self.meta,
         }
     }

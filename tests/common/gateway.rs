@@ -14,7 +14,7 @@ use http::Method;
 
 use super::{
     cli_command, client, client_trusting, docker_ps, remove_containers, repo, request_via,
-    spawn_ember, HttpClient, Response,
+    spawn_ember_logged, HttpClient, Response,
 };
 
 /// A running gateway process.
@@ -40,6 +40,7 @@ pub struct GatewayBuilder {
     data_dir: Option<PathBuf>,
     cwd: Option<PathBuf>,
     netns: Option<String>,
+    log: Option<(PathBuf, String)>,
 }
 
 impl GatewayBuilder {
@@ -66,6 +67,12 @@ impl GatewayBuilder {
     /// README would; the caller keeps `dir` and removes the containers.
     pub fn in_dir(mut self, dir: &Path) -> Self {
         self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Writes the gateway's log, at `level` (an `EMBER_LOG` filter), to `file`.
+    pub fn log_to(mut self, file: &Path, level: &str) -> Self {
+        self.log = Some((file.to_path_buf(), level.to_string()));
         self
     }
 
@@ -106,7 +113,11 @@ impl GatewayBuilder {
             }
         };
         cmd.args(&self.args);
-        let (child, url) = spawn_ember(cmd, "gateway").await;
+        let log = self
+            .log
+            .as_ref()
+            .map(|(f, level)| (f.as_path(), level.as_str()));
+        let (child, url) = spawn_ember_logged(cmd, "gateway", log).await;
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("the gateway writes its admin token before it listens");
         let http = if url.starts_with("https://") {
@@ -242,6 +253,24 @@ impl Gateway {
 
     /// Runs the CLI against this gateway, with its admin token.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command(args).output().unwrap()
+    }
+
+    /// Runs the CLI as `cli` does, with `input` on its stdin.
+    pub fn cli_input(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .cli_command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn cli_command(&self, args: &[&str]) -> Command {
         let mut cmd = cli_command(&self.data_dir.join("cli-config"));
         cmd.args(args)
             .env("EMBER_GATEWAY", &self.url)
@@ -250,7 +279,7 @@ impl Gateway {
         if self.url.starts_with("https://") {
             cmd.env("EMBER_CA_FILE", self.ca_file());
         }
-        cmd.output().unwrap()
+        cmd
     }
 
     /// The CA certificate of a gateway started with `--tls self-signed`.

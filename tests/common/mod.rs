@@ -134,14 +134,28 @@ pub fn echo_manifest(name: &str, top: &str, sections: &str) -> String {
 
 /// Starts `ember serve` or `ember agent` (logging at `EMBER_TEST_LOG`, `error` by
 /// default) and returns it with the URL it prints as the last word of its first stdout line.
-pub async fn spawn_ember(mut cmd: Command, what: &str) -> (Child, String) {
+pub async fn spawn_ember(cmd: Command, what: &str) -> (Child, String) {
+    spawn_ember_logged(cmd, what, None).await
+}
+
+/// `spawn_ember`, its log at `level` written to `file` when `log` is given.
+pub async fn spawn_ember_logged(
+    mut cmd: Command,
+    what: &str,
+    log: Option<(&std::path::Path, &str)>,
+) -> (Child, String) {
+    match log {
+        Some((file, level)) => {
+            let file = std::fs::File::create(file).unwrap();
+            cmd.env("EMBER_LOG", level).stderr(file);
+        }
+        None => {
+            let level = std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into());
+            cmd.env("EMBER_LOG", level).stderr(Stdio::inherit());
+        }
+    }
     let mut child = cmd
-        .env(
-            "EMBER_LOG",
-            std::env::var("EMBER_TEST_LOG").unwrap_or_else(|_| "error".into()),
-        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
     let stdout = child.stdout.take().unwrap();
