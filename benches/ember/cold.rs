@@ -100,7 +100,10 @@ fn spec(manifest: &Manifest, i: usize) -> ContainerSpec {
         host_ip: "127.0.0.1".parse().unwrap(),
         cpus: manifest.resources.cpus,
         memory_bytes: manifest.resources.memory.as_u64(),
-        pids_limit: 4096,
+        pids_limit: manifest.resources.pids(),
+        shm_bytes: manifest.resources.shm().as_u64(),
+        ulimits: Vec::new(),
+        mounts: Vec::new(),
         gpus: None,
     }
 }
