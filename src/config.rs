@@ -44,6 +44,11 @@ pub struct ServeConfig {
     /// Default: simulated with --gpu-inventory, nvidia otherwise.
     #[arg(long, env = "EMBER_GPU_DRIVER", value_enum)]
     pub gpu_driver: Option<GpuDriver>,
+    /// Directories the embedded node lends to functions by name, `NAME=PATH` (repeatable,
+    /// or comma-separated in the variable); `[[volumes]] source = "NAME"` mounts one. The
+    /// node also has the directories under DATA_DIR/volumes.
+    #[arg(long = "volume", env = "EMBER_VOLUMES", value_delimiter = ',', value_parser = crate::node::volumes::parse_exposed)]
+    pub volumes: Vec<(String, PathBuf)>,
     /// Most instances sharing one GPU (sharing = "shared").
     #[arg(long, env = "EMBER_GPU_MAX_SHARERS", default_value_t = DEFAULT_MAX_SHARERS)]
     pub gpu_max_sharers: u32,

@@ -20,9 +20,10 @@ use super::instance::Instance;
 use super::{Activator, Function, Permit};
 use crate::autoscaler::{self, InstanceView, RetirePolicy, REAP_INTERVAL};
 use crate::keepalive;
-use crate::manifest::{GpuSpec, OnIdle};
+use crate::manifest::OnIdle;
 use crate::model::Phase;
 use crate::node::Node;
+use crate::scheduler::Needs;
 
 /// How often containers are checked to still run.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -74,7 +75,7 @@ impl Activator {
                 let mut st = f.lock();
                 let victims = self.reap_function(&f, &mut st, now);
                 if st.unschedulable.is_some() && !st.queue.is_empty() {
-                    waiting_for_room.push(st.revision.manifest.gpu.clone());
+                    waiting_for_room.push(Needs::of(&st.revision.manifest));
                 }
                 victims
             };
@@ -302,7 +303,7 @@ impl Activator {
     /// Removes the least recently used paused instance, of any function, whose room would
     /// let one of the `waiting` placements fit. One eviction at a time: while one is being
     /// removed (its room not free yet), no other goes. Returns whether one was evicted.
-    pub(super) fn evict_one_paused(&self, waiting: &[Option<GpuSpec>]) -> bool {
+    pub(super) fn evict_one_paused(&self, waiting: &[Needs]) -> bool {
         let Some(evicting) = Busy::try_claim(self, |i| &i.evicting) else {
             return false;
         };
@@ -315,7 +316,7 @@ impl Activator {
                 }
                 let helps = waiting
                     .iter()
-                    .any(|spec| self.scheduler().fits_without(spec.as_ref(), &i.reservation));
+                    .any(|needs| self.scheduler().fits_without(needs, &i.reservation));
                 if helps {
                     oldest = Some((f.clone(), i.id.clone(), i.last_used));
                 }

@@ -14,7 +14,7 @@ use crate::model::Phase;
 use crate::model::{short_id, GpuAssignment, SecretEnv};
 use crate::node::{InstanceSpec, Node, NodeError, Started};
 use crate::readiness::{self, NotReady};
-use crate::scheduler::PlacementError;
+use crate::scheduler::{Needs, PlacementError};
 use crate::store::{self, InstanceRecord};
 
 /// Lines of container output kept in a start failure's message.
@@ -84,7 +84,7 @@ struct Start {
 impl Activator {
     /// Places and starts one instance of the current revision; false when no node can take it.
     pub(super) fn start_instance(&self, f: &Arc<Function>, st: &mut FnState) -> bool {
-        let reservation = match self.scheduler().place(st.revision.manifest.gpu.as_ref()) {
+        let reservation = match self.scheduler().place(Needs::of(&st.revision.manifest)) {
             Ok(r) => r,
             Err(e) => {
                 let reason = e.to_string();

@@ -79,7 +79,7 @@ pub async fn put_function(
     if let Err(e) = state
         .activator()
         .scheduler()
-        .feasible(manifest.gpu.as_ref())
+        .feasible(crate::scheduler::Needs::of(&manifest))
     {
         warnings.push(format!(
             "{e}; requests will answer 503 until a node that meets it joins"

@@ -33,6 +33,7 @@ use crate::config::{ServeConfig, TlsMode};
 use crate::gpu::GpuMonitor;
 use crate::invoke::Invoker;
 use crate::membership::{Membership, Timing};
+use crate::node::volumes::NodeVolumes;
 use crate::node::{LocalNode, Node};
 use crate::proxy::Proxy;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
@@ -208,7 +209,8 @@ async fn embedded_node(
         runtime,
     )
     .with_gpus(monitor, driver)
-    .with_endpoints(config.node_endpoints);
+    .with_endpoints(config.node_endpoints)
+    .with_volumes(NodeVolumes::new(&config.data_dir, config.volumes.clone()));
     Ok(vec![Arc::new(node)])
 }
 

@@ -186,6 +186,7 @@ impl Membership {
             remote,
             &Heartbeat {
                 gpus: info.gpus.clone(),
+                volumes: info.volumes.clone(),
             },
         );
         self.activator.node_reachable(&name);
@@ -230,6 +231,7 @@ impl Membership {
     fn reported(&self, remote: &RemoteNode, hb: &Heartbeat) {
         remote.heartbeat(hb);
         let name = remote.name();
+        self.scheduler().update_volumes(name, hb.volumes.clone());
         if self.scheduler().update_gpus(name, hb.gpus.clone()) {
             self.activator.drop_missing_gpus(name, &hb.gpus);
         }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::volumes::NodeVolumes;
+use super::volumes::{NodeVolumes, VolumeInfo};
 use super::{
     connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
 };
@@ -26,6 +26,7 @@ use crate::runtime::{
     ContainerRuntime, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE,
     LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
+use axum::body::Body;
 
 /// A node backed by a container runtime in this process.
 pub struct LocalNode {
@@ -84,6 +85,13 @@ impl LocalNode {
         }
     }
 
+    fn failed(&self, message: String) -> NodeError {
+        NodeError::Remote {
+            node: self.name.clone(),
+            message,
+        }
+    }
+
     /// The node's name.
     pub fn node_name(&self) -> &str {
         &self.name
@@ -105,7 +113,7 @@ impl LocalNode {
     }
 
     /// The node's volumes.
-    pub fn volumes(&self) -> &NodeVolumes {
+    pub fn node_volumes(&self) -> &NodeVolumes {
         &self.volumes
     }
 
@@ -247,6 +255,29 @@ impl Node for LocalNode {
                 }
             })
             .collect())
+    }
+
+    async fn volume_names(&self) -> Vec<String> {
+        let volumes = self.volumes.clone();
+        tokio::task::spawn_blocking(move || volumes.names())
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeInfo>, NodeError> {
+        let volumes = self.volumes.clone();
+        tokio::task::spawn_blocking(move || volumes.list())
+            .await
+            .map_err(|e| self.failed(format!("listing volumes failed: {e}")))
+    }
+
+    async fn put_file(&self, volume: &str, path: &str, body: Body) -> Result<u64, NodeError> {
+        let volumes = self.volumes.clone();
+        let (v, p) = (volume.to_string(), path.to_string());
+        let target = tokio::task::spawn_blocking(move || volumes.file_target(&v, &p))
+            .await
+            .map_err(|e| self.failed(format!("volume lookup failed: {e}")))??;
+        Ok(super::volumes::write_file(volume, &target, body).await?)
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool, NodeError> {

@@ -31,6 +31,8 @@ use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
 use crate::model::{GpuAssignment, SecretEnv};
 use crate::runtime::RuntimeError;
+use axum::body::Body;
+use volumes::VolumeInfo;
 
 pub use local::LocalNode;
 pub use remote::RemoteNode;
@@ -205,6 +207,20 @@ pub trait Node: Send + Sync + 'static {
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError>;
     /// Whether an image is present on the node.
     async fn image_exists(&self, image: &str) -> Result<bool, NodeError>;
+    /// The names of the node volumes it has (`volumes.rs`).
+    async fn volume_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Its node volumes with their size on disk.
+    async fn volumes(&self) -> Result<Vec<VolumeInfo>, NodeError> {
+        Ok(Vec::new())
+    }
+    /// Writes `body` to `path` inside node volume `volume` (made when missing); returns the
+    /// bytes written.
+    async fn put_file(&self, volume: &str, path: &str, body: Body) -> Result<u64, NodeError> {
+        let _ = (path, body);
+        Err(volumes::VolumeError::Missing(volume.to_string()).into())
+    }
     /// Builds an image on the node from a tar of its build context.
     async fn build_image(
         &self,

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::tunnel::{Tunnel, AUTHORITY};
+use super::volumes::VolumeInfo;
 use super::wire::{Heartbeat, NodeInfo, WireErrorBody};
 use super::{
     ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
@@ -42,6 +43,7 @@ const MAX_REFUSAL: usize = 64 << 10;
 
 struct Facts {
     gpus: Vec<GpuInfo>,
+    volumes: Vec<String>,
     driver: GpuDriver,
     source: String,
     last_seen: Option<tokio::time::Instant>,
@@ -63,6 +65,7 @@ impl RemoteNode {
             name: name.to_string(),
             facts: Mutex::new(Facts {
                 gpus: Vec::new(),
+                volumes: Vec::new(),
                 driver: GpuDriver::Simulated,
                 source: "unknown".into(),
                 last_seen: None,
@@ -100,6 +103,7 @@ impl RemoteNode {
     pub fn described(&self, info: &NodeInfo) {
         let mut f = self.facts();
         f.gpus = info.gpus.clone();
+        f.volumes = info.volumes.clone();
         f.driver = info.gpu_driver;
         f.source = info.gpu_source.clone();
         f.last_seen = Some(tokio::time::Instant::now());
@@ -114,6 +118,7 @@ impl RemoteNode {
     pub fn heartbeat(&self, hb: &Heartbeat) {
         let mut f = self.facts();
         f.gpus = hb.gpus.clone();
+        f.volumes = hb.volumes.clone();
         f.last_seen = Some(tokio::time::Instant::now());
     }
 
@@ -322,6 +327,53 @@ impl Node for RemoteNode {
             CALL_TIMEOUT,
         )
         .await
+    }
+
+    async fn volume_names(&self) -> Vec<String> {
+        self.facts().volumes.clone()
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeInfo>, NodeError> {
+        // Sizes come from walking each volume's tree: big trees take a while.
+        self.call(
+            Method::GET,
+            "/node/v1/volumes",
+            Body::empty(),
+            START_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn put_file(&self, volume: &str, path: &str, body: Body) -> Result<u64, NodeError> {
+        let tunnel = self.tunnel()?;
+        let uri = format!(
+            "http://{AUTHORITY}/node/v1/volumes/{}/files/{}",
+            encode(volume),
+            path.split('/').map(encode).collect::<Vec<_>>().join("/")
+        );
+        let req = Request::put(uri)
+            .body(body)
+            .map_err(|e| self.remote(e.to_string()))?;
+        // No overall timeout: weights take as long as the link takes; a dead tunnel ends it.
+        let resp = tunnel
+            .send(req)
+            .await
+            .map_err(|e| self.remote(format!("the upload failed: {e}")))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_REFUSAL)
+            .collect()
+            .await
+            .map_err(|e| self.remote(format!("the upload's answer failed: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<WireErrorBody>(&body) {
+                Ok(e) => e.into_node_error(&self.name),
+                Err(_) => self.remote(format!("answered {status}")),
+            });
+        }
+        let answer: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| self.remote(format!("bad answer: {e}")))?;
+        Ok(answer["bytes"].as_u64().unwrap_or_default())
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool, NodeError> {

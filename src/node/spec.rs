@@ -83,7 +83,7 @@ impl LocalNode {
         if spec.manifest.volumes.is_empty() {
             return Ok(Vec::new());
         }
-        let volumes = self.volumes().clone();
+        let volumes = self.node_volumes().clone();
         let wanted = spec.manifest.volumes.clone();
         let resolve = move || {
             wanted

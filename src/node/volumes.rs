@@ -192,6 +192,42 @@ impl NodeVolumes {
     }
 }
 
+/// Streams `body` into `target` (in volume `volume`): to a temporary file beside it, then
+/// renamed into place, so a reader never sees half a file and a failed upload leaves
+/// nothing behind. Returns the bytes written.
+pub async fn write_file(
+    volume: &str,
+    target: &Path,
+    body: axum::body::Body,
+) -> Result<u64, VolumeError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = |source| VolumeError::Io {
+        volume: volume.to_string(),
+        source,
+    };
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let temp = target.with_file_name(format!(".{name}.{}.upload", crate::model::short_id()));
+    let written = async {
+        let mut file = tokio::fs::File::create(&temp).await?;
+        let mut stream = body.into_data_stream();
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            file.write_all(&chunk).await?;
+            written += chunk.len() as u64;
+        }
+        file.sync_all().await?;
+        tokio::fs::rename(&temp, target).await?;
+        Ok::<_, std::io::Error>(written)
+    }
+    .await;
+    if written.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    written.map_err(io)
+}
+
 /// `path` as a plain relative path: normal components only.
 fn plain_relative(path: &str) -> Result<PathBuf, VolumeError> {
     let bad = || VolumeError::BadPath(path.to_string());

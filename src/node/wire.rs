@@ -24,6 +24,9 @@ pub struct Heartbeat {
     /// Its GPUs now.
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
+    /// The names of its node volumes now.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// What an agent says of itself when its tunnel opens (`GET /node/v1/info`).
@@ -44,6 +47,9 @@ pub struct NodeInfo {
     /// Its GPUs.
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
+    /// The names of its node volumes.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 fn first_version() -> u32 {

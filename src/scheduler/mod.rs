@@ -50,6 +50,8 @@ struct EntryState {
     refreshed: Option<SystemTime>,
     state: NodeState,
     labels: BTreeMap<String, String>,
+    /// The node volumes it has, as last read.
+    volumes: Vec<String>,
 }
 
 impl NodeEntry {
@@ -82,10 +84,51 @@ pub enum PlacementError {
     NoNodes,
 }
 
+/// What an instance needs of a node: GPUs (or none) and the node volumes that must be
+/// there already (the read-only ones it mounts).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Needs {
+    /// The GPU section, if any.
+    pub gpu: Option<GpuSpec>,
+    /// Node volumes the node must have.
+    pub volumes: Vec<String>,
+}
+
+impl Needs {
+    /// What instances of `manifest` need.
+    pub fn of(manifest: &crate::manifest::Manifest) -> Needs {
+        Needs {
+            gpu: manifest.gpu.clone(),
+            volumes: manifest
+                .volumes
+                .iter()
+                .filter_map(|v| v.required_node_volume().map(str::to_string))
+                .collect(),
+        }
+    }
+
+    /// The first volume `st`'s node lacks, as a reason.
+    fn missing_volume(&self, name: &str, st: &EntryState) -> Option<String> {
+        self.volumes
+            .iter()
+            .find(|v| !st.volumes.contains(v))
+            .map(|v| format!("node {name}: no volume `{v}` (expose one with `--volume {v}=PATH`, or copy files in with `ember cp FILE {name}:{v}/PATH`)"))
+    }
+}
+
+impl From<Option<&GpuSpec>> for Needs {
+    fn from(gpu: Option<&GpuSpec>) -> Needs {
+        Needs {
+            gpu: gpu.cloned(),
+            volumes: Vec::new(),
+        }
+    }
+}
+
 /// Why no node took a placement: `Never` when no node would even if every reservation
 /// went away, `Busy` (waiting nodes' reasons first) when one might later.
-fn refusal(spec: Option<&GpuSpec>, never: Vec<String>, mut busy: Vec<String>) -> PlacementError {
-    let requirement = describe(spec);
+fn refusal(needs: &Needs, never: Vec<String>, mut busy: Vec<String>) -> PlacementError {
+    let requirement = describe(needs);
     if busy.is_empty() {
         PlacementError::Never {
             requirement,
@@ -219,6 +262,13 @@ impl Scheduler {
         self.entry(name).map(|s| s.node.clone())
     }
 
+    /// Takes the node volumes a node has now.
+    pub fn update_volumes(&self, name: &str, volumes: Vec<String>) {
+        if let Some(entry) = self.entry(name) {
+            entry.lock().volumes = volumes;
+        }
+    }
+
     /// Takes a node's GPU inventory as it just reported it.
     /// Returns whether the devices it can hand out changed.
     pub fn update_gpus(&self, name: &str, gpus: Vec<GpuInfo>) -> bool {
@@ -238,6 +288,8 @@ impl Scheduler {
         let mut changed = Vec::new();
         for entry in &self.snapshot() {
             let gpus = entry.node.gpus().await;
+            let volumes = entry.node.volume_names().await;
+            self.update_volumes(entry.node.name(), volumes);
             if self.update_gpus(entry.node.name(), gpus) {
                 changed.push(entry.node.clone());
             }
@@ -245,8 +297,10 @@ impl Scheduler {
         changed
     }
 
-    /// Places one instance needing `spec` (or no GPU) on the best node under the policy.
-    pub fn place(&self, spec: Option<&GpuSpec>) -> Result<Reservation, PlacementError> {
+    /// Places one instance needing `needs` on the best node under the policy.
+    pub fn place(&self, needs: impl Into<Needs>) -> Result<Reservation, PlacementError> {
+        let needs = needs.into();
+        let spec = needs.gpu.as_ref();
         let entries = self.snapshot();
         if entries.is_empty() {
             return Err(PlacementError::NoNodes);
@@ -260,6 +314,10 @@ impl Scheduler {
             if !st.state.schedulable() {
                 // Cordoned, draining and lost nodes may come back: a wait, not a never.
                 busy.push(format!("node {}: {}", entry.node.name(), st.state));
+                continue;
+            }
+            if let Some(why) = needs.missing_volume(entry.node.name(), &st) {
+                never.push(why);
                 continue;
             }
             let view = NodeView {
@@ -286,7 +344,7 @@ impl Scheduler {
             }
         }
         let Some((i, chosen, _)) = best else {
-            return Err(refusal(spec, never, busy));
+            return Err(refusal(&needs, never, busy));
         };
         Ok(self.hold(&entries[i], chosen.gpus))
     }
@@ -302,8 +360,10 @@ impl Scheduler {
                 })
     }
 
-    /// Whether some node could ever place `spec` (reservations aside).
-    pub fn feasible(&self, spec: Option<&GpuSpec>) -> Result<(), PlacementError> {
+    /// Whether some node could ever place `needs` (reservations aside).
+    pub fn feasible(&self, needs: impl Into<Needs>) -> Result<(), PlacementError> {
+        let needs = needs.into();
+        let spec = needs.gpu.as_ref();
         let entries = self.snapshot();
         if entries.is_empty() {
             return Err(PlacementError::NoNodes);
@@ -312,6 +372,10 @@ impl Scheduler {
         let mut reasons = Vec::new();
         for entry in &entries {
             let st = entry.lock();
+            if let Some(why) = needs.missing_volume(entry.node.name(), &st) {
+                reasons.push(why);
+                continue;
+            }
             let view = NodeView {
                 name: entry.node.name(),
                 gpus: &st.gpus,
@@ -326,16 +390,17 @@ impl Scheduler {
             }
         }
         Err(PlacementError::Never {
-            requirement: describe(spec),
+            requirement: describe(&needs),
             reasons: reasons.join("; "),
         })
     }
 
-    /// Whether `spec` would fit on the reservation's node if that reservation were released
-    /// (to choose which paused instance to evict for a waiting placement).
-    pub fn fits_without(&self, spec: Option<&GpuSpec>, r: &Reservation) -> bool {
+    /// Whether `needs` would fit on the reservation's node if that reservation were
+    /// released (to choose which paused instance to evict for a waiting placement).
+    pub fn fits_without(&self, needs: &Needs, r: &Reservation) -> bool {
+        let spec = needs.gpu.as_ref();
         let st = r.entry.lock();
-        if !st.state.schedulable() {
+        if !st.state.schedulable() || needs.missing_volume(r.entry.node.name(), &st).is_some() {
             return false;
         }
         let mut holds = st.holds.clone();

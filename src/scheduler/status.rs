@@ -47,8 +47,18 @@ pub struct GpuStatus {
     pub mig_held: Vec<String>,
 }
 
-/// The requirement of a GPU section in words, for errors.
-pub fn describe(spec: Option<&GpuSpec>) -> String {
+/// What an instance needs, in words, for errors.
+pub fn describe(needs: &super::Needs) -> String {
+    let gpu = describe_gpu(needs.gpu.as_ref());
+    if needs.volumes.is_empty() {
+        return gpu;
+    }
+    let volumes: Vec<String> = needs.volumes.iter().map(|v| format!("`{v}`")).collect();
+    format!("{gpu} with volume {}", volumes.join(", "))
+}
+
+/// The requirement of a GPU section in words.
+fn describe_gpu(spec: Option<&GpuSpec>) -> String {
     let Some(s) = spec else {
         return "a node".into();
     };

@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::connect::TunnelService;
 use super::credential::Credential;
-use super::server::TunnelService;
 use crate::model::{ErrorBody, ErrorCode};
 use crate::node::tunnel::{NODE_HEADER, PING_INTERVAL, PING_TIMEOUT, PROTOCOL, TUNNEL_PATH};
 use crate::node::Upstream;

@@ -6,6 +6,7 @@
 //! API over the same `LocalNode` the embedded node uses, and CONNECT streams to its
 //! containers). Containers are published on the node's loopback only.
 
+mod connect;
 mod credential;
 mod dial;
 mod server;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::local::Endpoints;
+use super::volumes::NodeVolumes;
 use super::wire::{NodeInfo, PROTOCOL_VERSION};
 use super::{LocalNode, Node};
 use crate::client::ApiClient;
@@ -62,7 +64,13 @@ pub struct AgentConfig {
     /// Linux) or published (the port published on the node's loopback).
     #[arg(long, env = "EMBER_NODE_ENDPOINTS", value_enum, default_value_t = Endpoints::platform_default())]
     pub endpoints: Endpoints,
-    /// Directory for the agent's own files: its credential (`node.json`, 0600).
+    /// Directories this node lends to functions by name, `NAME=PATH` (repeatable, or
+    /// comma-separated in the variable); `[[volumes]] source = "NAME"` mounts one. The node
+    /// also has the directories under DATA_DIR/volumes.
+    #[arg(long = "volume", env = "EMBER_VOLUMES", value_delimiter = ',', value_parser = crate::node::volumes::parse_exposed)]
+    pub volumes: Vec<(String, PathBuf)>,
+    /// Directory for the agent's own files: its credential (`node.json`, 0600), and its
+    /// node volumes (`volumes/`).
     #[arg(long, env = "EMBER_DATA_DIR", default_value = ".ember-agent")]
     pub data_dir: PathBuf,
     /// Dial a gateway past the loopback over plain http (only on a private network: the
@@ -111,7 +119,8 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> anyhow
     let node = Arc::new(
         LocalNode::new(&name, &credential.gateway_id, LOOPBACK, runtime)
             .with_gpus(monitor.clone(), driver)
-            .with_endpoints(config.endpoints),
+            .with_endpoints(config.endpoints)
+            .with_volumes(NodeVolumes::new(&config.data_dir, config.volumes.clone())),
     );
     let info = NodeInfo {
         protocol: PROTOCOL_VERSION,
@@ -120,10 +129,11 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> anyhow
         gpu_driver: driver,
         gpu_source: monitor.source(),
         gpus: Vec::new(),
+        volumes: Vec::new(),
     };
     let tracker = TaskTracker::new();
-    let allowed = server::SharedAllowed::default();
-    let service = server::TunnelService::new(
+    let allowed = connect::SharedAllowed::default();
+    let service = connect::TunnelService::new(
         server::router(node.clone(), info, allowed.clone()),
         node.clone(),
         allowed,
