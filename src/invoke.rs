@@ -10,6 +10,10 @@
 //! reclaimed untouched (`proxy::Reclaim`), so a POST whose instance died is served by
 //! another instance instead of failing. A request that reached an instance is never sent
 //! twice.
+//!
+//! A WebSocket upgrade takes the same path: the client's side of it rides along the
+//! attempts, and the instance's 101 makes the proxy splice the two connections, holding
+//! the permit while the socket is open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! WebSockets through `/fn/NAME/...`: the upgrade passes through to the instance, on the
 //! embedded node and through an agent's tunnel; an open socket counts as in flight and
 //! holds its instance against the idle reaper and the gateway's header timeout; a socket
-//! whose instance is retired (a new revision, `ember rm`, a node drain) is closed with a
-//! Close frame within seconds.
+//! whose instance is retired (a new revision, `ember rm`, a node drain) or whose gateway
+//! stops is closed with a Close frame within seconds.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
@@ -34,7 +34,7 @@ async fn in_flight_and_instances(gw: &Gateway, name: &str) -> (u64, usize) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_websocket_through_the_gateway_echoes_text_binary_and_pings_as_fast_as_the_container() {
+async fn a_websocket_through_the_gateway_echoes_text_binary_and_pings_until_the_client_closes() {
     require_docker!();
     let gw = impatient_gateway().await;
     gw.deploy("wsecho", &common::echo_manifest("wsecho", "", ""))
@@ -43,6 +43,10 @@ async fn a_websocket_through_the_gateway_echoes_text_binary_and_pings_as_fast_as
     let mut socket = ws::open(&gw.url, "/fn/wsecho/ws").await;
     ws::echoes(&mut socket).await;
     let (p50, p99) = ws::latency(&mut socket, 300).await;
+    let plain = gw
+        .request(http::Method::POST, "/fn/wsecho/x", &[], "beside the socket")
+        .await;
+    assert_eq!(plain.text(), "beside the socket", "plain requests go on");
 
     // The same round trips straight to the container, for comparison.
     let f = gw.function("wsecho").await;
@@ -100,9 +104,9 @@ async fn an_idle_websocket_stays_open_past_the_header_and_idle_timeouts_holding_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_new_revision_or_removing_the_function_closes_its_open_websockets_going_away() {
+async fn a_new_revision_ember_rm_or_a_gateway_shutdown_closes_websockets_going_away() {
     require_docker!();
-    let gw = impatient_gateway().await;
+    let mut gw = Gateway::start().await;
     gw.deploy("rolled", &common::echo_manifest("rolled", "", ""))
         .await;
     let mut old = ws::open(&gw.url, "/fn/rolled/ws").await;
@@ -114,8 +118,8 @@ async fn a_new_revision_or_removing_the_function_closes_its_open_websockets_goin
     let took = closes_going_away(&mut old, Duration::from_secs(10)).await;
     eprintln!("a new revision closed the old instance's socket after {took:?}");
     eventually(Duration::from_secs(10), "the old instance gone", || {
-        let gw = gw.clone();
-        async move { in_flight_and_instances(&gw, "rolled").await.1 == 1 }
+        let gw = &gw;
+        async move { in_flight_and_instances(gw, "rolled").await.1 == 1 }
     })
     .await;
 
@@ -128,6 +132,18 @@ async fn a_new_revision_or_removing_the_function_closes_its_open_websockets_goin
         String::from_utf8_lossy(&out.stderr)
     );
     closes_going_away(&mut new, Duration::from_secs(5)).await;
+
+    // At shutdown, open sockets close too, and do not hold the gateway up.
+    gw.deploy("rolled", &second).await;
+    let mut last = ws::open(&gw.url, "/fn/rolled/ws").await;
+    ws::round_trip(&mut last, Message::text("until the gateway stops")).await;
+    gw.terminate();
+    closes_going_away(&mut last, Duration::from_secs(5)).await;
+    let exit = gw.wait_exit(Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "the gateway exits: {exit:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
