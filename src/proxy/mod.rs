@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 use body::PermitBody;
 pub use body::{LimitedBody, Reclaim, ReclaimableBody};
-pub use upgrade::{UpgradeRequest, CLOSE_GRACE};
+pub use upgrade::UpgradeRequest;
 
 use crate::activator::Permit;
 use crate::model::error_chain;
