@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds every function under functions/NAME/main.rs into a static functions/NAME/bin/NAME
-# with plain rustc (no Cargo, no crates), ready for a FROM scratch image.
+# Builds every function under functions/NAME/main.rs (and the modules beside it) into a
+# static functions/NAME/bin/NAME with plain rustc (no Cargo, no crates), ready for a
+# FROM scratch image.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,7 +11,12 @@ for dir in functions/*/; do
     src="functions/$name/main.rs"
     bin="functions/$name/bin/$name"
     [[ -f "$src" ]] || continue
-    if [[ -f "$bin" && "$bin" -nt "$src" ]]; then
+    # Up to date when the binary is newer than every source file of the function.
+    stale=0
+    for file in "functions/$name"/*.rs; do
+        [[ -f "$bin" && "$bin" -nt "$file" ]] || stale=1
+    done
+    if [[ "$stale" == 0 ]]; then
         echo "up to date $bin"
         continue
     fi

@@ -10,6 +10,10 @@
 //! reclaimed untouched (`proxy::Reclaim`), so a POST whose instance died is served by
 //! another instance instead of failing. A request that reached an instance is never sent
 //! twice.
+//!
+//! A WebSocket upgrade takes the same path: the client's side of it rides along the
+//! attempts, and the instance's 101 makes the proxy splice the two connections, holding
+//! the permit while the socket is open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use http::request::Parts;
 use http::{header, Request, Response, Uri};
 
 use crate::activator::{AcquireError, Activator, Function};
-use crate::proxy::{ForwardError, Limits, Proxy, ProxyError, ReclaimableBody};
+use crate::proxy::{ForwardError, Limits, Proxy, ProxyError, ReclaimableBody, UpgradeRequest};
 
 /// Attempts one request gets: the first, and one more per instance found dead on the way,
 /// up to this many in all (a node that lost every instance at once must not loop).
@@ -63,8 +67,14 @@ impl Invoker {
         &self.activator
     }
 
-    /// Sends `call` to an instance of `f` and returns its streaming response.
-    pub async fn call(&self, f: &Arc<Function>, call: Call) -> Result<Response<Body>, InvokeError> {
+    /// Sends `call` to an instance of `f` and returns its streaming response. A WebSocket
+    /// upgrade is passed through: on the instance's 101 the connections are spliced, the
+    /// socket holding its permit until it closes or its instance is retired.
+    pub async fn call(
+        &self,
+        f: &Arc<Function>,
+        mut call: Call,
+    ) -> Result<Response<Body>, InvokeError> {
         let manifest = f.revision().manifest.clone();
         let limits = Limits {
             max_body: manifest.request.max_body.as_u64(),
@@ -77,6 +87,7 @@ impl Invoker {
             }
             .into());
         }
+        let mut upgrade = UpgradeRequest::take_from(&mut call.request);
         let (head, body) = call.request.into_parts();
         let mut body = Some(body);
         let mut attempt = 0;
@@ -86,7 +97,14 @@ impl Invoker {
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy
-                .forward(permit, copy_head(&head), sent, call.client, limits)
+                .forward(
+                    permit,
+                    copy_head(&head),
+                    sent,
+                    call.client,
+                    limits,
+                    &mut upgrade,
+                )
                 .await;
             match result {
                 Ok(response) => return Ok(response),

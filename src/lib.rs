@@ -27,7 +27,8 @@
 //! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
 //! - [`readiness`]: probing new instances.
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
-//! - [`proxy`]: streaming a request to an instance and the answer back.
+//! - [`proxy`]: streaming a request to an instance and the answer back; WebSocket
+//!   upgrades spliced while holding their permit.
 //! - [`gateway`]: the `serve` process: routes, who may call them (`gateway/auth.rs`),
 //!   errors as responses, shutdown.
 //! - [`tls`]: rustls for the listener and its clients: the gateway's own CA, pins.

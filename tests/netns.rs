@@ -1,8 +1,9 @@
 //! Agents where no inbound connection can reach them: the gateway and each agent run in a
 //! network namespace of their own; the agents' namespaces drop every inbound TCP
 //! connection, so they can only dial out (to the gateway, and to their own containers on
-//! Docker's bridge). Placement, streaming and a 20 MiB download all work through the
-//! tunnel, and the agent's namespace has no listening socket at all. Needs root.
+//! Docker's bridge). Placement, streaming, a 20 MiB download and a WebSocket over TLS all
+//! work through the tunnel, and the agent's namespace has no listening socket at all.
+//! Needs root.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
@@ -109,5 +110,11 @@ async fn agents_that_cannot_be_reached_serve_everything_through_the_tunnel_they_
         }
     }
     assert!(String::from_utf8_lossy(&rest).contains("chunk 3"));
+
+    // A WebSocket over the gateway's TLS, through the tunnel, to the container.
+    let mut socket = common::ws::open_tls(&gw, "/fn/walled/ws").await;
+    common::ws::echoes(&mut socket).await;
+    let (p50, p99) = common::ws::latency(&mut socket, 200).await;
+    eprintln!("WebSocket round trip over TLS and the tunnel p50 / p99: {p50:?} / {p99:?}");
     drop(agent);
 }

@@ -14,6 +14,9 @@
 //! * `/stream/N?interval_ms=X` - 200 with a chunked body of N lines `chunk I\n`
 //!   (N at most 10000), flushed one by one, X milliseconds apart (default 100).
 //! * `/exit` - 200 `exiting`, then the process exits with code 0.
+//! * `GET /ws` with `Upgrade: websocket` - a WebSocket echo (`ws.rs`): 101, then text and
+//!   binary frames come back as sent, ping gets pong, close gets close. Without the
+//!   upgrade, 426.
 //! * anything else, any method - echo: 200 with the request body as the response body,
 //!   plus `x-echo-method`, `x-echo-uri`, `x-echo-host`, one `x-echo-h-NAME` per `x-*`
 //!   request header and for `authorization` (so tests see which credentials reach a
@@ -29,6 +32,8 @@ use std::process;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
+
+mod ws;
 
 /// Cap on the request line plus headers; beyond it we answer 431.
 const MAX_HEAD: usize = 64 * 1024;
@@ -190,6 +195,11 @@ fn serve(stream: TcpStream, config: &Config) {
     let mut writer = BufWriter::new(stream);
     loop {
         let failure = match read_request(&mut reader, &mut writer) {
+            Ok(Some(req)) if is_websocket(&req) => {
+                let key = req.header("sec-websocket-key").unwrap_or_default();
+                let _ = ws::session(key, &mut reader, &mut writer);
+                return;
+            }
             Ok(Some(req)) => match handle(req, config, &mut writer) {
                 Ok(true) => continue,
                 _ => return,
@@ -208,6 +218,14 @@ fn serve(stream: TcpStream, config: &Config) {
         let _ = io::copy(&mut reader.take(LINGER_DRAIN), &mut io::sink());
         return;
     }
+}
+
+/// Whether a request opens the WebSocket echo: `GET /ws` asking to upgrade.
+fn is_websocket(req: &Request) -> bool {
+    let path = req.target.split('?').next().unwrap_or_default();
+    path == "/ws"
+        && req.method == "GET"
+        && ws::wants_upgrade(req.header("upgrade"), req.header("sec-websocket-key"))
 }
 
 /// Answers one request; the result says whether the connection may carry another.
@@ -236,6 +254,8 @@ fn handle<W: Write>(req: Request, config: &Config, w: &mut W) -> io::Result<bool
         return stream(&req, count, keep_alive, w);
     } else if let Some(size) = path.strip_prefix("/bytes/") {
         return bytes(&req, size, keep_alive, w);
+    } else if path == "/ws" {
+        Response::text(426, "upgrade to websocket")
     } else if path == "/exit" {
         // Finish the answer first so the caller sees success rather than a reset.
         let _ = send(w, Response::text(200, "exiting"), head_only, Some("close"));
@@ -397,6 +417,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         413 => "Content Too Large",
         418 => "I'm a teapot",
+        426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         502 => "Bad Gateway",

@@ -123,6 +123,10 @@ impl Activator {
         for w in waiters {
             let _ = w.tx.send(Err(AcquireError::Removed(name.to_string())));
         }
+        // Open sockets close before their containers go.
+        for inst in &instances {
+            inst.retired.signal();
+        }
         let stops = instances.iter().filter_map(|inst| {
             let cid = inst.container_id.as_ref()?;
             let node = inst.reservation.node().clone();

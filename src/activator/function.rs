@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::instance::Instance;
 use super::{AcquireError, Revision, StartFault};
@@ -175,6 +176,7 @@ impl Function {
             endpoint: inst.endpoint.expect("ready instances have an endpoint"),
             node: inst.reservation.node().clone(),
             container_id: inst.container_id.clone().unwrap_or_default(),
+            retired: inst.retired.token().clone(),
             _in_flight: inst.reservation.track_request(),
             armed: true,
         })
@@ -307,6 +309,7 @@ pub struct Permit {
     endpoint: SocketAddr,
     node: Arc<dyn Node>,
     container_id: String,
+    retired: CancellationToken,
     _in_flight: InFlight,
     armed: bool,
 }
@@ -330,6 +333,12 @@ impl Permit {
     /// The container id on that node.
     pub fn container_id(&self) -> &str {
         &self.container_id
+    }
+
+    /// Cancelled when the instance leaves service (drains, stops, is removed or lost):
+    /// whatever holds the permit past one response (an upgraded connection) ends then.
+    pub fn retired(&self) -> &CancellationToken {
+        &self.retired
     }
 
     /// The function the permit is for.

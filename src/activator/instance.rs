@@ -5,12 +5,18 @@
 //! draining ones finish what they have and are stopped when idle; paused ones are frozen
 //! (no CPU, memory and GPU memory kept) until a request resumes them; stopping ones are
 //! being removed. The phases and their guards are `model::Phase`.
+//!
+//! Each instance carries a retirement signal, cancelled as it leaves service (draining,
+//! stopping, or forgotten): what outlives one request on it, an upgraded connection such
+//! as a WebSocket, holds its permit and closes on that signal, so a socket never keeps a
+//! retired instance alive.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Revision;
 use crate::model::Phase;
@@ -37,6 +43,31 @@ pub struct Instance {
     pub(crate) resume_wanted: bool,
     /// When it last became ready (or was adopted or resumed).
     pub(crate) ready_at: Instant,
+    /// Cancelled when it leaves service.
+    pub(crate) retired: Retired,
+}
+
+/// An instance's retirement signal: cancelled when the instance drains, stops, or is
+/// dropped (removed with its function, forgotten with its node), whichever comes first.
+#[derive(Debug, Default)]
+pub(crate) struct Retired(CancellationToken);
+
+impl Retired {
+    /// The token that permits on the instance watch.
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.0
+    }
+
+    /// Signals the retirement now.
+    pub(crate) fn signal(&self) {
+        self.0.cancel();
+    }
+}
+
+impl Drop for Retired {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 impl Instance {
@@ -56,14 +87,19 @@ impl Instance {
             paused_at: None,
             resume_wanted: false,
             ready_at: Instant::now(),
+            retired: Retired::default(),
         }
     }
 
-    /// Moves to `next` if the lifecycle allows it; returns whether it moved.
+    /// Moves to `next` if the lifecycle allows it; returns whether it moved. Draining and
+    /// stopping take it out of service: its retirement is signalled.
     #[must_use]
     pub(crate) fn become_(&mut self, next: Phase) -> bool {
         if self.phase.can_become(next) {
             self.phase = next;
+            if matches!(next, Phase::Draining | Phase::Stopping) {
+                self.retired.signal();
+            }
             true
         } else {
             false
@@ -87,6 +123,9 @@ impl Instance {
     pub(crate) fn adopted(mut self, phase: Phase, now: Instant) -> Instance {
         self.adopted = true;
         self.phase = phase;
+        if phase == Phase::Draining {
+            self.retired.signal();
+        }
         self.last_used = now;
         self.ready_at = now;
         if phase == Phase::Paused {

@@ -291,3 +291,49 @@ async fn one_waiting_placement_evicts_one_paused_instance_even_while_its_stop_is
     assert_eq!(a.status(&c).ready, 1);
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_hears_its_instance_retire_when_a_new_revision_takes_over_or_the_function_goes() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(4, 2)).await.unwrap();
+    let f = a.function("f").unwrap();
+    let held = a.acquire(&f, None).await.unwrap();
+    let within = Duration::from_secs(5);
+    assert!(
+        !held.retired().is_cancelled(),
+        "a serving instance is not retired"
+    );
+
+    // A new revision: once its instance is ready, the old one drains, and says so.
+    a.deploy(manifest(5, 2)).await.unwrap();
+    tokio::time::timeout(within, held.retired().cancelled())
+        .await
+        .expect("the old revision's permit hears the drain");
+    let fresh = a.acquire(&f, None).await.unwrap();
+    assert_ne!(fresh.instance(), held.instance());
+    assert!(!fresh.retired().is_cancelled());
+    // Held past the drain, the old instance is not stopped until its permit goes.
+    a.reap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(node.stopped().is_empty(), "{:?}", node.stopped());
+    drop(held);
+    a.reap();
+    for _ in 0..100 {
+        if !node.stopped().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        node.stopped(),
+        ["c0"],
+        "the drained instance goes once released"
+    );
+
+    a.remove("f").await.unwrap();
+    assert!(
+        fresh.retired().is_cancelled(),
+        "removal retires every instance"
+    );
+}

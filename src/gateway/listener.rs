@@ -7,6 +7,8 @@
 //! and hyper's own header timer closes one whose request head is not complete within it;
 //! past `max_connections`, new connections are closed at once, before file descriptors
 //! run out (a connection keeps its place while its socket lives, upgraded ones included).
+//! An upgraded connection (an agent's tunnel, a WebSocket) leaves hyper, and with it the
+//! idle watch: only its own protocol ends it.
 //! At shutdown every connection finishes its requests in flight, then closes.
 
 use std::convert::Infallible;

@@ -160,7 +160,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
     tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
     let state = AppState {
-        invoker: Invoker::new(activator, Proxy::default()),
+        invoker: Invoker::new(activator, Proxy::new(tracker.clone(), shutdown.clone())),
         gateway_id,
         membership,
         ca_pin: tls.as_ref().map(|t| t.pin.clone()),

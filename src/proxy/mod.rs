@@ -7,8 +7,11 @@
 //! gone away. Request bodies over `max_body` are cut off and reported as such, whether or
 //! not the client announced their length. A request whose connection could not be made
 //! keeps its body (`body::Reclaim`), so the invoke core can send it to another instance.
+//! A WebSocket upgrade is passed through and spliced (`upgrade.rs`), holding the permit
+//! while the socket is open.
 
 mod body;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,9 +25,13 @@ use http::request::Parts;
 use http::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use body::PermitBody;
 pub use body::{LimitedBody, Reclaim, ReclaimableBody};
+pub use upgrade::UpgradeRequest;
 
 use crate::activator::Permit;
 use crate::model::error_chain;
@@ -67,13 +74,27 @@ type NodeClient = Client<NodeConnector, LimitedBody>;
 /// The pooled client of each node, by name, with the node it was made for.
 type NodeClients = HashMap<String, (Arc<dyn Node>, NodeClient)>;
 
-/// The forwarding client: one pooled HTTP/1 client per node. Cheap to clone.
+/// The forwarding client: one pooled HTTP/1 client per node, and the WebSockets it
+/// splices. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Proxy {
     clients: Arc<RwLock<NodeClients>>,
+    /// Where WebSocket splices run.
+    tracker: TaskTracker,
+    /// Closes every open WebSocket.
+    shutdown: CancellationToken,
 }
 
 impl Proxy {
+    /// A proxy whose WebSockets run on `tracker` and close when `shutdown` is cancelled.
+    pub fn new(tracker: TaskTracker, shutdown: CancellationToken) -> Proxy {
+        Proxy {
+            clients: Arc::default(),
+            tracker,
+            shutdown,
+        }
+    }
+
     /// The pooled client over `node`'s streams, made on first use.
     fn client(&self, node: &Arc<dyn Node>) -> NodeClient {
         let same = |(known, _): &(Arc<dyn Node>, NodeClient)| {
@@ -162,7 +183,9 @@ impl From<ProxyError> for ForwardError {
 
 impl Proxy {
     /// Sends a request (`head` with its URI set to the path and query the instance sees)
-    /// to the permit's instance; the response streams back holding the permit.
+    /// to the permit's instance; the response streams back holding the permit. With an
+    /// `upgrade`, the instance is asked to switch too; if it does (101), the upgrade is
+    /// taken and the two connections spliced, holding the permit; otherwise it is left.
     pub async fn forward(
         &self,
         permit: Permit,
@@ -170,6 +193,7 @@ impl Proxy {
         body: ReclaimableBody,
         client_addr: Option<SocketAddr>,
         limits: Limits,
+        upgrade: &mut Option<UpgradeRequest>,
     ) -> Result<Response<Body>, ForwardError> {
         let endpoint = permit.endpoint();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -183,6 +207,9 @@ impl Proxy {
                     connect: false,
                 })?;
         strip_hop_by_hop(&mut head.headers);
+        if let Some(upgrade) = upgrade {
+            upgrade.ask(&mut head.headers);
+        }
         if let Some(addr) = client_addr {
             append_forwarded_for(&mut head.headers, addr);
         }
@@ -224,10 +251,36 @@ impl Proxy {
             }
             Ok(Ok(r)) => r,
         };
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(upgrade) = upgrade.take() {
+                return Ok(self.switch(response, upgrade, permit));
+            }
+        }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = Body::new(PermitBody::new(body, permit));
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+impl Proxy {
+    /// Answers the client's upgrade with the instance's 101 and splices the two
+    /// connections in the background once both have switched.
+    fn switch(
+        &self,
+        mut response: Response<hyper::body::Incoming>,
+        upgrade: UpgradeRequest,
+        permit: Permit,
+    ) -> Response<Body> {
+        let instance = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        upgrade.ask(&mut parts.headers);
+        let span = tracing::debug_span!("websocket", instance = %permit.instance());
+        self.tracker.spawn(
+            upgrade::splice(upgrade, instance, permit, self.shutdown.clone()).instrument(span),
+        );
+        Response::from_parts(parts, Body::empty())
     }
 }
 

@@ -165,6 +165,27 @@ impl Gateway {
         }
     }
 
+    /// Sends SIGTERM: the gateway shuts down gracefully.
+    pub fn terminate(&self) {
+        let pid = self.pid().expect("the gateway runs").to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Sends a request to the gateway, with the admin token when `path` is under `/api/`
     /// and `headers` has no `Authorization` of its own.
     pub async fn request(

@@ -6,6 +6,7 @@
 //! - `gateway`: [`Gateway`] and its builder, `Gateway::builder().args(..).start()`;
 //! - `agent`: [`Agent`] and its builder, `Agent::builder(url, token, name).start()`;
 //! - `cluster`: a gateway of agents only, and what the API says of nodes;
+//! - `ws`: a WebSocket client, an echo check, and the close of a retired instance's socket;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
@@ -14,6 +15,7 @@ pub mod cluster;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod ws;
 
 // Only the multi-node tests start agents; the other binaries leave this unused.
 #[allow(unused_imports)]
