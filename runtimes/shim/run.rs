@@ -198,7 +198,8 @@ fn stream(
         };
         let status = if finished { "200" } else { "200 cut" };
         Ok(Report {
-            keep: finished && !call.close,
+            // An HTTP/1.0 body ends with the connection, so it cannot carry another request.
+            keep: finished && !call.close && !call.head.http10,
             status: status.into(),
             ended,
             bytes,
