@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# Builds every function under functions/NAME/main.rs (and the modules beside it) into a
-# static functions/NAME/bin/NAME with plain rustc (no Cargo, no crates), ready for a
-# FROM scratch image.
+# Builds the std-only programs that go into FROM scratch images, with plain rustc (no
+# Cargo, no crates) and statically linked:
+#   functions/NAME/main.rs -> functions/NAME/bin/NAME     (ready functions)
+#   runtimes/NAME/main.rs  -> runtimes/NAME/bin/ember-NAME (e.g. runtimes/shim: ember-shim)
+# A program is rebuilt when any .rs file of its folder is newer than its binary.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+build() {
+    local dir="$1" bin="$2"
+    [[ -f "$dir/main.rs" ]] || return 0
+    if [[ -f "$bin" ]] && [[ -z "$(find "$dir" -maxdepth 1 -name '*.rs' -newer "$bin")" ]]; then
+        echo "up to date $bin"
+        return 0
+    fi
+    mkdir -p "$(dirname "$bin")"
+    rustc --edition 2021 -C opt-level=3 -C target-feature=+crt-static -C panic=abort -C strip=debuginfo \
+        -o "$bin" "$dir/main.rs"
+    echo "built $bin"
+}
+
 for dir in functions/*/; do
     name="$(basename "$dir")"
-    src="functions/$name/main.rs"
-    bin="functions/$name/bin/$name"
-    [[ -f "$src" ]] || continue
-    # Up to date when the binary is newer than every source file of the function.
-    stale=0
-    for file in "functions/$name"/*.rs; do
-        [[ -f "$bin" && "$bin" -nt "$file" ]] || stale=1
-    done
-    if [[ "$stale" == 0 ]]; then
-        echo "up to date $bin"
-        continue
-    fi
-    mkdir -p "functions/$name/bin"
-    rustc --edition 2021 -C opt-level=3 -C target-feature=+crt-static -C panic=abort -C strip=debuginfo \
-        -o "$bin" "$src"
-    echo "built $bin"
+    build "functions/$name" "functions/$name/bin/$name"
+done
+for dir in runtimes/*/; do
+    name="$(basename "$dir")"
+    build "runtimes/$name" "runtimes/$name/bin/ember-$name"
 done

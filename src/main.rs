@@ -31,6 +31,12 @@ enum Command {
     Deploy {
         /// Manifest file or folder.
         path: PathBuf,
+        /// Check the manifest here, as the gateway would, and print the revision id and a
+        /// summary of what deploying it would make; deploys and builds nothing and needs no
+        /// gateway (whether the image is on the nodes and whether a node can meet [gpu] are
+        /// checked only by a deploy). Exits non-zero, naming each field, when invalid.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         gateway: GatewayArgs,
     },
@@ -267,7 +273,12 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Deploy { path, gateway } => {
+        Command::Deploy {
+            path,
+            dry_run: true,
+            ..
+        } => cli::dry_run(&path),
+        Command::Deploy { path, gateway, .. } => {
             with_client(gateway, outer, async |c| cli::deploy(c, &path).await).await
         }
         Command::Ls { json, gateway } => {

@@ -5,6 +5,9 @@
 //! build context, so changed sources make a new image and a new revision, and an unchanged
 //! folder deploys as a no-op. The context tar is made deterministic (sorted entries, zero
 //! times and owners) for exactly that reason.
+//!
+//! [`prepare`] does everything but talk to the gateway, and `--dry-run` (dry_run.rs) stops
+//! there.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,8 +21,33 @@ use sha2::{Digest, Sha256};
 use crate::client::{encode, render_api_error, ApiClient};
 use crate::manifest::{Format, Manifest, ManifestError};
 
-/// Deploys the manifest at `path` (a file, or a folder holding `ember.toml`).
-pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
+/// A manifest read from disk and made ready to send: what `deploy` sends and what
+/// `deploy --dry-run` shows. Both go through here, so a dry run sees exactly what a deploy
+/// would send, and the revision id the gateway would give it.
+pub struct Prepared {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// The manifest as the gateway receives it: `image` set to the build's tag when it
+    /// has `build`, and parsed again from the JSON that is sent, as the gateway does.
+    pub manifest: Manifest,
+    /// The image to build when the nodes lack it, for a manifest with `build`.
+    pub build: Option<Build>,
+}
+
+/// A manifest's build: its context, as a deterministic tar, and the tag it makes.
+pub struct Build {
+    /// The build context folder.
+    pub context: PathBuf,
+    /// The Dockerfile, relative to the context.
+    pub dockerfile: String,
+    /// `image` when the manifest names one, else `ember/NAME:HASH` of the context.
+    pub tag: String,
+    tar: Vec<u8>,
+}
+
+/// Reads and validates the manifest at `path` (a file, or a folder holding
+/// `ember.toml`), hashing its build context when it has one; needs no gateway.
+pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
     let file = if path.is_dir() {
         path.join("ember.toml")
     } else {
@@ -29,10 +57,38 @@ pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read the manifest {}", file.display()))?;
     let mut manifest = Manifest::parse(&text, Format::Toml)
         .map_err(|e| anyhow::anyhow!(render_manifest_error(&file, &e)))?;
-    if let Some(build) = manifest.build.clone() {
-        let context = file.parent().unwrap_or(Path::new(".")).join(&build);
-        let tag = build_if_missing(client, &manifest, &context, &file).await?;
-        manifest.image = Some(tag);
+    let build = match manifest.build.clone() {
+        Some(dir) => {
+            // Collecting the components drops inner `.`: `f/./` prints as `f`.
+            let context: PathBuf = file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(dir)
+                .components()
+                .collect();
+            let build = context_build(&manifest, context, &file)?;
+            manifest.image = Some(build.tag.clone());
+            Some(build)
+        }
+        None => None,
+    };
+    let sent = serde_json::to_string(&manifest)?;
+    let manifest = Manifest::parse(&sent, Format::Json)
+        .map_err(|e| anyhow::anyhow!(render_manifest_error(&file, &e)))?;
+    Ok(Prepared {
+        file,
+        manifest,
+        build,
+    })
+}
+
+/// Deploys the manifest at `path` (a file, or a folder holding `ember.toml`).
+pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
+    let Prepared {
+        manifest, build, ..
+    } = prepare(path)?;
+    if let Some(build) = build {
+        build_if_missing(client, build).await?;
     }
     let body = serde_json::to_vec(&manifest)?;
     let answer = client
@@ -66,12 +122,13 @@ fn render_manifest_error(file: &Path, e: &ManifestError) -> String {
     out
 }
 
-async fn build_if_missing(
-    client: &ApiClient,
+/// The build of `manifest` from `context`: its Dockerfile checked, its context in a tar,
+/// its tag.
+fn context_build(
     manifest: &Manifest,
-    context: &Path,
+    context: PathBuf,
     manifest_file: &Path,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Build> {
     let dockerfile = manifest.dockerfile.as_deref().unwrap_or("Dockerfile");
     if !context.join(dockerfile).is_file() {
         bail!(
@@ -86,7 +143,7 @@ async fn build_if_missing(
         .ok()
         .zip(context.canonicalize().ok())
         .and_then(|(f, c)| f.strip_prefix(c).ok().map(Path::to_path_buf));
-    let tar = build_context_tar(context, relative.as_deref())?;
+    let tar = build_context_tar(&context, relative.as_deref())?;
     let tag = match &manifest.image {
         Some(image) => image.clone(),
         None => {
@@ -95,11 +152,26 @@ async fn build_if_missing(
             format!("ember/{}:{hash}", manifest.name)
         }
     };
+    Ok(Build {
+        context,
+        dockerfile: dockerfile.to_string(),
+        tag,
+        tar,
+    })
+}
+
+async fn build_if_missing(client: &ApiClient, build: Build) -> anyhow::Result<()> {
+    let Build {
+        context,
+        dockerfile,
+        tag,
+        tar,
+    } = build;
     let status = client
         .get_json(&format!("/api/v1/images?tag={}", encode(&tag)))
         .await?;
     if status["exists"].as_bool() == Some(true) {
-        return Ok(tag);
+        return Ok(());
     }
     eprintln!(
         "building {tag} from {} ({} KiB of context)",
@@ -112,7 +184,7 @@ async fn build_if_missing(
             &format!(
                 "/api/v1/images?tag={}&dockerfile={}",
                 encode(&tag),
-                encode(dockerfile)
+                encode(&dockerfile)
             ),
             &[("content-type".into(), "application/x-tar".into())],
             Bytes::from(tar),
@@ -151,7 +223,7 @@ async fn build_if_missing(
         bail!("building {tag}: the gateway closed the progress stream before the build finished");
     }
     eprintln!("built {tag}");
-    Ok(tag)
+    Ok(())
 }
 
 /// A deterministic tar of a build context: sorted paths, zero times and owners, `.git`

@@ -1,10 +1,11 @@
-//! The client commands: `deploy`, `ls`, `rm`, `invoke`, `gpus`, `nodes`, `keys`, `secret`,
-//! `login`.
+//! The client commands: `deploy` (and `deploy --dry-run`, which needs no gateway), `ls`,
+//! `rm`, `invoke`, `gpus`, `nodes`, `keys`, `secret`, `login`.
 //! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
 //! (login.rs); errors the gateway returns are printed as it wrote them, with the field
 //! each one is about.
 
 mod deploy;
+mod dry_run;
 mod functions;
 pub mod keys;
 mod login;
@@ -15,6 +16,7 @@ use clap::Args;
 
 pub use crate::client::{render_api_error, ApiClient, ClientError};
 pub use deploy::{build_context_tar, deploy};
+pub use dry_run::dry_run;
 pub use functions::{invoke, ls, rm};
 pub use keys::NewScope;
 pub use login::{is_loopback, login, login_file, Login, Places, Target, TokenSource};

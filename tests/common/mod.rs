@@ -7,6 +7,7 @@
 //! - `agent`: [`Agent`] and its builder, `Agent::builder(url, token, name).start()`;
 //! - `cluster`: a gateway of agents only, and what the API says of nodes;
 //! - `ws`: a WebSocket client, an echo check, and the close of a retired instance's socket;
+//! - `shim`: ember-shim, Debian's static busybox, and the shim example's image;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
@@ -15,6 +16,7 @@ pub mod cluster;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod shim;
 pub mod ws;
 
 // Only the multi-node tests start agents; the other binaries leave this unused.
@@ -84,45 +86,56 @@ pub fn gpu_info_image() -> String {
     TAG.get_or_init(|| function_image("gpu-info")).clone()
 }
 
+/// Runs functions/build.sh (the static binaries of functions/ and runtimes/), one test
+/// thread at a time.
+pub fn build_static_programs() {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let status = Command::new("bash")
+        .arg(repo().join("functions/build.sh"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("bash runs");
+    assert!(status.success(), "functions/build.sh failed");
+}
+
 /// Builds functions/NAME: the static binary by functions/build.sh, the image by
 /// `docker build`, tagged by the binary's hash so a changed server rebuilds.
 pub fn function_image(name: &str) -> String {
-    {
-        static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-        let status = Command::new("bash")
-            .arg(repo().join("functions/build.sh"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("bash runs");
-        assert!(status.success(), "functions/build.sh failed");
-        let bin = std::fs::read(repo().join(format!("functions/{name}/bin/{name}"))).unwrap();
-        let digest = {
-            use sha2::Digest;
-            sha2::Sha256::digest(&bin)
-        };
-        let hash: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        let tag = format!("ember-test/{name}:{hash}");
-        let exists = Command::new("docker")
-            .args(["image", "inspect", &tag])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if !exists {
-            let out = Command::new("docker")
-                .args(["build", "-q", "-t", &tag])
-                .arg(repo().join(format!("functions/{name}")))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "docker build failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tag
+    build_static_programs();
+    let bin = std::fs::read(repo().join(format!("functions/{name}/bin/{name}"))).unwrap();
+    let tag = format!("ember-test/{name}:{}", short_hash(&bin));
+    docker_build(&repo().join(format!("functions/{name}")), &tag);
+    tag
+}
+
+/// The first 6 bytes of the SHA-256 of `data`, in hex: tags images by their content.
+pub fn short_hash(data: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(data);
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds the image `tag` from the context `dir` with `docker build`, unless it exists.
+pub fn docker_build(dir: &std::path::Path, tag: &str) {
+    let exists = Command::new("docker")
+        .args(["image", "inspect", tag])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if !exists {
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", tag])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -193,16 +206,24 @@ pub fn cli_command(config_home: &std::path::Path) -> Command {
 
 /// Sends `n` concurrent GETs of `path` to the gateway; returns their statuses in order.
 pub async fn concurrent_statuses(gw: &std::sync::Arc<Gateway>, path: &str, n: usize) -> Vec<u16> {
+    concurrent_requests(gw, path, n)
+        .await
+        .iter()
+        .map(|r| r.status.as_u16())
+        .collect()
+}
+
+/// Sends `n` concurrent GETs of `path` to the gateway; returns the responses in order.
+pub async fn concurrent_requests(
+    gw: &std::sync::Arc<Gateway>,
+    path: &str,
+    n: usize,
+) -> Vec<Response> {
     let calls: Vec<_> = (0..n)
         .map(|_| {
             let gw = gw.clone();
             let path = path.to_string();
-            tokio::spawn(async move {
-                gw.request(Method::GET, &path, &[], Bytes::new())
-                    .await
-                    .status
-                    .as_u16()
-            })
+            tokio::spawn(async move { gw.request(Method::GET, &path, &[], Bytes::new()).await })
         })
         .collect();
     let mut out = Vec::new();
