@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -84,9 +85,12 @@ pub fn encode(s: &str) -> String {
 /// A client of one gateway.
 pub struct ApiClient {
     base: String,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
     token: Option<String>,
 }
+
+/// A request body: whole, or streamed (`ember cp` of a large file).
+pub type RequestBody = BoxBody<Bytes, std::io::Error>;
 
 impl ApiClient {
     /// A client of the gateway at `url` (http, or https trusted by the public web roots).
@@ -152,6 +156,18 @@ impl ApiClient {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Result<http::Response<Incoming>, ClientError> {
+        let body = Full::new(body).map_err(|never| match never {}).boxed();
+        self.send_body(method, path, headers, body).await
+    }
+
+    /// Sends a request with a streamed body; returns the response whatever its status.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: RequestBody,
+    ) -> Result<http::Response<Incoming>, ClientError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
@@ -162,7 +178,7 @@ impl ApiClient {
             req = req.header(k, v);
         }
         let req = req
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| ClientError::BadUrl(e.to_string()))?;
         self.client
             .request(req)

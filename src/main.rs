@@ -124,6 +124,10 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// List each node's volumes with their size on disk.
+    Volumes(cli::volumes::VolumesArgs),
+    /// Copy a file into a node volume: `ember cp FILE NODE:VOLUME/PATH`.
+    Cp(cli::volumes::CpArgs),
     /// Set, list and remove secrets that manifests name in `env`.
     Secret {
         #[command(subcommand)]
@@ -315,6 +319,18 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys(command, outer).await,
         Command::Secret { command } => cli::secrets::run(command, outer).await,
+        Command::Volumes(a) => {
+            with_client(a.gateway, outer, async |c| {
+                cli::volumes::volumes(c, a.json).await
+            })
+            .await
+        }
+        Command::Cp(a) => {
+            with_client(a.gateway, outer, async |c| {
+                cli::volumes::cp(c, &a.file, &a.target).await
+            })
+            .await
+        }
         Command::Login { url, token } => {
             if outer.gateway.is_some() {
                 anyhow::bail!("`ember login URL` takes the gateway as its argument, not --gateway");

@@ -219,6 +219,10 @@ pub enum ErrorCode {
     UnknownAction,
     /// An agent's registration is unusable.
     BadRegistration,
+    /// The node has no such volume.
+    VolumeNotFound,
+    /// A path inside a volume is not a plain relative one.
+    InvalidPath,
     /// The node name is the embedded node's, or a joined node holds it.
     NodeNameTaken,
     /// The node was removed (`ember nodes rm`), as the credential its agent presented
@@ -274,6 +278,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::NodeNotFound, "node_not_found"),
     (ErrorCode::UnknownAction, "unknown_action"),
     (ErrorCode::BadRegistration, "bad_registration"),
+    (ErrorCode::VolumeNotFound, "volume_not_found"),
+    (ErrorCode::InvalidPath, "invalid_path"),
     (ErrorCode::NodeNameTaken, "node_name_taken"),
     (ErrorCode::NodeRemoved, "node_removed"),
     (ErrorCode::Unauthorized, "unauthorized"),

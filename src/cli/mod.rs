@@ -1,5 +1,5 @@
 //! The client commands: `deploy` (and `deploy --dry-run`, which needs no gateway), `ls`,
-//! `rm`, `invoke`, `gpus`, `nodes`, `keys`, `secret`, `login`.
+//! `rm`, `invoke`, `gpus`, `nodes`, `volumes`, `cp`, `keys`, `secret`, `login`.
 //! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
 //! (login.rs); errors the gateway returns are printed as it wrote them, with the field
 //! each one is about.
@@ -11,6 +11,7 @@ pub mod keys;
 mod login;
 mod nodes;
 pub mod secrets;
+pub mod volumes;
 
 use clap::Args;
 

@@ -14,6 +14,7 @@ use crate::invoke::InvokeError;
 use crate::manifest::ManifestError;
 use crate::membership::MembershipError;
 use crate::model::{error_chain, ErrorBody, ErrorCode, FieldError};
+use crate::node::volumes::VolumeError;
 use crate::node::NodeError;
 use crate::proxy::ProxyError;
 use crate::store::StoreError;
@@ -123,6 +124,12 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
             ProxyError::Upstream { .. } => (S::BAD_GATEWAY, C::UpstreamError, None),
         },
         ApiError::Node(e) if e.is_image_missing() => (S::BAD_REQUEST, C::ImageNotFound, None),
+        ApiError::Node(NodeError::Volume(VolumeError::Missing(_) | VolumeError::BadName(_))) => {
+            (S::NOT_FOUND, C::VolumeNotFound, None)
+        }
+        ApiError::Node(NodeError::Volume(VolumeError::BadPath(_))) => {
+            (S::BAD_REQUEST, C::InvalidPath, None)
+        }
         ApiError::Node(_) => (S::SERVICE_UNAVAILABLE, C::NodeError, None),
         ApiError::Activator(ActivatorError::NotFound(_)) => {
             (S::NOT_FOUND, C::FunctionNotFound, None)

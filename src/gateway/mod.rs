@@ -4,7 +4,7 @@
 //! running containers), starts the reaper, and serves HTTP until the shutdown token is
 //! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
 //! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
-//! (secrets.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
+//! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
 //! become responses in error.rs.
 
 mod api;
@@ -16,6 +16,7 @@ mod keys;
 mod listener;
 mod nodes;
 mod secrets;
+mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +80,11 @@ pub fn router(state: AppState) -> Router {
         .route(crate::node::tunnel::TUNNEL_PATH, get(nodes::tunnel))
         .route("/api/v1/nodes/{name}", delete(nodes::remove))
         .route("/api/v1/nodes/{name}/{action}", post(nodes::act))
+        .route("/api/v1/volumes", get(volumes::list_volumes))
+        .route(
+            "/api/v1/nodes/{node}/volumes/{volume}/files/{*path}",
+            put(volumes::put_file).layer(DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/tokens", post(nodes::create_token))
         .route("/api/v1/functions", get(api::list_functions))
         .route(

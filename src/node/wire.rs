@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::volumes::VolumeError;
 use super::NodeError;
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::runtime::RuntimeError;
@@ -99,6 +100,16 @@ pub enum NodeFailure {
         /// The engine's status word.
         status: String,
     },
+    /// The node has no such volume (or the name is none).
+    VolumeNotFound {
+        /// The volume.
+        volume: String,
+    },
+    /// A path inside a volume is not a plain relative one.
+    InvalidPath {
+        /// The path.
+        path: String,
+    },
     /// The call lacked the agent's credential.
     Unauthorized,
     /// Anything else the node could not do (the message says what).
@@ -139,6 +150,15 @@ impl WireErrorBody {
                 exit_code: *code,
                 status: status.clone(),
             },
+            NodeError::Volume(VolumeError::Missing(volume)) => NodeFailure::VolumeNotFound {
+                volume: volume.clone(),
+            },
+            NodeError::Volume(VolumeError::BadName(_)) => NodeFailure::VolumeNotFound {
+                volume: String::new(),
+            },
+            NodeError::Volume(VolumeError::BadPath(path)) => {
+                NodeFailure::InvalidPath { path: path.clone() }
+            }
             _ => NodeFailure::Runtime,
         };
         WireErrorBody {
@@ -174,6 +194,13 @@ impl WireErrorBody {
                 code: exit_code,
                 status,
             },
+            NodeFailure::VolumeNotFound { volume } if !volume.is_empty() => {
+                NodeError::Volume(VolumeError::Missing(volume))
+            }
+            NodeFailure::VolumeNotFound { .. } => {
+                NodeError::Volume(VolumeError::BadName(self.error.message))
+            }
+            NodeFailure::InvalidPath { path } => NodeError::Volume(VolumeError::BadPath(path)),
             NodeFailure::Unauthorized | NodeFailure::Runtime => NodeError::Remote {
                 node: node.to_string(),
                 message: self.error.message,

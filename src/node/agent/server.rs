@@ -92,6 +92,13 @@ impl IntoResponse for AgentError {
                 StatusCode::NOT_FOUND
             }
             NodeError::ExitedAtStart { .. } => StatusCode::CONFLICT,
+            NodeError::Volume(crate::node::volumes::VolumeError::Io { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            NodeError::Volume(crate::node::volumes::VolumeError::BadPath(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            NodeError::Volume(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(WireErrorBody::from_node_error(&self.0))).into_response()

@@ -1,0 +1,93 @@
+//! Node volumes through the gateway: `GET /api/v1/volumes` lists every node's volumes
+//! with their size on disk, and `PUT /api/v1/nodes/{node}/volumes/{volume}/files/{*path}`
+//! streams a file into one (`ember cp`), so an operator seeds model weights without
+//! logging into the node. The body streams through to the node (and its tunnel) as it
+//! arrives: a many-gigabyte file is never held in memory.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::Json;
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::node::volumes::VolumeInfo;
+
+#[derive(Serialize)]
+struct NodeVolumes {
+    node: String,
+    /// Its volumes; absent when the node could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volumes: Option<Vec<VolumeInfo>>,
+    /// Why it could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VolumeList {
+    nodes: Vec<NodeVolumes>,
+}
+
+/// `GET /api/v1/volumes`: each node's volumes, asked of every node at once.
+pub async fn list_volumes(State(state): State<AppState>) -> Json<impl Serialize> {
+    let nodes = state.activator().scheduler().nodes();
+    let asked = nodes.iter().map(|node| async move {
+        if !node.reachable() {
+            return NodeVolumes {
+                node: node.name().to_string(),
+                volumes: None,
+                error: Some("disconnected: its agent's tunnel is down".into()),
+            };
+        }
+        match node.volumes().await {
+            Ok(volumes) => NodeVolumes {
+                node: node.name().to_string(),
+                volumes: Some(volumes),
+                error: None,
+            },
+            Err(e) => {
+                tracing::warn!(node = %node.name(), error = %e, "listing its volumes failed");
+                NodeVolumes {
+                    node: node.name().to_string(),
+                    volumes: None,
+                    error: Some(e.public_message()),
+                }
+            }
+        }
+    });
+    Json(VolumeList {
+        nodes: join_all(asked).await,
+    })
+}
+
+#[derive(Serialize)]
+struct Written {
+    node: String,
+    volume: String,
+    path: String,
+    bytes: u64,
+}
+
+/// `PUT /api/v1/nodes/{node}/volumes/{volume}/files/{*path}`: the body becomes the file
+/// (made, or replaced whole once it has all arrived).
+pub async fn put_file(
+    State(state): State<AppState>,
+    Path((node, volume, path)): Path<(String, String, String)>,
+    body: Body,
+) -> Result<Json<impl Serialize>, ApiError> {
+    let target = state
+        .activator()
+        .scheduler()
+        .node(&node)
+        .ok_or_else(|| crate::membership::MembershipError::UnknownNode(node.clone()))?;
+    let bytes = target.put_file(&volume, &path, body).await?;
+    tracing::info!(%node, %volume, %path, bytes, "file written into a node volume");
+    Ok(Json(Written {
+        node,
+        volume,
+        path,
+        bytes,
+    }))
+}
