@@ -173,11 +173,7 @@ impl Progress {
             return;
         }
         self.shown = Some(Instant::now());
-        let pct = if self.total == 0 {
-            100
-        } else {
-            self.sent * 100 / self.total
-        };
+        let pct = (self.sent * 100).checked_div(self.total).unwrap_or(100);
         let rate = self.sent as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         eprint!(
             "\ruploading: {pct:>3}% ({} of {}, {}/s)   ",
