@@ -43,6 +43,8 @@ pub struct Instance {
     pub(crate) resume_wanted: bool,
     /// When it last became ready (or was adopted or resumed).
     pub(crate) ready_at: Instant,
+    /// When its start began (unix ms; before a restart, for an adopted starting one).
+    pub(crate) started_ms: u64,
     /// Cancelled when it leaves service.
     pub(crate) retired: Retired,
 }
@@ -87,6 +89,7 @@ impl Instance {
             paused_at: None,
             resume_wanted: false,
             ready_at: Instant::now(),
+            started_ms: crate::store::now_ms(),
             retired: Retired::default(),
         }
     }
@@ -166,6 +169,9 @@ pub struct InstanceStatus {
     pub evacuating: bool,
     /// Devices it holds (`GPU-…` or `MIG-…`).
     pub gpus: Vec<String>,
+    /// While starting: milliseconds since its start began (a model load shows here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub starting_ms: Option<u64>,
 }
 
 impl Instance {
@@ -192,6 +198,8 @@ impl Instance {
                 .iter()
                 .map(|g| g.device_id.clone())
                 .collect(),
+            starting_ms: (self.phase == Phase::Starting)
+                .then(|| crate::store::now_ms().saturating_sub(self.started_ms)),
         }
     }
 }

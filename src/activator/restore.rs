@@ -3,10 +3,14 @@
 //!
 //! A container is adopted when its labels name a deployed function and a known revision,
 //! the store has a record of its instance, it runs, its GPUs are still in the node's
-//! inventory, and it passes one readiness probe. Every other container of this gateway on
-//! the node is removed, and every record of the node without a container is deleted, so no
-//! orphan survives and nothing runs twice. Instances the gateway already serves are left
-//! alone, which makes reconciling a node that merely reconnects harmless.
+//! inventory, and it passes one readiness probe. A container of the current revision that
+//! was still starting (its record has no ready time: a model loading) and is within its
+//! start timeout is adopted as starting, and its start goes on for what is left of that
+//! timeout: a restart during a long load does not throw the load away. Every other
+//! container of this gateway on the node is removed, and every record of the node without
+//! a container is deleted, so no orphan survives and nothing runs twice. Instances the
+//! gateway already serves are left alone, which makes reconciling a node that merely
+//! reconnects harmless.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::instance::Instance;
+use super::start::ResumedStart;
 use super::{Activator, ActivatorError, Function, Revision};
 use crate::model::Phase;
 use crate::node::{ManagedContainer, Node};
@@ -154,6 +159,11 @@ impl Activator {
                 adopted += 1;
                 continue;
             }
+            let loading = record.as_ref().filter(|r| gpus_present && r.ready_ms == 0);
+            if loading.is_some_and(|r| self.adopt_starting(&node, &c, r)) {
+                adopted += 1;
+                continue;
+            }
             let why = if gpus_present {
                 "no record explains it"
             } else {
@@ -222,6 +232,55 @@ impl Activator {
         st.instances.push(inst.adopted(phase, Instant::now()));
         f.dispatch(&mut st);
         tracing::info!(function = %c.function, instance = %c.instance, node = %node.name(), "adopted running container");
+        true
+    }
+
+    /// Adopts a container that was still starting when the gateway went away, if it is of
+    /// the current revision and within its start timeout; its start goes on.
+    fn adopt_starting(
+        &self,
+        node: &Arc<dyn Node>,
+        c: &ManagedContainer,
+        record: &InstanceRecord,
+    ) -> bool {
+        let (Some(f), Some(endpoint)) = (self.function(&c.function), c.endpoint) else {
+            return false;
+        };
+        let revision = f.revision();
+        let elapsed =
+            Duration::from_millis(crate::store::now_ms().saturating_sub(record.started_ms));
+        let within = record.started_ms > 0 && elapsed < revision.manifest.readiness.start_timeout;
+        if !c.running || c.paused || revision.id != c.revision || !within {
+            return false;
+        }
+        let Some(reservation) = self.scheduler().adopt(node.name(), c.gpus.clone()) else {
+            return false;
+        };
+        let mut inst = Instance::starting(c.instance.clone(), revision.clone(), reservation);
+        inst.container_id = Some(c.container_id.clone());
+        inst.endpoint = Some(endpoint);
+        inst.started_ms = record.started_ms;
+        inst.adopted = true;
+        {
+            let mut st = f.lock();
+            if st.removed {
+                return false;
+            }
+            st.instances.push(inst);
+        }
+        tracing::info!(function = %c.function, instance = %c.instance, node = %node.name(), loading_ms = elapsed.as_millis() as u64, "adopted a container still starting; waiting for it");
+        self.resume_start(ResumedStart {
+            f,
+            id: c.instance.clone(),
+            revision,
+            node: node.clone(),
+            gpus: c.gpus.clone(),
+            started: crate::node::Started {
+                container_id: c.container_id.clone(),
+                endpoint,
+            },
+            started_ms: record.started_ms,
+        });
         true
     }
 

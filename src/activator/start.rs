@@ -4,6 +4,7 @@
 //! when nothing else could serve them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -79,6 +80,8 @@ struct Start {
     revision: Arc<Revision>,
     node: Arc<dyn Node>,
     gpus: Vec<GpuAssignment>,
+    /// When it began (unix ms), kept in its record so a restart knows how long it has run.
+    started_ms: u64,
 }
 
 impl Activator {
@@ -110,11 +113,9 @@ impl Activator {
         let revision = st.revision.clone();
         let node = reservation.node().clone();
         let gpus = reservation.gpus().to_vec();
-        st.instances.push(Instance::starting(
-            id.clone(),
-            revision.clone(),
-            reservation,
-        ));
+        let instance = Instance::starting(id.clone(), revision.clone(), reservation);
+        let started_ms = instance.started_ms;
+        st.instances.push(instance);
         st.starts += 1;
         let span = tracing::info_span!("cold_start", function = %f.name(), instance = %id, node = %node.name());
         let this = self.clone();
@@ -124,6 +125,7 @@ impl Activator {
             revision,
             node,
             gpus,
+            started_ms,
         };
         let shutdown = self.inner.shutdown.clone();
         self.inner.tracker.spawn(
@@ -150,10 +152,73 @@ impl Activator {
             Err(StartError::Cancelled) => {
                 if let Some(cid) = container {
                     stop_quietly(start.node.as_ref(), &cid).await;
+                    self.forget_record(start.f.name(), &start.id).await;
                 }
             }
             Err(e) => self.on_failure(&start, container, e).await,
         }
+    }
+
+    /// Goes on with the start of a container found still loading after a restart: its
+    /// readiness is awaited for what is left of its start timeout, then it serves, or
+    /// fails, as a fresh start would. The instance is in the function's list already.
+    pub(super) fn resume_start(&self, resumed: ResumedStart) {
+        let ResumedStart {
+            f,
+            id,
+            revision,
+            node,
+            gpus,
+            started,
+            started_ms,
+        } = resumed;
+        let path = revision.manifest.readiness.http_path.clone();
+        let elapsed = Duration::from_millis(store::now_ms().saturating_sub(started_ms));
+        let left = revision
+            .manifest
+            .readiness
+            .start_timeout
+            .saturating_sub(elapsed);
+        let start = Start {
+            gpus,
+            f,
+            id,
+            revision,
+            node,
+            started_ms,
+        };
+        let span = tracing::info_span!("resumed_start", function = %start.f.name(), instance = %start.id, node = %start.node.name());
+        let (this, shutdown) = (self.clone(), self.inner.shutdown.clone());
+        let work = async move {
+            let cid = started.container_id.clone();
+            let ready = readiness::wait_ready(
+                start.node.as_ref(),
+                &cid,
+                started.endpoint,
+                path.as_deref(),
+                left,
+            )
+            .await;
+            match ready {
+                Ok(()) => {
+                    tracing::info!(
+                        loading_ms = elapsed.as_millis() as u64 + left.as_millis() as u64,
+                        "instance ready after the restart"
+                    );
+                    this.on_ready(&start, started).await;
+                }
+                Err(e) => this.on_failure(&start, Some(cid), e.into()).await,
+            }
+        };
+        self.inner.tracker.spawn(
+            async move {
+                tokio::select! {
+                    () = work => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// Creates and starts the container, then waits until it is ready. `container` is set
@@ -187,6 +252,16 @@ impl Activator {
         if !set_container(&start.f, &start.id, &started) {
             return Err(StartError::Cancelled);
         }
+        // Recorded while it loads, so a gateway restart adopts it instead of throwing the
+        // load away.
+        if let Err(e) = self
+            .inner
+            .store
+            .put_instance(&record(start, &started, 0))
+            .await
+        {
+            tracing::warn!(error = %e, "could not record the starting instance; a restart now would remove it");
+        }
         let readiness = &start.revision.manifest.readiness;
         readiness::wait_ready(
             start.node.as_ref(),
@@ -205,16 +280,7 @@ impl Activator {
             stop_quietly(start.node.as_ref(), &started.container_id).await;
             return;
         }
-        let record = InstanceRecord {
-            id: start.id.clone(),
-            function: start.f.name().to_string(),
-            revision: start.revision.id.clone(),
-            node: start.node.name().to_string(),
-            container_id: started.container_id,
-            endpoint: started.endpoint.to_string(),
-            ready_ms: store::now_ms(),
-            gpus: start.gpus.clone(),
-        };
+        let record = record(start, &started, store::now_ms());
         if let Err(e) = self.inner.store.put_instance(&record).await {
             tracing::warn!(error = %e, "could not record instance; it will be removed at the next restart");
         }
@@ -235,6 +301,7 @@ impl Activator {
                 }
             }
             stop_quietly(node, cid).await;
+            self.forget_record(f.name(), &start.id).await;
         }
         tracing::warn!(error = %message, "cold start failed");
         let mut st = f.lock();
@@ -296,6 +363,32 @@ impl Activator {
         f.dispatch(&mut st);
         self.scale_up(f, &mut st);
         true
+    }
+}
+
+/// A start that a restart found under way, to go on with (`Activator::resume_start`).
+pub(super) struct ResumedStart {
+    pub f: Arc<Function>,
+    pub id: String,
+    pub revision: Arc<Revision>,
+    pub node: Arc<dyn Node>,
+    pub gpus: Vec<GpuAssignment>,
+    pub started: Started,
+    pub started_ms: u64,
+}
+
+/// The record of a started instance; `ready_ms` 0 while it is still starting.
+fn record(start: &Start, started: &Started, ready_ms: u64) -> InstanceRecord {
+    InstanceRecord {
+        id: start.id.clone(),
+        function: start.f.name().to_string(),
+        revision: start.revision.id.clone(),
+        node: start.node.name().to_string(),
+        container_id: started.container_id.clone(),
+        endpoint: started.endpoint.to_string(),
+        ready_ms,
+        started_ms: start.started_ms,
+        gpus: start.gpus.clone(),
     }
 }
 

@@ -18,6 +18,9 @@ pub struct FunctionStatus {
     pub image: String,
     /// Instances starting.
     pub starting: usize,
+    /// While instances start: milliseconds since the longest-starting one began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub starting_ms: Option<u64>,
     /// Instances the autoscaler wants.
     pub desired: usize,
     /// Instances ready.
@@ -38,6 +41,13 @@ pub struct FunctionStatus {
     pub unschedulable: Option<String>,
     /// Each instance.
     pub instances: Vec<InstanceStatus>,
+}
+
+impl FunctionStatus {
+    fn with_longest_start(mut self) -> Self {
+        self.starting_ms = self.instances.iter().filter_map(|i| i.starting_ms).max();
+        self
+    }
 }
 
 /// A run of failed starts, as shown to users.
@@ -62,6 +72,7 @@ impl Activator {
             revision: st.revision.id.clone(),
             image: st.revision.manifest.image.clone().unwrap_or_default(),
             starting: count(|p| p == Phase::Starting),
+            starting_ms: None,
             desired: st.desired,
             ready: count(|p| p == Phase::Ready),
             paused: count(|p| matches!(p, Phase::Pausing | Phase::Paused | Phase::Resuming)),
@@ -77,5 +88,6 @@ impl Activator {
             unschedulable: st.unschedulable.clone(),
             instances: st.instances.iter().map(|i| i.status(now)).collect(),
         }
+        .with_longest_start()
     }
 }

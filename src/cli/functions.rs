@@ -39,7 +39,10 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
                 "waiting for room: {}",
                 f["unschedulable"].as_str().unwrap_or("")
             ),
-            None => "ok".to_string(),
+            None => match f["starting_ms"].as_u64() {
+                Some(ms) => format!("starting {}", short_duration(ms)),
+                None => "ok".to_string(),
+            },
             Some(fl) => {
                 let message = fl["message"].as_str().unwrap_or("");
                 let first_line = message.lines().next().unwrap_or("");
@@ -64,6 +67,16 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `4m12s`, `38s`, `1h3m`: how long something has been going, to the second.
+fn short_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m{sec:02}s"),
+        (h, min, _) => format!("{h}h{min:02}m"),
+    }
 }
 
 /// `ember rm NAME`.
@@ -144,4 +157,16 @@ pub async fn invoke(
         return Err(crate::client::ClientError::Api { status, body }.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_duration;
+
+    #[test]
+    fn durations_read_like_a_clock_to_the_second() {
+        assert_eq!(short_duration(38_400), "38s");
+        assert_eq!(short_duration(252_000), "4m12s");
+        assert_eq!(short_duration(3_780_000), "1h03m");
+    }
 }

@@ -21,8 +21,11 @@ pub struct InstanceRecord {
     pub container_id: String,
     /// Address the instance answers on.
     pub endpoint: String,
-    /// When it became ready (unix ms).
+    /// When it became ready (unix ms); 0 while it is still starting.
     pub ready_ms: u64,
+    /// When its start began (unix ms); 0 in records older than this field.
+    #[serde(default)]
+    pub started_ms: u64,
     /// Devices it holds.
     #[serde(default)]
     pub gpus: Vec<GpuAssignment>,
@@ -44,6 +47,13 @@ impl Store {
         let k = key(&instance.function, &instance.id);
         self.write(vec![Change::Put(TreeId::Instances, k, encode(instance))])
             .await
+    }
+
+    /// Records an instance without waiting for the disk (a starting one: losing the record
+    /// in a crash only loses the adoption of its load).
+    pub fn put_instance_later(&self, instance: &InstanceRecord) {
+        let k = key(&instance.function, &instance.id);
+        self.write_later(vec![Change::Put(TreeId::Instances, k, encode(instance))]);
     }
 
     /// Forgets an instance of `function`, durably.

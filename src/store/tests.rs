@@ -27,6 +27,7 @@ fn deploy(name: &str) -> (FunctionRecord, RevisionRecord) {
 
 fn instance(function: &str, id: &str) -> InstanceRecord {
     InstanceRecord {
+        started_ms: 0,
         id: id.into(),
         function: function.into(),
         revision: "r".into(),
