@@ -4,8 +4,8 @@
 //! It goes through the deploy's own [`prepare`] (the same parsing and validation, the same
 //! build-context hash and image tag, the same JSON sent), so the revision id it prints is
 //! the one a deploy gets. It needs no gateway; what only the gateway knows is left to the
-//! deploy and said so: whether the image is on the nodes, and whether a node can meet
-//! `[gpu]`.
+//! deploy and said so: whether the image is on the nodes, whether a node can meet `[gpu]`
+//! and has the volumes, and whether the secrets are set.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,7 +15,8 @@ use crate::manifest::Manifest;
 
 /// What only a deploy checks, printed after every dry run.
 pub const NOT_CHECKED: &str = "not checked without a gateway: whether the image is on the nodes, \
-     and whether a node can meet [gpu] (`ember deploy` warns of both)";
+     whether a node can meet [gpu] and has the read-only volumes (`ember deploy` warns of \
+     these), and whether the secrets named are set (`ember deploy` refuses without them)";
 
 /// Checks the manifest at `path` and prints the summary; an invalid manifest is an error
 /// naming each field.
@@ -51,6 +52,17 @@ pub fn summary(prepared: &Prepared) -> String {
         },
     );
     line("port", m.port.to_string());
+    line("resources", resources(m));
+    if !m.volumes.is_empty() {
+        line("volumes", volumes(m));
+    }
+    let secrets: Vec<String> = m
+        .secret_refs()
+        .map(|(var, secret)| format!("{var} from secret `{secret}`"))
+        .collect();
+    if !secrets.is_empty() {
+        line("secrets", secrets.join(", "));
+    }
     line("scale", scale(m));
     line(
         "queue",
@@ -78,6 +90,43 @@ pub fn summary(prepared: &Prepared) -> String {
         },
     );
     out
+}
+
+fn resources(m: &Manifest) -> String {
+    let r = &m.resources;
+    let mut out = format!(
+        "{} cpus, {} memory, {} /dev/shm, {} processes",
+        r.cpus,
+        r.memory,
+        r.shm(),
+        r.pids()
+    );
+    for (name, l) in &r.ulimits {
+        let v = |n: i64| {
+            if n == -1 {
+                "unlimited".to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        if l.soft == l.hard {
+            let _ = write!(out, ", {name} {}", v(l.soft));
+        } else {
+            let _ = write!(out, ", {name} {}/{}", v(l.soft), v(l.hard));
+        }
+    }
+    out
+}
+
+fn volumes(m: &Manifest) -> String {
+    m.volumes
+        .iter()
+        .map(|v| {
+            let mode = if v.read_only { "ro" } else { "rw" };
+            format!("{} at {} ({mode})", v.source, v.target)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn scale(m: &Manifest) -> String {
