@@ -128,6 +128,11 @@ enum Command {
     Volumes(cli::volumes::VolumesArgs),
     /// Copy a file into a node volume: `ember cp FILE NODE:VOLUME/PATH`.
     Cp(cli::volumes::CpArgs),
+    /// Store, list and forget the registry logins nodes pull private images with.
+    Registry {
+        #[command(subcommand)]
+        command: cli::registry::RegistryCommand,
+    },
     /// Set, list and remove secrets that manifests name in `env`.
     Secret {
         #[command(subcommand)]
@@ -319,6 +324,7 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys(command, outer).await,
         Command::Secret { command } => cli::secrets::run(command, outer).await,
+        Command::Registry { command } => cli::registry::run(command, outer).await,
         Command::Volumes(a) => {
             with_client(a.gateway, outer, async |c| {
                 cli::volumes::volumes(c, a.json).await

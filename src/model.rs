@@ -238,6 +238,8 @@ pub enum ErrorCode {
     SecretNotFound,
     /// A function's manifest names the secret.
     SecretInUse,
+    /// No login stored for that registry.
+    RegistryNotFound,
     /// A container exited as it started (agent to gateway).
     ExitedAtStart,
     /// A container engine failure (agent to gateway).
@@ -287,6 +289,7 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::KeyNotFound, "key_not_found"),
     (ErrorCode::SecretNotFound, "secret_not_found"),
     (ErrorCode::SecretInUse, "secret_in_use"),
+    (ErrorCode::RegistryNotFound, "registry_not_found"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),
     (ErrorCode::BadRequest, "bad_request"),

@@ -179,7 +179,7 @@ fn the_model_imports_nothing_of_the_crate() {
 fn sled_bollard_and_nvml_stay_in_their_modules() {
     let owners = [
         ("sled::", "store"),
-        ("bollard::", "runtime/docker.rs"),
+        ("bollard::", "runtime/docker"),
         ("nvml_wrapper::", "gpu/nvml.rs"),
     ];
     for (rel, code) in library() {

@@ -47,6 +47,8 @@ pub struct Instance {
     pub(crate) started_ms: u64,
     /// Cancelled when it leaves service.
     pub(crate) retired: Retired,
+    /// While its image is on its way to the node: how far it has got.
+    pub(crate) image: Option<Arc<super::ImageMeter>>,
 }
 
 /// An instance's retirement signal: cancelled when the instance drains, stops, or is
@@ -91,6 +93,7 @@ impl Instance {
             ready_at: Instant::now(),
             started_ms: crate::store::now_ms(),
             retired: Retired::default(),
+            image: None,
         }
     }
 
@@ -172,6 +175,9 @@ pub struct InstanceStatus {
     /// While starting: milliseconds since its start began (a model load shows here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub starting_ms: Option<u64>,
+    /// While its image is pulled or copied to its node: how far that has got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_progress: Option<super::ImageStatus>,
 }
 
 impl Instance {
@@ -200,6 +206,11 @@ impl Instance {
                 .collect(),
             starting_ms: (self.phase == Phase::Starting)
                 .then(|| crate::store::now_ms().saturating_sub(self.started_ms)),
+            image_progress: self
+                .image
+                .as_ref()
+                .filter(|_| self.phase == Phase::Starting)
+                .map(|m| m.status()),
         }
     }
 }

@@ -14,6 +14,7 @@
 
 mod deploy;
 mod function;
+mod images;
 mod instance;
 mod nodes;
 pub mod reap;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use deploy::DeployOutcome;
 pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
+pub use images::{ImageAction, ImageMeter, ImageStatus};
 pub use instance::InstanceStatus;
 pub use reap::run as run_reaper;
 pub use restore::ReconcileGuard;
@@ -174,6 +176,8 @@ struct Inner {
     checking_health: std::sync::atomic::AtomicBool,
     /// Whether a paused instance is being evicted to make room.
     evicting: std::sync::atomic::AtomicBool,
+    /// Images on their way to nodes.
+    supplies: images::Supplies,
 }
 
 /// The activator. Cheap to clone.
@@ -207,6 +211,7 @@ impl Activator {
                 reconciling: Default::default(),
                 checking_health: Default::default(),
                 evicting: Default::default(),
+                supplies: Default::default(),
             }),
         }
     }

@@ -152,7 +152,9 @@ impl Activator {
             Err(StartError::Cancelled) => {
                 if let Some(cid) = container {
                     stop_quietly(start.node.as_ref(), &cid).await;
-                    self.forget_record(start.f.name(), &start.id).await;
+                    self.inner
+                        .store
+                        .delete_instance_later(start.f.name(), &start.id);
                 }
             }
             Err(e) => self.on_failure(&start, container, e).await,
@@ -236,6 +238,22 @@ impl Activator {
             gpus: start.gpus.clone(),
             secrets: self.secret_env(&start.revision.manifest)?,
         };
+        // A node without the image gets it first (pulled, or copied from a node that has
+        // it); waiting requests keep waiting, and `ember ls` shows how far it has got.
+        let image = start.revision.manifest.image.as_deref().unwrap_or_default();
+        let Some(retired) = retired_token(&start.f, &start.id) else {
+            return Err(StartError::Cancelled);
+        };
+        let got = tokio::select! {
+            got = self.ensure_image(&start.node, image, |meter| {
+                set_image_meter(&start.f, &start.id, Some(meter))
+            }) => got,
+            // Removed (or replaced) while its image came: this start ends, and with it
+            // the pull or copy it drove (the next start that needs the image begins again).
+            () = retired.cancelled() => return Err(StartError::Cancelled),
+        };
+        set_image_meter(&start.f, &start.id, None);
+        got?;
         let started = match start.node.start(&spec).await {
             Ok(s) => s,
             Err(NodeError::ExitedAtStart {
@@ -301,7 +319,7 @@ impl Activator {
                 }
             }
             stop_quietly(node, cid).await;
-            self.forget_record(f.name(), &start.id).await;
+            self.inner.store.delete_instance_later(f.name(), &start.id);
         }
         tracing::warn!(error = %message, "cold start failed");
         let mut st = f.lock();
@@ -401,6 +419,22 @@ fn set_container(f: &Function, id: &str, started: &Started) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// The instance's retirement signal, while it is in its function's list.
+fn retired_token(f: &Function, id: &str) -> Option<tokio_util::sync::CancellationToken> {
+    let st = f.lock();
+    st.instances
+        .iter()
+        .find(|i| i.id == id)
+        .map(|i| i.retired.token().clone())
+}
+
+fn set_image_meter(f: &Function, id: &str, meter: Option<Arc<super::ImageMeter>>) {
+    let mut st = f.lock();
+    if let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) {
+        inst.image = meter;
     }
 }
 

@@ -21,6 +21,9 @@ pub struct FunctionStatus {
     /// While instances start: milliseconds since the longest-starting one began.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub starting_ms: Option<u64>,
+    /// While an instance's image is pulled or copied: how far (the first such instance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_progress: Option<super::ImageStatus>,
     /// Instances the autoscaler wants.
     pub desired: usize,
     /// Instances ready.
@@ -46,6 +49,7 @@ pub struct FunctionStatus {
 impl FunctionStatus {
     fn with_longest_start(mut self) -> Self {
         self.starting_ms = self.instances.iter().filter_map(|i| i.starting_ms).max();
+        self.image_progress = self.instances.iter().find_map(|i| i.image_progress);
         self
     }
 }
@@ -73,6 +77,7 @@ impl Activator {
             image: st.revision.manifest.image.clone().unwrap_or_default(),
             starting: count(|p| p == Phase::Starting),
             starting_ms: None,
+            image_progress: None,
             desired: st.desired,
             ready: count(|p| p == Phase::Ready),
             paused: count(|p| matches!(p, Phase::Pausing | Phase::Paused | Phase::Resuming)),

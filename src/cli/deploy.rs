@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http::Method;
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
-use crate::client::{encode, render_api_error, ApiClient};
+use crate::client::{encode, ApiClient};
 use crate::manifest::{Format, Manifest, ManifestError};
 
 /// A manifest read from disk and made ready to send: what `deploy` sends and what
@@ -90,6 +89,7 @@ pub async fn deploy(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
     if let Some(build) = build {
         build_if_missing(client, build).await?;
     }
+    super::pull::pre_pull(client, &manifest).await?;
     let body = serde_json::to_vec(&manifest)?;
     let answer = client
         .call(
@@ -178,47 +178,24 @@ async fn build_if_missing(client: &ApiClient, build: Build) -> anyhow::Result<()
         context.display(),
         tar.len() / 1024
     );
-    let resp = client
-        .send(
-            Method::POST,
-            &format!(
-                "/api/v1/images?tag={}&dockerfile={}",
-                encode(&tag),
-                encode(&dockerfile)
-            ),
-            &[("content-type".into(), "application/x-tar".into())],
-            Bytes::from(tar),
-        )
-        .await?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    if !status.is_success() {
-        let bytes = body.collect().await?.to_bytes();
-        bail!("{}", render_api_error(status, &bytes));
-    }
-    let mut pending = Vec::new();
+    let path = format!(
+        "/api/v1/images?tag={}&dockerfile={}",
+        encode(&tag),
+        encode(&dockerfile)
+    );
     let mut done = false;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.context("the build's progress stream broke")?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        pending.extend_from_slice(data);
-        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(p) = v["progress"].as_str() {
-                eprintln!("  | {p}");
-                let _ = std::io::stderr().flush();
-            } else if let Some(e) = v["error"].as_str() {
-                bail!("building {tag} failed: {e}");
-            } else if v["done"].as_bool() == Some(true) {
-                done = true;
-            }
+    super::pull::ndjson_call(client, &path, "application/x-tar", Bytes::from(tar), |v| {
+        if let Some(p) = v["progress"].as_str() {
+            eprintln!("  | {p}");
+            let _ = std::io::stderr().flush();
+        } else if let Some(e) = v["error"].as_str() {
+            bail!("building {tag} failed: {e}");
+        } else if v["done"].as_bool() == Some(true) {
+            done = true;
         }
-    }
+        Ok(())
+    })
+    .await?;
     if !done {
         bail!("building {tag}: the gateway closed the progress stream before the build finished");
     }

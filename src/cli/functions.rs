@@ -39,9 +39,10 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
                 "waiting for room: {}",
                 f["unschedulable"].as_str().unwrap_or("")
             ),
-            None => match f["starting_ms"].as_u64() {
-                Some(ms) => format!("starting {}", short_duration(ms)),
-                None => "ok".to_string(),
+            None => match (f["starting_ms"].as_u64(), f.get("image_progress")) {
+                (Some(_), Some(p)) => image_line(p),
+                (Some(ms), None) => format!("starting {}", short_duration(ms)),
+                (None, _) => "ok".to_string(),
             },
             Some(fl) => {
                 let message = fl["message"].as_str().unwrap_or("");
@@ -157,6 +158,19 @@ pub async fn invoke(
         return Err(crate::client::ClientError::Api { status, body }.into());
     }
     Ok(())
+}
+
+/// `pulling 45%`, `copying image 12%`, `checking image`: a start waiting for its image.
+fn image_line(p: &serde_json::Value) -> String {
+    let action = match p["action"].as_str() {
+        Some("pulling") => "pulling",
+        Some("copying") => "copying image",
+        _ => "checking image",
+    };
+    match p["percent"].as_u64() {
+        Some(pc) => format!("{action} {pc}%"),
+        None => action.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ mod functions;
 pub mod keys;
 mod login;
 mod nodes;
+mod pull;
+pub mod registry;
 pub mod secrets;
 pub mod volumes;
 

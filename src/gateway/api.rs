@@ -71,7 +71,7 @@ pub async fn put_function(
     for node in state.activator().scheduler().live_nodes() {
         if let Ok(false) = node.image_exists(&image).await {
             warnings.push(format!(
-                "image `{image}` is not on node `{}`; instances there will fail to start until it is built or loaded",
+                "image `{image}` is not on node `{}`; the first start there pulls it (or copies it from a node that has it) first",
                 node.name()
             ));
         }

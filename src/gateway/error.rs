@@ -77,6 +77,9 @@ pub enum ApiError {
         /// The functions whose manifest names it.
         used_by: Vec<String>,
     },
+    /// No login for that registry.
+    #[error("no login stored for registry `{0}`; `ember registry ls` lists them")]
+    RegistryNotFound(String),
     /// The state store failed outside the activator (keys, credentials).
     #[error("the state store failed")]
     Store(#[from] StoreError),
@@ -150,6 +153,7 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::KeyNameTaken(_) => (S::CONFLICT, C::KeyNameTaken, None),
         ApiError::KeyNotFound(_) => (S::NOT_FOUND, C::KeyNotFound, None),
         ApiError::SecretNotFound(_) => (S::NOT_FOUND, C::SecretNotFound, None),
+        ApiError::RegistryNotFound(_) => (S::NOT_FOUND, C::RegistryNotFound, None),
         ApiError::SecretInUse { .. } => (S::CONFLICT, C::SecretInUse, None),
         ApiError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
     }

@@ -131,14 +131,113 @@ pub async fn build_image(
         }
         .instrument(span),
     );
-    let stream = futures_util::stream::unfold(lines_rx, |mut rx| async move {
+    Ok(ndjson(lines_rx))
+}
+
+/// One node's pre-pull, sampled into NDJSON lines for `out` until it ends.
+async fn pull_on_node(
+    state: &AppState,
+    node: Arc<dyn Node>,
+    image: &str,
+    out: &mpsc::Sender<String>,
+) -> bool {
+    let name = node.name().to_string();
+    let meter = std::sync::Mutex::new(None);
+    let work = state.activator().ensure_image(&node, image, |m| {
+        *meter.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    });
+    tokio::pin!(work);
+    let mut shown = None;
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let now = meter.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|m| m.status());
+                if let Some(now) = now.filter(|n| Some(*n) != shown) {
+                    shown = Some(now);
+                    let line = serde_json::json!({ "node": name, "image_progress": now });
+                    // A client that reads slowly misses progress lines; the supply, which
+                    // holds its node's turn, never waits for it.
+                    let _ = out.try_send(line.to_string());
+                }
+            }
+        }
+    };
+    let supplied = meter.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    let line = match &result {
+        Ok(()) => serde_json::json!({ "node": name, "ready": true, "supplied": supplied }),
+        Err(e) => {
+            tracing::warn!(node = %name, %image, error = %crate::model::error_chain(e), "pre-pull failed");
+            serde_json::json!({ "node": name, "error": e.public_message() })
+        }
+    };
+    let _ = out.send(line.to_string()).await;
+    result.is_ok()
+}
+
+/// How often a pre-pull's progress is sampled.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `POST /api/v1/images/pull` with a manifest (JSON): makes its image present on every
+/// reachable node that could run it (pulled, or copied from a node that has it), all at
+/// once, answering NDJSON lines: `{"node","image_progress"}` as it goes, `{"node","ready"}`
+/// or `{"node","error"}` per node, and `{"done":true,"nodes":N,"failed":K}` last.
+pub async fn pull_image(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let text = String::from_utf8_lossy(&body);
+    let manifest = crate::manifest::Manifest::parse(&text, crate::manifest::Format::Json)?;
+    let Some(image) = manifest.image.clone() else {
+        return Err(ApiError::BadRequest {
+            code: ErrorCode::InvalidManifest,
+            message: "image: missing; there is nothing to pull".into(),
+            details: vec![FieldError {
+                field: "image".into(),
+                message: "missing".into(),
+            }],
+        });
+    };
+    let nodes = state
+        .activator()
+        .scheduler()
+        .capable_nodes(crate::scheduler::Needs::of(&manifest));
+    let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
+    let shutdown = state.shutdown.clone();
+    let span = tracing::info_span!("pre_pull", %image);
+    let task_state = state.clone();
+    state.tracker.spawn(
+        async move {
+            let all = futures_util::future::join_all(
+                nodes
+                    .iter()
+                    .map(|n| pull_on_node(&task_state, n.clone(), &image, &lines_tx)),
+            );
+            tokio::select! {
+                results = all => {
+                    let failed = results.iter().filter(|ok| !**ok).count();
+                    let last = serde_json::json!({ "done": true, "nodes": results.len(), "failed": failed });
+                    let _ = lines_tx.send(last.to_string()).await;
+                }
+                _ = shutdown.cancelled() => {
+                    let stop = serde_json::json!({ "error": "the gateway is shutting down" });
+                    let _ = lines_tx.send(stop.to_string()).await;
+                }
+            }
+        }
+        .instrument(span),
+    );
+    Ok(ndjson(lines_rx))
+}
+
+/// An NDJSON answer of the lines `rx` brings.
+fn ndjson(rx: mpsc::Receiver<String>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|line| (Ok::<_, std::io::Error>(format!("{line}\n")), rx))
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()
 }

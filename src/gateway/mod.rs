@@ -15,6 +15,7 @@ mod invoke;
 mod keys;
 mod listener;
 mod nodes;
+mod registries;
 mod secrets;
 mod volumes;
 
@@ -101,12 +102,23 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(images::MAX_CONTEXT_BYTES)),
         )
         .route(
+            "/api/v1/images/pull",
+            post(images::pull_image).layer(DefaultBodyLimit::max(api::MAX_MANIFEST_BYTES)),
+        )
+        .route(
             "/api/v1/keys",
             get(keys::list_keys)
                 .post(keys::create_key)
                 .layer(DefaultBodyLimit::max(keys::MAX_KEY_REQUEST_BYTES)),
         )
         .route("/api/v1/keys/{name}", delete(keys::revoke_key))
+        .route("/api/v1/registries", get(registries::list))
+        .route(
+            "/api/v1/registries/{host}",
+            put(registries::login)
+                .delete(registries::logout)
+                .layer(DefaultBodyLimit::max(registries::MAX_LOGIN_BYTES)),
+        )
         .route("/api/v1/secrets", get(secrets::list_secrets))
         .route(
             "/api/v1/secrets/{name}",

@@ -19,7 +19,8 @@ use crate::store::{now_ms, SecretRecord};
 /// Largest secret value.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
-fn bad(field: &str, message: String) -> ApiError {
+/// A 400 `bad_request` at `field`.
+pub(super) fn bad(field: &str, message: String) -> ApiError {
     ApiError::BadRequest {
         code: ErrorCode::BadRequest,
         message: format!("{field}: {message}"),

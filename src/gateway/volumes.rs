@@ -84,6 +84,15 @@ pub async fn put_file(
         .ok_or_else(|| crate::membership::MembershipError::UnknownNode(node.clone()))?;
     let bytes = target.put_file(&volume, &path, body).await?;
     tracing::info!(%node, %volume, %path, bytes, "file written into a node volume");
+    // A volume this made is placeable at once, not from the node's next heartbeat on: a
+    // deploy right after `ember cp` finds it.
+    match target.volumes().await {
+        Ok(volumes) => state
+            .activator()
+            .scheduler()
+            .update_volumes(&node, volumes.into_iter().map(|v| v.name).collect()),
+        Err(e) => tracing::warn!(%node, error = %e, "could not read the node's volumes back"),
+    }
     Ok(Json(Written {
         node,
         volume,

@@ -94,19 +94,7 @@ impl<'de> Visitor<'de> for EnvValueVisitor {
 
 /// A secret name: 1 to 63 of a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit.
 pub fn check_secret_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_SECRET_NAME_LEN
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` is not a secret name: 1 to {MAX_SECRET_NAME_LEN} of a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit"
-        ))
-    }
+    super::check_lower_name("secret", MAX_SECRET_NAME_LEN, name)
 }
 
 /// Reports every problem of `env`, each at its `env.NAME` path.

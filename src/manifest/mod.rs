@@ -348,3 +348,21 @@ mod test_support {
 
 #[cfg(test)]
 mod tests;
+
+/// A name of `kind` (a secret, a node volume): 1 to `max` of a-z, 0-9, `-`, `_` and `.`,
+/// starting with a letter or digit.
+fn check_lower_name(kind: &str, max: usize, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a {kind} name: 1 to {max} of a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit"
+        ))
+    }
+}

@@ -67,19 +67,7 @@ impl Volume {
 /// A node volume's name: 1 to 63 of a-z, 0-9, `-`, `_` and `.`, starting with a letter or
 /// digit (it names a directory, so no `/` and never `.` or `..`).
 pub fn check_volume_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_VOLUME_NAME_LEN
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` is not a volume name: 1 to {MAX_VOLUME_NAME_LEN} of a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit"
-        ))
-    }
+    super::check_lower_name("volume", MAX_VOLUME_NAME_LEN, name)
 }
 
 /// A Docker named volume's name, as Docker takes it.

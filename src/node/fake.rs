@@ -222,6 +222,23 @@ impl Node for FakeNode {
     async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
         Ok(true)
     }
+    async fn pull_image(
+        &self,
+        _: &str,
+        _: Option<crate::runtime::RegistryAuth>,
+        _: mpsc::Sender<crate::runtime::ImageProgress>,
+    ) -> Result<(), NodeError> {
+        Ok(())
+    }
+    async fn export_image(
+        &self,
+        image: &str,
+    ) -> Result<(Option<u64>, axum::body::Body), NodeError> {
+        Err(crate::runtime::RuntimeError::ImageNotFound(image.to_string()).into())
+    }
+    async fn load_image(&self, _: axum::body::Body) -> Result<(), NodeError> {
+        Ok(())
+    }
     async fn build_image(
         &self,
         _: &str,

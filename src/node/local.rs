@@ -23,8 +23,8 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    ContainerRuntime, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE,
-    LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
+    ContainerRuntime, ImageProgress, RegistryAuth, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
+    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
 use axum::body::Body;
 
@@ -282,6 +282,31 @@ impl Node for LocalNode {
 
     async fn image_exists(&self, image: &str) -> Result<bool, NodeError> {
         Ok(self.runtime.image_exists(image).await?)
+    }
+
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+        progress: mpsc::Sender<ImageProgress>,
+    ) -> Result<(), NodeError> {
+        Ok(self
+            .runtime
+            .pull_image(image, auth.as_ref(), progress)
+            .await?)
+    }
+
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, Body), NodeError> {
+        let (size, tar) = self.runtime.export_image(image).await?;
+        Ok((size, Body::from_stream(tar)))
+    }
+
+    async fn load_image(&self, tar: Body) -> Result<(), NodeError> {
+        use futures_util::TryStreamExt;
+        let tar = tar
+            .into_data_stream()
+            .map_err(|e| RuntimeError::Transfer(format!("the image's bytes stopped coming: {e}")));
+        Ok(self.runtime.load_image(Box::pin(tar)).await?)
     }
 
     async fn build_image(

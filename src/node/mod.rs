@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
 use crate::model::{GpuAssignment, SecretEnv};
-use crate::runtime::RuntimeError;
+use crate::runtime::{ImageProgress, RegistryAuth, RuntimeError};
 use axum::body::Body;
 use volumes::VolumeInfo;
 
@@ -221,6 +221,18 @@ pub trait Node: Send + Sync + 'static {
         let _ = (path, body);
         Err(volumes::VolumeError::Missing(volume.to_string()).into())
     }
+    /// Pulls `image` from its registry (with `auth` when given); progress goes to
+    /// `progress`.
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+        progress: mpsc::Sender<ImageProgress>,
+    ) -> Result<(), NodeError>;
+    /// `image` as a `docker save` tar, streamed, with its size when known.
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, Body), NodeError>;
+    /// Loads a `docker save` tar.
+    async fn load_image(&self, tar: Body) -> Result<(), NodeError>;
     /// Builds an image on the node from a tar of its build context.
     async fn build_image(
         &self,

@@ -7,6 +7,8 @@
 //! gateway's regular inventory calls; without a tunnel the node is unreachable, and every
 //! call fails at once instead of waiting.
 
+mod images;
+
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -380,6 +382,23 @@ impl Node for RemoteNode {
         let path = format!("/node/v1/images?tag={}", encode(image));
         self.call(Method::GET, &path, Body::empty(), CALL_TIMEOUT)
             .await
+    }
+
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<crate::runtime::RegistryAuth>,
+        progress: mpsc::Sender<crate::runtime::ImageProgress>,
+    ) -> Result<(), NodeError> {
+        self.pull_over_tunnel(image, auth, progress).await
+    }
+
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, Body), NodeError> {
+        self.export_over_tunnel(image).await
+    }
+
+    async fn load_image(&self, tar: Body) -> Result<(), NodeError> {
+        self.load_over_tunnel(tar).await
     }
 
     async fn build_image(

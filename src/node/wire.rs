@@ -110,6 +110,13 @@ pub enum NodeFailure {
         /// The path.
         path: String,
     },
+    /// A pull failed; `reason` is the registry's.
+    PullFailed {
+        /// The image.
+        image: String,
+        /// The registry's words.
+        reason: String,
+    },
     /// The call lacked the agent's credential.
     Unauthorized,
     /// Anything else the node could not do (the message says what).
@@ -159,6 +166,10 @@ impl WireErrorBody {
             NodeError::Volume(VolumeError::BadPath(path)) => {
                 NodeFailure::InvalidPath { path: path.clone() }
             }
+            NodeError::Runtime(RuntimeError::Pull { image, reason }) => NodeFailure::PullFailed {
+                image: image.clone(),
+                reason: reason.clone(),
+            },
             _ => NodeFailure::Runtime,
         };
         WireErrorBody {
@@ -184,6 +195,9 @@ impl WireErrorBody {
         match self.error.failure {
             NodeFailure::ImageNotFound { image } => {
                 NodeError::Runtime(RuntimeError::ImageNotFound(image))
+            }
+            NodeFailure::PullFailed { image, reason } => {
+                NodeError::Runtime(RuntimeError::Pull { image, reason })
             }
             NodeFailure::ExitedAtStart {
                 container_id,

@@ -5,6 +5,8 @@
 //! sent to Docker is unit-tested without an engine.
 #![allow(clippy::disallowed_types)] // the one module that may hold this crate's types
 
+mod images;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -24,7 +26,8 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, MountSource, RuntimeError,
+    ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, ImageProgress, ImageTar,
+    MountSource, RegistryAuth, RuntimeError,
 };
 
 /// Docker through bollard.
@@ -229,6 +232,23 @@ impl ContainerRuntime for DockerRuntime {
             )));
         }
         Ok(())
+    }
+
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: mpsc::Sender<ImageProgress>,
+    ) -> Result<(), RuntimeError> {
+        images::pull(&self.docker, image, auth, progress).await
+    }
+
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, ImageTar), RuntimeError> {
+        images::export(&self.docker, image).await
+    }
+
+    async fn load_image(&self, tar: ImageTar) -> Result<(), RuntimeError> {
+        images::load(&self.docker, tar).await
     }
 
     async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {

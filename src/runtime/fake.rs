@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{ContainerInfo, ContainerRuntime, ContainerSpec, RuntimeError};
+use super::{
+    ContainerInfo, ContainerRuntime, ContainerSpec, ImageProgress, ImageTar, RegistryAuth,
+    RuntimeError,
+};
 
 /// A runtime that runs nothing.
 #[derive(Default)]
@@ -37,6 +40,20 @@ impl ContainerRuntime for FakeRuntime {
         for i in 0..self.build_lines {
             let _ = progress.send(format!("step {i}")).await;
         }
+        Ok(())
+    }
+    async fn pull_image(
+        &self,
+        _: &str,
+        _: Option<&RegistryAuth>,
+        _: mpsc::Sender<ImageProgress>,
+    ) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, ImageTar), RuntimeError> {
+        Err(RuntimeError::ImageNotFound(image.to_string()))
+    }
+    async fn load_image(&self, _: ImageTar) -> Result<(), RuntimeError> {
         Ok(())
     }
     async fn run(&self, _: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {

@@ -7,15 +7,21 @@
 pub mod docker;
 #[cfg(test)]
 pub mod fake;
+mod images;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use tokio::sync::mpsc;
 
 pub use docker::DockerRuntime;
+pub use images::{names_registry, registry_host, ImageProgress, RegistryAuth, DOCKER_HUB};
+
+/// An image as a `docker save` tar, streamed.
+pub type ImageTar = BoxStream<'static, Result<Bytes, RuntimeError>>;
 
 /// Label every Ember container carries.
 pub const LABEL_MANAGED: &str = "ember.managed";
@@ -184,6 +190,17 @@ pub enum RuntimeError {
     /// An image build failed.
     #[error("image build failed: {0}")]
     Build(String),
+    /// A pull failed; `reason` is the registry's (or the engine's) own words.
+    #[error("pulling `{image}` failed: {reason}")]
+    Pull {
+        /// The image.
+        image: String,
+        /// Why, as the registry said it.
+        reason: String,
+    },
+    /// Saving or loading an image failed.
+    #[error("{0}")]
+    Transfer(String),
     /// The container started but its port was not published.
     #[error("container {0} has no published port")]
     NoPort(String),
@@ -193,7 +210,10 @@ impl RuntimeError {
     /// What a client may read: the engine's own words are for the log.
     pub fn public_message(&self) -> String {
         match self {
-            RuntimeError::ImageNotFound(_) | RuntimeError::Build(_) => self.to_string(),
+            RuntimeError::ImageNotFound(_)
+            | RuntimeError::Build(_)
+            | RuntimeError::Pull { .. }
+            | RuntimeError::Transfer(_) => self.to_string(),
             RuntimeError::Unreachable(_) => "the node's Docker engine is unreachable".into(),
             RuntimeError::Docker { op, .. } => format!("docker {op} failed on the node"),
             RuntimeError::NoPort(_) => "the container's port was not published".into(),
@@ -216,6 +236,18 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         context_tar: Bytes,
         progress: mpsc::Sender<String>,
     ) -> Result<(), RuntimeError>;
+    /// Pulls `image` from its registry, with `auth` when the registry wants a login;
+    /// byte counts of the download go to `progress`.
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: mpsc::Sender<ImageProgress>,
+    ) -> Result<(), RuntimeError>;
+    /// `image` as a `docker save` tar, and its size when known (the tar is about as big).
+    async fn export_image(&self, image: &str) -> Result<(Option<u64>, ImageTar), RuntimeError>;
+    /// Loads a `docker save` tar (`docker load`).
+    async fn load_image(&self, tar: ImageTar) -> Result<(), RuntimeError>;
     /// Creates and starts a container; returns it with its published host port.
     async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError>;
     /// The container's state, or `None` when it does not exist.

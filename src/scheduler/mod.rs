@@ -363,36 +363,53 @@ impl Scheduler {
     /// Whether some node could ever place `needs` (reservations aside).
     pub fn feasible(&self, needs: impl Into<Needs>) -> Result<(), PlacementError> {
         let needs = needs.into();
-        let spec = needs.gpu.as_ref();
         let entries = self.snapshot();
         if entries.is_empty() {
             return Err(PlacementError::NoNodes);
         }
-        let empty = HashMap::new();
         let mut reasons = Vec::new();
         for entry in &entries {
-            let st = entry.lock();
-            if let Some(why) = needs.missing_volume(entry.node.name(), &st) {
-                reasons.push(why);
-                continue;
-            }
-            let view = NodeView {
-                name: entry.node.name(),
-                gpus: &st.gpus,
-                holds: &empty,
-                instances: 0,
-                in_flight: 0,
-                max_sharers: self.max_sharers,
-            };
-            match fit(&view, spec, self.policy) {
-                Ok(_) => return Ok(()),
-                Err(Misfit::Never(r) | Misfit::Busy(r)) => reasons.push(r),
+            match self.could_place(entry, &needs) {
+                Ok(()) => return Ok(()),
+                Err(r) => reasons.push(r),
             }
         }
         Err(PlacementError::Never {
             requirement: describe(&needs),
             reasons: reasons.join("; "),
         })
+    }
+
+    /// The reachable nodes that could ever place `needs` (reservations aside): where a
+    /// deploy pre-pulls its image.
+    pub fn capable_nodes(&self, needs: impl Into<Needs>) -> Vec<Arc<dyn Node>> {
+        let needs = needs.into();
+        self.snapshot()
+            .into_iter()
+            .filter(|e| e.lock().state.reachable() && self.could_place(e, &needs).is_ok())
+            .map(|e| e.node.clone())
+            .collect()
+    }
+
+    /// Whether the entry's node could ever place `needs`; why not.
+    fn could_place(&self, entry: &NodeEntry, needs: &Needs) -> Result<(), String> {
+        let st = entry.lock();
+        if let Some(why) = needs.missing_volume(entry.node.name(), &st) {
+            return Err(why);
+        }
+        let empty = HashMap::new();
+        let view = NodeView {
+            name: entry.node.name(),
+            gpus: &st.gpus,
+            holds: &empty,
+            instances: 0,
+            in_flight: 0,
+            max_sharers: self.max_sharers,
+        };
+        match fit(&view, needs.gpu.as_ref(), self.policy) {
+            Ok(_) => Ok(()),
+            Err(Misfit::Never(r) | Misfit::Busy(r)) => Err(r),
+        }
     }
 
     /// Whether `needs` would fit on the reservation's node if that reservation were

@@ -56,6 +56,12 @@ impl Store {
         self.write_later(vec![Change::Put(TreeId::Instances, k, encode(instance))]);
     }
 
+    /// Forgets an instance without waiting for the disk (a failed start's: a record that
+    /// survives a crash explains no container and is dropped at the next reconcile).
+    pub fn delete_instance_later(&self, function: &str, id: &str) {
+        self.write_later(vec![Change::Remove(TreeId::Instances, key(function, id))]);
+    }
+
     /// Forgets an instance of `function`, durably.
     pub async fn delete_instance(&self, function: &str, id: &str) -> Result<(), StoreError> {
         self.write(vec![Change::Remove(TreeId::Instances, key(function, id))])

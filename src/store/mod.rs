@@ -10,7 +10,8 @@
 //!   agent held, so it alone is told it was removed).
 //! - `tokens.rs`: `tokens` (hash → expiry): join tokens.
 //! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
-//! - `secrets.rs`: `secrets` (name → value): what manifests name in `env`.
+//! - `secrets.rs`: `secrets` (name → value): what manifests name in `env`; `registries`
+//!   (host → login): what pulls use.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -43,7 +44,7 @@ pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
-pub use secrets::SecretRecord;
+pub use secrets::{RegistryRecord, SecretRecord};
 pub use tokens::TokenRecord;
 pub use writer::{Change, TreeId, WriterStats};
 
@@ -120,6 +121,7 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             keys: db.open_tree("keys")?,
             secrets: db.open_tree("secrets")?,
+            registries: db.open_tree("registries")?,
             meta: db.open_tree("meta")?,
             db,
         };

@@ -32,6 +32,8 @@ pub enum TreeId {
     Keys,
     /// `secrets`.
     Secrets,
+    /// `registries`.
+    Registries,
     /// `meta`.
     Meta,
 }
@@ -73,6 +75,7 @@ pub(super) struct Trees {
     pub tokens: sled::Tree,
     pub keys: sled::Tree,
     pub secrets: sled::Tree,
+    pub registries: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -87,6 +90,7 @@ impl Trees {
             TreeId::Tokens => &self.tokens,
             TreeId::Keys => &self.keys,
             TreeId::Secrets => &self.secrets,
+            TreeId::Registries => &self.registries,
             TreeId::Meta => &self.meta,
         }
     }

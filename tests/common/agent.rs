@@ -29,6 +29,7 @@ pub struct AgentBuilder {
     inventory: Option<String>,
     data_dir: Option<PathBuf>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     netns: Option<String>,
 }
 
@@ -54,6 +55,18 @@ impl AgentBuilder {
     {
         self.args
             .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// Sets `key` to `value` in the agent's environment (say, `DOCKER_HOST` for another
+    /// engine); `ip netns exec` passes it on to an agent in a namespace.
+    pub fn env<K, V>(mut self, key: K, value: V) -> Self
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        self.env
+            .push((key.as_ref().to_string(), value.as_ref().to_string()));
         self
     }
 
@@ -95,7 +108,8 @@ impl AgentBuilder {
             .args(["--labels", &format!("name={name}")])
             .args(&self.args)
             .arg("--data-dir")
-            .arg(self.data_dir.as_ref().expect("set by start"));
+            .arg(self.data_dir.as_ref().expect("set by start"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(inv) = &self.inventory {
             let file = dir.join("gpus.toml");
             std::fs::write(&file, inv).unwrap();
@@ -115,6 +129,7 @@ impl Agent {
             inventory: None,
             data_dir: None,
             args: Vec::new(),
+            env: Vec::new(),
             netns: None,
         }
     }

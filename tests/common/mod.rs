@@ -7,15 +7,21 @@
 //! - `agent`: [`Agent`] and its builder, `Agent::builder(url, token, name).start()`;
 //! - `cluster`: a gateway of agents only, and what the API says of nodes;
 //! - `ws`: a WebSocket client, an echo check, and the close of a retired instance's socket;
-//! - `shim`: ember-shim, Debian's static busybox, and the shim example's image;
+//! - `shim`: ember-shim, Debian's static busybox, the shim example's image, and a busybox
+//!   httpd image;
+//! - `registry`: a private registry (Debian's `docker-registry`) to push images to, with
+//!   htpasswd auth when asked;
+//! - `dockerd`: a second Docker engine on this machine, to move images between engines;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
 mod agent;
 pub mod cluster;
+pub mod dockerd;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod registry;
 pub mod shim;
 pub mod ws;
 
@@ -62,6 +68,19 @@ pub fn docker_available() -> bool {
         eprintln!("SKIPPED: Docker is not reachable; start it to run this test");
     }
     ok
+}
+
+/// Whether `CI` is set to `true` or `1`: what a test needs must then be there.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Says why a test cannot run here: a failure under CI, a `SKIPPED` note elsewhere.
+pub fn skip_unless_ci(why: &str) {
+    if under_ci() {
+        panic!("CI=true: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
 }
 
 /// Skips the test (returns) when Docker is missing outside CI.

@@ -1,8 +1,9 @@
 //! ember-shim for tests: the binary (built by functions/build.sh), Debian's static
 //! busybox, the image of the shim's example function (runtimes/shim/example, the README's
-//! example) made from them, and the shim run directly on this machine.
+//! example) made from them, the shim run directly on this machine, and an image of busybox
+//! alone serving files (no Rust build: quick to make, push and move between engines).
 //!
-//! The image needs `/bin/busybox` from Debian's `busybox-static` (`.ci/run` installs it).
+//! The images need `/bin/busybox` from Debian's `busybox-static` (`.ci/run` installs it).
 //! Without it the tests that need the image are skipped, saying so, except under
 //! `CI=true`, where they fail.
 
@@ -98,6 +99,36 @@ pub fn example_image() -> String {
         let dir = example_context();
         let tar = ember::cli::build_context_tar(dir.path(), None).unwrap();
         let tag = format!("ember-test/shim-example:{}", short_hash(&tar));
+        docker_build(dir.path(), &tag);
+        tag
+    })
+    .clone()
+}
+
+/// Port the busybox image's httpd listens on (Ember's default function port).
+pub const BUSYBOX_PORT: u16 = 8080;
+
+/// A `FROM scratch` image of busybox alone, its httpd serving `/healthz` and
+/// `/index.html` (both `ok`) on [`BUSYBOX_PORT`]; built once per test binary, tagged by
+/// its content. Needs [`busybox_available`].
+pub fn busybox_image() -> String {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let dockerfile = format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nEXPOSE {BUSYBOX_PORT}\n\
+             ENTRYPOINT [\"/bin/busybox\"]\n\
+             CMD [\"httpd\", \"-f\", \"-p\", \"{BUSYBOX_PORT}\", \"-h\", \"/www\"]\n"
+        );
+        let mut content = std::fs::read(BUSYBOX).unwrap();
+        content.extend_from_slice(dockerfile.as_bytes());
+        let tag = format!("ember-test/busybox-httpd:{}", short_hash(&content));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
+        // `copy` keeps the executable bit, which `COPY` keeps in the image.
+        std::fs::copy(BUSYBOX, dir.path().join("busybox")).unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
+        std::fs::write(dir.path().join("www/healthz"), "ok\n").unwrap();
+        std::fs::write(dir.path().join("www/index.html"), "ok\n").unwrap();
         docker_build(dir.path(), &tag);
         tag
     })

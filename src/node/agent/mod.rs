@@ -9,6 +9,7 @@
 mod connect;
 mod credential;
 mod dial;
+pub mod images;
 mod server;
 
 use std::collections::BTreeMap;

@@ -27,8 +27,8 @@ const MAX_BUILD_CONTEXT: usize = 1 << 30;
 const BUILD_PROGRESS_BUFFER: usize = 1024;
 
 #[derive(Clone)]
-struct AgentState {
-    node: Arc<LocalNode>,
+pub(super) struct AgentState {
+    pub(super) node: Arc<LocalNode>,
     info: Arc<NodeInfo>,
     allowed: SharedAllowed,
 }
@@ -59,6 +59,12 @@ pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo, allowed: SharedAllowe
                 .post(build_image)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BUILD_CONTEXT)),
         )
+        .route("/node/v1/images/pull", post(super::images::pull))
+        .route("/node/v1/images/export", get(super::images::export))
+        .route(
+            "/node/v1/images/load",
+            post(super::images::load).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/node/v1/volumes", get(volumes))
         .route(
             "/node/v1/volumes/{volume}/files/{*path}",
@@ -83,7 +89,7 @@ async fn gpus(State(s): State<AgentState>) -> Json<Heartbeat> {
 }
 
 /// A node error as the node API answers it.
-struct AgentError(NodeError);
+pub(super) struct AgentError(NodeError);
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -92,6 +98,9 @@ impl IntoResponse for AgentError {
                 StatusCode::NOT_FOUND
             }
             NodeError::ExitedAtStart { .. } => StatusCode::CONFLICT,
+            NodeError::Runtime(crate::runtime::RuntimeError::Pull { .. }) => {
+                StatusCode::BAD_GATEWAY
+            }
             NodeError::Volume(crate::node::volumes::VolumeError::Io { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -186,8 +195,8 @@ async fn logs(
 }
 
 #[derive(Deserialize)]
-struct ImageQuery {
-    tag: String,
+pub(super) struct ImageQuery {
+    pub(super) tag: String,
     #[serde(default)]
     dockerfile: Option<String>,
 }

@@ -1,0 +1,97 @@
+//! The terms of images that the layers above the runtime use: a registry login
+//! (`RegistryAuth`), a pull's or copy's progress (`ImageProgress`), and which registry an
+//! image reference names (`registry_host`). Docker's side is docker/images.rs.
+
+use serde::{Deserialize, Serialize};
+
+/// Docker Hub's name, for images that name no registry.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A registry login. `Debug` hides the password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    /// The registry (`HOST[:PORT]`, `docker.io` for Docker Hub).
+    pub server: String,
+    /// User name.
+    pub username: String,
+    /// Password or access token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("server", &self.server)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How far an image's pull or copy has got, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageProgress {
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all, as far as known (0: not known yet).
+    pub total: u64,
+}
+
+impl ImageProgress {
+    /// Whole percent done, once the total is known.
+    pub fn percent(&self) -> Option<u8> {
+        (self.total > 0).then(|| (self.done.min(self.total) * 100 / self.total) as u8)
+    }
+}
+
+/// The registry an image reference names: its first part when that looks like a host
+/// (has a dot or a port, or is `localhost`), else Docker Hub.
+pub fn registry_host(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+            if matches!(first, "index.docker.io" | "registry-1.docker.io") {
+                DOCKER_HUB
+            } else {
+                first
+            }
+        }
+        _ => DOCKER_HUB,
+    }
+}
+
+/// Whether an image reference names its registry (and so is meant to be pulled).
+pub fn names_registry(image: &str) -> bool {
+    image
+        .split_once('/')
+        .is_some_and(|(first, _)| first.contains(['.', ':']) || first == "localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_is_the_first_part_when_it_looks_like_a_host() {
+        assert_eq!(
+            registry_host("127.0.0.1:5000/team/sd:1.2"),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(registry_host("ghcr.io/org/img"), "ghcr.io");
+        assert_eq!(registry_host("localhost/img"), "localhost");
+        assert_eq!(registry_host("vllm/vllm-openai:latest"), DOCKER_HUB);
+        assert_eq!(registry_host("ubuntu"), DOCKER_HUB);
+        assert_eq!(registry_host("index.docker.io/library/ubuntu"), DOCKER_HUB);
+        assert!(names_registry("127.0.0.1:5000/x"));
+        assert!(!names_registry("ember/echo:abc"));
+    }
+
+    #[test]
+    fn a_login_never_prints_its_password() {
+        let auth = RegistryAuth {
+            server: "r".into(),
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+}
