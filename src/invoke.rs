@@ -47,6 +47,9 @@ pub struct Call {
     pub request: Request<Body>,
     /// The client's address, for `X-Forwarded-For`.
     pub client: Option<SocketAddr>,
+    /// The routing key that picks among ready instances (the OpenAI front door's hash of
+    /// the prompt's prefix); `None`: the least loaded.
+    pub route: Option<u64>,
 }
 
 /// The invoke core. Cheap to clone.
@@ -93,7 +96,7 @@ impl Invoker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let permit = self.activator.acquire(f, announced).await?;
+            let permit = self.activator.acquire(f, announced, call.route).await?;
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy
@@ -233,6 +236,7 @@ mod tests {
                 .body(axum::body::Body::empty())
                 .unwrap(),
             client: None,
+            route: None,
         };
         Ok(invoker.call(f, call).await?.status().as_u16())
     }

@@ -240,6 +240,10 @@ pub enum ErrorCode {
     SecretInUse,
     /// No login stored for that registry.
     RegistryNotFound,
+    /// Another function serves that model id.
+    ModelTaken,
+    /// No function serves that model id.
+    ModelNotFound,
     /// A container exited as it started (agent to gateway).
     ExitedAtStart,
     /// A container engine failure (agent to gateway).
@@ -290,6 +294,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::SecretNotFound, "secret_not_found"),
     (ErrorCode::SecretInUse, "secret_in_use"),
     (ErrorCode::RegistryNotFound, "registry_not_found"),
+    (ErrorCode::ModelTaken, "model_taken"),
+    (ErrorCode::ModelNotFound, "model_not_found"),
     (ErrorCode::ExitedAtStart, "exited_at_start"),
     (ErrorCode::Runtime, "runtime"),
     (ErrorCode::BadRequest, "bad_request"),

@@ -29,6 +29,11 @@ impl Activator {
         let lock = self.function_lock(&manifest.name);
         let _one_at_a_time = lock.lock().await;
         let name = manifest.name.clone();
+        let _claiming = match &manifest.openai {
+            Some(_) => Some(self.inner.model_claims.lock().await),
+            None => None,
+        };
+        self.check_model_claims(&manifest)?;
         let revision_id = manifest.revision_id();
         let existing = self.inner.store.function(&name)?;
         if let Some(existing) = &existing {
@@ -95,6 +100,31 @@ impl Activator {
             created,
             changed: true,
         })
+    }
+
+    /// Refuses a manifest claiming a model id another function serves.
+    fn check_model_claims(&self, manifest: &Manifest) -> Result<(), ActivatorError> {
+        let Some(openai) = &manifest.openai else {
+            return Ok(());
+        };
+        for (i, (model, _)) in openai.models.pairs().into_iter().enumerate() {
+            let holder = self.functions().into_iter().find(|f| {
+                f.name() != manifest.name
+                    && f.revision()
+                        .manifest
+                        .openai
+                        .as_ref()
+                        .is_some_and(|o| o.models.pairs().iter().any(|(id, _)| *id == model))
+            });
+            if let Some(holder) = holder {
+                return Err(ActivatorError::ModelClaimed {
+                    field: openai.models.field(i),
+                    model: model.to_string(),
+                    function: holder.name().to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Removes a function: its queue is answered, its containers removed (all at once),

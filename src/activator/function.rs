@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::instance::Instance;
+use super::routing::{self, Candidate};
 use super::{AcquireError, Revision, StartFault};
 use crate::autoscaler::Scaler;
 use crate::keepalive::{Fixed, Hybrid, KeepAlive};
@@ -44,6 +45,8 @@ pub struct Failure {
 
 pub(super) struct Waiter {
     pub id: u64,
+    /// The request's routing key (see `routing`).
+    pub route: Option<u64>,
     pub tx: oneshot::Sender<Result<Permit, AcquireError>>,
 }
 
@@ -144,7 +147,8 @@ impl Function {
                 st.queue.pop_front();
                 continue;
             }
-            let Some(permit) = self.take_slot(st) else {
+            let route = front.route;
+            let Some(permit) = self.take_slot(st, route) else {
                 break;
             };
             let waiter = st.queue.pop_front().expect("front exists");
@@ -156,18 +160,46 @@ impl Function {
         }
     }
 
-    /// A permit on the ready instance with the fewest in-flight requests and a free slot.
-    pub(super) fn take_slot(self: &Arc<Self>, st: &mut FnState) -> Option<Permit> {
+    /// A permit on a ready instance with a free slot: one of the current revision's
+    /// (not evacuating) when any is free, picked by `route` (see `routing`), else the
+    /// least loaded of the rest.
+    pub(super) fn take_slot(
+        self: &Arc<Self>,
+        st: &mut FnState,
+        route: Option<u64>,
+    ) -> Option<Permit> {
         let current = st.revision.id.clone();
-        let idx = st
-            .instances
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| {
-                i.phase.can_serve() && i.has_free_slot() && i.reservation.node().reachable()
+        let serving = |i: &Instance| i.phase.can_serve() && i.reservation.node().reachable();
+        let tier: Vec<usize> = (0..st.instances.len())
+            .filter(|&i| {
+                let inst = &st.instances[i];
+                serving(inst) && !inst.evacuating && inst.revision.id == current
             })
-            .min_by_key(|(_, i)| (i.evacuating, i.revision.id != current, i.in_flight))
-            .map(|(idx, _)| idx)?;
+            .collect();
+        let candidates: Vec<Candidate<'_>> = tier
+            .iter()
+            .map(|&i| Candidate {
+                id: &st.instances[i].id,
+                in_flight: st.instances[i].in_flight,
+                free: st.instances[i].has_free_slot(),
+            })
+            .collect();
+        let load_factor = st
+            .revision
+            .manifest
+            .openai
+            .as_ref()
+            .map_or(crate::manifest::DEFAULT_LOAD_FACTOR, |o| o.load_factor);
+        let idx = match routing::pick(&candidates, route, load_factor) {
+            Some(c) => tier[c],
+            None => st
+                .instances
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| serving(i) && i.has_free_slot())
+                .min_by_key(|(_, i)| (i.evacuating, i.revision.id != current, i.in_flight))
+                .map(|(idx, _)| idx)?,
+        };
         let inst = &mut st.instances[idx];
         inst.in_flight += 1;
         Some(Permit {

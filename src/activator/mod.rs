@@ -19,6 +19,7 @@ mod instance;
 mod nodes;
 pub mod reap;
 mod restore;
+mod routing;
 mod start;
 mod status;
 mod tiers;
@@ -42,6 +43,7 @@ pub use images::{ImageAction, ImageMeter, ImageStatus};
 pub use instance::InstanceStatus;
 pub use reap::run as run_reaper;
 pub use restore::ReconcileGuard;
+pub use routing::fnv1a;
 pub use status::{FailureStatus, FunctionStatus};
 
 use crate::manifest::Manifest;
@@ -133,6 +135,16 @@ pub enum ActivatorError {
     /// A node's containers could not be reconciled with the records (the log says why).
     #[error("node `{0}` could not be reconciled: its containers could not be listed or the records read")]
     Reconcile(String),
+    /// Another function serves a model id the manifest claims.
+    #[error("{field}: model `{model}` is served by function `{function}` already; pick another id, or remove it from `{function}` first")]
+    ModelClaimed {
+        /// The manifest field naming the id.
+        field: String,
+        /// The model id.
+        model: String,
+        /// The function that has it.
+        function: String,
+    },
 }
 
 /// Gateway-wide caps on buffered requests, so a flood on one function cannot take the
@@ -178,6 +190,8 @@ struct Inner {
     evicting: std::sync::atomic::AtomicBool,
     /// Images on their way to nodes.
     supplies: images::Supplies,
+    /// Serialises deploys that claim model ids, so two cannot claim one id at once.
+    model_claims: tokio::sync::Mutex<()>,
 }
 
 /// The activator. Cheap to clone.
@@ -212,6 +226,7 @@ impl Activator {
                 checking_health: Default::default(),
                 evicting: Default::default(),
                 supplies: Default::default(),
+                model_claims: Default::default(),
             }),
         }
     }
@@ -262,11 +277,13 @@ impl Activator {
     }
 
     /// A permit on a ready instance of `f`, waiting in its queue (and cold-starting an
-    /// instance) when none is free.
+    /// instance) when none is free. `route` is the request's routing key, when it has one
+    /// (the front door's prompt-prefix hash; see `routing`).
     pub async fn acquire(
         &self,
         f: &Arc<Function>,
         body_bytes: Option<u64>,
+        route: Option<u64>,
     ) -> Result<Permit, AcquireError> {
         let (rx, waiter_id, wait, buffered) = {
             let mut st = f.lock();
@@ -277,7 +294,7 @@ impl Activator {
                 return Err(AcquireError::ShuttingDown);
             }
             st.arrival(Instant::now());
-            if let Some(permit) = f.take_slot(&mut st) {
+            if let Some(permit) = f.take_slot(&mut st, route) {
                 return Ok(permit);
             }
             let m = st.revision.manifest.clone();
@@ -307,7 +324,7 @@ impl Activator {
             let (tx, rx) = oneshot::channel();
             let id = st.next_waiter;
             st.next_waiter += 1;
-            st.queue.push_back(function::Waiter { id, tx });
+            st.queue.push_back(function::Waiter { id, route, tx });
             self.scale_up(f, &mut st);
             (rx, id, m.queue.timeout, buffered)
         };

@@ -51,7 +51,7 @@ async fn a_queue_of_thousands_is_released_in_arrival_order_to_one_cold_start() {
     for i in 0..2000 {
         let (a2, f2, order) = (a.clone(), f.clone(), order.clone());
         waiting.push(tokio::spawn(async move {
-            let permit = a2.acquire(&f2, None).await.unwrap();
+            let permit = a2.acquire(&f2, None, None).await.unwrap();
             order.lock().unwrap().push(i);
             drop(permit);
         }));
@@ -94,7 +94,7 @@ async fn waiting_requests_start_one_instance_per_concurrency_worth_up_to_max() {
     for _ in 0..45 {
         let (a, f, tx) = (a.clone(), f.clone(), tx.clone());
         tokio::spawn(async move {
-            let permit = a.acquire(&f, None).await.unwrap();
+            let permit = a.acquire(&f, None, None).await.unwrap();
             // Hold every permit until the test ends.
             let _ = tx.send(permit).await;
         });
@@ -138,7 +138,7 @@ async fn a_crash_looping_function_answers_as_its_container_failed_through_the_ba
     a.deploy(manifest(1, 1)).await.unwrap();
     let f = a.function("f").unwrap();
 
-    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    let (fault, message) = start_failure(a.acquire(&f, None, None).await);
     assert_eq!(fault, StartFault::Container);
     assert!(message.contains("code 3"), "{message}");
     assert!(
@@ -148,17 +148,17 @@ async fn a_crash_looping_function_answers_as_its_container_failed_through_the_ba
     assert_eq!(node.stopped(), ["c0"], "the failed container is removed");
 
     // Within the back-off: no new start, and still the container's fault (502, not 503).
-    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    let (fault, message) = start_failure(a.acquire(&f, None, None).await);
     assert_eq!(fault, StartFault::Container);
     assert!(message.contains("1 failed starts in a row"), "{message}");
     assert_eq!(node.starts.load(Ordering::SeqCst), 1);
 
     tokio::time::advance(BACKOFF_BASE + Duration::from_millis(10)).await;
-    let (fault, _) = start_failure(a.acquire(&f, None).await);
+    let (fault, _) = start_failure(a.acquire(&f, None, None).await);
     assert_eq!(fault, StartFault::Container);
     assert_eq!(node.starts.load(Ordering::SeqCst), 2);
     assert_eq!(a.status(&f).failure.unwrap().consecutive, 2);
-    let (_, message) = start_failure(a.acquire(&f, None).await);
+    let (_, message) = start_failure(a.acquire(&f, None, None).await);
     assert!(
         message.contains("the next try is in 2s"),
         "doubled: {message}"
@@ -172,7 +172,7 @@ async fn a_node_that_cannot_start_containers_is_the_platforms_fault() {
     let (a, _dir) = activator(node.clone()).await;
     a.deploy(manifest(1, 1)).await.unwrap();
     let f = a.function("f").unwrap();
-    let (fault, message) = start_failure(a.acquire(&f, None).await);
+    let (fault, message) = start_failure(a.acquire(&f, None, None).await);
     assert_eq!(fault, StartFault::Platform);
     assert!(
         !message.contains("docker container create"),
@@ -188,7 +188,10 @@ async fn a_node_that_cannot_start_containers_is_the_platforms_fault() {
     // Past the back-off, the clock runs again: the start's readiness probe is real I/O,
     // which a paused clock would race against the queue timeout.
     tokio::time::resume();
-    let permit = a.acquire(&f, None).await.expect("the next start runs");
+    let permit = a
+        .acquire(&f, None, None)
+        .await
+        .expect("the next start runs");
     drop(permit);
 }
 
@@ -204,7 +207,7 @@ async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
     .unwrap();
     a.deploy(m).await.unwrap();
     let f = a.function("f").unwrap();
-    drop(a.acquire(&f, None).await.unwrap());
+    drop(a.acquire(&f, None, None).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     a.reap();
     for _ in 0..100 {
@@ -225,7 +228,10 @@ async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(a.status(&f).instances.is_empty());
-    let permit = a.acquire(&f, None).await.expect("a new instance serves");
+    let permit = a
+        .acquire(&f, None, None)
+        .await
+        .expect("a new instance serves");
     drop(permit);
     assert_eq!(node.starts.load(Ordering::SeqCst), 2);
 }
@@ -256,7 +262,11 @@ async fn one_waiting_placement_evicts_one_paused_instance_even_while_its_stop_is
         )
         .unwrap();
         a.deploy(m).await.unwrap();
-        drop(a.acquire(&a.function(name).unwrap(), None).await.unwrap());
+        drop(
+            a.acquire(&a.function(name).unwrap(), None, None)
+                .await
+                .unwrap(),
+        );
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(super::run_reaper(a.clone(), shutdown.clone()));
@@ -277,7 +287,7 @@ async fn one_waiting_placement_evicts_one_paused_instance_even_while_its_stop_is
     a.deploy(m).await.unwrap();
     let c = a.function("c").unwrap();
     let (a2, c2) = (a.clone(), c.clone());
-    let waiter = tokio::spawn(async move { a2.acquire(&c2, None).await.map(drop) });
+    let waiter = tokio::spawn(async move { a2.acquire(&c2, None, None).await.map(drop) });
     tokio::time::sleep(Duration::from_millis(50)).await;
     // Six reaper passes while the evicted container is still being removed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -301,7 +311,7 @@ async fn a_permit_hears_its_instance_retire_when_a_new_revision_takes_over_or_th
     let (a, _dir) = activator(node.clone()).await;
     a.deploy(manifest(4, 2)).await.unwrap();
     let f = a.function("f").unwrap();
-    let held = a.acquire(&f, None).await.unwrap();
+    let held = a.acquire(&f, None, None).await.unwrap();
     let within = Duration::from_secs(5);
     assert!(
         !held.retired().is_cancelled(),
@@ -313,7 +323,7 @@ async fn a_permit_hears_its_instance_retire_when_a_new_revision_takes_over_or_th
     tokio::time::timeout(within, held.retired().cancelled())
         .await
         .expect("the old revision's permit hears the drain");
-    let fresh = a.acquire(&f, None).await.unwrap();
+    let fresh = a.acquire(&f, None, None).await.unwrap();
     assert_ne!(fresh.instance(), held.instance());
     assert!(!fresh.retired().is_cancelled());
     // Held past the drain, the old instance is not stopped until its permit goes.

@@ -51,6 +51,9 @@ pub fn rule(route: &str) -> Rule {
         // these handlers check.
         "/api/v1/nodes/join" | crate::node::tunnel::TUNNEL_PATH => Rule::Open,
         r if r.starts_with("/fn/") => Rule::Function,
+        // The OpenAI-compatible front door: each handler finds the model's function and
+        // checks its rule (`admit`).
+        r if r.starts_with("/v1/") => Rule::Function,
         _ => Rule::Admin,
     }
 }
@@ -289,28 +292,51 @@ impl FromRequestParts<AppState> for Admitted {
             .activator()
             .function(&name)
             .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
-        let key = parts.headers.remove(access::KEY_HEADER);
-        if !f.revision().manifest.access.private {
-            return Ok(Admitted(f));
-        }
-        let presented = presented_keys(key.as_ref(), &parts.headers);
-        let admitted = state.auth.admit(&presented, |c| c.allows_invoke(&name))?;
-        parts.headers.remove(header::AUTHORIZATION);
-        match admitted {
-            Ok(_) => Ok(Admitted(f)),
-            Err(refusal) => {
-                let message = invoke_message(&name, &refusal);
-                let route = parts.uri.path();
-                Err(refuse(
-                    &parts.method,
-                    route,
-                    &parts.extensions,
-                    &refusal,
-                    message,
-                ))
-            }
+        admit(state, parts, &f)?;
+        Ok(Admitted(f))
+    }
+}
+
+/// Checks that the request in `parts` may invoke `f` (its `[access]` rule), and takes
+/// Ember's credential out of it: `X-Ember-Key` always, `Authorization` too when `f` is
+/// private. For routes that find their function in the request (the front doors).
+pub fn admit(state: &AppState, parts: &mut Parts, f: &Function) -> Result<(), ApiError> {
+    let key = parts.headers.remove(access::KEY_HEADER);
+    if !f.revision().manifest.access.private {
+        return Ok(());
+    }
+    let presented = presented_keys(key.as_ref(), &parts.headers);
+    let admitted = state
+        .auth
+        .admit(&presented, |c| c.allows_invoke(f.name()))?;
+    parts.headers.remove(header::AUTHORIZATION);
+    match admitted {
+        Ok(_) => Ok(()),
+        Err(refusal) => {
+            let message = invoke_message(f.name(), &refusal);
+            Err(refuse(
+                &parts.method,
+                parts.uri.path(),
+                &parts.extensions,
+                &refusal,
+                message,
+            ))
         }
     }
+}
+
+/// Whether the request's credentials may invoke `f`, without changing the request (for
+/// listings: a private function's models are shown to those who may call it).
+pub fn may_invoke(state: &AppState, headers: &HeaderMap, f: &Function) -> Result<bool, ApiError> {
+    if !f.revision().manifest.access.private {
+        return Ok(true);
+    }
+    let key = headers.get(access::KEY_HEADER);
+    let presented = presented_keys(key, headers);
+    Ok(state
+        .auth
+        .admit(&presented, |c| c.allows_invoke(f.name()))?
+        .is_ok())
 }
 
 /// The keys a request offers for a private function: `X-Ember-Key`, then the bearer token.

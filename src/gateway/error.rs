@@ -95,7 +95,7 @@ impl From<InvokeError> for ApiError {
 }
 
 /// The status, code and Retry-After of each error.
-fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
+pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
     use ErrorCode as C;
     use StatusCode as S;
     let soon = Some(Duration::from_secs(1));
@@ -137,6 +137,9 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::Activator(ActivatorError::NotFound(_)) => {
             (S::NOT_FOUND, C::FunctionNotFound, None)
         }
+        ApiError::Activator(ActivatorError::ModelClaimed { .. }) => {
+            (S::CONFLICT, C::ModelTaken, None)
+        }
         ApiError::Activator(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
         ApiError::Membership(e) => match e {
             MembershipError::BadToken | MembershipError::BadCredential(_) => {
@@ -162,7 +165,7 @@ fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
 impl ApiError {
     /// What the client reads. Errors that carry a node's or an instance's internals are
     /// logged in full and answered with a message of Ember's own.
-    fn public_message(&self, status: StatusCode) -> String {
+    pub(super) fn public_message(&self, status: StatusCode) -> String {
         match self {
             _ if status == StatusCode::INTERNAL_SERVER_ERROR => {
                 tracing::error!(error = %error_chain(self), "internal error");
@@ -195,6 +198,10 @@ impl IntoResponse for ApiError {
         let details = match &self {
             ApiError::Manifest(e) => e.field_errors(),
             ApiError::BadRequest { details, .. } => details.clone(),
+            ApiError::Activator(ActivatorError::ModelClaimed { field, .. }) => vec![FieldError {
+                field: field.clone(),
+                message: self.to_string(),
+            }],
             _ => Vec::new(),
         };
         let body = ErrorBody::new(code, message).with_details(details);

@@ -31,6 +31,7 @@ pub async fn invoke(
     let call = Call {
         request: req,
         client: Some(client),
+        route: None,
     };
     Ok(state.invoker.call(&f, call).await?)
 }

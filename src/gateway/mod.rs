@@ -4,7 +4,8 @@
 //! running containers), starts the reaper, and serves HTTP until the shutdown token is
 //! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
 //! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
-//! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
+//! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), the OpenAI-compatible
+//! `/v1/...` (openai/), `/healthz`. Who may call which route is decided in auth.rs; errors
 //! become responses in error.rs.
 
 mod api;
@@ -15,6 +16,7 @@ mod invoke;
 mod keys;
 mod listener;
 mod nodes;
+mod openai;
 mod registries;
 mod secrets;
 mod volumes;
@@ -126,6 +128,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(secrets::remove_secret)
                 .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
         )
+        .merge(openai::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,

@@ -17,6 +17,7 @@
 //! - `request.rs`: `[queue]` and `[request]`, [`Queue`], [`RequestLimits`].
 //! - `gpu.rs`: `[gpu]`, [`GpuSpec`], [`Sharing`].
 //! - `access.rs`: `[access]`, [`Access`] (public or private).
+//! - `openai.rs`: `[openai]`, [`OpenAi`] (model ids behind the OpenAI-compatible front door).
 //! - `tests.rs`: manifest-wide tests and the revision-id golden values.
 //!
 //! # Revision ids
@@ -40,6 +41,7 @@ use sha2::{Digest, Sha256};
 mod access;
 mod env;
 mod gpu;
+mod openai;
 mod readiness;
 mod request;
 mod resources;
@@ -50,6 +52,7 @@ pub use crate::model::FieldError;
 pub use access::Access;
 pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
+pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
 pub use resources::{Resources, MIN_MEMORY};
@@ -114,6 +117,9 @@ pub struct Manifest {
     /// Directories of the node mounted into each instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// The model ids the function serves behind `/v1/...`; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai: Option<OpenAi>,
 }
 
 fn default_port() -> u16 {
@@ -198,6 +204,9 @@ impl Manifest {
         self.request.validate(&mut bad);
         if let Some(gpu) = &self.gpu {
             gpu.validate(&mut bad);
+        }
+        if let Some(openai) = &self.openai {
+            openai.validate(&mut bad);
         }
         if errors.is_empty() {
             Ok(())
