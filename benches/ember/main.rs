@@ -16,10 +16,12 @@
 //!    gateway peak memory, time to the last answer;
 //! 5. control plane: deploy many functions, list them, restart the gateway;
 //! 6. tunnel: warm requests to an agent's container through the gateway and the tunnel
-//!    vs the same container reached directly on its node.
+//!    vs the same container reached directly on its node;
+//! 7. prefix: the OpenAI front door's prefix routing vs least-loaded routing over 4 stub
+//!    model servers: prompt bytes from cache, simulated time to first token, balance.
 //!
 //! # Layout
-//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`: one scenario each,
+//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`: one scenario each,
 //!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
@@ -32,6 +34,7 @@ mod common;
 mod burst;
 mod cold;
 mod control;
+mod prefix;
 mod probe;
 mod report;
 mod resume;
@@ -50,6 +53,7 @@ struct Size {
     cold_rounds: usize,
     burst: usize,
     functions: usize,
+    prefix_requests: usize,
 }
 
 impl Size {
@@ -62,6 +66,7 @@ impl Size {
             cold_rounds: 10,
             burst: 1000,
             functions: 200,
+            prefix_requests: 500,
         }
     }
 
@@ -73,6 +78,7 @@ impl Size {
             cold_rounds: 20,
             burst: burst_size(),
             functions: 1000,
+            prefix_requests: 2000,
         }
     }
 }
@@ -129,6 +135,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("control") {
         eprintln!("control plane…");
         control::run(size, &mut rows).await;
+    }
+    if wanted("prefix") {
+        eprintln!("prefix routing…");
+        prefix::run(size, &mut rows).await;
     }
     rows
 }

@@ -89,6 +89,31 @@ pub fn summary(prepared: &Prepared) -> String {
             "public".into()
         },
     );
+    if let Some(o) = &m.openai {
+        let models: Vec<String> = o
+            .models
+            .pairs()
+            .into_iter()
+            .map(|(id, name)| {
+                if id == name {
+                    id.to_string()
+                } else {
+                    format!("{id} (as {name})")
+                }
+            })
+            .collect();
+        let routing = match o.routing {
+            crate::manifest::Routing::Prefix => format!(
+                "prefix routing (first {} bytes, load bound {}x the mean)",
+                o.prefix_bytes, o.load_factor
+            ),
+            crate::manifest::Routing::LeastLoaded => "least-loaded routing".into(),
+        };
+        line(
+            "openai",
+            format!("/v1 models {}; {routing}", models.join(", ")),
+        );
+    }
     out
 }
 

@@ -12,6 +12,7 @@
 //! - `registry`: a private registry (Debian's `docker-registry`) to push images to, with
 //!   htpasswd auth when asked;
 //! - `dockerd`: a second Docker engine on this machine, to move images between engines;
+//! - `python`: a virtualenv with real Python clients (`openai`) from PyPI;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
@@ -21,6 +22,7 @@ pub mod dockerd;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod python;
 pub mod registry;
 pub mod shim;
 pub mod ws;
