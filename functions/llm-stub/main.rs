@@ -4,9 +4,9 @@
 //! structure of a real server (vLLM, llama.cpp) that routing and scale-to-zero care about:
 //!
 //! * a load time before it listens (the model load, the cold start);
-//! * a prefill time per prompt byte **not** already in its prefix cache, an LRU of the
-//!   last prompts it saw (each instance its own, as a KV cache): the longest common prefix
-//!   with any of them is free;
+//! * a prefill time per prompt byte **not** already in its prefix cache (each instance its
+//!   own, as a KV cache): an LRU of prompt prefixes where prompts sharing a prefix share
+//!   an entry (see `Cache`); the longest common prefix with any entry is free;
 //! * a decode time per generated token, tokens streamed as they are "decoded".
 //!
 //! It reports what it found cached, as OpenAI does in `usage.prompt_tokens_details.
@@ -24,7 +24,7 @@
 //!
 //! Settings (a flag wins over the variable): `--load-ms N` / `LOAD_MS`,
 //! `--prefill-us-per-byte N` / `PREFILL_US_PER_BYTE`, `--decode-us-per-token N` /
-//! `DECODE_US_PER_TOKEN`, `--cache-entries N` / `CACHE_ENTRIES` (default 64), `MODELS`
+//! `DECODE_US_PER_TOKEN`, `--cache-entries N` / `CACHE_ENTRIES` (prefixes held, default 64), `MODELS`
 //! (comma-separated ids served, default `stub`), `PORT` (default 8080).
 //!
 //! Standard library only, like `functions/echo` (whose request reader it shares), so
@@ -61,34 +61,49 @@ pub struct Config {
     pub ids: AtomicU64,
 }
 
-/// The prefix cache: the last prompts seen, most recent last.
+/// The prefix cache, a rough model of a KV cache with prefix sharing: up to `capacity`
+/// prompt prefixes, least recently used first out. A prompt that shares at least a block
+/// ([`BLOCK`] bytes) with an entry extends that entry (its shared blocks are reused, the
+/// rest of the old entry's tail is dropped) and makes it the most recent; any other prompt
+/// takes an entry of its own.
 pub struct Cache {
     entries: Vec<Vec<u8>>,
     capacity: usize,
 }
+
+/// The smallest shared prefix that counts as reusing an entry (vLLM's blocks are 16
+/// tokens, about 64 bytes).
+const BLOCK: usize = 64;
 
 impl Cache {
     /// Bytes of `prompt` already cached (its longest common prefix with an entry, cut to
     /// a character boundary); then remembers `prompt` as the most recent.
     pub fn lookup_and_insert(&mut self, prompt: &str) -> usize {
         let p = prompt.as_bytes();
-        let mut best = 0;
-        for e in &self.entries {
+        let mut best = (0, None);
+        for (i, e) in self.entries.iter().enumerate() {
             let common = e.iter().zip(p).take_while(|(a, b)| a == b).count();
-            best = best.max(common);
+            if common > best.0 {
+                best = (common, Some(i));
+            }
         }
-        while best > 0 && !prompt.is_char_boundary(best) {
-            best -= 1;
+        let (mut cached, supplier) = best;
+        while cached > 0 && !prompt.is_char_boundary(cached) {
+            cached -= 1;
         }
-        if let Some(pos) = self.entries.iter().position(|e| e.as_slice() == p) {
-            self.entries.remove(pos);
-        } else if self.entries.len() >= self.capacity && !self.entries.is_empty() {
-            self.entries.remove(0);
+        match supplier {
+            Some(i) if cached >= BLOCK || cached == p.len() => {
+                self.entries.remove(i);
+            }
+            _ if self.entries.len() >= self.capacity && !self.entries.is_empty() => {
+                self.entries.remove(0);
+            }
+            _ => {}
         }
         if self.capacity > 0 {
             self.entries.push(p.to_vec());
         }
-        best
+        cached
     }
 }
 
