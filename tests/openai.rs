@@ -31,7 +31,7 @@ fn stub_manifest(name: &str, models: &str, env: &str, sections: &str) -> String 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_official_client_chats_streams_embeds_and_lists_a_cold_model() {
+async fn the_official_client_streams_chats_embeds_and_lists_a_cold_model() {
     require_docker!();
     let Some(py) = python::python() else { return };
     let gw = Gateway::start().await;
@@ -49,17 +49,18 @@ c = openai.OpenAI(base_url=os.environ["BASE"], api_key="unused")
 out = {}
 models = c.models.list()
 out["listed"] = [(m.id, m.model_extra["ember"]["state"]) for m in models.data]
-r = c.chat.completions.create(model="chat", max_tokens=5,
-    messages=[{"role": "system", "content": "You are a stub."}, {"role": "user", "content": "hi"}])
-out["text"] = r.choices[0].message.content
-out["model"] = r.model
 s = c.chat.completions.create(model="chat", max_tokens=5, stream=True,
     stream_options={"include_usage": True},
     messages=[{"role": "system", "content": "You are a stub."}, {"role": "user", "content": "hi"}])
 chunks = [ch for ch in s]
 out["streamed"] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 out["chunks"] = len(chunks)
-out["cached"] = chunks[-1].usage.prompt_tokens_details.cached_tokens
+out["first_cached"] = chunks[-1].usage.prompt_tokens_details.cached_tokens
+r = c.chat.completions.create(model="chat", max_tokens=5,
+    messages=[{"role": "system", "content": "You are a stub."}, {"role": "user", "content": "hi"}])
+out["text"] = r.choices[0].message.content
+out["model"] = r.model
+out["cached"] = r.usage.prompt_tokens_details.cached_tokens
 e = c.embeddings.create(model="chat", input=["a", "b"])
 out["embeddings"] = [len(d.embedding) for d in e.data]
 try:
@@ -275,6 +276,26 @@ async fn a_streaming_request_for_a_slow_starting_model_is_kept_alive_then_stream
         "",
     );
     assert_eq!(gw.deploy("loader", &manifest).await.status, 201);
+    // The official client reads through the comments of a held stream.
+    if let Some(py) = python::python() {
+        let slow = stub_manifest(
+            "loader2",
+            "[\"loader2\"]",
+            "MODELS = \"loader2\", LOAD_MS = \"3000\"",
+            "",
+        );
+        assert_eq!(gw.deploy("loader2", &slow).await.status, 201);
+        let script = r#"
+import os, openai
+c = openai.OpenAI(base_url=os.environ["BASE"], api_key="unused", max_retries=0)
+s = c.chat.completions.create(model="loader2", max_tokens=3, stream=True,
+    messages=[{"role": "user", "content": "hi"}])
+print("".join(ch.choices[0].delta.content or "" for ch in s if ch.choices))
+"#;
+        let base = format!("{}/v1", gw.url);
+        let text = python::run(&py, script, &[("BASE", &base)]);
+        assert_eq!(text.split_whitespace().count(), 3, "{text}");
+    }
     let body = r#"{"model":"loader","stream":true,"max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#;
     let started = Instant::now();
     let r = gw
