@@ -263,6 +263,22 @@ async fn bodies_reach_the_function_untouched_but_for_the_model_and_claims_are_ex
     // The holder itself may deploy again with it.
     let again = echo.replace("start_timeout = \"20s\"", "start_timeout = \"21s\"");
     assert_eq!(gw.deploy("mirror", &again).await.status, 200);
+    // Once the holder is removed, its ids are free and no longer served.
+    let removed = gw
+        .request(
+            Method::DELETE,
+            "/api/v1/functions/mirror",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(removed.status, 200, "{}", removed.text());
+    let gone = gw
+        .raw_request(Method::POST, "/v1/embeddings", &[], json.to_string())
+        .await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.json()["error"]["code"], "model_not_found");
+    assert_eq!(gw.deploy("other", &other).await.status, 201);
 }
 
 #[tokio::test(flavor = "multi_thread")]

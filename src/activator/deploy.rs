@@ -93,6 +93,8 @@ impl Activator {
                 true
             }
         };
+        // The new revision may add, change or drop an `[openai]` section.
+        self.reindex_models();
         tracing::info!(function = %name, revision = %revision_id, created, "deployed");
         Ok(DeployOutcome {
             name,
@@ -100,31 +102,6 @@ impl Activator {
             created,
             changed: true,
         })
-    }
-
-    /// Refuses a manifest claiming a model id another function serves.
-    fn check_model_claims(&self, manifest: &Manifest) -> Result<(), ActivatorError> {
-        let Some(openai) = &manifest.openai else {
-            return Ok(());
-        };
-        for (i, (model, _)) in openai.models.pairs().into_iter().enumerate() {
-            let holder = self.functions().into_iter().find(|f| {
-                f.name() != manifest.name
-                    && f.revision()
-                        .manifest
-                        .openai
-                        .as_ref()
-                        .is_some_and(|o| o.models.pairs().iter().any(|(id, _)| *id == model))
-            });
-            if let Some(holder) = holder {
-                return Err(ActivatorError::ModelClaimed {
-                    field: openai.models.field(i),
-                    model: model.to_string(),
-                    function: holder.name().to_string(),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Removes a function: its queue is answered, its containers removed (all at once),
@@ -143,6 +120,7 @@ impl Activator {
         let Some(f) = self.write_functions().remove(name) else {
             return Err(ActivatorError::NotFound(name.to_string()));
         };
+        self.reindex_models();
         let (waiters, instances) = {
             let mut st = f.lock();
             st.removed = true;

@@ -170,28 +170,33 @@ impl Function {
     ) -> Option<Permit> {
         let current = st.revision.id.clone();
         let serving = |i: &Instance| i.phase.can_serve() && i.reservation.node().reachable();
-        let tier: Vec<usize> = (0..st.instances.len())
-            .filter(|&i| {
-                let inst = &st.instances[i];
-                serving(inst) && !inst.evacuating && inst.revision.id == current
-            })
-            .collect();
-        let candidates: Vec<Candidate<'_>> = tier
-            .iter()
-            .map(|&i| Candidate {
-                id: &st.instances[i].id,
-                in_flight: st.instances[i].in_flight,
-                free: st.instances[i].has_free_slot(),
-            })
-            .collect();
-        let load_factor = st
-            .revision
-            .manifest
-            .openai
-            .as_ref()
-            .map_or(crate::manifest::DEFAULT_LOAD_FACTOR, |o| o.load_factor);
-        let idx = match routing::pick(&candidates, route, load_factor) {
-            Some(c) => tier[c],
+        let routed = route.and_then(|key| {
+            let tier: Vec<usize> = (0..st.instances.len())
+                .filter(|&i| {
+                    let inst = &st.instances[i];
+                    serving(inst) && !inst.evacuating && inst.revision.id == current
+                })
+                .collect();
+            let candidates: Vec<Candidate<'_>> = tier
+                .iter()
+                .map(|&i| Candidate {
+                    id: &st.instances[i].id,
+                    in_flight: st.instances[i].in_flight,
+                    free: st.instances[i].has_free_slot(),
+                })
+                .collect();
+            let load_factor = st
+                .revision
+                .manifest
+                .openai
+                .as_ref()
+                .map_or(crate::manifest::DEFAULT_LOAD_FACTOR, |o| o.load_factor);
+            routing::pick(&candidates, key, load_factor).map(|c| tier[c])
+        });
+        // Without a key (or with no routed instance free): the least loaded, preferring
+        // the current revision's instances that are not evacuating.
+        let idx = match routed {
+            Some(idx) => idx,
             None => st
                 .instances
                 .iter()

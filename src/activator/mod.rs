@@ -16,6 +16,7 @@ mod deploy;
 mod function;
 mod images;
 mod instance;
+mod models;
 mod nodes;
 pub mod reap;
 mod restore;
@@ -192,6 +193,8 @@ struct Inner {
     supplies: images::Supplies,
     /// Serialises deploys that claim model ids, so two cannot claim one id at once.
     model_claims: tokio::sync::Mutex<()>,
+    /// Which function serves each model id.
+    models: models::ModelIndex,
 }
 
 /// The activator. Cheap to clone.
@@ -227,6 +230,7 @@ impl Activator {
                 evicting: Default::default(),
                 supplies: Default::default(),
                 model_claims: Default::default(),
+                models: Default::default(),
             }),
         }
     }

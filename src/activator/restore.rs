@@ -77,6 +77,7 @@ impl Activator {
             let f = Arc::new(Function::new(revision, self.inner.reaper.clone()));
             self.write_functions().insert(record.name, f);
         }
+        self.reindex_models();
         for node in self.scheduler().live_nodes() {
             let name = node.name().to_string();
             let Some(guard) = self.begin_reconcile(&name) else {

@@ -1,7 +1,8 @@
-//! Which ready instance a request gets.
+//! Which ready instance a request with a routing key gets (without one: the least loaded,
+//! chosen in `Function::take_slot`).
 //!
-//! Without a routing key: the one with the fewest requests in flight. With one (the
-//! front door's hash of a prompt prefix): consistent hashing with bounded loads, as
+//! The key is the front door's hash of a prompt prefix; the choice is consistent hashing
+//! with bounded loads, as
 //! KubeAI's CHWBL. Each instance owns the keys it scores highest for (rendezvous hashing:
 //! the ring without a ring, so there is no ring to rebuild as instances come and go, and
 //! an instance joining or leaving moves only its own share of keys). The request walks
@@ -20,25 +21,12 @@ pub(super) struct Candidate<'a> {
     pub free: bool,
 }
 
-/// The index of the instance in `candidates` a request with `key` goes to, or `None`
-/// when none is free. `candidates` are the instances of one tier (the current revision,
-/// not evacuating), free or not: the mean counts them all.
-pub(super) fn pick(
-    candidates: &[Candidate<'_>],
-    key: Option<u64>,
-    load_factor: f64,
-) -> Option<usize> {
-    let least_loaded = || {
-        candidates
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.free)
-            .min_by_key(|(_, c)| c.in_flight)
-            .map(|(i, _)| i)
-    };
-    let Some(key) = key else {
-        return least_loaded();
-    };
+/// The index of the instance in `candidates` a request with `key` goes to: the first in
+/// the key's order whose load stays within the bound, else the least loaded free one;
+/// `None` when none is free. `candidates` are the instances of one tier (the current
+/// revision, not evacuating), free or not: the mean counts them all. Requests without a
+/// key never come here (the caller takes the least loaded without building candidates).
+pub(super) fn pick(candidates: &[Candidate<'_>], key: u64, load_factor: f64) -> Option<usize> {
     let total: u64 = candidates.iter().map(|c| u64::from(c.in_flight)).sum();
     // The bound, counting this request: ceil(load_factor × mean).
     let bound = (load_factor * (total + 1) as f64 / candidates.len().max(1) as f64).ceil();
@@ -52,7 +40,14 @@ pub(super) fn pick(
         .into_iter()
         .map(|(_, i)| i)
         .find(|&i| candidates[i].free && f64::from(candidates[i].in_flight + 1) <= bound)
-        .or_else(least_loaded)
+        .or_else(|| {
+            candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.free)
+                .min_by_key(|(_, c)| c.in_flight)
+                .map(|(i, _)| i)
+        })
 }
 
 /// The rendezvous score of `key` on the instance `id`.
@@ -96,17 +91,20 @@ mod tests {
     }
 
     #[test]
-    fn without_a_key_the_least_loaded_free_instance_wins() {
+    fn when_no_instance_within_the_bound_is_free_the_least_loaded_free_one_wins() {
         let ids = ids(3);
         let mut c = idle(&ids);
-        c[0].in_flight = 2;
-        c[1].in_flight = 1;
+        c[0].in_flight = 3;
+        c[1].in_flight = 2;
         c[2].in_flight = 0;
         c[2].free = false;
-        assert_eq!(pick(&c, None, 1.25), Some(1));
+        // Total 5: the bound is ceil(1.0 × 6 / 3) = 2; neither free instance fits, so
+        // every key gets the least loaded free one.
+        for key in 0..50 {
+            assert_eq!(pick(&c, key, 1.0), Some(1));
+        }
         c.iter_mut().for_each(|c| c.free = false);
-        assert_eq!(pick(&c, None, 1.25), None);
-        assert_eq!(pick(&c, Some(7), 1.25), None);
+        assert_eq!(pick(&c, 7, 1.25), None);
     }
 
     #[test]
@@ -115,7 +113,7 @@ mod tests {
         let keys: Vec<u64> = (0..4000u64).map(|k| fnv1a(&k.to_le_bytes())).collect();
         let before: Vec<usize> = keys
             .iter()
-            .map(|&k| pick(&idle(&four), Some(k), 1.25).unwrap())
+            .map(|&k| pick(&idle(&four), k, 1.25).unwrap())
             .collect();
         for i in 0..4 {
             let share = before.iter().filter(|&&x| x == i).count();
@@ -127,7 +125,7 @@ mod tests {
         // inst-3 leaves: only its keys move.
         let three = ids(3);
         for (&k, &was) in keys.iter().zip(&before) {
-            let now = pick(&idle(&three), Some(k), 1.25).unwrap();
+            let now = pick(&idle(&three), k, 1.25).unwrap();
             if was != 3 {
                 assert_eq!(now, was, "key {k} moved without its instance leaving");
             }
@@ -138,20 +136,20 @@ mod tests {
     fn a_hot_key_spills_to_its_next_instance_once_its_own_passes_the_bound() {
         let ids = ids(4);
         let key = 42;
-        let first = pick(&idle(&ids), Some(key), 1.25).unwrap();
+        let first = pick(&idle(&ids), key, 1.25).unwrap();
         let mut c = idle(&ids);
         // Loads 2,2,2,2 with the owner at 2: the bound is ceil(1.25 × 9 / 4) = 3; it fits.
         c.iter_mut().for_each(|c| c.in_flight = 2);
-        assert_eq!(pick(&c, Some(key), 1.25), Some(first));
+        assert_eq!(pick(&c, key, 1.25), Some(first));
         // The owner at 3 with the others at 2 (total 9): ceil(1.25 × 10 / 4) = 4; it fits.
         c[first].in_flight = 3;
-        assert_eq!(pick(&c, Some(key), 1.25), Some(first));
+        assert_eq!(pick(&c, key, 1.25), Some(first));
         // The owner at 4 (total 10): bound ceil(1.25 × 11 / 4) = 4; 5 does not fit.
         c[first].in_flight = 4;
-        let spill = pick(&c, Some(key), 1.25).unwrap();
+        let spill = pick(&c, key, 1.25).unwrap();
         assert_ne!(spill, first);
         // The spill goes to the same next instance every time.
-        assert_eq!(pick(&c, Some(key), 1.25), Some(spill));
+        assert_eq!(pick(&c, key, 1.25), Some(spill));
     }
 
     #[test]
@@ -159,7 +157,7 @@ mod tests {
         let ids = ids(4);
         let mut c = idle(&ids);
         for _ in 0..400 {
-            let i = pick(&c, Some(99), 1.25).unwrap();
+            let i = pick(&c, 99, 1.25).unwrap();
             c[i].in_flight += 1;
             let total: u32 = c.iter().map(|c| c.in_flight).sum();
             let max = c.iter().map(|c| c.in_flight).max().unwrap();

@@ -140,10 +140,7 @@ async fn send(
     } else {
         Body::json(bytes)?
     };
-    let Some(model) = catalog(state.activator())
-        .into_iter()
-        .find(|m| m.id == body.model)
-    else {
+    let Some((function, upstream)) = state.activator().model(&body.model) else {
         let known = visible(state, &parts.headers)?
             .into_iter()
             .map(|m| m.id)
@@ -153,9 +150,10 @@ async fn send(
             known,
         });
     };
-    auth::admit(state, &mut parts, &model.function)?;
-    body.rename(&model.upstream);
-    let openai = model.function.revision().manifest.openai.clone();
+    let model_id = body.model.clone();
+    auth::admit(state, &mut parts, &function)?;
+    body.rename(&upstream);
+    let openai = function.revision().manifest.openai.clone();
     let route = openai
         .filter(|o| o.routing == Routing::Prefix)
         .and_then(|o| body.prompt_prefix(o.prefix_bytes))
@@ -172,7 +170,6 @@ async fn send(
         route,
     };
     let invoker = state.invoker.clone();
-    let function = model.function.clone();
     let answer = async move {
         let response = invoker
             .call(&function, call)
@@ -181,7 +178,7 @@ async fn send(
         Ok(unbuffered(response))
     };
     if streams {
-        Ok(hold::hold(answer, model.id, &state.tracker).await)
+        Ok(hold::hold(answer, model_id, &state.tracker).await)
     } else {
         answer.await
     }

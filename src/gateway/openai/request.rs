@@ -21,7 +21,15 @@ pub struct Body {
     span: Range<usize>,
     /// Whether the model sits in a JSON body (rename writes a JSON string).
     json: bool,
+    /// Whether a JSON body asks for a stream (`"stream": true`).
+    streams: bool,
+    /// Where the top-level fields the prompt prefix is read from lie in `bytes`
+    /// (`messages`, `instructions`, `prompt`, `input`), found in the one parse of the body.
+    prompt_fields: Vec<(&'static str, Range<usize>)>,
 }
+
+/// The top-level fields a prompt prefix is read from.
+const PROMPT_FIELDS: [&str; 4] = ["messages", "instructions", "prompt", "input"];
 
 /// Why a body's model could not be read; the message says what was expected.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -41,20 +49,31 @@ pub enum BodyError {
 }
 
 impl Body {
-    /// A JSON body's top-level `model`.
+    /// A JSON body's top-level `model`; the body is parsed once, here.
     pub fn json(bytes: Vec<u8>) -> Result<Body, BodyError> {
         let text = std::str::from_utf8(&bytes).map_err(|e| BodyError::NotJson(e.to_string()))?;
         let fields: HashMap<Cow<'_, str>, &RawValue> =
             serde_json::from_str(text).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        let span = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + raw.get().len()
+        };
         let raw = fields.get("model").ok_or(BodyError::NoModel)?;
         let model: String =
             serde_json::from_str(raw.get()).map_err(|_| BodyError::ModelNotString)?;
-        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-        let span = start..start + raw.get().len();
+        let streams = fields
+            .get("stream")
+            .is_some_and(|v| serde_json::from_str::<bool>(v.get()).unwrap_or(false));
+        let prompt_fields = PROMPT_FIELDS
+            .into_iter()
+            .filter_map(|name| fields.get(name).map(|raw| (name, span(raw))))
+            .collect();
         Ok(Body {
             model,
-            span,
+            span: span(raw),
             json: true,
+            streams,
+            prompt_fields,
             bytes,
         })
     }
@@ -70,6 +89,8 @@ impl Body {
             model,
             span,
             json: false,
+            streams: false,
+            prompt_fields: Vec::new(),
             bytes,
         })
     }
@@ -84,32 +105,39 @@ impl Body {
         } else {
             name.to_string()
         };
+        let old_len = self.span.len();
         self.bytes.splice(self.span.clone(), value.bytes());
-        self.span = self.span.start..self.span.start + value.len();
+        let start = self.span.start;
+        self.span = start..start + value.len();
+        // Fields after the model moved with the splice.
+        for (_, field) in &mut self.prompt_fields {
+            if field.start > start {
+                *field = field.start + value.len() - old_len..field.end + value.len() - old_len;
+            }
+        }
     }
 
-    /// Whether a JSON body asks for a stream (`"stream": true`).
+    /// Whether the body asks for a stream (`"stream": true`).
     pub fn streams(&self) -> bool {
-        #[derive(Deserialize)]
-        struct Stream {
-            #[serde(default)]
-            stream: Option<bool>,
-        }
-        self.json
-            && serde_json::from_slice::<Stream>(&self.bytes)
-                .ok()
-                .and_then(|s| s.stream)
-                .unwrap_or(false)
+        self.streams
+    }
+
+    /// A prompt field, parsed from its place in the body; `None` when absent or unusable.
+    fn field<T: serde::de::DeserializeOwned>(&self, name: &str) -> Option<T> {
+        let (_, span) = self.prompt_fields.iter().find(|(n, _)| *n == name)?;
+        serde_json::from_slice(&self.bytes[span.clone()]).ok()
     }
 
     /// The start of the prompt, at most `max` bytes: the first system message (or the
     /// Responses API's `instructions`) then the first user message, or `prompt` (its
     /// first string), or `input`; `None` when the body has none.
     pub fn prompt_prefix(&self, max: usize) -> Option<Vec<u8>> {
-        if !self.json {
-            return None;
-        }
-        let view: PromptView = serde_json::from_slice(&self.bytes).ok()?;
+        let view = PromptView {
+            messages: self.field("messages"),
+            instructions: self.field("instructions"),
+            prompt: self.field("prompt"),
+            input: self.field("input"),
+        };
         let mut out = Vec::new();
         let mut push = |s: &str| {
             let room = max.saturating_sub(out.len());
@@ -135,15 +163,11 @@ impl Body {
     }
 }
 
-#[derive(Deserialize)]
+/// The fields of a body the prompt prefix is read from, each parsed on its own.
 struct PromptView {
-    #[serde(default)]
     messages: Option<Vec<Message>>,
-    #[serde(default)]
     instructions: Option<String>,
-    #[serde(default)]
     prompt: Option<serde_json::Value>,
-    #[serde(default)]
     input: Option<serde_json::Value>,
 }
 
@@ -257,6 +281,13 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&renamed).unwrap();
         assert_eq!(v["model"], "meta-llama/Llama \"3\"");
+        // Fields after the model are still found once it is renamed.
+        assert_eq!(b.prompt_prefix(100).unwrap(), b"hi \xc3\xa9");
+        let mut b = Body::json(br#"{"model":"long-model-id","stream":true,"prompt":"p"}"#.to_vec())
+            .unwrap();
+        b.rename("m");
+        assert!(b.streams());
+        assert_eq!(b.prompt_prefix(100).unwrap(), b"p");
     }
 
     #[test]
