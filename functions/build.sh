@@ -3,7 +3,8 @@
 # Cargo, no crates) and statically linked:
 #   functions/NAME/main.rs -> functions/NAME/bin/NAME     (ready functions)
 #   runtimes/NAME/main.rs  -> runtimes/NAME/bin/ember-NAME (e.g. runtimes/shim: ember-shim)
-# A program is rebuilt when any .rs file of its folder is newer than its binary.
+# A program is rebuilt when any .rs file of its folder, or one it includes with
+# #[path = "..."], is newer than its binary.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,7 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 build() {
     local dir="$1" bin="$2"
     [[ -f "$dir/main.rs" ]] || return 0
-    if [[ -f "$bin" ]] && [[ -z "$(find "$dir" -maxdepth 1 -name '*.rs' -newer "$bin")" ]]; then
+    # Its own .rs files, and those it includes from elsewhere with #[path = "..."].
+    local shared=()
+    while IFS= read -r p; do shared+=("$dir/$p"); done < <(sed -n 's/^#\[path = "\(.*\)"\]$/\1/p' "$dir"/*.rs)
+    if [[ -f "$bin" ]] && [[ -z "$(find "$dir" "${shared[@]}" -maxdepth 1 -name '*.rs' -newer "$bin")" ]]; then
         echo "up to date $bin"
         return 0
     fi

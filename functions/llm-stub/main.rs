@@ -32,7 +32,7 @@
 //! scratch` image.
 
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -64,8 +64,8 @@ pub struct Config {
 /// The prefix cache, a rough model of a KV cache with prefix sharing: up to `capacity`
 /// prompt prefixes, least recently used first out. A prompt that shares at least a block
 /// ([`BLOCK`] bytes) with an entry extends that entry (its shared blocks are reused, the
-/// rest of the old entry's tail is dropped) and makes it the most recent; any other prompt
-/// takes an entry of its own.
+/// rest of the old entry's tail is dropped) and makes it the most recent; a prompt wholly
+/// inside an entry only makes it the most recent; any other prompt takes an entry of its own.
 pub struct Cache {
     entries: Vec<Vec<u8>>,
     capacity: usize,
@@ -92,7 +92,13 @@ impl Cache {
             cached -= 1;
         }
         match supplier {
-            Some(i) if cached >= BLOCK || cached == p.len() => {
+            // Wholly inside an entry: that entry is used, and kept whole.
+            Some(i) if cached == p.len() => {
+                let entry = self.entries.remove(i);
+                self.entries.push(entry);
+                return cached;
+            }
+            Some(i) if cached >= BLOCK => {
                 self.entries.remove(i);
             }
             _ if self.entries.len() >= self.capacity && !self.entries.is_empty() => {
@@ -250,16 +256,18 @@ fn serve(stream: TcpStream, config: &Config) {
                 (req, keep)
             }
             Ok(None) | Err(ReqError::Io) => return,
-            Err(ReqError::Bad(why)) => {
-                let _ = api::send_error(&mut w, 400, "bad_request", &format!("bad request: {why}"), false);
-                return;
-            }
-            Err(ReqError::HeadTooLarge) => {
-                let _ = api::send_error(&mut w, 431, "bad_request", "request header section too large", false);
-                return;
-            }
-            Err(ReqError::BodyTooLarge) => {
-                let _ = api::send_error(&mut w, 413, "bad_request", "request body too large", false);
+            Err(e) => {
+                let (status, message) = match e {
+                    ReqError::Bad(why) => (400, format!("bad request: {why}")),
+                    ReqError::HeadTooLarge => (431, "request header section too large".into()),
+                    _ => (413, "request body too large".into()),
+                };
+                let _ = api::send_error(&mut w, status, "bad_request", &message, false);
+                // Closing with unread input makes the kernel send a reset, which can destroy
+                // the answer before the client reads it; so drain briefly first.
+                let _ = w.get_ref().shutdown(Shutdown::Write);
+                let _ = reader.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = io::copy(&mut reader.take(1 << 20), &mut io::sink());
                 return;
             }
         };
