@@ -4,11 +4,14 @@
 //! binary or continuation frame comes back as it came (unmasked, same opcode and FIN), a
 //! ping gets a pong with its payload, and a close gets a close with its status. A frame
 //! the protocol forbids (unmasked, unknown opcode, too large) gets a close 1002 or 1009.
+//!
+//! The frame reader and writer, `close`, `sha1` and `base64` are public because
+//! `functions/comfyui-stub` includes this file (`#[path]`) for its own sockets.
 
 use std::io::{self, BufRead, Read, Write};
 
 /// The GUID the accept key is hashed with (RFC 6455 section 1.3).
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+pub const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Largest frame payload echoed; beyond it the socket is closed with 1009.
 const MAX_PAYLOAD: u64 = 16 * 1024 * 1024;
 
@@ -43,14 +46,16 @@ pub fn session<R: BufRead, W: Write>(key: &str, r: &mut R, w: &mut W) -> io::Res
     }
 }
 
-enum Frame {
+/// One frame as read.
+pub enum Frame {
+    /// A frame we take: its first byte (FIN bit and opcode) and unmasked payload.
     Data { fin_opcode: u8, payload: Vec<u8> },
     /// A frame we will not take: close with this status.
     Refused(u16),
 }
 
 /// The next frame, unmasked; `None` at end of stream.
-fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
+pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
     let mut head = [0u8; 2];
     match r.read_exact(&mut head) {
         Ok(()) => {}
@@ -88,7 +93,7 @@ fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
 }
 
 /// Writes one unmasked frame: `fin_opcode` is the first byte (FIN bit and opcode).
-fn write_frame<W: Write>(w: &mut W, fin_opcode: u8, payload: &[u8]) -> io::Result<()> {
+pub fn write_frame<W: Write>(w: &mut W, fin_opcode: u8, payload: &[u8]) -> io::Result<()> {
     let mut head = vec![fin_opcode];
     match payload.len() {
         n @ 0..=125 => head.push(n as u8),
@@ -107,12 +112,12 @@ fn write_frame<W: Write>(w: &mut W, fin_opcode: u8, payload: &[u8]) -> io::Resul
 }
 
 /// Sends a close frame with `status` (empty or two bytes) and ends the session.
-fn close<W: Write>(w: &mut W, status: &[u8]) -> io::Result<()> {
+pub fn close<W: Write>(w: &mut W, status: &[u8]) -> io::Result<()> {
     write_frame(w, 0x88, status)
 }
 
 /// SHA-1 (FIPS 180-4), as the handshake needs it; not for anything secret.
-fn sha1(data: &[u8]) -> [u8; 20] {
+pub fn sha1(data: &[u8]) -> [u8; 20] {
     let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
     let mut message = data.to_vec();
     message.push(0x80);
@@ -155,7 +160,7 @@ fn sha1(data: &[u8]) -> [u8; 20] {
 }
 
 /// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
+pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
