@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod access;
+mod comfyui;
 mod env;
 mod gpu;
 mod openai;
@@ -50,6 +51,7 @@ mod volumes;
 
 pub use crate::model::FieldError;
 pub use access::Access;
+pub use comfyui::ComfyUi;
 pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
@@ -120,6 +122,9 @@ pub struct Manifest {
     /// The model ids the function serves behind `/v1/...`; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub openai: Option<OpenAi>,
+    /// Marks the function as a pool of ComfyUI servers behind `/comfy/NAME/...`; absent: not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfyui: Option<ComfyUi>,
 }
 
 fn default_port() -> u16 {
@@ -207,6 +212,9 @@ impl Manifest {
         }
         if let Some(openai) = &self.openai {
             openai.validate(&mut bad);
+        }
+        if let Some(comfyui) = &self.comfyui {
+            comfyui.validate(self.scale.concurrency, &mut bad);
         }
         if errors.is_empty() {
             Ok(())
