@@ -12,6 +12,9 @@
 //! - `keys.rs`: `keys` (invoke and admin keys by name, and by the hash of their secret).
 //! - `secrets.rs`: `secrets` (name → value): what manifests name in `env`; `registries`
 //!   (host → login): what pulls use.
+//! - `comfy.rs`: `comfy_prompts`, `comfy_files`, `comfy_cache`: the ComfyUI front door's
+//!   queue and history, the files it keeps (their bytes are blobs in the data dir), and
+//!   answers cached from backends.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -23,6 +26,7 @@
 //! are called; scans run on the blocking pool, off the runtime's threads.
 #![allow(clippy::disallowed_types)] // the one module that may hold sled's types
 
+mod comfy;
 mod functions;
 mod instances;
 mod keys;
@@ -40,6 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
@@ -123,6 +128,9 @@ impl Store {
             secrets: db.open_tree("secrets")?,
             registries: db.open_tree("registries")?,
             meta: db.open_tree("meta")?,
+            comfy_prompts: db.open_tree("comfy_prompts")?,
+            comfy_files: db.open_tree("comfy_files")?,
+            comfy_cache: db.open_tree("comfy_cache")?,
             db,
         };
         migrate::to_current(&trees)?;

@@ -36,6 +36,12 @@ pub enum TreeId {
     Registries,
     /// `meta`.
     Meta,
+    /// `comfy_prompts`.
+    ComfyPrompts,
+    /// `comfy_files`.
+    ComfyFiles,
+    /// `comfy_cache`.
+    ComfyCache,
 }
 
 /// One change.
@@ -77,6 +83,9 @@ pub(super) struct Trees {
     pub secrets: sled::Tree,
     pub registries: sled::Tree,
     pub meta: sled::Tree,
+    pub comfy_prompts: sled::Tree,
+    pub comfy_files: sled::Tree,
+    pub comfy_cache: sled::Tree,
 }
 
 impl Trees {
@@ -91,6 +100,9 @@ impl Trees {
             TreeId::Keys => &self.keys,
             TreeId::Secrets => &self.secrets,
             TreeId::Registries => &self.registries,
+            TreeId::ComfyPrompts => &self.comfy_prompts,
+            TreeId::ComfyFiles => &self.comfy_files,
+            TreeId::ComfyCache => &self.comfy_cache,
             TreeId::Meta => &self.meta,
         }
     }
