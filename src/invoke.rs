@@ -50,6 +50,9 @@ pub struct Call {
     /// The routing key that picks among ready instances (the OpenAI front door's hash of
     /// the prompt's prefix); `None`: the least loaded.
     pub route: Option<u64>,
+    /// Whether any ready instance will do, busy or not, without taking a slot (see
+    /// `Function::any_ready`); a slot is taken only when none is ready and one must start.
+    pub any_instance: bool,
 }
 
 /// The invoke core. Cheap to clone.
@@ -68,6 +71,11 @@ impl Invoker {
     /// The activator behind it.
     pub fn activator(&self) -> &Activator {
         &self.activator
+    }
+
+    /// The proxy it forwards with (for front doors that talk to an instance they hold).
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
     }
 
     /// Sends `call` to an instance of `f` and returns its streaming response. A WebSocket
@@ -96,7 +104,11 @@ impl Invoker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let permit = self.activator.acquire(f, announced, call.route).await?;
+            let ready = call.any_instance.then(|| f.any_ready()).flatten();
+            let permit = match ready {
+                Some(permit) => permit,
+                None => self.activator.acquire(f, announced, call.route).await?,
+            };
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy
@@ -237,6 +249,7 @@ mod tests {
                 .unwrap(),
             client: None,
             route: None,
+            any_instance: false,
         };
         Ok(invoker.call(f, call).await?.status().as_u16())
     }

@@ -219,6 +219,41 @@ impl Function {
         })
     }
 
+    /// A permit on a ready instance with a free slot, without waiting or starting one.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut st = self.lock();
+        if st.removed {
+            return None;
+        }
+        st.arrival(Instant::now());
+        self.take_slot(&mut st, None)
+    }
+
+    /// A permit on any ready instance, busy or not, that takes no slot: for a front
+    /// door's short reads of what every instance serves alike (ComfyUI's web UI files,
+    /// `/object_info`), which must neither wait behind the one-at-a-time work the slots
+    /// count nor make the autoscaler start instances. The least loaded instance of the
+    /// current revision is preferred. `None` when no instance is ready.
+    pub fn any_ready(self: &Arc<Self>) -> Option<Permit> {
+        let st = self.lock();
+        let current = &st.revision.id;
+        let inst = st
+            .instances
+            .iter()
+            .filter(|i| i.phase.can_serve() && i.reservation.node().reachable())
+            .min_by_key(|i| (i.evacuating, &i.revision.id != current, i.in_flight))?;
+        Some(Permit {
+            function: self.clone(),
+            instance: inst.id.clone(),
+            endpoint: inst.endpoint.expect("ready instances have an endpoint"),
+            node: inst.reservation.node().clone(),
+            container_id: inst.container_id.clone().unwrap_or_default(),
+            retired: inst.retired.token().clone(),
+            _in_flight: inst.reservation.track_request(),
+            armed: false,
+        })
+    }
+
     /// Removes a waiter that gave up (timeout or client gone).
     pub(super) fn forget_waiter(&self, id: u64) {
         let mut st = self.lock();
@@ -386,8 +421,10 @@ impl Permit {
     /// Gives the slot back under a lock the caller holds (dropping the permit would take
     /// that lock again), without handing it on: the caller dispatches.
     pub(super) fn disarm(mut self, st: &mut FnState) {
-        self.armed = false;
-        release_slot(st, &self.instance);
+        if self.armed {
+            self.armed = false;
+            release_slot(st, &self.instance);
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub async fn invoke(
         request: req,
         client: Some(client),
         route: None,
+        any_instance: false,
     };
     Ok(state.invoker.call(&f, call).await?)
 }

@@ -11,6 +11,7 @@
 //! while the socket is open.
 
 mod body;
+mod direct;
 mod upgrade;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use tracing::Instrument;
 
 use body::PermitBody;
 pub use body::{LimitedBody, Reclaim, ReclaimableBody};
+pub use direct::{InstanceSocket, MAX_SOCKET_MESSAGE};
 pub use upgrade::UpgradeRequest;
 
 use crate::activator::Permit;

@@ -168,6 +168,7 @@ async fn send(
         request,
         client: Some(client),
         route,
+        any_instance: false,
     };
     let invoker = state.invoker.clone();
     let answer = async move {
