@@ -96,6 +96,13 @@ pub struct ServeConfig {
     /// quarters of the process's open-file limit.
     #[arg(long, env = "EMBER_MAX_CONNECTIONS", default_value_t = default_max_connections())]
     pub max_connections: usize,
+    /// A second address serving one ComfyUI function at the root (`/prompt`, `/ws`...),
+    /// for clients that take only `host:port`; needs --comfyui-function.
+    #[arg(long, env = "EMBER_COMFYUI_LISTEN", requires = "comfyui_function")]
+    pub comfyui_listen: Option<SocketAddr>,
+    /// The function (with a `[comfyui]` section) that --comfyui-listen serves.
+    #[arg(long, env = "EMBER_COMFYUI_FUNCTION", requires = "comfyui_listen")]
+    pub comfyui_function: Option<String>,
 }
 
 /// Files the process keeps for itself (store, Docker, logs) below its limit.
@@ -163,6 +170,13 @@ impl ServeConfig {
         }
         if self.header_timeout < std::time::Duration::from_millis(100) {
             problems.push("--header-timeout: expected at least 100ms".into());
+        }
+        if let Some(name) = &self.comfyui_function {
+            if crate::manifest::check_name(name).is_err() {
+                problems.push(format!(
+                    "--comfyui-function `{name}`: expected a function name (a lower-case DNS label)"
+                ));
+            }
         }
         if self.max_connections == 0 {
             problems.push("--max-connections: expected at least 1".into());

@@ -29,6 +29,8 @@
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
 //! - [`proxy`]: streaming a request to an instance and the answer back; WebSocket
 //!   upgrades spliced while holding their permit.
+//! - [`comfy`]: the ComfyUI front door's core: the gateway's prompt queue, clients'
+//!   sockets, history and files that outlive instances.
 //! - [`gateway`]: the `serve` process: routes, who may call them (`gateway/auth.rs`),
 //!   errors as responses, shutdown.
 //! - [`tls`]: rustls for the listener and its clients: the gateway's own CA, pins.
@@ -48,6 +50,7 @@ pub mod activator;
 pub mod autoscaler;
 pub mod cli;
 pub mod client;
+pub mod comfy;
 pub mod config;
 pub mod gateway;
 pub mod gpu;

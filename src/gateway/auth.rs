@@ -54,6 +54,8 @@ pub fn rule(route: &str) -> Rule {
         // The OpenAI-compatible front door: each handler finds the model's function and
         // checks its rule (`admit`).
         r if r.starts_with("/v1/") => Rule::Function,
+        // The ComfyUI front door: each handler checks its function's rule (`admit_as`).
+        r if r.starts_with("/comfy/") => Rule::Function,
         _ => Rule::Admin,
     }
 }
@@ -301,9 +303,19 @@ impl FromRequestParts<AppState> for Admitted {
 /// Ember's credential out of it: `X-Ember-Key` always, `Authorization` too when `f` is
 /// private. For routes that find their function in the request (the front doors).
 pub fn admit(state: &AppState, parts: &mut Parts, f: &Function) -> Result<(), ApiError> {
+    admit_as(state, parts, f).map(|_| ())
+}
+
+/// `admit`, saying who was admitted: the key's name, `comfy::ADMIN` for the admin
+/// token, `None` for a public function (anyone).
+pub fn admit_as(
+    state: &AppState,
+    parts: &mut Parts,
+    f: &Function,
+) -> Result<Option<String>, ApiError> {
     let key = parts.headers.remove(access::KEY_HEADER);
     if !f.revision().manifest.access.private {
-        return Ok(());
+        return Ok(None);
     }
     let presented = presented_keys(key.as_ref(), &parts.headers);
     let admitted = state
@@ -311,7 +323,8 @@ pub fn admit(state: &AppState, parts: &mut Parts, f: &Function) -> Result<(), Ap
         .admit(&presented, |c| c.allows_invoke(f.name()))?;
     parts.headers.remove(header::AUTHORIZATION);
     match admitted {
-        Ok(_) => Ok(()),
+        Ok(Caller::AdminToken) => Ok(Some(crate::comfy::ADMIN.to_string())),
+        Ok(Caller::Key(k)) => Ok(Some(k.name)),
         Err(refusal) => {
             let message = invoke_message(f.name(), &refusal);
             Err(refuse(

@@ -80,6 +80,12 @@ pub enum ApiError {
     /// No login for that registry.
     #[error("no login stored for registry `{0}`; `ember registry ls` lists them")]
     RegistryNotFound(String),
+    /// The function has no `[comfyui]` section.
+    #[error("function `{0}` is not a ComfyUI function: add a `[comfyui]` section to its manifest (and `concurrency = 1` in `[scale]`), or call it at /fn/{0}/")]
+    NotComfyUi(String),
+    /// An instance's answer could not be read.
+    #[error("{0}")]
+    UpstreamRead(String),
     /// The state store failed outside the activator (keys, credentials).
     #[error("the state store failed")]
     Store(#[from] StoreError),
@@ -153,6 +159,8 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
             MembershipError::Store(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
         },
         ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized, None),
+        ApiError::NotComfyUi(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
+        ApiError::UpstreamRead(_) => (S::BAD_GATEWAY, C::UpstreamError, None),
         ApiError::KeyNameTaken(_) => (S::CONFLICT, C::KeyNameTaken, None),
         ApiError::KeyNotFound(_) => (S::NOT_FOUND, C::KeyNotFound, None),
         ApiError::SecretNotFound(_) => (S::NOT_FOUND, C::SecretNotFound, None),

@@ -10,6 +10,7 @@
 
 mod api;
 pub mod auth;
+mod comfy;
 pub mod error;
 mod images;
 mod invoke;
@@ -62,6 +63,8 @@ pub struct AppState {
     shutdown: CancellationToken,
     /// Orders secret changes against deploys that check them.
     secrets_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The ComfyUI front door's queue, sockets and files.
+    comfy: crate::comfy::ComfyDoor,
 }
 
 impl AppState {
@@ -129,6 +132,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
         )
         .merge(openai::routes())
+        .merge(comfy::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,
@@ -180,8 +184,34 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     println!("ember gateway listening on {scheme}://{addr}");
     tracing::info!(%addr, gateway = %gateway_id, data_dir = %config.data_dir.display(), node = %config.node_name, "gateway listening");
     tracing::info!("deploy a function with `ember deploy functions/echo --gateway http://{addr}`, then `curl -d hi http://{addr}/fn/echo/`");
+    let invoker = Invoker::new(activator, Proxy::new(tracker.clone(), shutdown.clone()));
+    let comfy = crate::comfy::ComfyDoor::new(
+        invoker.clone(),
+        invoker.activator().store().clone(),
+        &config.data_dir,
+        tracker.clone(),
+        shutdown.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot make the ComfyUI front door's files under {}",
+            config.data_dir.display()
+        )
+    })?;
+    comfy.start().await?;
+    let comfy_listener = match (config.comfyui_listen, &config.comfyui_function) {
+        (Some(addr), Some(function)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--comfyui-listen)"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(addr = %local, %function, "ComfyUI listener: point ComfyUI clients at http://{local}");
+            Some((listener, function.clone()))
+        }
+        _ => None,
+    };
     let state = AppState {
-        invoker: Invoker::new(activator, Proxy::new(tracker.clone(), shutdown.clone())),
+        invoker,
         gateway_id,
         membership,
         ca_pin: tls.as_ref().map(|t| t.pin.clone()),
@@ -189,12 +219,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tracker,
         shutdown,
         secrets_lock: Arc::default(),
+        comfy,
     };
     let limits = ConnectionLimits {
         header_timeout: config.header_timeout,
         max_connections: config.max_connections,
     };
-    serve_until(listener, tls, limits, state).await;
+    serve_until(listener, comfy_listener, tls, limits, state).await;
     Ok(())
 }
 
@@ -281,6 +312,7 @@ fn tls_identity(config: &ServeConfig) -> anyhow::Result<Option<ServerIdentity>> 
 /// background tasks finish within `SHUTDOWN_GRACE`, and warns if the grace runs out.
 async fn serve_until(
     listener: tokio::net::TcpListener,
+    comfy_listener: Option<(tokio::net::TcpListener, String)>,
     tls: Option<ServerIdentity>,
     limits: ConnectionLimits,
     state: AppState,
@@ -289,6 +321,21 @@ async fn serve_until(
     let activator = state.activator().clone();
     let membership = state.membership.clone();
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
+    if let Some((comfy_listener, function)) = comfy_listener {
+        // Every route there is the function's: its handler checks the function's rule.
+        let app = comfy::root_routes(function).with_state(state.clone());
+        tracker.spawn(
+            listener::serve(
+                comfy_listener,
+                acceptor.clone(),
+                app,
+                limits,
+                shutdown.clone(),
+                tracker.clone(),
+            )
+            .instrument(tracing::info_span!("comfyui")),
+        );
+    }
     let serving = tracker.spawn(
         listener::serve(
             listener,
