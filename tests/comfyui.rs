@@ -506,3 +506,48 @@ print(json.dumps({"status": entry["status"]["status_str"], "history": sorted(req
     );
     assert_eq!(bob["history"], json!([bob["pid"]]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_accepted_before_the_gateway_is_killed_run_after_it_restarts() {
+    require_docker!();
+    let Some(py) = python::python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
+    let manifest = stub_manifest("durable", 100, "max = 1", "");
+    assert_eq!(gw.deploy("durable", &manifest).await.status, 201);
+    let base = format!("{}/comfy/durable", gw.url);
+    // One running 3 s prompt and two waiting behind it, then SIGKILL.
+    let body = r#"
+ids = []
+for seed in range(3):
+    status, answer = queue_prompt(graph(seed, 30), "restarter")
+    assert status == 200, answer
+    ids.append(answer["prompt_id"])
+print(json.dumps({"ids": ids, "queue": request("/queue")[1]}))
+"#;
+    let out = client(&py, body, &[("BASE", &base)]);
+    assert_eq!(
+        out["queue"]["queue_pending"].as_array().unwrap().len()
+            + out["queue"]["queue_running"].as_array().unwrap().len(),
+        3,
+        "{out}"
+    );
+    gw.kill();
+    let gw = Gateway::builder().data_dir(dir.path()).start().await;
+    let base = format!("{}/comfy/durable", gw.url);
+    let body = r#"
+ids = json.loads(os.environ["IDS"])
+deadline = time.time() + 60
+while time.time() < deadline:
+    history = request("/history")[1]
+    if all(i in history for i in ids):
+        break
+    time.sleep(0.2)
+print(json.dumps({i: history.get(i, {}).get("status", {}).get("status_str") for i in ids}))
+"#;
+    let ids = out["ids"].to_string();
+    let done = client(&py, body, &[("BASE", &base), ("IDS", &ids)]);
+    for id in out["ids"].as_array().unwrap() {
+        assert_eq!(done[id.as_str().unwrap()], "success", "{done}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control`
+//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control,prefix,comfyui`
 //! picks some.
 //! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
 //! `{scenario, metric, ember, baseline, ratio, unit}`.
@@ -18,10 +18,13 @@
 //! 6. tunnel: warm requests to an agent's container through the gateway and the tunnel
 //!    vs the same container reached directly on its node;
 //! 7. prefix: the OpenAI front door's prefix routing vs least-loaded routing over 4 stub
-//!    model servers: prompt bytes from cache, simulated time to first token, balance.
+//!    model servers: prompt bytes from cache, simulated time to first token, balance;
+//! 8. comfyui: prompts per minute through the ComfyUI front door with 1 and 3 stub
+//!    instances vs one stub reached directly, and the time from `POST /prompt` to
+//!    `execution_start` on a warm instance.
 //!
 //! # Layout
-//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`: one scenario each,
+//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`: one scenario each,
 //!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
@@ -33,6 +36,7 @@ mod common;
 
 mod burst;
 mod cold;
+mod comfy;
 mod control;
 mod prefix;
 mod probe;
@@ -54,6 +58,7 @@ struct Size {
     burst: usize,
     functions: usize,
     prefix_requests: usize,
+    comfy_prompts: usize,
 }
 
 impl Size {
@@ -67,6 +72,7 @@ impl Size {
             burst: 1000,
             functions: 200,
             prefix_requests: 500,
+            comfy_prompts: 6,
         }
     }
 
@@ -79,6 +85,7 @@ impl Size {
             burst: burst_size(),
             functions: 1000,
             prefix_requests: 2000,
+            comfy_prompts: 12,
         }
     }
 }
@@ -139,6 +146,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("prefix") {
         eprintln!("prefix routing…");
         prefix::run(size, &mut rows).await;
+    }
+    if wanted("comfyui") {
+        eprintln!("ComfyUI front door…");
+        comfy::run(size, &mut rows).await;
     }
     rows
 }

@@ -114,6 +114,17 @@ pub fn summary(prepared: &Prepared) -> String {
             format!("/v1 models {}; {routing}", models.join(", ")),
         );
     }
+    if let Some(c) = &m.comfyui {
+        line(
+            "comfyui",
+            format!(
+                "/comfy/{}/ (one prompt per instance); history, outputs and uploads kept {} within {}",
+                m.name,
+                humantime::format_duration(c.keep),
+                c.keep_bytes
+            ),
+        );
+    }
     out
 }
 

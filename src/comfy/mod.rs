@@ -294,6 +294,17 @@ impl ComfyDoor {
             );
         self.status_changed(&name);
         self.pump(f);
+        // Not sent to an instance now (as many run as `scale.max` allows): it waits in the
+        // gateway's queue, and the client hears so at once.
+        let waits = self
+            .pools()
+            .get_mut(&name)
+            .and_then(|p| p.prompts.get_mut(&prompt_id))
+            .filter(|l| l.run.is_none())
+            .and_then(|l| l.verdict.take());
+        if let Some(tx) = waits {
+            let _ = tx.send(Verdict::Queued);
+        }
         let accepted = |node_errors| Answer {
             status: 200,
             body: json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}),
