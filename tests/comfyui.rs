@@ -187,6 +187,13 @@ out["own_id"] = pid2
 status, bad = queue_prompt({"1": {"class_type": "NoSuchNode", "inputs": {}}}, cid)
 out["bad"] = [status, bad["error"]["type"], bad["error"]["message"]]
 out["queue"] = request("/queue")[1]
+# The web UI's files come from the instance while it runs a prompt, without waiting for it.
+status, answer = queue_prompt(graph(3, 50), cid)
+t0 = time.time()
+page = urllib.request.urlopen(urllib.request.Request(BASE + "/", headers=HEADERS))
+out["page"] = [page.status, page.read().lower().startswith(b"<!doctype html"), time.time() - t0 < 0.5,
+               len(request("/queue")[1]["queue_running"])]
+read_until_done(ws, answer["prompt_id"])
 out["object_info"] = sorted(request("/object_info")[1])[:3]
 out["stats_devices"] = request("/system_stats")[1]["devices"]
 print(json.dumps(out))
@@ -230,6 +237,7 @@ print(json.dumps(out))
         json!({"queue_running": [], "queue_pending": []})
     );
     assert!(out["warm_start_ms"].as_f64().unwrap() < 500.0, "{out}");
+    assert_eq!(out["page"], json!([200, true, true, 1]), "{out}");
     eprintln!(
         "warm POST /prompt -> execution_start: {} ms",
         out["warm_start_ms"]
@@ -247,7 +255,7 @@ entry = request("/history/" + answer["prompt_id"])[1][answer["prompt_id"]]
 print(json.dumps({"pngs": [check_png(view(i)) for i in images(entry)], "all": len(request("/history")[1])}))
 "#;
     let out = client(&py, body, &[("BASE", &root)]);
-    assert_eq!(out, json!({"pngs": [true], "all": 3}));
+    assert_eq!(out, json!({"pngs": [true], "all": 4}));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -207,7 +207,12 @@ impl Function {
         };
         let inst = &mut st.instances[idx];
         inst.in_flight += 1;
-        Some(Permit {
+        Some(self.permit(inst, true))
+    }
+
+    /// A permit on a ready instance; `armed`: it holds a slot, given back on drop.
+    fn permit(self: &Arc<Self>, inst: &Instance, armed: bool) -> Permit {
+        Permit {
             function: self.clone(),
             instance: inst.id.clone(),
             endpoint: inst.endpoint.expect("ready instances have an endpoint"),
@@ -215,8 +220,8 @@ impl Function {
             container_id: inst.container_id.clone().unwrap_or_default(),
             retired: inst.retired.token().clone(),
             _in_flight: inst.reservation.track_request(),
-            armed: true,
-        })
+            armed,
+        }
     }
 
     /// A permit on a ready instance with a free slot, without waiting or starting one.
@@ -242,16 +247,7 @@ impl Function {
             .iter()
             .filter(|i| i.phase.can_serve() && i.reservation.node().reachable())
             .min_by_key(|i| (i.evacuating, &i.revision.id != current, i.in_flight))?;
-        Some(Permit {
-            function: self.clone(),
-            instance: inst.id.clone(),
-            endpoint: inst.endpoint.expect("ready instances have an endpoint"),
-            node: inst.reservation.node().clone(),
-            container_id: inst.container_id.clone().unwrap_or_default(),
-            retired: inst.retired.token().clone(),
-            _in_flight: inst.reservation.track_request(),
-            armed: false,
-        })
+        Some(self.permit(inst, false))
     }
 
     /// Removes a waiter that gave up (timeout or client gone).

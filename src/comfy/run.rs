@@ -66,6 +66,9 @@ pub(super) fn finished_message(prompt_id: &str) -> Message {
 impl ComfyDoor {
     /// Starts runs for `f`'s waiting prompts while fewer than `scale.max` run.
     pub(super) fn pump(&self, f: &Arc<Function>) {
+        if self.inner.shutdown.is_cancelled() {
+            return; // what waits runs after the restart
+        }
         let max = f.revision().manifest.scale.max as usize;
         loop {
             let next = {
@@ -198,9 +201,8 @@ impl ComfyDoor {
             }
             match self.inner.invoker.activator().acquire(f, None, None).await {
                 Ok(permit) => return Ok(Arc::new(permit)),
-                Err(AcquireError::ShuttingDown) | Err(AcquireError::Removed(_)) => {
-                    return Err(None)
-                }
+                Err(AcquireError::ShuttingDown) => return Err(None),
+                Err(e @ AcquireError::Removed(_)) => return Err(Some(e.to_string())),
                 Err(e @ AcquireError::StartFailed { .. }) => return Err(Some(e.to_string())),
                 Err(e) => {
                     // Full queues, timeouts, no room yet: the prompt keeps its place here.

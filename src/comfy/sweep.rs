@@ -30,7 +30,12 @@ impl ComfyDoor {
                 .function(&name)
                 .and_then(|f| f.revision().manifest.comfyui.clone());
             let Some(comfy) = comfy else {
+                // Removed (or no longer a ComfyUI function): what waits will not run.
+                if let Some(pool) = self.pools().get_mut(&name) {
+                    pool.prompts.retain(|_, live| live.run.is_some());
+                }
                 if self.queue_remaining(&name) == 0 {
+                    self.pools().remove(&name);
                     tracing::info!(function = %name, "forgetting what the ComfyUI front door kept for a removed function");
                     store.forget_comfy(&name).await?;
                 }
