@@ -171,6 +171,7 @@ status, history = request("/history/" + pid)
 entry = history[pid]
 out["status"] = entry["status"]["status_str"]
 out["pngs"] = [check_png(view(img)) for img in images(entry)]
+out["kept_under"] = [img["subfolder"] == pid for img in images(entry)]
 out["unknown"] = request("/history/nope")
 # Warm: how long from POST /prompt to execution_start.
 t0 = time.time()
@@ -228,6 +229,11 @@ print(json.dumps(out))
     );
     assert_eq!(out["status"], "success");
     assert_eq!(out["pngs"], json!([true]));
+    assert_eq!(
+        out["kept_under"],
+        json!([true]),
+        "outputs are kept per prompt: {out}"
+    );
     assert_eq!(out["unknown"], json!([200, {}]));
     assert_eq!(out["own_id"], "mine-1", "a client's prompt_id is kept");
     assert_eq!(out["bad"][0], 400, "{out}");

@@ -109,7 +109,7 @@ impl ComfyDoor {
             files.push(FileRecord {
                 function: name.to_string(),
                 kind,
-                subfolder,
+                subfolder: kept_subfolder(id, &subfolder),
                 filename,
                 hash,
                 size,
@@ -148,18 +148,54 @@ impl ComfyDoor {
     }
 
     /// Retires the instance when it no longer answers at all.
-    pub(super) async fn retire_if_dead(&self, permit: Arc<Permit>) {
-        let proxy = self.inner.invoker.proxy();
-        let alive = proxy
-            .fetch(&permit, get("/prompt"), Duration::from_secs(2), 1 << 20)
-            .await
-            .is_ok();
-        if alive {
-            return;
+    pub(super) async fn retire_if_dead(&self, permit: Arc<Permit>, prompt_id: &str) {
+        if self.stop_prompt(&permit, prompt_id).await {
+            return; // alive: told to drop the prompt, its slot is free for the next one
         }
         if let Ok(permit) = Arc::try_unwrap(permit) {
             self.inner.invoker.activator().retire_unreachable(permit);
         }
+    }
+
+    /// Tells the instance to stop the prompt (before its slot goes to another); false
+    /// when the instance does not answer.
+    pub(super) async fn stop_prompt(&self, permit: &Permit, prompt_id: &str) -> bool {
+        let req = json_request("/interrupt", &serde_json::json!({"prompt_id": prompt_id}));
+        let proxy = self.inner.invoker.proxy();
+        proxy
+            .fetch(permit, req, Duration::from_secs(2), 1 << 20)
+            .await
+            .is_ok()
+    }
+}
+
+/// Where the gateway keeps a prompt's output: under a folder named after the prompt, since
+/// every fresh ComfyUI numbers its files from `ComfyUI_00001_.png` again and two
+/// instances' outputs would otherwise take one name.
+pub(super) fn kept_subfolder(prompt_id: &str, subfolder: &str) -> String {
+    if subfolder.is_empty() {
+        prompt_id.to_string()
+    } else {
+        format!("{prompt_id}/{subfolder}")
+    }
+}
+
+/// Rewrites the `subfolder` of every file an output (an `executed` message's `output`, or a
+/// history entry's `outputs` node) names to where the gateway keeps it.
+pub(super) fn rename_outputs(output: &mut Value, prompt_id: &str) {
+    let Some(fields) = output.as_object_mut() else {
+        return;
+    };
+    for item in fields
+        .values_mut()
+        .filter_map(Value::as_array_mut)
+        .flatten()
+    {
+        if item.get("filename").and_then(Value::as_str).is_none() {
+            continue;
+        }
+        let subfolder = item.get("subfolder").and_then(Value::as_str).unwrap_or("");
+        item["subfolder"] = Value::String(kept_subfolder(prompt_id, subfolder));
     }
 }
 
@@ -204,7 +240,7 @@ pub(super) fn json_request(path: &str, body: &Value) -> Request<Body> {
 }
 
 /// Percent-encodes a query value.
-pub(super) fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
@@ -258,5 +294,17 @@ mod tests {
             ]
         );
         assert_eq!(encode("a b/ü"), "a%20b%2F%C3%BC");
+    }
+
+    #[test]
+    fn outputs_are_renamed_into_their_prompts_folder() {
+        let mut output = json!({"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"},
+                                           {"filename": "p.png", "subfolder": "a/b", "type": "temp"}],
+                                "text": ["kept"]});
+        rename_outputs(&mut output, "p1");
+        assert_eq!(output["images"][0]["subfolder"], "p1");
+        assert_eq!(output["images"][1]["subfolder"], "p1/a/b");
+        assert_eq!(output["text"], json!(["kept"]));
+        assert_eq!(kept_subfolder("p1", ""), "p1");
     }
 }

@@ -1,7 +1,7 @@
 //! The ComfyUI front door's core: many ComfyUI instances of one function behind one
 //! ComfyUI address, with nothing a client expects of one server broken.
 //!
-//! - **Queue.** `POST /prompt` is checked (graph.rs), given its `prompt_id` (the client's,
+//! - **Queue.** `POST /prompt` (submit.rs) is checked (graph.rs), given its `prompt_id` (the client's,
 //!   or a new one) and recorded durably in the store; the gateway, not a backend, holds
 //!   the queue. A ComfyUI server runs one prompt at a time, so the function runs with
 //!   `concurrency = 1`: each prompt takes an instance's one slot through the activator,
@@ -13,7 +13,9 @@
 //!   and binary previews) go to that client only; `status` is the gateway's, with the
 //!   queue of every instance.
 //! - **History and files.** When a prompt ends, its history entry and every file it
-//!   names are copied into the gateway (files.rs) before the instance is let go, so
+//!   names are copied into the gateway (files.rs, backend.rs) before the instance is let
+//!   go, each prompt's under a folder named after it (every fresh ComfyUI numbers its
+//!   files from 1 again; the `executed` messages and the entry say so), so
 //!   `/history` and `/view` answer after scale to zero. Uploads are kept by the gateway
 //!   and placed on the instance that runs a prompt naming them, before the prompt.
 //! - **Failures.** A prompt whose instance dies is sent to another instance once; then
@@ -29,6 +31,7 @@ mod hub;
 mod outcome;
 mod run;
 mod state;
+mod submit;
 mod sweep;
 
 use std::collections::HashMap;
@@ -46,13 +49,15 @@ use tokio_util::task::TaskTracker;
 use crate::activator::{Function, Permit};
 use crate::invoke::Invoker;
 use crate::store::{CachedAnswer, FileRecord, PromptRecord, PromptState, Store, StoreError};
+pub use backend::encode;
 use files::Blobs;
 pub use files::{check_name, NameError};
 pub use graph::error_body;
 pub use hub::Subscription;
+pub use run::MAX_OUTPUT_FILE;
 
 /// Answers kept from the last ready backend so they answer at zero.
-pub const CACHED_PATHS: &[&str] = &["/object_info", "/embeddings", "/models"];
+pub const CACHED_PATHS: &[&str] = &["/object_info", "/embeddings", "/models", "/system_stats"];
 
 /// The caller's identity for a private function: the key's name; `ADMIN` for the admin
 /// token (sees every prompt); `None` for a public function's callers.
@@ -63,6 +68,12 @@ const MAX_RENAMES: u32 = 10_000;
 
 /// The owner that sees every prompt.
 pub const ADMIN: &str = ":admin";
+
+/// Where a client's socket is found in the hub: by its key's owner and its id, so that
+/// a tenant using another tenant's client id gets none of its messages.
+fn hub_key(owner: &Owner, client_id: &str) -> String {
+    format!("{}\0{client_id}", owner.as_deref().unwrap_or(""))
+}
 
 /// An answer to a client, as ComfyUI would give it.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +118,8 @@ struct Pool {
     prompts: HashMap<String, Live>,
     /// Run tasks (waiting for an instance or running).
     active: usize,
+    /// Ids being recorded by a submit.
+    reserved: std::collections::HashSet<String>,
 }
 
 /// The ComfyUI front door. Cheap to clone.
@@ -211,111 +224,6 @@ impl ComfyDoor {
         }
     }
 
-    /// `POST /prompt`.
-    pub async fn submit(&self, f: &Arc<Function>, owner: Owner, body: &[u8]) -> Answer {
-        let refused = |body| Answer { status: 400, body };
-        let submission = match graph::parse(body) {
-            Ok(s) => s,
-            Err(body) => return refused(body),
-        };
-        let object_info = self.cached_json(f, "/object_info");
-        let outputs = match graph::check(&submission.prompt, object_info.as_ref()) {
-            Ok(outputs) => outputs,
-            Err(body) => return refused(body),
-        };
-        let name = f.name().to_string();
-        let prompt_id = submission
-            .prompt_id
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let client_id = submission
-            .client_id
-            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let number = submission.number.unwrap_or(if submission.front {
-            -(seq as f64)
-        } else {
-            seq as f64
-        });
-        let mut extra_data = submission.extra_data;
-        extra_data.insert("client_id".into(), Value::String(client_id.clone()));
-        let known = self
-            .pools()
-            .get(&name)
-            .is_some_and(|p| p.prompts.contains_key(&prompt_id));
-        if known || matches!(self.inner.store.prompt(&name, &prompt_id), Ok(Some(_))) {
-            return refused(error_body(
-                "invalid_prompt",
-                "a prompt with this prompt_id exists already",
-                &prompt_id,
-            ));
-        }
-        let record = PromptRecord {
-            function: name.clone(),
-            prompt_id: prompt_id.clone(),
-            number,
-            seq,
-            client_id,
-            owner,
-            prompt: Value::Object(submission.prompt),
-            extra_data: Value::Object(extra_data),
-            extra: submission.extra,
-            outputs_to_execute: outputs,
-            state: PromptState::Pending,
-            attempts: 0,
-            instance: None,
-            created_ms: crate::store::now_ms(),
-            finished_ms: 0,
-            history: None,
-            output_bytes: 0,
-        };
-        if let Err(e) = self.inner.store.put_prompt(&record).await {
-            tracing::error!(function = %name, error = %crate::model::error_chain(&e), "cannot record a ComfyUI prompt");
-            return Answer {
-                status: 503,
-                body: error_body(
-                    "server_error",
-                    "the gateway cannot record the prompt (its state store failed); try again",
-                    "",
-                ),
-            };
-        }
-        let (tx, rx) = oneshot::channel();
-        self.pools()
-            .entry(name.clone())
-            .or_default()
-            .prompts
-            .insert(
-                prompt_id.clone(),
-                Live {
-                    record,
-                    run: None,
-                    verdict: Some(tx),
-                },
-            );
-        self.status_changed(&name);
-        self.pump(f);
-        // Not sent to an instance now (as many run as `scale.max` allows): it waits in the
-        // gateway's queue, and the client hears so at once.
-        let waits = self
-            .pools()
-            .get_mut(&name)
-            .and_then(|p| p.prompts.get_mut(&prompt_id))
-            .filter(|l| l.run.is_none())
-            .and_then(|l| l.verdict.take());
-        if let Some(tx) = waits {
-            let _ = tx.send(Verdict::Queued);
-        }
-        let accepted = |node_errors| Answer {
-            status: 200,
-            body: json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}),
-        };
-        match tokio::time::timeout(run::VERDICT_WAIT, rx).await {
-            Ok(Ok(Verdict::Accepted(node_errors))) => accepted(node_errors),
-            Ok(Ok(Verdict::Refused(status, body))) => Answer { status, body },
-            Ok(Ok(Verdict::Queued)) | Ok(Err(_)) | Err(_) => accepted(json!({})),
-        }
-    }
-
     /// Pending and running prompts of `function` (the gateway's `queue_remaining`).
     pub fn queue_remaining(&self, function: &str) -> usize {
         self.pools().get(function).map_or(0, |p| p.prompts.len())
@@ -342,13 +250,15 @@ impl ComfyDoor {
     pub fn connect(
         &self,
         function: &str,
+        caller: &Owner,
         client_id: &str,
     ) -> (Subscription<'_>, Vec<Message>, mpsc::Receiver<Message>) {
-        let (subscription, rx) = self.inner.hub.join(function, client_id);
+        let key = hub_key(caller, client_id);
+        let (subscription, rx) = self.inner.hub.join(function, &key);
         let mut first = vec![self.status_message(function, Some(client_id))];
         if let Some(pool) = self.pools().get(function) {
             for live in pool.prompts.values() {
-                if live.record.client_id != client_id {
+                if live.record.client_id != client_id || live.record.owner != *caller {
                     continue;
                 }
                 if let Some(text) = live.run.as_ref().and_then(|r| r.last_executing.clone()) {
@@ -359,19 +269,33 @@ impl ComfyDoor {
         (subscription, first, rx)
     }
 
-    /// The permits of `function`'s running prompts (to read from a busy instance).
-    pub fn running_permits(&self, function: &str) -> Vec<Arc<Permit>> {
-        self.pools().get(function).map_or_else(Vec::new, |pool| {
-            pool.prompts
-                .values()
-                .filter_map(|l| l.run.as_ref()?.permit.clone())
-                .collect()
-        })
+    /// The instance of the caller's running prompt whose outputs `subfolder` names (see
+    /// `backend::kept_subfolder`), with the subfolder as the instance knows it: where a
+    /// file not copied yet (a preview while the prompt runs) is read.
+    pub fn running_source(
+        &self,
+        function: &str,
+        caller: &Owner,
+        subfolder: &str,
+    ) -> Option<(Arc<Permit>, String)> {
+        let (id, rest) = subfolder.split_once('/').unwrap_or((subfolder, ""));
+        let pools = self.pools();
+        let live = pools.get(function)?.prompts.get(id)?;
+        if !state::may_touch(&live.record.owner, caller) {
+            return None;
+        }
+        let permit = live.run.as_ref()?.permit.clone()?;
+        Some((permit, rest.to_string()))
     }
 
     /// A cached answer (`/object_info`...), as JSON.
+    /// An answer of another revision's instance counts as none: a redeploy may have
+    /// added custom nodes.
     pub fn cached_json(&self, f: &Function, path: &str) -> Option<Value> {
         let cached = self.inner.store.cached(f.name(), path).ok().flatten()?;
+        if cached.revision != f.revision().id {
+            return None;
+        }
         serde_json::from_str(&cached.body).ok()
     }
 
@@ -385,10 +309,11 @@ impl ComfyDoor {
         self.inner.store.put_cached(f.name(), path, &answer);
     }
 
-    /// A kept file's bytes: an upload or an output.
+    /// A kept file's bytes: an upload, or an output of a prompt the caller may see.
     pub async fn file(
         &self,
         function: &str,
+        caller: &Owner,
         kind: &str,
         subfolder: &str,
         filename: &str,
@@ -396,6 +321,12 @@ impl ComfyDoor {
         let Some(record) = self.inner.store.file(function, kind, subfolder, filename)? else {
             return Ok(None);
         };
+        if let Some(prompt) = &record.prompt_id {
+            let owner = self.inner.store.prompt(function, prompt)?.map(|p| p.owner);
+            if !owner.is_some_and(|o| state::may_touch(&o, caller)) {
+                return Ok(None);
+            }
+        }
         Ok(self.inner.blobs.read(&record.hash).await.ok())
     }
 

@@ -13,16 +13,35 @@ impl ComfyDoor {
     /// Records a finished prompt with its files, then tells its client.
     pub(super) async fn succeed(&self, name: &str, mut record: PromptRecord, done: Done) {
         record.state = PromptState::Done;
+        state::forget_credentials(&mut record);
         record.finished_ms = crate::store::now_ms();
         record.output_bytes = done.files.iter().map(|f| f.size).sum();
-        record.history = Some(done.entry);
+        let mut entry = done.entry;
+        if let Some(outputs) = entry.get_mut("outputs").and_then(Value::as_object_mut) {
+            for output in outputs.values_mut() {
+                super::backend::rename_outputs(output, &record.prompt_id);
+            }
+        }
+        let success = entry["status"]["status_str"] == "success";
+        record.history = Some(entry);
         if let Err(e) = self.inner.store.finish_prompt(&record, &done.files).await {
             tracing::error!(function = name, prompt = %record.prompt_id, error = %crate::model::error_chain(&e), "cannot record a finished ComfyUI prompt");
         }
         self.remove_live(name, &record.prompt_id);
-        self.inner
-            .hub
-            .send(name, &record.client_id, finished_message(&record.prompt_id));
+        if success {
+            let data = json!({"prompt_id": record.prompt_id, "timestamp": record.finished_ms});
+            let message = json!({"type": "execution_success", "data": data}).to_string();
+            self.inner.hub.send(
+                name,
+                &super::hub_key(&record.owner, &record.client_id),
+                Message::text(message),
+            );
+        }
+        self.inner.hub.send(
+            name,
+            &super::hub_key(&record.owner, &record.client_id),
+            finished_message(&record.prompt_id),
+        );
     }
 
     /// Fails a prompt: `execution_error` and the final `executing` to its client, and a
@@ -44,6 +63,7 @@ impl ComfyDoor {
             "traceback": [], "current_inputs": {}, "current_outputs": {}, "timestamp": timestamp,
         });
         record.state = PromptState::Done;
+        state::forget_credentials(&mut record);
         record.finished_ms = timestamp;
         record.history = Some(json!({
             "prompt": state::queue_item(&record),
@@ -55,12 +75,16 @@ impl ComfyDoor {
             tracing::error!(function = name, prompt = id, error = %crate::model::error_chain(&e), "cannot record a failed ComfyUI prompt");
         }
         let message = json!({"type": "execution_error", "data": error}).to_string();
-        self.inner
-            .hub
-            .send(name, &record.client_id, Message::text(message));
-        self.inner
-            .hub
-            .send(name, &record.client_id, finished_message(id));
+        self.inner.hub.send(
+            name,
+            &super::hub_key(&record.owner, &record.client_id),
+            Message::text(message),
+        );
+        self.inner.hub.send(
+            name,
+            &super::hub_key(&record.owner, &record.client_id),
+            finished_message(id),
+        );
     }
 
     /// Passes the backend's refusal to a submitter still waiting, and forgets the
@@ -78,6 +102,9 @@ impl ComfyDoor {
             .and_then(|p| p.prompts.get_mut(id))
             .and_then(|l| l.verdict.take());
         let Some(tx) = tx else { return false };
+        if tx.is_closed() {
+            return false; // answered already: the prompt fails in the open instead
+        }
         self.remove_live(name, id);
         let _ = self
             .inner

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::backend::{encode, json_request};
+use super::backend::{self, encode, json_request};
 use super::{graph, ComfyDoor, RunHandle, Verdict};
 use crate::activator::{AcquireError, Function, Permit};
 use crate::proxy::ProxyError;
@@ -26,6 +26,9 @@ use crate::store::{FileRecord, PromptRecord, PromptState};
 pub const VERDICT_WAIT: Duration = Duration::from_secs(30);
 /// Times a prompt is sent to an instance: once, and once more if that instance dies.
 pub const MAX_ATTEMPTS: u32 = 2;
+/// Failed starts a waiting prompt sees (each after the back-off of the one before) before
+/// it fails.
+pub const MAX_START_FAILURES: u32 = 3;
 /// Largest file copied out of an instance.
 pub const MAX_OUTPUT_FILE: usize = 1 << 30;
 /// Small requests to an instance (queueing the prompt, its history, a probe).
@@ -143,6 +146,8 @@ impl ComfyDoor {
             match result {
                 Ok(done) => {
                     self.succeed(&name, record, done).await;
+                    // While the instance is still this run's: `/object_info` and the like.
+                    self.refresh_cache(&f, &permit).await;
                     break;
                 }
                 Err(Failure::Refused(status, body)) => {
@@ -159,7 +164,7 @@ impl ComfyDoor {
                 }
                 Err(Failure::Lost(reason)) => {
                     tracing::warn!(function = %name, prompt = %id, instance = %permit.instance(), attempt = record.attempts, %reason, "a ComfyUI prompt lost its instance");
-                    self.retire_if_dead(permit).await;
+                    self.retire_if_dead(permit, &id).await;
                     if record.attempts >= MAX_ATTEMPTS {
                         let why = format!("its instance failed {MAX_ATTEMPTS} times: {reason}");
                         self.fail(&name, &id, &why).await;
@@ -191,6 +196,7 @@ impl ComfyDoor {
             return Ok(Arc::new(permit));
         }
         self.verdict(f.name(), id, Verdict::Queued);
+        let mut start_failures = 0;
         loop {
             let waiting = self
                 .pools()
@@ -203,7 +209,26 @@ impl ComfyDoor {
                 Ok(permit) => return Ok(Arc::new(permit)),
                 Err(AcquireError::ShuttingDown) => return Err(None),
                 Err(e @ AcquireError::Removed(_)) => return Err(Some(e.to_string())),
-                Err(e @ AcquireError::StartFailed { .. }) => return Err(Some(e.to_string())),
+                Err(AcquireError::StartFailed {
+                    message,
+                    retry_after,
+                    ..
+                }) => {
+                    // One failed start must not fail the whole queue: the prompt waits out
+                    // the back-off and fails only after starts failed under it repeatedly.
+                    start_failures += 1;
+                    if start_failures >= MAX_START_FAILURES {
+                        return Err(Some(format!(
+                            "function `{}` could not start ({start_failures} tries): {message}",
+                            f.name()
+                        )));
+                    }
+                    let wait = retry_after.max(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.inner.shutdown.cancelled() => return Err(None),
+                    }
+                }
                 Err(e) => {
                     // Full queues, timeouts, no room yet: the prompt keeps its place here.
                     tracing::debug!(function = %f.name(), prompt = id, error = %e, "a ComfyUI prompt waits on");
@@ -276,6 +301,13 @@ impl ComfyDoor {
             graph::error_body("invalid_prompt", &String::from_utf8_lossy(&bytes), "")
         });
         match status.as_u16() {
+            200 if answer["prompt_id"].as_str().is_some_and(|p| p != id) => {
+                return Err(Failure::Failed(format!(
+                    "the instance's ComfyUI gave the prompt its own id ({}) instead of the one sent: \
+                     the front door needs a ComfyUI that takes `prompt_id` in POST /prompt (2025 or later)",
+                    answer["prompt_id"]
+                )));
+            }
             200 => {
                 let node_errors = answer.get("node_errors").cloned().unwrap_or(json!({}));
                 self.verdict(name, id, Verdict::Accepted(node_errors));
@@ -301,10 +333,14 @@ impl ComfyDoor {
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    self.stop_prompt(permit, id).await;
                     let after = humantime::format_duration(timeout);
                     return Err(Failure::Failed(format!("the prompt did not finish within {after} (request.timeout)")));
                 }
                 _ = self.inner.shutdown.cancelled() => return Err(Failure::Stopping),
+                _ = permit.retired().cancelled() => {
+                    return Err(Failure::Lost("its instance left service (stopped, drained or its node lost)".into()));
+                }
             };
             match next {
                 Some(Ok(Message::Text(text))) => {
@@ -312,9 +348,11 @@ impl ComfyDoor {
                         break;
                     }
                 }
-                Some(Ok(binary @ Message::Binary(_))) => {
-                    self.inner.hub.send(name, &record.client_id, binary)
-                }
+                Some(Ok(binary @ Message::Binary(_))) => self.inner.hub.send(
+                    name,
+                    &super::hub_key(&record.owner, &record.client_id),
+                    binary,
+                ),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     // The socket broke: finished after all, or the instance is gone.
                     if self.entry(permit, id).await.is_ok() {
@@ -330,7 +368,6 @@ impl ComfyDoor {
         drop(socket);
         let entry = self.entry(permit, id).await?;
         let files = self.copy_outputs(name, permit, id, &entry).await?;
-        self.refresh_cache(f, permit).await;
         Ok(Done { entry, files })
     }
 
@@ -338,15 +375,32 @@ impl ComfyDoor {
     /// `executing` (held back until the outputs are in).
     fn event(&self, name: &str, record: &PromptRecord, text: &str) -> bool {
         let Ok(event) = serde_json::from_str::<Value>(text) else {
-            self.inner
-                .hub
-                .send(name, &record.client_id, Message::text(text));
+            self.inner.hub.send(
+                name,
+                &super::hub_key(&record.owner, &record.client_id),
+                Message::text(text),
+            );
             return false;
         };
-        let kind = event["type"].as_str().unwrap_or("");
+        let kind = event["type"].as_str().unwrap_or("").to_string();
         let prompt = event["data"]["prompt_id"].as_str();
         if kind == "status" || prompt.is_some_and(|p| p != record.prompt_id) {
             return false; // the gateway's status, or a leftover of another prompt
+        }
+        if kind == "execution_success" {
+            // Sent with the final `executing`, once the history and outputs are kept.
+            return false;
+        }
+        if kind == "executed" {
+            let mut event = event;
+            backend::rename_outputs(&mut event["data"]["output"], &record.prompt_id);
+            let message = Message::text(event.to_string());
+            self.inner.hub.send(
+                name,
+                &super::hub_key(&record.owner, &record.client_id),
+                message,
+            );
+            return false;
         }
         if kind == "executing" {
             if event["data"]["node"].is_null() {
@@ -361,9 +415,11 @@ impl ComfyDoor {
                 run.last_executing = Some(text.to_string());
             }
         }
-        self.inner
-            .hub
-            .send(name, &record.client_id, Message::text(text));
+        self.inner.hub.send(
+            name,
+            &super::hub_key(&record.owner, &record.client_id),
+            Message::text(text),
+        );
         false
     }
 }

@@ -9,7 +9,7 @@ use super::{ComfyDoor, Owner, ADMIN};
 use crate::store::{PromptRecord, PromptState, StoreError};
 
 /// Whether `caller` may see and touch a prompt of `owner`.
-fn may_touch(owner: &Owner, caller: &Owner) -> bool {
+pub(super) fn may_touch(owner: &Owner, caller: &Owner) -> bool {
     caller.as_deref() == Some(ADMIN) || owner == caller
 }
 
@@ -22,6 +22,18 @@ pub(super) fn queue_item(r: &PromptRecord) -> Value {
         r.extra_data,
         r.outputs_to_execute
     ])
+}
+
+/// The keys of `extra_data` ComfyUI leaves out of history (credentials of its API nodes).
+const SENSITIVE: [&str; 2] = ["api_key_comfy_org", "auth_token_comfy_org"];
+
+/// Drops the credentials ComfyUI keeps out of history from a finished prompt's record.
+pub(super) fn forget_credentials(r: &mut PromptRecord) {
+    if let Some(extra) = r.extra_data.as_object_mut() {
+        for key in SENSITIVE {
+            extra.remove(key);
+        }
+    }
 }
 
 /// The ids a `{"delete": [...]}` body names.

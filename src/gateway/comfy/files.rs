@@ -11,9 +11,12 @@ use axum::Json;
 
 use super::query_map;
 use crate::activator::Function;
-use crate::comfy::{NameError, UploadError};
+use crate::comfy::{NameError, Owner, UploadError};
 use crate::gateway::error::ApiError;
 use crate::gateway::AppState;
+
+/// How long a read of a running prompt's file from its instance may take.
+const VIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// ComfyUI's folder types.
 const KINDS: [&str; 3] = ["input", "output", "temp"];
@@ -57,6 +60,7 @@ fn content_type(filename: &str) -> &'static str {
 pub async fn view(
     state: &AppState,
     f: &Arc<Function>,
+    caller: &Owner,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let query = query_map(req.uri());
@@ -72,7 +76,7 @@ pub async fn view(
     }
     if let Some(bytes) = state
         .comfy
-        .file(f.name(), kind, subfolder, filename)
+        .file(f.name(), caller, kind, subfolder, filename)
         .await?
     {
         let disposition = format!("filename=\"{}\"", filename.replace('"', "%22"));
@@ -85,23 +89,33 @@ pub async fn view(
         )
             .into_response());
     }
-    let path = req.uri().path_and_query().map_or("/view", |p| p.as_str());
-    let path = format!("/view?{}", path.split_once('?').map_or("", |(_, q)| q));
-    let timeout = f.revision().manifest.request.timeout;
-    for permit in state.comfy.running_permits(f.name()) {
-        let req = Request::get(path.as_str())
+    if let Some((permit, original)) = state.comfy.running_source(f.name(), caller, subfolder) {
+        // Read whole, so the prompt's instance is not held by a slow reader.
+        let query = format!(
+            "/view?filename={}&subfolder={}&type={}",
+            crate::comfy::encode(filename),
+            crate::comfy::encode(&original),
+            crate::comfy::encode(kind)
+        );
+        let req = Request::get(query)
             .body(Body::empty())
             .expect("a path makes a request");
-        if let Ok(response) = state.invoker.proxy().send(&permit, req, timeout).await {
-            if response.status().is_success() {
-                let (parts, body) = response.into_parts();
-                return Ok(Response::from_parts(
-                    parts,
-                    Body::new(PermitHeld {
-                        body,
-                        _permit: permit,
-                    }),
-                ));
+        let limit = crate::comfy::MAX_OUTPUT_FILE;
+        let fetched = state
+            .invoker
+            .proxy()
+            .fetch(&permit, req, VIEW_TIMEOUT, limit)
+            .await;
+        drop(permit);
+        if let Ok((status, headers, bytes)) = fetched {
+            if status.is_success() {
+                let mut response = bytes.into_response();
+                for name in [header::CONTENT_TYPE, header::CONTENT_DISPOSITION] {
+                    if let Some(v) = headers.get(&name) {
+                        response.headers_mut().insert(name, v.clone());
+                    }
+                }
+                return Ok(response);
             }
         }
     }
@@ -109,24 +123,6 @@ pub async fn view(
         StatusCode::NOT_FOUND,
         format!("no file `{filename}` in {kind}/{subfolder}"),
     ))
-}
-
-/// A body that keeps its instance's permit until it is read out.
-struct PermitHeld {
-    body: hyper::body::Incoming,
-    _permit: Arc<crate::activator::Permit>,
-}
-
-impl http_body::Body for PermitHeld {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
 }
 
 /// `POST /upload/image` and `/upload/mask`: multipart `image` (the file), `type`,

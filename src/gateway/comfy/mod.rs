@@ -128,7 +128,7 @@ async fn route(
         (status, Json(body)).into_response()
     };
     Ok(match (method, path) {
-        (Method::GET, "/ws") => socket::upgrade(state, &f, req)?,
+        (Method::GET, "/ws") => socket::upgrade(state, &f, owner, req)?,
         (Method::POST, "/prompt") => {
             let body = read_body(&f, req).await?;
             let answer = door.submit(&f, owner, &body).await;
@@ -164,7 +164,7 @@ async fn route(
             StatusCode::OK.into_response()
         }
         (Method::POST, "/interrupt") => interrupt(state, name, &owner, req, &f).await?,
-        (Method::GET, "/view") => files::view(state, &f, req).await?,
+        (Method::GET, "/view") => files::view(state, &f, &owner, req).await?,
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
             files::upload(state, &f, req).await?
         }

@@ -21,6 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::query_map;
 use crate::activator::Function;
+use crate::comfy::Owner;
 use crate::gateway::error::ApiError;
 use crate::gateway::AppState;
 
@@ -33,6 +34,7 @@ const MAX_CLIENT_MESSAGE: usize = 1 << 20;
 pub fn upgrade(
     state: &AppState,
     f: &Arc<Function>,
+    owner: Owner,
     mut req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -60,7 +62,7 @@ pub fn upgrade(
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        serve(state2, function, client_id, ws).await;
+        serve(state2, function, owner, client_id, ws).await;
     });
     let accept = derive_accept_key(key.as_bytes());
     Ok(Response::builder()
@@ -78,11 +80,12 @@ pub fn upgrade(
 async fn serve(
     state: AppState,
     function: String,
+    owner: Owner,
     client_id: String,
     ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
 ) {
     let door = state.comfy.clone();
-    let (subscription, first, mut rx) = door.connect(&function, &client_id);
+    let (subscription, first, mut rx) = door.connect(&function, &owner, &client_id);
     let (mut sink, mut stream) = ws.split();
     for message in first {
         if sink.send(message).await.is_err() {
