@@ -100,6 +100,9 @@ pub struct ServeConfig {
     /// for clients that take only `host:port`; needs --comfyui-function.
     #[arg(long, env = "EMBER_COMFYUI_LISTEN", requires = "comfyui_function")]
     pub comfyui_listen: Option<SocketAddr>,
+    /// Serve `/metrics` without the admin token (for a Prometheus on a trusted network).
+    #[arg(long, env = "EMBER_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// The function (with a `[comfyui]` section) that --comfyui-listen serves.
     #[arg(long, env = "EMBER_COMFYUI_FUNCTION", requires = "comfyui_listen")]
     pub comfyui_function: Option<String>,

@@ -40,6 +40,28 @@ pub enum InvokeError {
     Proxy(#[from] ProxyError),
 }
 
+impl InvokeError {
+    /// The `code` label of `ember_requests_total` for the failure: the API's error code.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            InvokeError::Acquire(e) => match e {
+                AcquireError::QueueFull { .. } => "queue_full",
+                AcquireError::QueueTimeout { .. } => "queue_timeout",
+                AcquireError::StartFailed { .. } => "start_failed",
+                AcquireError::NoCapacity { .. } => "no_capacity",
+                AcquireError::GatewayFull { .. } => "gateway_full",
+                AcquireError::Removed(_) => "function_removed",
+                AcquireError::ShuttingDown => "shutting_down",
+            },
+            InvokeError::Proxy(e) => match e {
+                ProxyError::BodyTooLarge { .. } => "body_too_large",
+                ProxyError::Timeout { .. } => "upstream_timeout",
+                ProxyError::Upstream { .. } => "upstream_error",
+            },
+        }
+    }
+}
+
 /// One request for a function.
 pub struct Call {
     /// The request as the function should see it: its URI is the path and query the
@@ -81,10 +103,25 @@ impl Invoker {
     /// Sends `call` to an instance of `f` and returns its streaming response. A WebSocket
     /// upgrade is passed through: on the instance's 101 the connections are spliced, the
     /// socket holding its permit until it closes or its instance is retired.
-    pub async fn call(
+    pub async fn call(&self, f: &Arc<Function>, call: Call) -> Result<Response<Body>, InvokeError> {
+        let metrics = self.activator.metrics().clone();
+        let timer = metrics.request(f.name());
+        let mut cold = false;
+        let result = self.attempts(f, call, &mut cold).await;
+        let code = match &result {
+            Ok(response) => response.status().as_u16().to_string(),
+            Err(e) => e.metric_label().to_string(),
+        };
+        timer.finish(code, cold);
+        result
+    }
+
+    /// `call`'s attempts; `cold` is set when one waited for an instance to start.
+    async fn attempts(
         &self,
         f: &Arc<Function>,
         mut call: Call,
+        cold: &mut bool,
     ) -> Result<Response<Body>, InvokeError> {
         let manifest = f.revision().manifest.clone();
         let limits = Limits {
@@ -107,8 +144,15 @@ impl Invoker {
             let ready = call.any_instance.then(|| f.any_ready()).flatten();
             let permit = match ready {
                 Some(permit) => permit,
-                None => self.activator.acquire(f, announced, call.route).await?,
+                None => {
+                    let waiting = std::time::Instant::now();
+                    let permit = self.activator.acquire(f, announced, call.route).await;
+                    let metrics = self.activator.metrics();
+                    metrics.queue_wait(f.name(), waiting.elapsed());
+                    permit?
+                }
             };
+            *cold |= permit.cold();
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy

@@ -33,6 +33,7 @@
 //!   sockets, history and files that outlive instances.
 //! - [`gateway`]: the `serve` process: routes, who may call them (`gateway/auth.rs`),
 //!   errors as responses, shutdown.
+//! - [`metrics`]: the Prometheus metrics (one `Metrics` struct owning its registry).
 //! - [`tls`]: rustls for the listener and its clients: the gateway's own CA, pins.
 //! - [`config`]: `serve` settings.
 //! - [`client`]: the HTTP client of the gateway's API, shared by the CLI and the agent.
@@ -58,6 +59,7 @@ pub mod invoke;
 pub mod keepalive;
 pub mod manifest;
 pub mod membership;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod proxy;

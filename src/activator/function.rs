@@ -221,6 +221,7 @@ impl Function {
             retired: inst.retired.token().clone(),
             _in_flight: inst.reservation.track_request(),
             armed,
+            cold: false,
         }
     }
 
@@ -380,6 +381,7 @@ pub struct Permit {
     retired: CancellationToken,
     _in_flight: InFlight,
     armed: bool,
+    cold: bool,
 }
 
 impl Permit {
@@ -407,6 +409,15 @@ impl Permit {
     /// whatever holds the permit past one response (an upgraded connection) ends then.
     pub fn retired(&self) -> &CancellationToken {
         &self.retired
+    }
+
+    /// Whether its request waited for an instance to start (or resume).
+    pub fn cold(&self) -> bool {
+        self.cold
+    }
+
+    pub(super) fn set_cold(&mut self, cold: bool) {
+        self.cold = cold;
     }
 
     /// The function the permit is for.

@@ -195,6 +195,8 @@ struct Inner {
     model_claims: tokio::sync::Mutex<()>,
     /// Which function serves each model id.
     models: models::ModelIndex,
+    /// Starts and their phases are counted here (and requests, by the invoke core).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The activator. Cheap to clone.
@@ -231,8 +233,14 @@ impl Activator {
                 supplies: Default::default(),
                 model_claims: Default::default(),
                 models: Default::default(),
+                metrics: Default::default(),
             }),
         }
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     /// The store.
@@ -289,7 +297,7 @@ impl Activator {
         body_bytes: Option<u64>,
         route: Option<u64>,
     ) -> Result<Permit, AcquireError> {
-        let (rx, waiter_id, wait, buffered) = {
+        let (rx, waiter_id, wait, buffered, cold) = {
             let mut st = f.lock();
             if st.removed {
                 return Err(AcquireError::Removed(f.name().to_string()));
@@ -330,7 +338,14 @@ impl Activator {
             st.next_waiter += 1;
             st.queue.push_back(function::Waiter { id, route, tx });
             self.scale_up(f, &mut st);
-            (rx, id, m.queue.timeout, buffered)
+            // It waits for a cold start when an instance is starting (or resuming) for it.
+            let cold = st.instances.iter().any(|i| {
+                matches!(
+                    i.phase,
+                    crate::model::Phase::Starting | crate::model::Phase::Resuming
+                )
+            });
+            (rx, id, m.queue.timeout, buffered, cold)
         };
         // Removes the waiter if this future is dropped (client gone) or times out.
         let guard = WaiterGuard {
@@ -344,7 +359,10 @@ impl Activator {
         match outcome {
             Ok(Ok(result)) => {
                 guard.armed = false;
-                result
+                result.map(|mut permit| {
+                    permit.set_cold(cold);
+                    permit
+                })
             }
             Ok(Err(_)) => {
                 guard.armed = false;

@@ -87,8 +87,12 @@ struct Start {
 impl Activator {
     /// Places and starts one instance of the current revision; false when no node can take it.
     pub(super) fn start_instance(&self, f: &Arc<Function>, st: &mut FnState) -> bool {
+        let placing = std::time::Instant::now();
         let reservation = match self.scheduler().place(Needs::of(&st.revision.manifest)) {
-            Ok(r) => r,
+            Ok(r) => {
+                self.inner.metrics.placed(f.name(), placing.elapsed());
+                r
+            }
             Err(e) => {
                 let reason = e.to_string();
                 if st.unschedulable.as_deref() != Some(reason.as_str()) {
@@ -147,6 +151,8 @@ impl Activator {
             Ok(started) => {
                 let elapsed_ms = began.elapsed().as_millis() as u64;
                 tracing::info!(elapsed_ms, endpoint = %started.endpoint, "instance ready");
+                let metrics = &self.inner.metrics;
+                metrics.start_ended(start.f.name(), start.node.name(), "ready");
                 self.on_ready(&start, started).await;
             }
             Err(StartError::Cancelled) => {
@@ -157,7 +163,11 @@ impl Activator {
                         .delete_instance_later(start.f.name(), &start.id);
                 }
             }
-            Err(e) => self.on_failure(&start, container, e).await,
+            Err(e) => {
+                let metrics = &self.inner.metrics;
+                metrics.start_ended(start.f.name(), start.node.name(), "failed");
+                self.on_failure(&start, container, e).await
+            }
         }
     }
 
@@ -244,6 +254,7 @@ impl Activator {
         let Some(retired) = retired_token(&start.f, &start.id) else {
             return Err(StartError::Cancelled);
         };
+        let pulling = self.inner.metrics.phase(start.f.name(), "pull");
         let got = tokio::select! {
             got = self.ensure_image(&start.node, image, |meter| {
                 set_image_meter(&start.f, &start.id, Some(meter))
@@ -253,7 +264,9 @@ impl Activator {
             () = retired.cancelled() => return Err(StartError::Cancelled),
         };
         set_image_meter(&start.f, &start.id, None);
+        drop(pulling);
         got?;
+        let creating = self.inner.metrics.phase(start.f.name(), "create");
         let started = match start.node.start(&spec).await {
             Ok(s) => s,
             Err(NodeError::ExitedAtStart {
@@ -266,6 +279,7 @@ impl Activator {
             }
             Err(e) => return Err(e.into()),
         };
+        drop(creating);
         *container = Some(started.container_id.clone());
         if !set_container(&start.f, &start.id, &started) {
             return Err(StartError::Cancelled);
@@ -281,6 +295,7 @@ impl Activator {
             tracing::warn!(error = %e, "could not record the starting instance; a restart now would remove it");
         }
         let readiness = &start.revision.manifest.readiness;
+        let _ready = self.inner.metrics.phase(start.f.name(), "ready");
         readiness::wait_ready(
             start.node.as_ref(),
             &started.container_id,

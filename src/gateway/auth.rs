@@ -246,10 +246,9 @@ fn refuse(
 /// The middleware in front of every route: checks the admin credential of admin routes,
 /// before their handlers read anything of the request.
 pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| rule(m.as_str()));
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str());
+    let public_metrics = state.metrics_public && matched == Some(super::metrics::PATH);
+    let route = matched.map(rule).filter(|_| !public_metrics);
     // Unmatched paths serve nothing but a 404; function routes are checked by `Admitted`.
     if route == Some(Rule::Admin) {
         let presented: Vec<&str> = access::bearer(req.headers()).into_iter().collect();

@@ -5,7 +5,8 @@
 //! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
 //! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
 //! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), the OpenAI-compatible
-//! `/v1/...` (openai/), `/healthz`. Who may call which route is decided in auth.rs; errors
+//! `/v1/...` (openai/), the ComfyUI front door `/comfy/NAME/...` (comfy/), `/metrics`
+//! (metrics.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
 //! become responses in error.rs.
 
 mod api;
@@ -16,6 +17,7 @@ mod images;
 mod invoke;
 mod keys;
 mod listener;
+mod metrics;
 mod nodes;
 mod openai;
 mod registries;
@@ -65,6 +67,8 @@ pub struct AppState {
     secrets_lock: Arc<tokio::sync::Mutex<()>>,
     /// The ComfyUI front door's queue, sockets and files.
     comfy: crate::comfy::ComfyDoor,
+    /// Whether `/metrics` answers without the admin token (`--metrics-public`).
+    metrics_public: bool,
 }
 
 impl AppState {
@@ -77,6 +81,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(metrics::PATH, get(metrics::metrics))
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
@@ -220,6 +225,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown,
         secrets_lock: Arc::default(),
         comfy,
+        metrics_public: config.metrics_public,
     };
     let limits = ConnectionLimits {
         header_timeout: config.header_timeout,

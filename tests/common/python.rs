@@ -7,7 +7,12 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
 /// The packages every test's virtualenv gets, pinned to a major version.
-pub const PACKAGES: &[&str] = &["openai>=1.40,<4", "httpx", "websocket-client>=1.6,<2"];
+pub const PACKAGES: &[&str] = &[
+    "openai>=1.40,<4",
+    "httpx",
+    "websocket-client>=1.6,<2",
+    "prometheus_client>=0.20,<1",
+];
 
 /// The virtualenv's python, made (once, for every test binary) with [`PACKAGES`];
 /// `None` after saying why when it cannot be made.

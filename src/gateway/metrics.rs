@@ -1,0 +1,65 @@
+//! `GET /metrics`: the Prometheus text exposition. Counters and histograms come as they
+//! were recorded; the gauges are read from the activator and the scheduler at each scrape.
+//! Admin-only unless `serve --metrics-public`.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use super::AppState;
+use crate::metrics::GpuGauge;
+
+/// The route.
+pub const PATH: &str = "/metrics";
+
+/// The exposition format's content type.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let a = state.activator();
+    let text = a.metrics().render(|g| {
+        for f in a.functions() {
+            let s = a.status(&f);
+            let by_state = [
+                ("starting", s.starting),
+                ("ready", s.ready),
+                ("paused", s.paused),
+                ("draining", s.draining),
+            ];
+            g.function(&s.name, s.queued, s.in_flight, s.desired, &by_state);
+        }
+        let (queued, bytes) = a.buffered();
+        g.gateway(queued, bytes);
+        for node in a.scheduler().status() {
+            g.node(&node.name, &node.state.to_string());
+            for status in &node.gpus {
+                let gpu = &status.gpu;
+                // A GPU held whole counts whole; shared ones count what their instances asked.
+                let reserved = if status.reserved.exclusive {
+                    gpu.memory_total
+                } else {
+                    status.reserved.memory
+                };
+                let whole = GpuGauge {
+                    total: gpu.memory_total,
+                    used: gpu.memory_used,
+                    reserved,
+                    utilization: gpu.utilization.map(|u| u / 100.0),
+                };
+                g.gpu(&node.name, &gpu.uuid, "", whole);
+                for mig in &gpu.mig {
+                    let held = status.mig_held.contains(&mig.uuid);
+                    let slice = GpuGauge {
+                        total: mig.memory_total,
+                        used: mig.memory_used,
+                        reserved: if held { mig.memory_total } else { 0 },
+                        utilization: None,
+                    };
+                    g.gpu(&node.name, &gpu.uuid, &mig.uuid, slice);
+                }
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+}
