@@ -213,14 +213,8 @@ fn handle(
             "the function is stopping; retry elsewhere",
         );
     }
-    let Some(mut slot) = shared.slots.try_take() else {
-        let why = format!(
-            "busy: {n} command(s) already running, the most this instance runs at once (--concurrency {n})",
-            n = config.concurrency
-        );
-        eprintln!("ember-shim: {} {} -> 429 (busy)", head.method, head.path);
-        return refuse(stream, reader, 429, &[("retry-after", RETRY_AFTER)], &why);
-    };
+    // Refused bodies are checked before a slot is taken: a refusal drains the request for
+    // a while, and must not hold a slot (the client's next request would get 429).
     let too_large = match head.content_length() {
         Ok(Some(n)) => n > config.max_body,
         Ok(None) => false,
@@ -233,6 +227,14 @@ fn handle(
         );
         return refuse(stream, reader, 413, &[], &why);
     }
+    let Some(mut slot) = shared.slots.try_take() else {
+        let why = format!(
+            "busy: {n} command(s) already running, the most this instance runs at once (--concurrency {n})",
+            n = config.concurrency
+        );
+        eprintln!("ember-shim: {} {} -> 429 (busy)", head.method, head.path);
+        return refuse(stream, reader, 429, &[("retry-after", RETRY_AFTER)], &why);
+    };
     if head.expects_continue() {
         let mut w = stream;
         if io::Write::write_all(&mut w, b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
@@ -243,6 +245,7 @@ fn handle(
         Ok(body) => body,
         Err(http::Error::Gone) => return false,
         Err(e) => {
+            drop(slot);
             let why = match e {
                 http::Error::BodyTooLarge => format!(
                     "the request body is over --max-body ({} bytes)",
