@@ -55,7 +55,7 @@ mod socket;
 mod ws;
 
 use json::{quote, Json};
-use parse::read_request;
+use parse::{read_request, ReqError, Request};
 
 /// Cap on the request line plus headers (used by `parse.rs`).
 const MAX_HEAD: usize = 64 * 1024;
@@ -74,57 +74,6 @@ pub struct Server {
     pub dirs: files::Dirs,
     pub queue: queue::Queue,
     pub sockets: socket::Registry,
-}
-
-/// One HTTP request, as `parse.rs` reads it.
-pub struct Request {
-    pub method: String,
-    pub target: String,
-    http10: bool,
-    /// Names are lower-cased so lookups are case-insensitive.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Request {
-    /// The first header called `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// Comma-separated tokens of every header called `name`, trimmed.
-    fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-    }
-
-    fn keep_alive(&self) -> bool {
-        let mut connection = self.tokens("connection");
-        if self.http10 {
-            connection.any(|t| t.eq_ignore_ascii_case("keep-alive"))
-        } else {
-            !connection.any(|t| t.eq_ignore_ascii_case("close"))
-        }
-    }
-}
-
-/// Why a request could not be read (see `parse.rs`).
-pub enum ReqError {
-    /// The peer went away: there is nobody to answer.
-    Io,
-    Bad(&'static str),
-    HeadTooLarge,
-    BodyTooLarge,
-}
-
-impl From<io::Error> for ReqError {
-    fn from(_: io::Error) -> Self {
-        ReqError::Io
-    }
 }
 
 fn main() {

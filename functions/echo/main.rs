@@ -36,7 +36,7 @@ use std::time::Duration;
 mod parse;
 mod ws;
 
-use parse::read_request;
+use parse::{read_request, ReqError, Request};
 
 /// Cap on the request line plus headers; beyond it we answer 431.
 const MAX_HEAD: usize = 64 * 1024;
@@ -53,54 +53,6 @@ const USAGE: &str = "usage: echo [--crash] [--delay-start MS]";
 struct Config {
     hostname: String,
     greeting: Option<String>,
-}
-
-struct Request {
-    method: String,
-    target: String,
-    http10: bool,
-    /// Names are lower-cased so lookups are case-insensitive.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// Comma-separated tokens of every header called `name`, trimmed.
-    fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-    }
-
-    fn keep_alive(&self) -> bool {
-        let mut connection = self.tokens("connection");
-        if self.http10 {
-            connection.any(|t| t.eq_ignore_ascii_case("keep-alive"))
-        } else {
-            !connection.any(|t| t.eq_ignore_ascii_case("close"))
-        }
-    }
-}
-
-enum ReqError {
-    /// The peer went away or the socket failed: there is nobody to answer.
-    Io,
-    Bad(&'static str),
-    HeadTooLarge,
-    BodyTooLarge,
-}
-
-impl From<io::Error> for ReqError {
-    fn from(_: io::Error) -> Self {
-        ReqError::Io
-    }
 }
 
 struct Response {

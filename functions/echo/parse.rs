@@ -3,6 +3,62 @@
 
 use super::*;
 
+/// One HTTP request, as read off the connection.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub http10: bool,
+    /// Names are lower-cased so lookups are case-insensitive.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[allow(dead_code)] // each program that includes this file uses some of these
+impl Request {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Comma-separated tokens of every header called `name`, trimmed.
+    pub fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether the connection stays open after the answer.
+    pub fn keep_alive(&self) -> bool {
+        let mut connection = self.tokens("connection");
+        if self.http10 {
+            connection.any(|t| t.eq_ignore_ascii_case("keep-alive"))
+        } else {
+            !connection.any(|t| t.eq_ignore_ascii_case("close"))
+        }
+    }
+}
+
+/// Why a request could not be read.
+pub enum ReqError {
+    /// The peer went away or the socket failed: there is nobody to answer.
+    Io,
+    /// Malformed, with what was wrong.
+    Bad(&'static str),
+    /// The head is over `MAX_HEAD`.
+    HeadTooLarge,
+    /// The body is over `MAX_BODY`.
+    BodyTooLarge,
+}
+
+impl From<io::Error> for ReqError {
+    fn from(_: io::Error) -> Self {
+        ReqError::Io
+    }
+}
+
 /// Reads the next request; `None` means the peer closed cleanly between requests.
 /// `w` is only used to answer `Expect: 100-continue`.
 pub(super) fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> Result<Option<Request>, ReqError> {

@@ -44,7 +44,7 @@ mod json;
 #[path = "../echo/parse.rs"]
 mod parse;
 
-use parse::read_request;
+use parse::{read_request, ReqError, Request};
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
@@ -110,48 +110,6 @@ impl Cache {
             self.entries.push(p.to_vec());
         }
         cached
-    }
-}
-
-pub struct Request {
-    method: String,
-    target: String,
-    http10: bool,
-    /// Names are lower-cased so lookups are case-insensitive.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-    }
-
-    fn keep_alive(&self) -> bool {
-        let mut connection = self.tokens("connection");
-        if self.http10 {
-            connection.any(|t| t.eq_ignore_ascii_case("keep-alive"))
-        } else {
-            !connection.any(|t| t.eq_ignore_ascii_case("close"))
-        }
-    }
-}
-
-pub enum ReqError {
-    Io,
-    Bad(&'static str),
-    HeadTooLarge,
-    BodyTooLarge,
-}
-
-impl From<io::Error> for ReqError {
-    fn from(_: io::Error) -> Self {
-        ReqError::Io
     }
 }
 
