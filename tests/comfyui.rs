@@ -21,6 +21,13 @@ fn stub_image() -> String {
         .clone()
 }
 
+/// Deploys the stub as `name`, cold, with `step_ms` per sampler step, `scale` lines and
+/// more `sections`.
+async fn deploy_stub(gw: &Gateway, name: &str, step_ms: u32, scale: &str, sections: &str) {
+    let manifest = stub_manifest(name, step_ms, scale, sections);
+    assert_eq!(gw.deploy(name, &manifest).await.status, 201);
+}
+
 /// A manifest for the stub with `step_ms` per sampler step and more `sections`.
 fn stub_manifest(name: &str, step_ms: u32, scale: &str, sections: &str) -> String {
     format!(
@@ -32,98 +39,7 @@ fn stub_manifest(name: &str, step_ms: u32, scale: &str, sections: &str) -> Strin
 }
 
 /// The client's functions, as ComfyUI's example writes them, plus checks of what came back.
-const CLIENT: &str = r#"
-import json, os, sys, threading, time, uuid, zlib, struct, urllib.request, urllib.parse
-import websocket
-
-BASE = os.environ["BASE"]                      # http://host:port[/comfy/NAME]
-WS = BASE.replace("http://", "ws://", 1)
-HEADERS = {}
-if os.environ.get("KEY"):
-    HEADERS["Authorization"] = "Bearer " + os.environ["KEY"]
-
-def graph(seed, steps, image=None):
-    g = {
-        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 8, "sampler_name": "euler",
-              "scheduler": "normal", "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
-              "latent_image": ["5", 0]}},
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "stub.safetensors"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ember", "images": ["8", 0]}},
-    }
-    if image:
-        g["10"] = {"class_type": "LoadImage", "inputs": {"image": image}}
-    return g
-
-def request(path, body=None, method=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(BASE + path, data=data, method=method, headers=dict(HEADERS, **({"Content-Type": "application/json"} if data else {})))
-    try:
-        with urllib.request.urlopen(req) as r:
-            raw = r.read()
-            return r.status, (json.loads(raw) if raw else None)
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw.decode(errors="replace")
-
-def queue_prompt(prompt, client_id, prompt_id=None):
-    body = {"prompt": prompt, "client_id": client_id}
-    if prompt_id:
-        body["prompt_id"] = prompt_id
-    return request("/prompt", body)
-
-def connect(client_id):
-    ws = websocket.WebSocket()
-    url = "{}/ws?clientId={}".format(WS, client_id)
-    if os.environ.get("KEY"):
-        url += "&token=" + urllib.parse.quote(os.environ["KEY"])
-    ws.connect(url)
-    return ws
-
-def read_until_done(ws, prompt_id, on_message=None):
-    """Every message up to the final executing of prompt_id: (json messages, binary frames)."""
-    messages, previews = [], []
-    while True:
-        out = ws.recv()
-        if isinstance(out, str):
-            m = json.loads(out)
-            messages.append(m)
-            if on_message:
-                on_message(m)
-            if m["type"] == "executing" and m["data"]["node"] is None and m["data"]["prompt_id"] == prompt_id:
-                return messages, previews
-        else:
-            previews.append(out)
-
-def view(image):
-    query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
-    req = urllib.request.Request(BASE + "/view?" + query, headers=HEADERS)
-    with urllib.request.urlopen(req) as r:
-        return r.read()
-
-def check_png(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
-    pos, idat = 8, b""
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        crc, = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert zlib.crc32(kind + body) & 0xffffffff == crc, kind
-        if kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    assert len(zlib.decompress(idat)) > 0
-    return True
-
-def images(entry):
-    return [img for out in entry["outputs"].values() for img in out.get("images", [])]
-"#;
+const CLIENT: &str = include_str!("comfyui/client.py");
 
 fn client(py: &std::path::PathBuf, body: &str, env: &[(&str, &str)]) -> Value {
     let script = format!("{CLIENT}\n{body}");
@@ -151,8 +67,7 @@ async fn a_client_written_like_comfyuis_example_runs_a_prompt_through_both_addre
         .args(["--comfyui-listen", &listen, "--comfyui-function", "comfy"])
         .start()
         .await;
-    let manifest = stub_manifest("comfy", 20, "max = 1", "");
-    assert_eq!(gw.deploy("comfy", &manifest).await.status, 201);
+    deploy_stub(&gw, "comfy", 20, "max = 1", "").await;
     assert!(gw.containers("comfy").is_empty(), "deployed cold");
     let body = r#"
 out = {}
@@ -270,8 +185,7 @@ async fn three_clients_share_three_instances_see_only_their_own_and_outputs_outl
     let Some(py) = python::python() else { return };
     let gw = Gateway::start().await;
     // 4 prompts × 3 clients of 10 steps × 100 ms: about 1 s each.
-    let manifest = stub_manifest("pool", 100, "max = 3\nidle_timeout = \"2s\"", "");
-    assert_eq!(gw.deploy("pool", &manifest).await.status, 201);
+    deploy_stub(&gw, "pool", 100, "max = 3\nidle_timeout = \"2s\"", "").await;
     let body = r#"
 results, lock = {}, threading.Lock()
 def one_client(n):
@@ -342,8 +256,7 @@ async fn an_upload_reaches_a_fresh_instance_and_a_killed_instances_prompt_runs_a
     require_docker!();
     let Some(py) = python::python() else { return };
     let gw = Gateway::start().await;
-    let manifest = stub_manifest("up", 100, "max = 2", "");
-    assert_eq!(gw.deploy("up", &manifest).await.status, 201);
+    deploy_stub(&gw, "up", 100, "max = 2", "").await;
     // Upload at zero: the gateway keeps it.
     let png = b"\x89PNG\r\n\x1a\nnot really";
     let boundary = "XyZ";
@@ -461,8 +374,7 @@ async fn interrupt_stops_the_callers_prompt_only_and_keys_scope_the_queue() {
     require_docker!();
     let Some(py) = python::python() else { return };
     let gw = Gateway::start().await;
-    let manifest = stub_manifest("priv", 100, "max = 2", "[access]\nprivate = true");
-    assert_eq!(gw.deploy("priv", &manifest).await.status, 201);
+    deploy_stub(&gw, "priv", 100, "max = 2", "[access]\nprivate = true").await;
     let key = |name: &str| {
         let out = gw.cli(&["keys", "create", "--name", name, "--invoke", "priv"]);
         assert!(
@@ -527,8 +439,7 @@ async fn prompts_accepted_before_the_gateway_is_killed_run_after_it_restarts() {
     let Some(py) = python::python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
-    let manifest = stub_manifest("durable", 100, "max = 1", "");
-    assert_eq!(gw.deploy("durable", &manifest).await.status, 201);
+    deploy_stub(&gw, "durable", 100, "max = 1", "").await;
     let base = format!("{}/comfy/durable", gw.url);
     // One running 3 s prompt and two waiting behind it, then SIGKILL.
     let body = r#"
