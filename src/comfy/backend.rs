@@ -35,7 +35,8 @@ impl ComfyDoor {
         }
     }
 
-    /// Sends the uploads the prompt names to the instance, unless it has them already.
+    /// Sends the uploads the prompt names to the instance (with `overwrite`: the gateway's
+    /// copy is the truth, and an instance may have an older file of that name).
     pub(super) async fn place_inputs(
         &self,
         name: &str,
@@ -123,25 +124,14 @@ impl ComfyDoor {
     /// Refreshes the cached answers (`/object_info`...) when another revision gave them
     /// or they are older than ten minutes.
     pub(super) async fn refresh_cache(&self, f: &Arc<Function>, permit: &Permit) {
-        let revision = f.revision().id.clone();
         for path in super::CACHED_PATHS {
-            let fresh = self
-                .inner
-                .store
-                .cached(f.name(), path)
-                .ok()
-                .flatten()
-                .is_some_and(|c| {
-                    c.revision == revision
-                        && crate::store::now_ms().saturating_sub(c.fetched_ms) < 600_000
-                });
-            if fresh {
+            if self.cache_fresh(f, path) {
                 continue;
             }
             let proxy = self.inner.invoker.proxy();
             if let Ok((status, _, bytes)) = proxy.fetch(permit, get(path), SHORT, 64 << 20).await {
-                if status.is_success() && serde_json::from_slice::<Value>(&bytes).is_ok() {
-                    self.remember(f, path, &String::from_utf8_lossy(&bytes));
+                if status.is_success() {
+                    self.remember(f, path, &bytes);
                 }
             }
         }

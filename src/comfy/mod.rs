@@ -112,6 +112,17 @@ struct RunHandle {
     last_executing: Option<String>,
 }
 
+/// Cached answers count as fresh this long (they are fetched again after a prompt).
+const CACHE_FRESH_MS: u64 = 600_000;
+
+/// A cached answer in memory.
+#[derive(Clone)]
+struct Kept {
+    value: Arc<Value>,
+    revision: String,
+    fetched_ms: u64,
+}
+
 /// One function's prompts not yet finished.
 #[derive(Default)]
 struct Pool {
@@ -135,6 +146,8 @@ struct Inner {
     hub: hub::Hub,
     pools: Mutex<HashMap<String, Pool>>,
     seq: AtomicU64,
+    /// Cached answers, parsed, by function and path.
+    answers: Mutex<HashMap<(String, String), Kept>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -156,6 +169,7 @@ impl ComfyDoor {
                 hub: hub::Hub::default(),
                 pools: Mutex::default(),
                 seq: AtomicU64::new(1),
+                answers: Mutex::default(),
                 tracker,
                 shutdown,
             }),
@@ -238,6 +252,12 @@ impl ComfyDoor {
         Message::text(json!({"type": "status", "data": data}).to_string())
     }
 
+    /// Sends a message of a prompt to its client (its key's socket with its client id).
+    fn tell(&self, function: &str, record: &PromptRecord, message: Message) {
+        let key = hub_key(&record.owner, &record.client_id);
+        self.inner.hub.send(function, &key, message);
+    }
+
     /// Tells every client of `function` how long the queue is.
     fn status_changed(&self, function: &str) {
         let message = self.status_message(function, None);
@@ -288,25 +308,62 @@ impl ComfyDoor {
         Some((permit, rest.to_string()))
     }
 
-    /// A cached answer (`/object_info`...), as JSON.
+    /// A cached answer (`/object_info`...), parsed once and kept in memory (a real
+    /// ComfyUI's `/object_info` is megabytes, and every `POST /prompt` checks against it).
     /// An answer of another revision's instance counts as none: a redeploy may have
     /// added custom nodes.
-    pub fn cached_json(&self, f: &Function, path: &str) -> Option<Value> {
-        let cached = self.inner.store.cached(f.name(), path).ok().flatten()?;
-        if cached.revision != f.revision().id {
-            return None;
-        }
-        serde_json::from_str(&cached.body).ok()
+    pub fn cached_json(&self, f: &Function, path: &str) -> Option<Arc<Value>> {
+        let kept = self.kept(f.name(), path)?;
+        (kept.revision == f.revision().id).then_some(kept.value)
     }
 
-    /// Keeps an answer a backend gave for a cached path.
-    pub fn remember(&self, f: &Function, path: &str, body: &str) {
+    /// Whether the cached answer came from the current revision less than
+    /// `CACHE_FRESH` ago.
+    pub(super) fn cache_fresh(&self, f: &Function, path: &str) -> bool {
+        self.kept(f.name(), path).is_some_and(|k| {
+            k.revision == f.revision().id
+                && crate::store::now_ms().saturating_sub(k.fetched_ms) < CACHE_FRESH_MS
+        })
+    }
+
+    /// The kept answer, from memory, else read once from the store.
+    fn kept(&self, function: &str, path: &str) -> Option<Kept> {
+        let key = (function.to_string(), path.to_string());
+        if let Some(kept) = self.answers().get(&key) {
+            return Some(kept.clone());
+        }
+        let stored = self.inner.store.cached(function, path).ok().flatten()?;
+        let kept = Kept {
+            value: Arc::new(serde_json::from_str(&stored.body).ok()?),
+            revision: stored.revision,
+            fetched_ms: stored.fetched_ms,
+        };
+        self.answers().insert(key, kept.clone());
+        Some(kept)
+    }
+
+    fn answers(&self) -> MutexGuard<'_, HashMap<(String, String), Kept>> {
+        self.inner.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps an answer a backend gave for a cached path (ignored unless it is JSON).
+    pub fn remember(&self, f: &Function, path: &str, body: &[u8]) {
+        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+            return;
+        };
         let answer = CachedAnswer {
             revision: f.revision().id.clone(),
             fetched_ms: crate::store::now_ms(),
-            body: body.to_string(),
+            body: String::from_utf8_lossy(body).into_owned(),
         };
         self.inner.store.put_cached(f.name(), path, &answer);
+        let kept = Kept {
+            value: Arc::new(value),
+            revision: answer.revision,
+            fetched_ms: answer.fetched_ms,
+        };
+        self.answers()
+            .insert((f.name().to_string(), path.to_string()), kept);
     }
 
     /// A kept file's bytes: an upload, or an output of a prompt the caller may see.

@@ -15,7 +15,6 @@ impl ComfyDoor {
         record.state = PromptState::Done;
         state::forget_credentials(&mut record);
         record.finished_ms = crate::store::now_ms();
-        record.output_bytes = done.files.iter().map(|f| f.size).sum();
         let mut entry = done.entry;
         if let Some(outputs) = entry.get_mut("outputs").and_then(Value::as_object_mut) {
             for output in outputs.values_mut() {
@@ -31,17 +30,9 @@ impl ComfyDoor {
         if success {
             let data = json!({"prompt_id": record.prompt_id, "timestamp": record.finished_ms});
             let message = json!({"type": "execution_success", "data": data}).to_string();
-            self.inner.hub.send(
-                name,
-                &super::hub_key(&record.owner, &record.client_id),
-                Message::text(message),
-            );
+            self.tell(name, &record, Message::text(message));
         }
-        self.inner.hub.send(
-            name,
-            &super::hub_key(&record.owner, &record.client_id),
-            finished_message(&record.prompt_id),
-        );
+        self.tell(name, &record, finished_message(&record.prompt_id));
     }
 
     /// Fails a prompt: `execution_error` and the final `executing` to its client, and a
@@ -75,16 +66,8 @@ impl ComfyDoor {
             tracing::error!(function = name, prompt = id, error = %crate::model::error_chain(&e), "cannot record a failed ComfyUI prompt");
         }
         let message = json!({"type": "execution_error", "data": error}).to_string();
-        self.inner.hub.send(
-            name,
-            &super::hub_key(&record.owner, &record.client_id),
-            Message::text(message),
-        );
-        self.inner.hub.send(
-            name,
-            &super::hub_key(&record.owner, &record.client_id),
-            finished_message(id),
-        );
+        self.tell(name, &record, Message::text(message));
+        self.tell(name, &record, finished_message(id));
     }
 
     /// Passes the backend's refusal to a submitter still waiting, and forgets the

@@ -348,11 +348,7 @@ impl ComfyDoor {
                         break;
                     }
                 }
-                Some(Ok(binary @ Message::Binary(_))) => self.inner.hub.send(
-                    name,
-                    &super::hub_key(&record.owner, &record.client_id),
-                    binary,
-                ),
+                Some(Ok(binary @ Message::Binary(_))) => self.tell(name, record, binary),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     // The socket broke: finished after all, or the instance is gone.
                     if self.entry(permit, id).await.is_ok() {
@@ -375,11 +371,7 @@ impl ComfyDoor {
     /// `executing` (held back until the outputs are in).
     fn event(&self, name: &str, record: &PromptRecord, text: &str) -> bool {
         let Ok(event) = serde_json::from_str::<Value>(text) else {
-            self.inner.hub.send(
-                name,
-                &super::hub_key(&record.owner, &record.client_id),
-                Message::text(text),
-            );
+            self.tell(name, record, Message::text(text));
             return false;
         };
         let kind = event["type"].as_str().unwrap_or("").to_string();
@@ -395,11 +387,7 @@ impl ComfyDoor {
             let mut event = event;
             backend::rename_outputs(&mut event["data"]["output"], &record.prompt_id);
             let message = Message::text(event.to_string());
-            self.inner.hub.send(
-                name,
-                &super::hub_key(&record.owner, &record.client_id),
-                message,
-            );
+            self.tell(name, record, message);
             return false;
         }
         if kind == "executing" {
@@ -415,11 +403,7 @@ impl ComfyDoor {
                 run.last_executing = Some(text.to_string());
             }
         }
-        self.inner.hub.send(
-            name,
-            &super::hub_key(&record.owner, &record.client_id),
-            Message::text(text),
-        );
+        self.tell(name, record, Message::text(text));
         false
     }
 }

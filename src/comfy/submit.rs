@@ -21,7 +21,7 @@ impl ComfyDoor {
             Err(body) => return refused(body),
         };
         let object_info = self.cached_json(f, "/object_info");
-        let outputs = match graph::check(&submission.prompt, object_info.as_ref()) {
+        let outputs = match graph::check(&submission.prompt, object_info.as_deref()) {
             Ok(outputs) => outputs,
             Err(body) => return refused(body),
         };
@@ -97,7 +97,6 @@ impl ComfyDoor {
             created_ms: crate::store::now_ms(),
             finished_ms: 0,
             history: None,
-            output_bytes: 0,
         };
         let written = self.inner.store.put_prompt(&record).await;
         unreserve(self);

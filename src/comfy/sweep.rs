@@ -38,6 +38,7 @@ impl ComfyDoor {
                     self.pools().remove(&name);
                     tracing::info!(function = %name, "forgetting what the ComfyUI front door kept for a removed function");
                     store.forget_comfy(&name).await?;
+                    self.answers().retain(|(function, _), _| function != &name);
                 }
                 continue;
             };

@@ -83,6 +83,10 @@ pub enum ApiError {
     /// The function has no `[comfyui]` section.
     #[error("function `{0}` is not a ComfyUI function: add a `[comfyui]` section to its manifest (and `concurrency = 1` in `[scale]`), or call it at /fn/{0}/")]
     NotComfyUi(String),
+    /// The gateway's own files (the ComfyUI front door's uploads and outputs) failed:
+    /// a full or broken disk under the data dir.
+    #[error("the gateway cannot keep the file (its data dir failed; the log says why)")]
+    Files(#[source] std::io::Error),
     /// An instance's answer could not be read.
     #[error("{0}")]
     UpstreamRead(String),
@@ -161,6 +165,7 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized, None),
         ApiError::NotComfyUi(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
         ApiError::UpstreamRead(_) => (S::BAD_GATEWAY, C::UpstreamError, None),
+        ApiError::Files(_) => (S::INTERNAL_SERVER_ERROR, C::Internal, None),
         ApiError::KeyNameTaken(_) => (S::CONFLICT, C::KeyNameTaken, None),
         ApiError::KeyNotFound(_) => (S::NOT_FOUND, C::KeyNotFound, None),
         ApiError::SecretNotFound(_) => (S::NOT_FOUND, C::SecretNotFound, None),

@@ -23,11 +23,7 @@ pub async fn invoke(
     mut req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let path = strip_prefix(route_prefix_len(req.uri().path()), req.uri());
-    *req.uri_mut() = path.parse().map_err(|_| ApiError::BadRequest {
-        code: crate::model::ErrorCode::BadRequest,
-        message: format!("`{path}` is not a path a function can be sent"),
-        details: Vec::new(),
-    })?;
+    set_path(&mut req, &path)?;
     let call = Call {
         request: req,
         client: Some(client),
@@ -35,6 +31,16 @@ pub async fn invoke(
         any_instance: false,
     };
     Ok(state.invoker.call(&f, call).await?)
+}
+
+/// Points the request at `path` (with its query), the path and query an instance sees.
+pub(super) fn set_path(req: &mut Request<Body>, path: &str) -> Result<(), ApiError> {
+    *req.uri_mut() = path.parse().map_err(|_| ApiError::BadRequest {
+        code: crate::model::ErrorCode::BadRequest,
+        message: format!("`{path}` is not a path a function can be sent"),
+        details: Vec::new(),
+    })?;
+    Ok(())
 }
 
 /// The length of `/fn/NAME` in the raw path (NAME may be percent-encoded there).

@@ -64,9 +64,6 @@ pub struct PromptRecord {
     /// Its history entry, once finished.
     #[serde(default)]
     pub history: Option<Value>,
-    /// Bytes of the output files kept for it.
-    #[serde(default)]
-    pub output_bytes: u64,
 }
 
 /// A file the gateway keeps for a ComfyUI function: an upload or a prompt's output.

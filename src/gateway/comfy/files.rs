@@ -219,8 +219,6 @@ pub async fn upload(
         Ok(answer) => Ok(Json(answer).into_response()),
         Err(UploadError::Name(e)) => Ok(name_refusal(e)),
         Err(UploadError::Store(e)) => Err(e.into()),
-        Err(UploadError::Io(e)) => Err(ApiError::UpstreamRead(format!(
-            "the gateway cannot keep the upload: {e}"
-        ))),
+        Err(UploadError::Io(e)) => Err(ApiError::Files(e)),
     }
 }

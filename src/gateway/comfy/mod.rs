@@ -31,7 +31,6 @@ use super::AppState;
 use crate::activator::Function;
 use crate::comfy::{Owner, CACHED_PATHS};
 use crate::invoke::Call;
-use crate::model::ErrorCode;
 
 /// The query parameter a browser's socket may carry its key in.
 const TOKEN_PARAM: &str = "token";
@@ -175,7 +174,7 @@ async fn route(
                 json!({"supports_preview_metadata": false, "max_upload_size": max}),
             )
         }
-        (Method::GET, "/system_stats") => json(200, system_stats(state, &f).await),
+        (Method::GET, "/system_stats") => json(200, system_stats(state, &f)),
         (Method::GET, p) if CACHED_PATHS.contains(&p) => cached(state, &f, p, client, req).await?,
         (Method::GET, p) if p.starts_with("/object_info/") => {
             let class = percent_decode(&p["/object_info/".len()..]);
@@ -223,7 +222,7 @@ async fn cached(
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
     if let Some(value) = state.comfy.cached_json(f, path) {
-        return Ok(Json(value).into_response());
+        return Ok(Json(&*value).into_response());
     }
     let response = pass_through(state, f, path, client, req).await?;
     if !response.status().is_success() {
@@ -233,36 +232,33 @@ async fn cached(
     let bytes = axum::body::to_bytes(body, 64 << 20)
         .await
         .map_err(|e| ApiError::UpstreamRead(format!("reading the instance's {path}: {e}")))?;
-    if serde_json::from_slice::<Value>(&bytes).is_ok() {
-        state
-            .comfy
-            .remember(f, path, &String::from_utf8_lossy(&bytes));
-    }
+    state.comfy.remember(f, path, &bytes);
     Ok(Response::from_parts(parts, Body::from(bytes)))
 }
 
-/// A cached answer as JSON, fetched from an instance when none is kept yet.
+/// A cached answer as JSON, fetched from an instance when none is kept yet (`{}` when the
+/// instance's answer is not JSON).
 async fn cached_json(
     state: &AppState,
     f: &Arc<Function>,
     path: &str,
     client: SocketAddr,
-) -> Result<Value, ApiError> {
+) -> Result<Arc<Value>, ApiError> {
     if let Some(value) = state.comfy.cached_json(f, path) {
         return Ok(value);
     }
     let req = Request::get(path)
         .body(Body::empty())
         .expect("a path makes a request");
-    let response = cached(state, f, path, client, req).await?;
-    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
-        .await
-        .map_err(|e| ApiError::UpstreamRead(format!("reading the instance's {path}: {e}")))?;
-    Ok(serde_json::from_slice(&bytes).unwrap_or(json!({})))
+    cached(state, f, path, client, req).await?;
+    Ok(state
+        .comfy
+        .cached_json(f, path)
+        .unwrap_or_else(|| Arc::new(json!({}))))
 }
 
 /// `/system_stats`: the backend's `system` block (cached) with every node's GPUs.
-async fn system_stats(state: &AppState, f: &Arc<Function>) -> Value {
+fn system_stats(state: &AppState, f: &Arc<Function>) -> Value {
     let cached = state.comfy.cached_json(f, "/system_stats");
     let system = cached
         .as_ref()
@@ -303,11 +299,7 @@ async fn pass_through(
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
-    *req.uri_mut() = target.parse().map_err(|_| ApiError::BadRequest {
-        code: ErrorCode::BadRequest,
-        message: format!("`{target}` is not a path a function can be sent"),
-        details: Vec::new(),
-    })?;
+    super::invoke::set_path(&mut req, &target)?;
     let call = Call {
         request: req,
         client: Some(client),
