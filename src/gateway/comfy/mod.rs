@@ -14,6 +14,7 @@
 mod files;
 mod socket;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -154,7 +155,7 @@ async fn route(
             )
         }
         (Method::GET, p) if p.starts_with("/history/") => {
-            let id = percent_decode(&p["/history/".len()..]);
+            let id = path_segment(&p["/history/".len()..]);
             json(200, door.history_of(name, &owner, &id)?)
         }
         (Method::POST, "/history") => {
@@ -177,7 +178,7 @@ async fn route(
         (Method::GET, "/system_stats") => json(200, system_stats(state, &f)),
         (Method::GET, p) if CACHED_PATHS.contains(&p) => cached(state, &f, p, client, req).await?,
         (Method::GET, p) if p.starts_with("/object_info/") => {
-            let class = percent_decode(&p["/object_info/".len()..]);
+            let class = path_segment(&p["/object_info/".len()..]);
             let info = cached_json(state, &f, "/object_info", client).await?;
             let one = info
                 .get(&class)
@@ -323,18 +324,22 @@ async fn read_json(f: &Function, req: Request<Body>) -> Result<Value, ApiError> 
     Ok(serde_json::from_slice(&bytes).unwrap_or(json!({})))
 }
 
-/// Takes `token=...` out of the URI's query, returning it.
+/// Takes `token=...` out of the URI's query, returning it; the other parameters stay as
+/// they were sent.
 fn take_token(uri: &mut axum::http::Uri) -> Option<String> {
     let query = uri.query()?;
     let mut token = None;
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| match pair.split_once('=') {
-            Some((TOKEN_PARAM, value)) => {
-                token = Some(percent_decode(value));
-                false
+        .filter(|pair| {
+            let mut parsed = form_urlencoded::parse(pair.as_bytes());
+            match parsed.next() {
+                Some((name, value)) if name == TOKEN_PARAM => {
+                    token = Some(value.into_owned());
+                    false
+                }
+                _ => true,
             }
-            _ => true,
         })
         .collect();
     token.as_ref()?;
@@ -348,39 +353,19 @@ fn take_token(uri: &mut axum::http::Uri) -> Option<String> {
     token
 }
 
-/// The query's parameters, decoded.
-fn query_map(uri: &axum::http::Uri) -> std::collections::HashMap<String, String> {
-    uri.query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+/// The query's parameters, decoded (the last of a repeated name wins).
+fn query_map(uri: &axum::http::Uri) -> HashMap<String, String> {
+    let query = uri.query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
 }
 
-/// Decodes `%XX` and `+` of a query value (invalid escapes are kept as they are).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A path segment, percent-decoded (`/history/{id}`, `/object_info/{class}`).
+fn path_segment(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -396,7 +381,6 @@ mod tests {
         let mut bare: axum::http::Uri = "/view?token=x".parse().unwrap();
         take_token(&mut bare);
         assert_eq!(bare.to_string(), "/view");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%E2%9C%93+x"), "✓ x");
+        assert_eq!(path_segment("%E2%9C%93+x"), "✓+x");
     }
 }
