@@ -103,6 +103,12 @@ pub struct ServeConfig {
     /// Serve `/metrics` without the admin token (for a Prometheus on a trusted network).
     #[arg(long, env = "EMBER_METRICS_PUBLIC")]
     pub metrics_public: bool,
+    /// Invocation records kept at the most (the oldest go first); 0 keeps no history.
+    #[arg(long, env = "EMBER_HISTORY_MAX", default_value_t = 1_000_000)]
+    pub history_max: usize,
+    /// Invocation and allocation records older than this are removed.
+    #[arg(long, env = "EMBER_HISTORY_MAX_AGE", value_parser = humantime::parse_duration, default_value = "30d")]
+    pub history_max_age: std::time::Duration,
     /// The function (with a `[comfyui]` section) that --comfyui-listen serves.
     #[arg(long, env = "EMBER_COMFYUI_FUNCTION", requires = "comfyui_listen")]
     pub comfyui_function: Option<String>,

@@ -26,7 +26,10 @@
 //!   activator's).
 //! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
 //! - [`readiness`]: probing new instances.
-//! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered.
+//! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered; each
+//!   call's trace (its history record and `Ember-*` headers).
+//! - [`history`]: the invocation history and instances' GPU allocations, batched into the
+//!   store; pages of it, and GPU usage summed from it.
 //! - [`proxy`]: streaming a request to an instance and the answer back; WebSocket
 //!   upgrades spliced while holding their permit.
 //! - [`comfy`]: the ComfyUI front door's core: the gateway's prompt queue, clients'
@@ -55,6 +58,7 @@ pub mod comfy;
 pub mod config;
 pub mod gateway;
 pub mod gpu;
+pub mod history;
 pub mod invoke;
 pub mod keepalive;
 pub mod manifest;

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets of request durations and queue waits, in seconds: 1 ms to 10 min.
@@ -46,6 +46,8 @@ pub struct Metrics {
     gpu_memory_used: IntGaugeVec,
     gpu_memory_reserved: IntGaugeVec,
     gpu_utilization: GaugeVec,
+    gpu_allocated_seconds: CounterVec,
+    gpu_busy_seconds: CounterVec,
     /// One scrape at a time: each resets the gauges and sets them again.
     scrape: Mutex<()>,
 }
@@ -73,6 +75,13 @@ fn histogram(
     let h = HistogramVec::new(opts, labels).expect("a valid metric");
     r.register(Box::new(h.clone())).expect("registered once");
     h
+}
+
+fn seconds(r: &Registry, name: &str, help: &str) -> CounterVec {
+    let labels = ["function", "node", "gpu"];
+    let c = CounterVec::new(Opts::new(name, help), &labels).expect("a valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -127,6 +136,8 @@ impl Metrics {
             gpu_memory_used: gauge(&r, "ember_gpu_memory_used_bytes", "GPU (or MIG slice) memory in use, in bytes.", &gpu),
             gpu_memory_reserved: gauge(&r, "ember_gpu_memory_reserved_bytes", "GPU memory Ember reserved for instances (a whole GPU held exclusively counts whole), in bytes.", &gpu),
             gpu_utilization,
+            gpu_allocated_seconds: seconds(&r, "ember_gpu_allocated_seconds_total", "GPU-seconds held by instances (lifetime × GPU slots, paused time included), by function, node and GPU slot (GPU or MIG uuid)."),
+            gpu_busy_seconds: seconds(&r, "ember_gpu_busy_seconds_total", "GPU-seconds during which an instance holding the GPU slot had at least one request in flight."),
             registry: r,
             scrape: Mutex::new(()),
         }
@@ -165,6 +176,16 @@ impl Metrics {
         self.cold_start_seconds
             .with_label_values(&[function, "schedule"])
             .observe(took.as_secs_f64());
+    }
+
+    /// The allocated and busy GPU-seconds counters of one GPU slot of one function's
+    /// instances on one node (resolved once per instance, then added to without lookups).
+    pub fn gpu_seconds(&self, function: &str, node: &str, gpu: &str) -> (Counter, Counter) {
+        let labels = [function, node, gpu];
+        (
+            self.gpu_allocated_seconds.with_label_values(&labels),
+            self.gpu_busy_seconds.with_label_values(&labels),
+        )
     }
 
     /// Counts a start that ended, `ready` or `failed`.

@@ -207,6 +207,9 @@ impl Function {
         };
         let inst = &mut st.instances[idx];
         inst.in_flight += 1;
+        if inst.in_flight == 1 {
+            inst.meter.busy(Instant::now());
+        }
         Some(self.permit(inst, true))
     }
 
@@ -219,6 +222,8 @@ impl Function {
             node: inst.reservation.node().clone(),
             container_id: inst.container_id.clone().unwrap_or_default(),
             retired: inst.retired.token().clone(),
+            revision: inst.revision.clone(),
+            devices: inst.meter.devices().clone(),
             _in_flight: inst.reservation.track_request(),
             armed,
             cold: false,
@@ -277,6 +282,9 @@ fn release_slot(st: &mut FnState, instance: &str) {
     let now = Instant::now();
     if let Some(inst) = st.instances.iter_mut().find(|i| i.id == instance) {
         inst.in_flight = inst.in_flight.saturating_sub(1);
+        if inst.in_flight == 0 {
+            inst.meter.idle(now);
+        }
         inst.last_used = now;
         inst.served += 1;
     }
@@ -379,6 +387,8 @@ pub struct Permit {
     node: Arc<dyn Node>,
     container_id: String,
     retired: CancellationToken,
+    revision: Arc<Revision>,
+    devices: Arc<[String]>,
     _in_flight: InFlight,
     armed: bool,
     cold: bool,
@@ -409,6 +419,16 @@ impl Permit {
     /// whatever holds the permit past one response (an upgraded connection) ends then.
     pub fn retired(&self) -> &CancellationToken {
         &self.retired
+    }
+
+    /// The revision of the instance.
+    pub fn revision(&self) -> &str {
+        &self.revision.id
+    }
+
+    /// The GPU slots (GPU or MIG uuids) the instance holds.
+    pub fn devices(&self) -> &[String] {
+        &self.devices
     }
 
     /// Whether its request waited for an instance to start (or resume).

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::meter::{Ledger, Meter};
 use super::Revision;
 use crate::model::Phase;
 use crate::scheduler::Reservation;
@@ -49,6 +50,8 @@ pub struct Instance {
     pub(crate) retired: Retired,
     /// While its image is on its way to the node: how far it has got.
     pub(crate) image: Option<Arc<super::ImageMeter>>,
+    /// Its GPU time, busy time and pauses.
+    pub(crate) meter: Meter,
 }
 
 /// An instance's retirement signal: cancelled when the instance drains, stops, or is
@@ -75,7 +78,26 @@ impl Drop for Retired {
 }
 
 impl Instance {
-    pub(crate) fn starting(id: String, revision: Arc<Revision>, reservation: Reservation) -> Self {
+    pub(crate) fn starting(
+        id: String,
+        revision: Arc<Revision>,
+        reservation: Reservation,
+        ledger: &Ledger,
+    ) -> Self {
+        let started_ms = crate::store::now_ms();
+        let devices = reservation
+            .gpus()
+            .iter()
+            .map(|g| g.device_id.clone())
+            .collect();
+        let meter = Meter::new(
+            ledger,
+            &id,
+            &revision.manifest.name,
+            reservation.node().name(),
+            devices,
+            started_ms * 1000,
+        );
         Instance {
             id,
             revision,
@@ -91,9 +113,19 @@ impl Instance {
             paused_at: None,
             resume_wanted: false,
             ready_at: Instant::now(),
-            started_ms: crate::store::now_ms(),
+            started_ms,
             retired: Retired::default(),
             image: None,
+            meter,
+        }
+    }
+
+    /// Sets when its start began (an instance adopted after a restart: its time on the
+    /// GPU counts from then).
+    pub(crate) fn set_started_ms(&mut self, started_ms: u64) {
+        if started_ms > 0 {
+            self.started_ms = started_ms;
+            self.meter.started_at(started_ms * 1000);
         }
     }
 
@@ -119,6 +151,7 @@ impl Instance {
             return false;
         }
         self.paused_at = None;
+        self.meter.resumed();
         self.last_used = now;
         self.ready_at = now;
         true
@@ -136,6 +169,7 @@ impl Instance {
         self.ready_at = now;
         if phase == Phase::Paused {
             self.paused_at = Some(now);
+            self.meter.paused();
         }
         self
     }

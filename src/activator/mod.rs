@@ -16,6 +16,7 @@ mod deploy;
 mod function;
 mod images;
 mod instance;
+mod meter;
 mod models;
 mod nodes;
 pub mod reap;
@@ -195,8 +196,9 @@ struct Inner {
     model_claims: tokio::sync::Mutex<()>,
     /// Which function serves each model id.
     models: models::ModelIndex,
-    /// Starts and their phases are counted here (and requests, by the invoke core).
-    metrics: Arc<crate::metrics::Metrics>,
+    /// Starts and their phases are counted here (and requests, by the invoke core); each
+    /// instance's meter adds its GPU time there and leaves its allocation in the history.
+    ledger: meter::Ledger,
 }
 
 /// The activator. Cheap to clone.
@@ -214,6 +216,7 @@ impl Activator {
         tracker: TaskTracker,
         shutdown: CancellationToken,
         limits: Limits,
+        history: Arc<crate::history::History>,
     ) -> Activator {
         Activator {
             inner: Arc::new(Inner {
@@ -233,14 +236,46 @@ impl Activator {
                 supplies: Default::default(),
                 model_claims: Default::default(),
                 models: Default::default(),
-                metrics: Default::default(),
+                ledger: meter::Ledger {
+                    metrics: Default::default(),
+                    history,
+                },
             }),
         }
     }
 
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
-        &self.inner.metrics
+        &self.inner.ledger.metrics
+    }
+
+    /// The invocation history.
+    pub fn history(&self) -> &Arc<crate::history::History> {
+        &self.inner.ledger.history
+    }
+
+    /// Adds every live instance's GPU time so far to the counters (before a scrape).
+    pub fn settle_usage(&self) {
+        let now = Instant::now();
+        for f in self.functions() {
+            for inst in f.lock().instances.iter_mut() {
+                inst.meter.settle(now);
+            }
+        }
+    }
+
+    /// Every live instance's allocation so far, as if it ended now (for usage reports).
+    pub fn live_allocations(&self) -> Vec<crate::history::AllocationRecord> {
+        self.functions()
+            .iter()
+            .flat_map(|f| {
+                let st = f.lock();
+                st.instances
+                    .iter()
+                    .map(|i| i.meter.so_far())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The store.

@@ -156,7 +156,11 @@ impl Activator {
             } else {
                 None
             };
-            if adoptable.is_some_and(|(f, revision)| self.adopt(node.as_ref(), &c, f, revision)) {
+            let started_ms = record.as_ref().map_or(0, |r| r.started_ms);
+            let adopted_now = adoptable.is_some_and(|(f, revision)| {
+                self.adopt(node.as_ref(), &c, f, revision, started_ms)
+            });
+            if adopted_now {
                 adopted += 1;
                 continue;
             }
@@ -212,11 +216,14 @@ impl Activator {
         c: &ManagedContainer,
         f: Arc<Function>,
         revision: Arc<Revision>,
+        started_ms: u64,
     ) -> bool {
         let Some(reservation) = self.scheduler().adopt(node.name(), c.gpus.clone()) else {
             return false;
         };
-        let mut inst = Instance::starting(c.instance.clone(), revision, reservation);
+        let ledger = &self.inner.ledger;
+        let mut inst = Instance::starting(c.instance.clone(), revision, reservation, ledger);
+        inst.set_started_ms(started_ms);
         inst.container_id = Some(c.container_id.clone());
         inst.endpoint = c.endpoint;
         let mut st = f.lock();
@@ -257,10 +264,12 @@ impl Activator {
         let Some(reservation) = self.scheduler().adopt(node.name(), c.gpus.clone()) else {
             return false;
         };
-        let mut inst = Instance::starting(c.instance.clone(), revision.clone(), reservation);
+        let ledger = &self.inner.ledger;
+        let mut inst =
+            Instance::starting(c.instance.clone(), revision.clone(), reservation, ledger);
         inst.container_id = Some(c.container_id.clone());
         inst.endpoint = Some(endpoint);
-        inst.started_ms = record.started_ms;
+        inst.set_started_ms(record.started_ms);
         inst.adopted = true;
         {
             let mut st = f.lock();

@@ -90,7 +90,10 @@ impl Activator {
         let placing = std::time::Instant::now();
         let reservation = match self.scheduler().place(Needs::of(&st.revision.manifest)) {
             Ok(r) => {
-                self.inner.metrics.placed(f.name(), placing.elapsed());
+                self.inner
+                    .ledger
+                    .metrics
+                    .placed(f.name(), placing.elapsed());
                 r
             }
             Err(e) => {
@@ -117,7 +120,8 @@ impl Activator {
         let revision = st.revision.clone();
         let node = reservation.node().clone();
         let gpus = reservation.gpus().to_vec();
-        let instance = Instance::starting(id.clone(), revision.clone(), reservation);
+        let ledger = &self.inner.ledger;
+        let instance = Instance::starting(id.clone(), revision.clone(), reservation, ledger);
         let started_ms = instance.started_ms;
         st.instances.push(instance);
         st.starts += 1;
@@ -151,7 +155,7 @@ impl Activator {
             Ok(started) => {
                 let elapsed_ms = began.elapsed().as_millis() as u64;
                 tracing::info!(elapsed_ms, endpoint = %started.endpoint, "instance ready");
-                let metrics = &self.inner.metrics;
+                let metrics = &self.inner.ledger.metrics;
                 metrics.start_ended(start.f.name(), start.node.name(), "ready");
                 self.on_ready(&start, started).await;
             }
@@ -164,7 +168,7 @@ impl Activator {
                 }
             }
             Err(e) => {
-                let metrics = &self.inner.metrics;
+                let metrics = &self.inner.ledger.metrics;
                 metrics.start_ended(start.f.name(), start.node.name(), "failed");
                 self.on_failure(&start, container, e).await
             }
@@ -254,7 +258,7 @@ impl Activator {
         let Some(retired) = retired_token(&start.f, &start.id) else {
             return Err(StartError::Cancelled);
         };
-        let pulling = self.inner.metrics.phase(start.f.name(), "pull");
+        let pulling = self.inner.ledger.metrics.phase(start.f.name(), "pull");
         let got = tokio::select! {
             got = self.ensure_image(&start.node, image, |meter| {
                 set_image_meter(&start.f, &start.id, Some(meter))
@@ -266,7 +270,7 @@ impl Activator {
         set_image_meter(&start.f, &start.id, None);
         drop(pulling);
         got?;
-        let creating = self.inner.metrics.phase(start.f.name(), "create");
+        let creating = self.inner.ledger.metrics.phase(start.f.name(), "create");
         let started = match start.node.start(&spec).await {
             Ok(s) => s,
             Err(NodeError::ExitedAtStart {
@@ -295,7 +299,7 @@ impl Activator {
             tracing::warn!(error = %e, "could not record the starting instance; a restart now would remove it");
         }
         let readiness = &start.revision.manifest.readiness;
-        let _ready = self.inner.metrics.phase(start.f.name(), "ready");
+        let _ready = self.inner.ledger.metrics.phase(start.f.name(), "ready");
         readiness::wait_ready(
             start.node.as_ref(),
             &started.container_id,

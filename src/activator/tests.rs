@@ -26,6 +26,7 @@ async fn activator(node: Arc<FakeNode>) -> (Activator, tempfile::TempDir) {
         TaskTracker::new(),
         CancellationToken::new(),
         Limits::default(),
+        crate::history::History::off(),
     );
     (a, dir)
 }

@@ -34,6 +34,7 @@ impl Activator {
                     return;
                 }
                 inst.paused_at = Some(Instant::now());
+                inst.meter.paused();
                 if std::mem::take(&mut inst.resume_wanted) {
                     this.resume_instance(f, st, idx);
                 }

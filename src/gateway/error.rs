@@ -9,7 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::activator::{round_up_secs, AcquireError, ActivatorError, StartFault};
+use crate::activator::{round_up_secs, AcquireError, ActivatorError};
 use crate::invoke::InvokeError;
 use crate::manifest::ManifestError;
 use crate::membership::MembershipError;
@@ -114,28 +114,28 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::Manifest(_) => (S::BAD_REQUEST, C::InvalidManifest, None),
         ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code, None),
         ApiError::UnknownAction(_) => (S::NOT_FOUND, C::UnknownAction, None),
-        ApiError::Acquire(e) => match e {
-            AcquireError::QueueFull { .. } => (S::SERVICE_UNAVAILABLE, C::QueueFull, soon),
-            AcquireError::QueueTimeout { .. } => (S::GATEWAY_TIMEOUT, C::QueueTimeout, None),
-            AcquireError::GatewayFull { .. } => (S::SERVICE_UNAVAILABLE, C::GatewayFull, soon),
-            AcquireError::StartFailed {
-                fault, retry_after, ..
-            } => {
-                let status = match fault {
-                    StartFault::Container => S::BAD_GATEWAY,
-                    StartFault::Platform => S::SERVICE_UNAVAILABLE,
-                };
-                (status, C::StartFailed, Some(*retry_after))
+        ApiError::Acquire(e) => {
+            let status = crate::invoke::acquire_status(e);
+            match e {
+                AcquireError::QueueFull { .. } => (status, C::QueueFull, soon),
+                AcquireError::QueueTimeout { .. } => (status, C::QueueTimeout, None),
+                AcquireError::GatewayFull { .. } => (status, C::GatewayFull, soon),
+                AcquireError::StartFailed { retry_after, .. } => {
+                    (status, C::StartFailed, Some(*retry_after))
+                }
+                AcquireError::NoCapacity { .. } => (status, C::NoCapacity, soon),
+                AcquireError::Removed(_) => (status, C::FunctionRemoved, None),
+                AcquireError::ShuttingDown => (status, C::ShuttingDown, soon),
             }
-            AcquireError::NoCapacity { .. } => (S::SERVICE_UNAVAILABLE, C::NoCapacity, soon),
-            AcquireError::Removed(_) => (S::NOT_FOUND, C::FunctionRemoved, None),
-            AcquireError::ShuttingDown => (S::SERVICE_UNAVAILABLE, C::ShuttingDown, soon),
-        },
-        ApiError::Proxy(e) => match e {
-            ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::BodyTooLarge, None),
-            ProxyError::Timeout { .. } => (S::GATEWAY_TIMEOUT, C::UpstreamTimeout, None),
-            ProxyError::Upstream { .. } => (S::BAD_GATEWAY, C::UpstreamError, None),
-        },
+        }
+        ApiError::Proxy(e) => {
+            let status = crate::invoke::proxy_status(e);
+            match e {
+                ProxyError::BodyTooLarge { .. } => (status, C::BodyTooLarge, None),
+                ProxyError::Timeout { .. } => (status, C::UpstreamTimeout, None),
+                ProxyError::Upstream { .. } => (status, C::UpstreamError, None),
+            }
+        }
         ApiError::Node(e) if e.is_image_missing() => (S::BAD_REQUEST, C::ImageNotFound, None),
         ApiError::Node(NodeError::Volume(VolumeError::Missing(_) | VolumeError::BadName(_))) => {
             (S::NOT_FOUND, C::VolumeNotFound, None)
@@ -238,6 +238,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::activator::StartFault;
 
     #[test]
     fn a_full_queue_answers_503_with_retry_after() {

@@ -18,6 +18,7 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let a = state.activator();
+    a.settle_usage();
     let text = a.metrics().render(|g| {
         for f in a.functions() {
             let s = a.status(&f);

@@ -6,13 +6,14 @@
 //! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
 //! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), the OpenAI-compatible
 //! `/v1/...` (openai/), the ComfyUI front door `/comfy/NAME/...` (comfy/), `/metrics`
-//! (metrics.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
+//! (metrics.rs), `/api/v1/invocations` and `/api/v1/usage` (history.rs), `/healthz`. Who may call which route is decided in auth.rs; errors
 //! become responses in error.rs.
 
 mod api;
 pub mod auth;
 mod comfy;
 pub mod error;
+mod history;
 mod images;
 mod invoke;
 mod keys;
@@ -137,7 +138,10 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
         )
         .merge(openai::routes())
+        .route("/api/v1/invocations", get(history::invocations))
+        .route("/api/v1/usage", get(history::usage))
         .merge(comfy::routes())
+        .layer(axum::middleware::from_fn(history::tag))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,
@@ -151,6 +155,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let auth = auth::Auth::load(&config.data_dir, store.clone())?;
     let nodes = embedded_node(&config, &gateway_id).await?;
     let tracker = TaskTracker::new();
+    let retention = crate::history::Retention {
+        max: config.history_max,
+        max_age: config.history_max_age,
+    };
+    let history = crate::history::History::start(store.clone(), retention);
     let activator = Activator::new(
         Scheduler::new(nodes, config.placement, config.gpu_max_sharers),
         store,
@@ -160,6 +169,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             max_queued: config.max_queued,
             max_queued_bytes: config.max_queued_bytes.as_u64(),
         },
+        history,
     );
     let timing = Timing {
         node_timeout: config.node_timeout,
@@ -364,6 +374,7 @@ async fn serve_until(
     })
     .await;
     membership.close_tunnels().await;
+    activator.history().close().await;
     if drained.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out; exiting with work in flight");
     }

@@ -27,6 +27,7 @@ async fn membership(dir: &std::path::Path) -> Membership {
         TaskTracker::new(),
         CancellationToken::new(),
         Limits::default(),
+        crate::history::History::off(),
     );
     let timing = Timing {
         node_timeout: Duration::from_secs(10),

@@ -15,6 +15,9 @@
 //! - `comfy.rs`: `comfy_prompts`, `comfy_files`, `comfy_cache`: the ComfyUI front door's
 //!   queue and history, the files it keeps (their bytes are blobs in the data dir), and
 //!   answers cached from backends.
+//! - `history.rs`: `invocations` (id → what one request did) and `allocations` (end
+//!   time/instance → how long an instance held its devices): the invocation history and
+//!   what GPU usage is computed from.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -28,6 +31,7 @@
 
 mod comfy;
 mod functions;
+mod history;
 mod instances;
 mod keys;
 mod migrate;
@@ -46,6 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
+pub use history::{AllocationRecord, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
@@ -131,6 +136,8 @@ impl Store {
             comfy_prompts: db.open_tree("comfy_prompts")?,
             comfy_files: db.open_tree("comfy_files")?,
             comfy_cache: db.open_tree("comfy_cache")?,
+            invocations: db.open_tree("invocations")?,
+            allocations: db.open_tree("allocations")?,
             db,
         };
         migrate::to_current(&trees)?;

@@ -42,6 +42,10 @@ pub enum TreeId {
     ComfyFiles,
     /// `comfy_cache`.
     ComfyCache,
+    /// `invocations`.
+    Invocations,
+    /// `allocations`.
+    Allocations,
 }
 
 /// One change.
@@ -86,6 +90,8 @@ pub(super) struct Trees {
     pub comfy_prompts: sled::Tree,
     pub comfy_files: sled::Tree,
     pub comfy_cache: sled::Tree,
+    pub invocations: sled::Tree,
+    pub allocations: sled::Tree,
 }
 
 impl Trees {
@@ -103,6 +109,8 @@ impl Trees {
             TreeId::ComfyPrompts => &self.comfy_prompts,
             TreeId::ComfyFiles => &self.comfy_files,
             TreeId::ComfyCache => &self.comfy_cache,
+            TreeId::Invocations => &self.invocations,
+            TreeId::Allocations => &self.allocations,
             TreeId::Meta => &self.meta,
         }
     }

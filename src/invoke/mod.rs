@@ -3,8 +3,9 @@
 //! acquire (a permit on a ready instance, waiting through a cold start if need be) →
 //! forward (the proxy streams the request there) → retry when the request was not
 //! delivered (the instance refused the connection: it died since it was chosen) → answer.
-//! Every caller goes through `Invoker::call`: the `/fn` route today, the front doors and
-//! the job dispatcher later, so retries, history records and metrics are wired once.
+//! Every caller goes through `Invoker::call`: the `/fn` route, the front doors and the
+//! job dispatcher later, so retries, history records (`trace.rs`) and metrics are wired
+//! once.
 //!
 //! A request is sent again only when nothing of it reached an instance: the body is
 //! reclaimed untouched (`proxy::Reclaim`), so a POST whose instance died is served by
@@ -15,6 +16,8 @@
 //! attempts, and the instance's 101 makes the proxy splice the two connections, holding
 //! the permit while the socket is open.
 
+pub mod trace;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ use http::{header, Request, Response, Uri};
 
 use crate::activator::{AcquireError, Activator, Function};
 use crate::proxy::{ForwardError, Limits, Proxy, ProxyError, ReclaimableBody, UpgradeRequest};
+pub use trace::{TagSlot, Tags, Trace};
 
 /// Attempts one request gets: the first, and one more per instance found dead on the way,
 /// up to this many in all (a node that lost every instance at once must not loop).
@@ -41,6 +45,14 @@ pub enum InvokeError {
 }
 
 impl InvokeError {
+    /// The status Ember answers the failure with.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            InvokeError::Acquire(e) => acquire_status(e),
+            InvokeError::Proxy(e) => proxy_status(e),
+        }
+    }
+
     /// The `code` label of `ember_requests_total` for the failure: the API's error code.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -59,6 +71,33 @@ impl InvokeError {
                 ProxyError::Upstream { .. } => "upstream_error",
             },
         }
+    }
+}
+
+/// The status Ember answers a request that got no instance with.
+pub fn acquire_status(e: &AcquireError) -> http::StatusCode {
+    use http::StatusCode as S;
+    match e {
+        AcquireError::QueueFull { .. }
+        | AcquireError::GatewayFull { .. }
+        | AcquireError::NoCapacity { .. }
+        | AcquireError::ShuttingDown => S::SERVICE_UNAVAILABLE,
+        AcquireError::QueueTimeout { .. } => S::GATEWAY_TIMEOUT,
+        AcquireError::StartFailed { fault, .. } => match fault {
+            crate::activator::StartFault::Container => S::BAD_GATEWAY,
+            crate::activator::StartFault::Platform => S::SERVICE_UNAVAILABLE,
+        },
+        AcquireError::Removed(_) => S::NOT_FOUND,
+    }
+}
+
+/// The status Ember answers a request whose forwarding failed with.
+pub fn proxy_status(e: &ProxyError) -> http::StatusCode {
+    use http::StatusCode as S;
+    match e {
+        ProxyError::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+        ProxyError::Timeout { .. } => S::GATEWAY_TIMEOUT,
+        ProxyError::Upstream { .. } => S::BAD_GATEWAY,
     }
 }
 
@@ -106,22 +145,28 @@ impl Invoker {
     pub async fn call(&self, f: &Arc<Function>, call: Call) -> Result<Response<Body>, InvokeError> {
         let metrics = self.activator.metrics().clone();
         let timer = metrics.request(f.name());
-        let mut cold = false;
-        let result = self.attempts(f, call, &mut cold).await;
-        let code = match &result {
-            Ok(response) => response.status().as_u16().to_string(),
-            Err(e) => e.metric_label().to_string(),
-        };
-        timer.finish(code, cold);
-        result
+        let mut trace = Trace::begin(self.activator.history(), f, &call.request, call.client);
+        let result = self.attempts(f, call, &mut trace).await;
+        let cold = trace.cold();
+        match result {
+            Ok(response) => {
+                timer.finish(response.status().as_u16().to_string(), cold);
+                Ok(trace.answered(response))
+            }
+            Err(e) => {
+                timer.finish(e.metric_label(), cold);
+                trace.failed(e.status().as_u16(), e.metric_label());
+                Err(e)
+            }
+        }
     }
 
-    /// `call`'s attempts; `cold` is set when one waited for an instance to start.
+    /// `call`'s attempts; `trace` learns where it ran.
     async fn attempts(
         &self,
         f: &Arc<Function>,
         mut call: Call,
-        cold: &mut bool,
+        trace: &mut Trace,
     ) -> Result<Response<Body>, InvokeError> {
         let manifest = f.revision().manifest.clone();
         let limits = Limits {
@@ -137,22 +182,22 @@ impl Invoker {
         }
         let mut upgrade = UpgradeRequest::take_from(&mut call.request);
         let (head, body) = call.request.into_parts();
-        let mut body = Some(body);
+        let mut body = Some(trace.count_in(body));
         let mut attempt = 0;
         loop {
             attempt += 1;
             let ready = call.any_instance.then(|| f.any_ready()).flatten();
-            let permit = match ready {
-                Some(permit) => permit,
+            let (permit, waited) = match ready {
+                Some(permit) => (permit, std::time::Duration::ZERO),
                 None => {
                     let waiting = std::time::Instant::now();
                     let permit = self.activator.acquire(f, announced, call.route).await;
-                    let metrics = self.activator.metrics();
-                    metrics.queue_wait(f.name(), waiting.elapsed());
-                    permit?
+                    let waited = waiting.elapsed();
+                    self.activator.metrics().queue_wait(f.name(), waited);
+                    (permit?, waited)
                 }
             };
-            *cold |= permit.cold();
+            trace.placed(&permit, waited);
             let (sent, reclaim) = ReclaimableBody::new(body.take().unwrap_or_default());
             let result = self
                 .proxy
@@ -231,6 +276,7 @@ mod tests {
 
     use super::*;
     use crate::activator::Limits;
+    use crate::history::{History, Retention};
     use crate::manifest::{Format, Manifest};
     use crate::node::fake::FakeNode;
     use crate::node::Node;
@@ -269,12 +315,14 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let scheduler = Scheduler::new(vec![node as Arc<dyn Node>], Policy::Spread, 8);
         let limits = Limits::default();
+        let history = History::start(store.clone(), Retention::default());
         let a = Activator::new(
             scheduler,
             store,
             TaskTracker::new(),
             CancellationToken::new(),
             limits,
+            history,
         );
         (a, dir)
     }
@@ -296,6 +344,58 @@ mod tests {
             any_instance: false,
         };
         Ok(invoker.call(f, call).await?.status().as_u16())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cold_and_a_warm_call_are_tagged_and_recorded_once_their_bodies_end() {
+        let node = Arc::new(FakeNode::new("fake", Vec::new()));
+        let (a, _dir) = activator(node.clone()).await;
+        a.deploy(manifest()).await.unwrap();
+        let f = a.function("f").unwrap();
+        let invoker = Invoker::new(a.clone(), Proxy::default());
+        let mut tags = Vec::new();
+        for _ in 0..2 {
+            let request = http::Request::post("/x?secret=1")
+                .body(axum::body::Body::from("hello"))
+                .unwrap();
+            let call = Call {
+                request,
+                client: None,
+                route: None,
+                any_instance: false,
+            };
+            let response = invoker.call(&f, call).await.unwrap();
+            let h = response.headers().clone();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX);
+            let out = body.await.unwrap().len() as u64;
+            tags.push((h, out));
+        }
+        let id = |i: usize| {
+            tags[i].0[trace::INVOCATION_ID]
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_ne!(id(0), id(1));
+        assert_eq!(tags[0].0[trace::COLD_START], "true");
+        assert!(tags[0].0.contains_key(trace::QUEUE_MS));
+        assert!(!tags[1].0.contains_key(trace::COLD_START), "warm");
+        a.history().flush().await;
+        let page = crate::history::query::Query::parse(&Default::default())
+            .unwrap()
+            .run(a.store())
+            .await
+            .unwrap();
+        let r = &page.invocations;
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].id.clone(), r[1].id.clone()), (id(1), id(0)));
+        assert!(r[1].cold && !r[0].cold);
+        assert_eq!(r[0].instance, r[1].instance);
+        assert_eq!(r[0].node.as_deref(), Some("fake"));
+        assert_eq!((r[0].status, r[0].method.as_str()), (200, "POST"));
+        assert_eq!(r[0].path, "/x", "no query");
+        assert_eq!((r[0].bytes_in, r[0].bytes_out), (5, tags[1].1));
+        assert!(r[0].finished_at_us >= r[0].started_at_us.unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,256 @@
+//! The invocation history: a record of every request (later every job), and of how long
+//! each instance held its GPUs, kept in the store for `ember history` and `ember usage`.
+//!
+//! The hot path only sends: a finished request's record goes through a channel to the
+//! recorder task, which writes what came in one batch every `BATCH_EVERY` (or every
+//! `BATCH_MAX` records), never one write per request, and trims the history to its
+//! retention (`serve --history-max`, `--history-max-age`). A crash loses at most the last
+//! batch; a shutdown writes everything ([`History::close`]).
+//!
+//! Ids ([`mint`]) are the arrival time in milliseconds shifted left 20 bits plus a counter,
+//! so they sort by arrival and a time is a range of ids.
+//!
+//! `query.rs` reads pages of it; `usage.rs` sums GPU time from it.
+
+pub mod query;
+pub mod usage;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::store::Store;
+pub use crate::store::{AllocationRecord, InvocationRecord};
+
+/// How often the recorder writes what came in.
+pub const BATCH_EVERY: Duration = Duration::from_millis(200);
+/// Records written in one batch at the most.
+pub const BATCH_MAX: usize = 2048;
+/// How often retention is applied when the count cap is not reached.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+/// Records over the cap tolerated before trimming (so trims come in chunks).
+const TRIM_SLACK: usize = 1024;
+
+/// How much history is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Invocation records kept at the most; 0 turns the history off.
+    pub max: usize,
+    /// Records older than this are removed.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max: 1_000_000,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+enum Message {
+    Invocation(u64, Box<InvocationRecord>),
+    Allocation(Box<AllocationRecord>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The history's sending end. Cheap to share (`Arc`). The recorder ends when it is
+/// dropped, after writing what it has.
+pub struct History {
+    tx: Option<mpsc::UnboundedSender<Message>>,
+    /// Set at shutdown: what instances still running leave behind then is not an end
+    /// (they are adopted at the next start, and their time counted from their start).
+    closed: AtomicBool,
+    /// The recorder's task (it outlives the gateway's tracker: requests still finishing
+    /// at shutdown send their records after that tracker is done).
+    _tracker: TaskTracker,
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// A new invocation id: arrival milliseconds, then a counter (20 bits).
+pub fn mint() -> u64 {
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF;
+    id_at(now_us() / 1000) | seq
+}
+
+/// The smallest id minted at unix millisecond `ms`.
+pub fn id_at(ms: u64) -> u64 {
+    ms << 20
+}
+
+/// An id as users see it: 16 hex digits.
+pub fn format_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// An id as users wrote it.
+pub fn parse_id(s: &str) -> Option<u64> {
+    (s.len() == 16)
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl History {
+    /// Starts the recorder on `store`; with `retention.max` 0 nothing is kept.
+    pub fn start(store: Store, retention: Retention) -> Arc<History> {
+        let tracker = TaskTracker::new();
+        if retention.max == 0 {
+            return Arc::new(History {
+                tx: None,
+                closed: AtomicBool::new(false),
+                _tracker: tracker,
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tracker.spawn(
+            record(store, retention, rx).instrument(tracing::info_span!("history recorder")),
+        );
+        tracker.close();
+        Arc::new(History {
+            tx: Some(tx),
+            closed: AtomicBool::new(false),
+            _tracker: tracker,
+        })
+    }
+
+    /// A history that keeps nothing.
+    pub fn off() -> Arc<History> {
+        Arc::new(History {
+            tx: None,
+            closed: AtomicBool::new(false),
+            _tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Whether records are kept.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Records an invocation.
+    pub fn invocation(&self, id: u64, record: InvocationRecord) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Message::Invocation(id, Box::new(record)));
+        }
+    }
+
+    /// Records an instance's allocation, when it is gone.
+    pub fn allocation(&self, record: AllocationRecord) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Message::Allocation(Box::new(record)));
+        }
+    }
+
+    /// At shutdown, after the last request: writes what is left; instances dropped with
+    /// the process from now on leave no allocation record (they are not gone).
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.flush().await;
+    }
+
+    /// Waits until every record sent before this call is on disk.
+    pub async fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Message::Flush(done)).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+/// The recorder: batches records into the store and applies the retention.
+async fn record(store: Store, retention: Retention, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut count = match store.invocation_count().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot count the invocation history; retention by count starts from 0");
+            0
+        }
+    };
+    let mut invocations: Vec<(u64, InvocationRecord)> = Vec::new();
+    let mut allocations: Vec<AllocationRecord> = Vec::new();
+    let mut tick = tokio::time::interval(BATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_trim = tokio::time::Instant::now();
+    let mut trim_due = true;
+    loop {
+        let mut flushed = None;
+        let (open, ticked) = tokio::select! {
+            message = rx.recv() => match message {
+                Some(Message::Invocation(id, r)) => { invocations.push((id, *r)); (true, false) }
+                Some(Message::Allocation(a)) => { allocations.push(*a); (true, false) }
+                Some(Message::Flush(done)) => { flushed = Some(done); (true, false) }
+                None => (false, false),
+            },
+            _ = tick.tick() => (true, true),
+        };
+        let full = invocations.len() + allocations.len() >= BATCH_MAX;
+        let due = full || ticked || flushed.is_some() || !open;
+        if due && (!invocations.is_empty() || !allocations.is_empty()) {
+            store.put_history_later(&invocations, &allocations);
+            count += invocations.len();
+            invocations.clear();
+            allocations.clear();
+        }
+        if let Some(done) = flushed {
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "the invocation history did not reach the disk");
+            }
+            let _ = done.send(());
+        }
+        if !open {
+            break;
+        }
+        trim_due |= last_trim.elapsed() >= TRIM_EVERY;
+        if count > retention.max + TRIM_SLACK || trim_due {
+            trim_due = false;
+            last_trim = tokio::time::Instant::now();
+            count = trim(&store, count, retention).await;
+        }
+    }
+}
+
+/// Applies the retention; returns the count left.
+async fn trim(store: &Store, count: usize, retention: Retention) -> usize {
+    let oldest_us = now_us().saturating_sub(retention.max_age.as_micros() as u64);
+    match store
+        .trim_history(count, retention.max, id_at(oldest_us / 1000), oldest_us)
+        .await
+    {
+        Ok(t) => {
+            if t.invocations + t.allocations > 0 {
+                tracing::info!(
+                    invocations = t.invocations,
+                    allocations = t.allocations,
+                    "history trimmed to its retention"
+                );
+            }
+            count - t.invocations
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not trim the invocation history; trying again later");
+            count
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+//! Reading the history: `GET /api/v1/invocations`'s filters, checked, and its pages.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{format_id, id_at, now_us, parse_id, InvocationRecord};
+use crate::store::{Store, StoreError};
+
+/// Records in a page when the caller names no `limit`.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Records in a page at the most.
+pub const MAX_LIMIT: usize = 1000;
+
+/// The query string, as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct Params {
+    /// Only this function's.
+    pub function: Option<String>,
+    /// Only those served on this node.
+    pub node: Option<String>,
+    /// Only those served with this GPU (or MIG) uuid.
+    pub gpu: Option<String>,
+    /// `200`, `5xx`, `error` (Ember answered), or one of Ember's error codes.
+    pub status: Option<String>,
+    /// A duration back from now (`1h`) or a time (RFC 3339).
+    pub since: Option<String>,
+    /// The same, for the newest end.
+    pub until: Option<String>,
+    /// Records per page.
+    pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A field of the query that was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}`: {message}")]
+pub struct BadParam {
+    /// The query parameter.
+    pub field: &'static str,
+    /// What was expected.
+    pub message: String,
+}
+
+/// What the status filter accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    Exact(u16),
+    Class(u16),
+    AnyError,
+    Error(String),
+}
+
+impl Status {
+    fn parse(s: &str) -> Result<Status, BadParam> {
+        let bad = || {
+            BadParam {
+            field: "status",
+            message: format!("`{s}` is not a status: use a code (`503`), a class (`5xx`), `error` (Ember answered) or an error code (`queue_timeout`)"),
+        }
+        };
+        if let Ok(code) = s.parse::<u16>() {
+            return (100..600)
+                .contains(&code)
+                .then_some(Status::Exact(code))
+                .ok_or_else(bad);
+        }
+        let lower = s.to_ascii_lowercase();
+        if let Some(class) = lower.strip_suffix("xx") {
+            return match class.parse::<u16>() {
+                Ok(c @ 1..=5) => Ok(Status::Class(c)),
+                _ => Err(bad()),
+            };
+        }
+        if lower == "error" {
+            return Ok(Status::AnyError);
+        }
+        if !lower.is_empty() && lower.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Ok(Status::Error(lower));
+        }
+        Err(bad())
+    }
+
+    fn matches(&self, r: &InvocationRecord) -> bool {
+        match self {
+            Status::Exact(c) => r.status == *c,
+            Status::Class(c) => r.status / 100 == *c,
+            Status::AnyError => r.error.is_some(),
+            Status::Error(code) => r.error.as_deref() == Some(code),
+        }
+    }
+}
+
+/// A time as a query gives it: a duration back from now, or an RFC 3339 time; unix µs.
+pub fn parse_time(field: &'static str, s: &str) -> Result<u64, BadParam> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now_us().saturating_sub(d.as_micros() as u64));
+    }
+    match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_micros() as u64),
+        Err(_) => Err(BadParam {
+            field,
+            message: format!("`{s}` is neither a duration back from now (`90s`, `1h`, `7d`) nor a time (`2026-11-21T10:00:00Z`)"),
+        }),
+    }
+}
+
+/// A checked query.
+#[derive(Debug, Clone)]
+pub struct Query {
+    function: Option<String>,
+    node: Option<String>,
+    gpu: Option<String>,
+    status: Option<Status>,
+    from_id: u64,
+    below_id: u64,
+    limit: usize,
+}
+
+/// One page, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page {
+    /// The records.
+    pub invocations: Vec<InvocationRecord>,
+    /// Pass as `cursor` for the next (older) page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+impl Query {
+    /// Checks the parameters.
+    pub fn parse(p: &Params) -> Result<Query, BadParam> {
+        let since = p
+            .since
+            .as_deref()
+            .map(|s| parse_time("since", s))
+            .transpose()?;
+        let until = p
+            .until
+            .as_deref()
+            .map(|s| parse_time("until", s))
+            .transpose()?;
+        let limit = match p.limit.as_deref() {
+            None => DEFAULT_LIMIT,
+            Some(l) => match l.parse::<usize>() {
+                Ok(n @ 1..=MAX_LIMIT) => n,
+                _ => {
+                    return Err(BadParam {
+                        field: "limit",
+                        message: format!("`{l}` is not a number from 1 to {MAX_LIMIT}"),
+                    })
+                }
+            },
+        };
+        let cursor = match p.cursor.as_deref() {
+            None => None,
+            Some(c) => Some(parse_id(c).ok_or_else(|| BadParam {
+                field: "cursor",
+                message: format!(
+                    "`{c}` is not a cursor: pass the `next_cursor` of the previous page"
+                ),
+            })?),
+        };
+        let mut below_id = until.map_or(u64::MAX, |us| id_at(us / 1000 + 1));
+        if let Some(c) = cursor {
+            below_id = below_id.min(c);
+        }
+        Ok(Query {
+            function: p.function.clone().filter(|s| !s.is_empty()),
+            node: p.node.clone().filter(|s| !s.is_empty()),
+            gpu: p.gpu.clone().filter(|s| !s.is_empty()),
+            status: p.status.as_deref().map(Status::parse).transpose()?,
+            from_id: since.map_or(0, |us| id_at(us / 1000)),
+            below_id,
+            limit,
+        })
+    }
+
+    fn keeps(&self, r: &InvocationRecord) -> bool {
+        self.function.as_ref().is_none_or(|f| &r.function == f)
+            && self
+                .node
+                .as_ref()
+                .is_none_or(|n| r.node.as_ref() == Some(n))
+            && self.gpu.as_ref().is_none_or(|g| r.gpus.contains(g))
+            && self.status.as_ref().is_none_or(|s| s.matches(r))
+    }
+
+    /// Reads the page.
+    pub async fn run(self, store: &Store) -> Result<Page, StoreError> {
+        let limit = self.limit;
+        let (from, below) = (self.from_id, self.below_id);
+        let invocations = store
+            .invocations(from, below, limit, move |r| self.keeps(r))
+            .await?;
+        let next_cursor = (invocations.len() == limit)
+            .then(|| invocations.last().and_then(|r| parse_id(&r.id)))
+            .flatten()
+            .map(format_id);
+        Ok(Page {
+            invocations,
+            next_cursor,
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! One call's trace: its invocation id, where it ran, and its history record.
+//!
+//! A [`Trace`] begins when a request reaches the invoke core and learns where it ran from
+//! the permit it got. An answered call's record is sent to the history when its response
+//! body has ended (or the client went away): the body is wrapped to count the bytes out
+//! and to finish the trace when dropped. A failed call's record is sent at once.
+//!
+//! The client learns the id (and whether it waited for a cold start) from the
+//! `Ember-Invocation-Id`, `Ember-Cold-Start` and `Ember-Queue-Ms` headers: set on an
+//! instance's answer here, and on Ember's own error answers by the gateway, from the
+//! [`TagSlot`] the call fills.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Frame, SizeHint};
+
+use crate::activator::{Function, Permit};
+use crate::history::{format_id, mint, now_us, History, InvocationRecord};
+
+/// The header naming the invocation.
+pub const INVOCATION_ID: &str = "ember-invocation-id";
+/// The header saying the request waited for a cold start.
+pub const COLD_START: &str = "ember-cold-start";
+/// The header saying how long it waited for an instance, in milliseconds.
+pub const QUEUE_MS: &str = "ember-queue-ms";
+
+/// What a response says of its invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tags {
+    /// The invocation id.
+    pub id: u64,
+    /// Whether it waited for an instance to start (or resume).
+    pub cold: bool,
+    /// How long it waited for an instance, when it waited at all (≥ 1 ms) or was cold.
+    pub queue_ms: Option<u64>,
+}
+
+impl Tags {
+    /// Sets the `Ember-*` headers.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let id = HeaderValue::from_str(&format_id(self.id)).expect("hex is a header value");
+        headers.insert(INVOCATION_ID, id);
+        if self.cold {
+            headers.insert(COLD_START, HeaderValue::from_static("true"));
+        }
+        if let Some(ms) = self.queue_ms {
+            headers.insert(QUEUE_MS, HeaderValue::from(ms));
+        }
+    }
+}
+
+/// Where a call leaves its tags for the gateway, which puts them on Ember's own error
+/// answers. The gateway puts one in the request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct TagSlot(Arc<OnceLock<Tags>>);
+
+impl TagSlot {
+    /// The tags, once the call has ended.
+    pub fn get(&self) -> Option<Tags> {
+        self.0.get().copied()
+    }
+}
+
+/// One call's trace.
+pub struct Trace {
+    history: Arc<History>,
+    id: u64,
+    /// The record so far; `None` when the history keeps nothing.
+    record: Option<Box<InvocationRecord>>,
+    bytes_in: Arc<AtomicU64>,
+    cold: bool,
+    queued: Duration,
+    slot: Option<TagSlot>,
+}
+
+impl Trace {
+    /// Begins the trace of `request` for `f`.
+    pub fn begin(
+        history: &Arc<History>,
+        f: &Function,
+        request: &Request<Body>,
+        client: Option<SocketAddr>,
+    ) -> Trace {
+        let id = mint();
+        let record = history.enabled().then(|| {
+            Box::new(InvocationRecord {
+                id: format_id(id),
+                kind: "request".into(),
+                function: f.name().to_string(),
+                revision: String::new(),
+                instance: None,
+                node: None,
+                gpus: Vec::new(),
+                client: client.map(|c| c.to_string()),
+                method: request.method().to_string(),
+                path: request.uri().path().to_string(),
+                status: 0,
+                error: None,
+                cold: false,
+                queued_at_us: now_us(),
+                started_at_us: None,
+                finished_at_us: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            })
+        });
+        Trace {
+            history: history.clone(),
+            id,
+            record,
+            bytes_in: Arc::default(),
+            cold: false,
+            queued: Duration::ZERO,
+            slot: request.extensions().get::<TagSlot>().cloned(),
+        }
+    }
+
+    /// Wraps the request body to count the bytes read of it.
+    pub fn count_in(&self, body: Body) -> Body {
+        match self.record {
+            Some(_) => Body::new(CountIn {
+                inner: body,
+                bytes: self.bytes_in.clone(),
+            }),
+            None => body,
+        }
+    }
+
+    /// The call got `permit` after waiting `waited` for it.
+    pub fn placed(&mut self, permit: &Permit, waited: Duration) {
+        self.cold |= permit.cold();
+        self.queued += waited;
+        if let Some(r) = &mut self.record {
+            r.revision = permit.revision().to_string();
+            r.instance = Some(permit.instance().to_string());
+            r.node = Some(permit.node().name().to_string());
+            r.gpus = permit.devices().to_vec();
+            r.started_at_us = Some(now_us());
+        }
+    }
+
+    /// Whether it waited for a cold start.
+    pub fn cold(&self) -> bool {
+        self.cold
+    }
+
+    fn tags(&self) -> Tags {
+        let waited = self.queued.as_millis() as u64;
+        Tags {
+            id: self.id,
+            cold: self.cold,
+            queue_ms: (self.cold || waited > 0).then_some(waited),
+        }
+    }
+
+    /// An instance answered: the headers are set, and the record goes to the history when
+    /// the body has ended.
+    pub fn answered(mut self, response: Response<Body>) -> Response<Body> {
+        let tags = self.tags();
+        if let Some(slot) = &self.slot {
+            let _ = slot.0.set(tags);
+        }
+        let (mut head, body) = response.into_parts();
+        tags.apply(&mut head.headers);
+        let Some(mut record) = self.record.take() else {
+            return Response::from_parts(head, body);
+        };
+        record.status = head.status.as_u16();
+        record.cold = self.cold;
+        let body = Body::new(CountOut {
+            inner: body,
+            pending: Some(Pending {
+                history: self.history.clone(),
+                id: self.id,
+                record,
+                bytes_in: self.bytes_in.clone(),
+            }),
+        });
+        Response::from_parts(head, body)
+    }
+
+    /// Ember answered instead of an instance, with `status` and its error `code`.
+    pub fn failed(mut self, status: u16, code: &str) {
+        if let Some(slot) = &self.slot {
+            let _ = slot.0.set(self.tags());
+        }
+        if let Some(mut record) = self.record.take() {
+            record.status = status;
+            record.error = Some(code.to_string());
+            record.cold = self.cold;
+            Pending {
+                history: self.history.clone(),
+                id: self.id,
+                record,
+                bytes_in: self.bytes_in.clone(),
+            }
+            .send(0);
+        }
+    }
+}
+
+/// A record waiting for its response body to end.
+struct Pending {
+    history: Arc<History>,
+    id: u64,
+    record: Box<InvocationRecord>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl Pending {
+    fn send(mut self, bytes_out: u64) {
+        self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.record.bytes_out = bytes_out;
+        self.record.finished_at_us = now_us();
+        self.history.invocation(self.id, *self.record);
+    }
+}
+
+/// A request body that counts the bytes read of it.
+struct CountIn {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+}
+
+impl http_body::Body for CountIn {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that counts the bytes sent and sends the record when it is dropped
+/// (ended, or the client gone).
+struct CountOut {
+    inner: Body,
+    pending: Option<Pending>,
+}
+
+impl CountOut {
+    fn bytes(&mut self) -> &mut u64 {
+        &mut self
+            .pending
+            .as_mut()
+            .expect("until dropped")
+            .record
+            .bytes_out
+    }
+}
+
+impl http_body::Body for CountOut {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                *self.bytes() += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountOut {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let out = p.record.bytes_out;
+            p.send(out);
+        }
+    }
+}
