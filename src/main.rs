@@ -48,6 +48,22 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// The invocation history, newest first: where each request ran (instance, node, GPU),
+    /// its status, whether it waited for a cold start, and how long it took.
+    History {
+        #[command(flatten)]
+        args: cli::history::HistoryArgs,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// GPU time per function, node or GPU: allocated (paused apart), busy, their ratio,
+    /// invocations and cold starts.
+    Usage {
+        #[command(flatten)]
+        args: cli::history::UsageArgs,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
     /// Remove a function and its containers.
     Rm {
         /// Function name.
@@ -292,6 +308,15 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
         }
         Command::Ls { json, gateway } => {
             with_client(gateway, outer, async |c| cli::ls(c, json).await).await
+        }
+        Command::History { args, gateway } => {
+            with_client(gateway, outer, async |c| {
+                cli::history::history(c, args).await
+            })
+            .await
+        }
+        Command::Usage { args, gateway } => {
+            with_client(gateway, outer, async |c| cli::history::usage(c, args).await).await
         }
         Command::Gpus {
             json,
