@@ -1,15 +1,20 @@
 //! Monitoring end to end: the Grafana dashboard (`deploy/grafana/ember.json`) charts only
-//! metrics a real gateway exports, and every one it exports.
+//! metrics a real gateway exports, and every one it exports; a real Prometheus, run with
+//! the shipped scrape config (`deploy/prometheus.yml`), scrapes a gateway that served a
+//! GPU function and answers every query of the dashboard; `promtool` accepts the config.
 
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use common::dashboard::{self, ADDED_ELSEWHERE};
+use common::prometheus::{self, Prometheus};
 use common::Gateway;
 use http::Method;
+use serde_json::Value;
 
 /// Simulated GPUs: a whole A100 with utilization reported, and one in MIG mode.
 const INVENTORY: &str = r#"
@@ -29,6 +34,12 @@ uuid = "MIG-a100-0"
 profile = "3g.40gb"
 memory = "40GiB"
 "#;
+
+/// Grafana's `$__rate_interval` for a 1 s scrape: at least four scrapes.
+const RATE_INTERVAL: &str = "10s";
+
+/// How long Prometheus may take to have what a query needs.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A gateway on simulated GPUs that deployed `echo` with a GPU and served it twice (a cold
 /// request, then a warm one), so that every metric family has a series.
@@ -162,4 +173,93 @@ async fn the_dashboard_charts_every_metric_the_gateway_exports_and_no_other() {
         .collect();
     assert!(missing.is_empty(), "no panel charts {missing:?}");
     assert!(charted.contains("ember_node_last_heartbeat_seconds"));
+}
+
+/// The value of an instant query's sample.
+fn value(sample: &Value) -> f64 {
+    sample["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+/// `query`'s result once it has a series (or `QUERY_TIMEOUT` passed: then empty).
+async fn first_result(prom: &Prometheus, query: &str) -> Vec<Value> {
+    let deadline = Instant::now() + QUERY_TIMEOUT;
+    loop {
+        let result = prom.query(query).await;
+        if !result.is_empty() || Instant::now() > deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_scrapes_the_gateway_with_the_shipped_config_and_answers_every_panel() {
+    require_docker!();
+    if !prometheus::installed(prometheus::BINARY) {
+        return;
+    }
+    let (gw, _dir) = busy_gateway().await;
+    let prom = Prometheus::scraping(&gw).await;
+    let began = Instant::now();
+    let requests = first_result(&prom, r#"ember_requests_total{function="echo"}"#).await;
+    assert!(!requests.is_empty(), "never scraped:\n{}", prom.log());
+    assert_eq!(requests.iter().map(value).sum::<f64>(), 2.0, "{requests:?}");
+    eprintln!("first scrape seen after {:?}", began.elapsed());
+
+    // Queries of metrics not exported yet may be empty; every other has a series.
+    let declared = declared(&gw).await;
+    let pending: Vec<&str> = ADDED_ELSEWHERE
+        .iter()
+        .copied()
+        .filter(|n| !declared.contains_key(*n))
+        .collect();
+    let d = dashboard::load();
+    for query in dashboard::panel_queries(&d) {
+        let expr = dashboard::evaluable(&query, RATE_INTERVAL);
+        let excused = dashboard::metric_names(&query)
+            .iter()
+            .any(|n| pending.contains(&n.as_str()));
+        if excused {
+            prom.query(&expr).await; // still valid PromQL
+            continue;
+        }
+        let result = first_result(&prom, &expr).await;
+        assert!(!result.is_empty(), "`{expr}` has no series");
+    }
+    for query in dashboard::variable_queries(&d) {
+        let (metric, label) = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.split_once(", "))
+            .unwrap_or_else(|| panic!("`{query}` is label_values(METRIC, LABEL)"));
+        let result = first_result(&prom, metric).await;
+        assert!(
+            result.iter().any(|s| s["metric"].get(label).is_some()),
+            "`{query}` finds no value: {result:?}"
+        );
+    }
+    let heard = first_result(
+        &prom,
+        r#"time() - ember_node_last_heartbeat_seconds{node="local"}"#,
+    )
+    .await;
+    assert!(
+        value(&heard[0]) < 10.0,
+        "the embedded node is always heard: {heard:?}"
+    );
+}
+
+#[test]
+fn the_shipped_scrape_config_passes_promtool() {
+    if !prometheus::installed(prometheus::PROMTOOL) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // promtool checks that the token file exists.
+    let token = dir.path().join("ember.token");
+    std::fs::write(&token, "secret").unwrap();
+    let file = dir.path().join("prometheus.yml");
+    std::fs::write(&file, prometheus::config("127.0.0.1:8080", &token, "15s")).unwrap();
+    let (ok, out) = prometheus::check_config(&file);
+    assert!(ok, "{out}");
 }

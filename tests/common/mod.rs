@@ -13,6 +13,7 @@
 //!   htpasswd auth when asked;
 //! - `dockerd`: a second Docker engine on this machine, to move images between engines;
 //! - `python`: a virtualenv with real Python clients (`openai`) from PyPI;
+//! - `prometheus`: a real Prometheus (Debian's) scraping a gateway, and `promtool`;
 //! - `dashboard`: the Grafana dashboard's queries and the metric names they use;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
@@ -24,6 +25,7 @@ pub mod dockerd;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod prometheus;
 pub mod python;
 pub mod registry;
 pub mod shim;
