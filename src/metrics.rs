@@ -42,6 +42,7 @@ pub struct Metrics {
     gateway_queued: IntGauge,
     gateway_queued_bytes: IntGauge,
     node_up: IntGaugeVec,
+    node_heartbeat: GaugeVec,
     gpu_memory_total: IntGaugeVec,
     gpu_memory_used: IntGaugeVec,
     gpu_memory_reserved: IntGaugeVec,
@@ -82,6 +83,12 @@ fn seconds(r: &Registry, name: &str, help: &str) -> CounterVec {
     let c = CounterVec::new(Opts::new(name, help), &labels).expect("a valid metric");
     r.register(Box::new(c.clone())).expect("registered once");
     c
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -132,6 +139,7 @@ impl Metrics {
             gateway_queued,
             gateway_queued_bytes,
             node_up: gauge(&r, "ember_node_up", "1 for each node, labelled with its state (ready, cordoned, draining, lost).", &["node", "state"]),
+            node_heartbeat: float_gauge(&r, "ember_node_last_heartbeat_seconds", "Unix time of the last heartbeat heard from each node (the embedded node's is the scrape's time: it is always heard).", &["node"]),
             gpu_memory_total: gauge(&r, "ember_gpu_memory_total_bytes", "GPU (or MIG slice) memory, in bytes.", &gpu),
             gpu_memory_used: gauge(&r, "ember_gpu_memory_used_bytes", "GPU (or MIG slice) memory in use, in bytes.", &gpu),
             gpu_memory_reserved: gauge(&r, "ember_gpu_memory_reserved_bytes", "GPU memory Ember reserved for instances (a whole GPU held exclusively counts whole), in bytes.", &gpu),
@@ -215,6 +223,7 @@ impl Metrics {
             g.reset();
         }
         self.gpu_utilization.reset();
+        self.node_heartbeat.reset();
         fill(&Gauges { m: self });
         let mut out = Vec::new();
         TextEncoder::new()
@@ -265,6 +274,14 @@ impl Gauges<'_> {
     /// A node and its state.
     pub fn node(&self, name: &str, state: &str) {
         self.m.node_up.with_label_values(&[name, state]).set(1);
+    }
+
+    /// When a node was last heard from, in seconds since the Unix epoch.
+    pub fn heartbeat(&self, node: &str, unix_seconds: f64) {
+        self.m
+            .node_heartbeat
+            .with_label_values(&[node])
+            .set(unix_seconds);
     }
 
     /// A GPU (`mig` empty) or a MIG slice of it.
@@ -366,6 +383,7 @@ mod tests {
         let text = m.render(|g| {
             g.function("echo", 2, 1, 1, &[("ready", 1)]);
             g.node("local", "ready");
+            g.heartbeat("local", 1_700_000_000.5);
             g.gpu(
                 "local",
                 "GPU-1",
@@ -391,10 +409,18 @@ mod tests {
             text.contains(r#"ember_gpu_memory_reserved_bytes{gpu="GPU-1",mig="",node="local"} 10"#)
         );
         assert!(text.contains("# HELP ember_cold_starts_total"));
+        assert!(
+            text.contains(r#"ember_node_last_heartbeat_seconds{node="local"} 1700000000.5"#),
+            "{text}"
+        );
         // A function gone since the last scrape leaves no gauge behind.
         let text = m.render(|_| {});
         assert!(
             !text.contains(r#"ember_queued_requests{function="echo"}"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ember_node_last_heartbeat_seconds{"),
             "{text}"
         );
     }

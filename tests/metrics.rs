@@ -9,6 +9,7 @@ mod common;
 use common::{python, Gateway};
 use http::Method;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// The samples of the exposition, parsed by `prometheus_client`:
 /// `{"name{label=value,...}": value}` with labels sorted.
@@ -38,6 +39,13 @@ print(json.dumps({"samples": out, "helps": helps}))
         .unwrap();
     assert!(out.status.success(), "the parser refused the exposition");
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 async fn scrape(gw: &Gateway, py: &std::path::PathBuf) -> Value {
@@ -101,6 +109,9 @@ async fn a_cold_then_a_warm_request_move_the_counters_and_the_exposition_parses(
     assert_eq!(get("ember_queued_requests{function=echo}"), Some(0.0));
     assert_eq!(get("ember_node_up{node=local,state=ready}"), Some(1.0));
     assert_eq!(get("ember_gateway_queued_requests{}"), Some(0.0));
+    // The embedded node is always heard: its last heartbeat is the scrape's time.
+    let heard = get("ember_node_last_heartbeat_seconds{node=local}").expect("a heartbeat");
+    assert!((unix_now() - heard).abs() < 30.0, "heard at {heard}");
     // No label carries an instance id, a path or a client address.
     for key in s.as_object().unwrap().keys() {
         assert!(!key.contains("nope") && !key.contains("127.0.0.1"), "{key}");
@@ -130,4 +141,32 @@ async fn metrics_public_opens_only_the_metrics_route() {
         .raw_request(Method::GET, "/api/v1/functions", &[], "")
         .await;
     assert_eq!(r.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_last_heartbeat_is_recent_and_stays_put_once_it_is_lost() {
+    require_docker!();
+    let Some(py) = python::python() else { return };
+    let (gw, mut agents) = common::cluster::cluster(&["a1"]).await;
+    let key = "ember_node_last_heartbeat_seconds{node=a1}";
+    let heard = |m: &Value| m["samples"][key].as_f64();
+    // Agents here send a heartbeat every 300 ms.
+    let first = heard(&scrape(&gw, &py).await).expect("a heartbeat");
+    assert!((unix_now() - first).abs() < 5.0, "heard at {first}");
+    agents[0].kill();
+    common::eventually(Duration::from_secs(10), "a1 lost", || async {
+        common::cluster::node_state(&gw, "a1").await == "lost"
+    })
+    .await;
+    let last = heard(&scrape(&gw, &py).await).expect("still known");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        heard(&scrape(&gw, &py).await),
+        Some(last),
+        "nothing heard since"
+    );
+    assert!(
+        unix_now() - last > 2.0,
+        "silent past the node timeout (2 s)"
+    );
 }

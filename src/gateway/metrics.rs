@@ -2,6 +2,8 @@
 //! were recorded; the gauges are read from the activator and the scheduler at each scrape.
 //! Admin-only unless `serve --metrics-public`.
 
+use std::time::UNIX_EPOCH;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -34,6 +36,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         g.gateway(queued, bytes);
         for node in a.scheduler().status() {
             g.node(&node.name, &node.state.to_string());
+            if let Some(heard) = state.membership.last_heard(&node.name) {
+                let unix = heard.duration_since(UNIX_EPOCH).unwrap_or_default();
+                g.heartbeat(&node.name, unix.as_secs_f64());
+            }
             for status in &node.gpus {
                 let gpu = &status.gpu;
                 // A GPU held whole counts whole; shared ones count what their instances asked.

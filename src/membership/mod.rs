@@ -14,7 +14,7 @@ mod tunnel;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -148,6 +148,16 @@ impl Membership {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// When node `name` was last heard from, on the wall clock: its agent's last answer or
+    /// heartbeat, `None` before the first since the gateway started. The embedded node is
+    /// always heard: now.
+    pub fn last_heard(&self, name: &str) -> Option<SystemTime> {
+        match self.remote(name) {
+            Some(remote) => remote.last_seen_at(),
+            None => Some(SystemTime::now()),
+        }
     }
 
     /// The node of that name, added to the scheduler as lost when it is new.

@@ -11,7 +11,7 @@ mod images;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -49,9 +49,19 @@ struct Facts {
     driver: GpuDriver,
     source: String,
     last_seen: Option<tokio::time::Instant>,
+    /// `last_seen` on the wall clock, for metrics (liveness uses the monotonic one).
+    last_seen_at: Option<SystemTime>,
     /// The open tunnel and its number (each new tunnel of the node gets a higher one).
     tunnel: Option<(u64, Tunnel)>,
     tunnels: u64,
+}
+
+impl Facts {
+    /// The node was heard from now.
+    fn seen(&mut self) {
+        self.last_seen = Some(tokio::time::Instant::now());
+        self.last_seen_at = Some(SystemTime::now());
+    }
 }
 
 /// A node reached through the tunnel its agent dials.
@@ -71,6 +81,7 @@ impl RemoteNode {
                 driver: GpuDriver::Simulated,
                 source: "unknown".into(),
                 last_seen: None,
+                last_seen_at: None,
                 tunnel: None,
                 tunnels: 0,
             }),
@@ -87,7 +98,7 @@ impl RemoteNode {
         f.tunnels += 1;
         let id = f.tunnels;
         f.tunnel = Some((id, tunnel));
-        f.last_seen = Some(tokio::time::Instant::now());
+        f.seen();
         id
     }
 
@@ -108,7 +119,7 @@ impl RemoteNode {
         f.volumes = info.volumes.clone();
         f.driver = info.gpu_driver;
         f.source = info.gpu_source.clone();
-        f.last_seen = Some(tokio::time::Instant::now());
+        f.seen();
     }
 
     /// When the node last answered.
@@ -116,12 +127,17 @@ impl RemoteNode {
         self.facts().last_seen
     }
 
+    /// When the node last answered, on the wall clock.
+    pub fn last_seen_at(&self) -> Option<SystemTime> {
+        self.facts().last_seen_at
+    }
+
     /// Takes an inventory report.
     pub fn heartbeat(&self, hb: &Heartbeat) {
         let mut f = self.facts();
         f.gpus = hb.gpus.clone();
         f.volumes = hb.volumes.clone();
-        f.last_seen = Some(tokio::time::Instant::now());
+        f.seen();
     }
 
     fn tunnel(&self) -> Result<Tunnel, NodeError> {

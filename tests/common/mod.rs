@@ -13,15 +13,19 @@
 //!   htpasswd auth when asked;
 //! - `dockerd`: a second Docker engine on this machine, to move images between engines;
 //! - `python`: a virtualenv with real Python clients (`openai`) from PyPI;
+//! - `prometheus`: a real Prometheus (Debian's) scraping a gateway, and `promtool`;
+//! - `dashboard`: the Grafana dashboard's queries and the metric names they use;
 //! - here: images, the HTTP client, docker helpers, `eventually`.
 #![allow(dead_code)]
 
 mod agent;
 pub mod cluster;
+pub mod dashboard;
 pub mod dockerd;
 mod gateway;
 pub mod net;
 pub mod netns;
+pub mod prometheus;
 pub mod python;
 pub mod registry;
 pub mod shim;
