@@ -15,6 +15,8 @@
 //! - `comfy.rs`: `comfy_prompts`, `comfy_files`, `comfy_cache`: the ComfyUI front door's
 //!   queue and history, the files it keeps (their bytes are blobs in the data dir), and
 //!   answers cached from backends.
+//! - `logs.rs`: `instance_logs` (`function/ended-ms/instance` → the last output of a
+//!   removed instance and why it ended), the newest few per function.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -30,6 +32,7 @@ mod comfy;
 mod functions;
 mod instances;
 mod keys;
+mod logs;
 mod migrate;
 mod nodes;
 mod secrets;
@@ -48,6 +51,7 @@ pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
+pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
 pub use secrets::{RegistryRecord, SecretRecord};
 pub use tokens::TokenRecord;
@@ -131,6 +135,7 @@ impl Store {
             comfy_prompts: db.open_tree("comfy_prompts")?,
             comfy_files: db.open_tree("comfy_files")?,
             comfy_cache: db.open_tree("comfy_cache")?,
+            instance_logs: db.open_tree("instance_logs")?,
             db,
         };
         migrate::to_current(&trees)?;

@@ -42,6 +42,8 @@ pub enum TreeId {
     ComfyFiles,
     /// `comfy_cache`.
     ComfyCache,
+    /// `instance_logs`.
+    InstanceLogs,
 }
 
 /// One change.
@@ -53,6 +55,8 @@ pub enum Change {
     Remove(TreeId, Vec<u8>),
     /// Removes every key with a prefix.
     RemovePrefix(TreeId, Vec<u8>),
+    /// Keeps the last `n` keys (in key order) with a prefix and removes the others.
+    KeepLast(TreeId, Vec<u8>, usize),
 }
 
 /// Changes applied in order, acknowledged together after their batch's flush.
@@ -86,6 +90,7 @@ pub(super) struct Trees {
     pub comfy_prompts: sled::Tree,
     pub comfy_files: sled::Tree,
     pub comfy_cache: sled::Tree,
+    pub instance_logs: sled::Tree,
 }
 
 impl Trees {
@@ -103,6 +108,7 @@ impl Trees {
             TreeId::ComfyPrompts => &self.comfy_prompts,
             TreeId::ComfyFiles => &self.comfy_files,
             TreeId::ComfyCache => &self.comfy_cache,
+            TreeId::InstanceLogs => &self.instance_logs,
             TreeId::Meta => &self.meta,
         }
     }
@@ -114,6 +120,14 @@ impl Trees {
             Change::RemovePrefix(t, prefix) => {
                 let tree = self.tree(*t);
                 for key in tree.scan_prefix(prefix).keys() {
+                    tree.remove(key?)?;
+                }
+                Ok(())
+            }
+            Change::KeepLast(t, prefix, n) => {
+                let tree = self.tree(*t);
+                // Newest last: walking back, every key past the first `n` goes.
+                for key in tree.scan_prefix(prefix).keys().rev().skip(*n) {
                     tree.remove(key?)?;
                 }
                 Ok(())
