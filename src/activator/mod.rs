@@ -5,9 +5,9 @@
 //! (`instance.rs`), deploys and removals (`deploy.rs`), cold starts (`start.rs`), the
 //! warm tier (`tiers.rs`), the reaper that retires idle and draining instances
 //! (`reap.rs`), what node changes do to instances (`nodes.rs`), adopting containers after
-//! a restart (`restore.rs`) and what the API shows (`status.rs`). It keeps the store in
-//! step with deploys and instances, and leaves HTTP to the gateway and placement to the
-//! scheduler.
+//! a restart (`restore.rs`), what the API shows (`status.rs`) and the instances' output,
+//! live and kept as they are removed (`logs.rs`). It keeps the store in step with
+//! deploys and instances, and leaves HTTP to the gateway and placement to the scheduler.
 //!
 //! Requests that find no free slot wait in the function's bounded queue; many waiting
 //! requests start as many instances as their number needs (by `concurrency`), not one each.
@@ -16,6 +16,7 @@ mod deploy;
 mod function;
 mod images;
 mod instance;
+mod logs;
 mod models;
 mod nodes;
 pub mod reap;
@@ -42,6 +43,7 @@ pub use deploy::DeployOutcome;
 pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
 pub use images::{ImageAction, ImageMeter, ImageStatus};
 pub use instance::InstanceStatus;
+pub use logs::{LogEvent, LogQuery, KEEP_BYTES, KEEP_READ_TIMEOUT};
 pub use reap::run as run_reaper;
 pub use restore::ReconcileGuard;
 pub use routing::fnv1a;
@@ -133,6 +135,18 @@ pub enum ActivatorError {
     /// No such function.
     #[error("function `{0}` is not deployed")]
     NotFound(String),
+    /// The function has no such instance (or kept no output of one).
+    #[error("{}", logs::missing_instance(.function, .instance, .known, *.previous))]
+    InstanceNotFound {
+        /// Function name.
+        function: String,
+        /// The instance asked for.
+        instance: String,
+        /// The instances it has (or whose output it kept).
+        known: Vec<String>,
+        /// Whether removed instances were asked for.
+        previous: bool,
+    },
     /// A node's containers could not be reconciled with the records (the log says why).
     #[error("node `{0}` could not be reconciled: its containers could not be listed or the records read")]
     Reconcile(String),
