@@ -140,6 +140,9 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayArgs,
     },
+    /// Print a function's output (its instances' stdout and stderr, from any node);
+    /// `-f` follows it, `--previous` shows what removed instances last wrote and why.
+    Logs(cli::logs::LogsArgs),
     /// List each node's volumes with their size on disk.
     Volumes(cli::volumes::VolumesArgs),
     /// Copy a file into a node volume: `ember cp FILE NODE:VOLUME/PATH`.
@@ -350,6 +353,12 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
         Command::Keys { command } => keys(command, outer).await,
         Command::Secret { command } => cli::secrets::run(command, outer).await,
         Command::Registry { command } => cli::registry::run(command, outer).await,
+        Command::Logs(a) => {
+            with_client(a.gateway.clone(), outer, async |c| {
+                cli::logs::logs(c, &a).await
+            })
+            .await
+        }
         Command::Volumes(a) => {
             with_client(a.gateway, outer, async |c| {
                 cli::volumes::volumes(c, a.json).await

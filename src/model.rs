@@ -187,6 +187,8 @@ pub enum ErrorCode {
     FunctionNotFound,
     /// The function was removed while the request waited.
     FunctionRemoved,
+    /// The function has no instance of that id (or kept no output of one).
+    InstanceNotFound,
     /// The manifest was refused (details name the fields).
     InvalidManifest,
     /// An image tag was refused.
@@ -268,6 +270,7 @@ impl ErrorCode {
 pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::FunctionNotFound, "function_not_found"),
     (ErrorCode::FunctionRemoved, "function_removed"),
+    (ErrorCode::InstanceNotFound, "instance_not_found"),
     (ErrorCode::InvalidManifest, "invalid_manifest"),
     (ErrorCode::InvalidTag, "invalid_tag"),
     (ErrorCode::BodyTooLarge, "body_too_large"),

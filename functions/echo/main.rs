@@ -13,7 +13,10 @@
 //! * `/sleep/MS` - waits MS milliseconds (at most 600000), then answers like echo.
 //! * `/stream/N?interval_ms=X` - 200 with a chunked body of N lines `chunk I\n`
 //!   (N at most 10000), flushed one by one, X milliseconds apart (default 100).
-//! * `/exit` - 200 `exiting`, then the process exits with code 0.
+//! * `/exit?code=N` - 200 `exiting`, then the process says so on stderr and exits with
+//!   code N (default 0).
+//! * `/print/TEXT`, `/eprint/TEXT` - TEXT (the rest of the path, as sent) is written as
+//!   one line to stdout, or stderr, then 200 `printed`: output on demand, for log tests.
 //! * `GET /ws` with `Upgrade: websocket` - a WebSocket echo (`ws.rs`): 101, then text and
 //!   binary frames come back as sent, ping gets pong, close gets close. Without the
 //!   upgrade, 426.
@@ -212,9 +215,17 @@ fn handle<W: Write>(req: Request, config: &Config, w: &mut W) -> io::Result<bool
     } else if path == "/ws" {
         Response::text(426, "upgrade to websocket")
     } else if path == "/exit" {
+        let code = query_param(&req.target, "code").and_then(|c| c.parse().ok()).unwrap_or(0);
         // Finish the answer first so the caller sees success rather than a reset.
         let _ = send(w, Response::text(200, "exiting"), head_only, Some("close"));
-        process::exit(0);
+        eprintln!("echo: exiting with code {code} as asked (/exit)");
+        process::exit(code);
+    } else if let Some(text) = path.strip_prefix("/print/") {
+        println!("{text}");
+        Response::text(200, "printed")
+    } else if let Some(text) = path.strip_prefix("/eprint/") {
+        eprintln!("{text}");
+        Response::text(200, "printed")
     } else {
         echo(req, config)
     };

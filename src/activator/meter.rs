@@ -11,8 +11,35 @@ use std::sync::Arc;
 use prometheus::Counter;
 use tokio::time::Instant;
 
+use super::Activator;
 use crate::history::{now_us, AllocationRecord, History};
 use crate::metrics::Metrics;
+
+impl Activator {
+    /// Adds every live instance's GPU time so far to the counters (before a scrape).
+    pub fn settle_usage(&self) {
+        let now = Instant::now();
+        for f in self.functions() {
+            for inst in f.lock().instances.iter_mut() {
+                inst.meter.settle(now);
+            }
+        }
+    }
+
+    /// Every live instance's allocation so far, as if it ended now (for usage reports).
+    pub fn live_allocations(&self) -> Vec<crate::history::AllocationRecord> {
+        self.functions()
+            .iter()
+            .flat_map(|f| {
+                let st = f.lock();
+                st.instances
+                    .iter()
+                    .map(|i| i.meter.so_far())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
 
 /// Where meters report: the counters and the history.
 #[derive(Clone)]

@@ -5,17 +5,20 @@
 //! (`instance.rs`), deploys and removals (`deploy.rs`), cold starts (`start.rs`), the
 //! warm tier (`tiers.rs`), the reaper that retires idle and draining instances
 //! (`reap.rs`), what node changes do to instances (`nodes.rs`), adopting containers after
-//! a restart (`restore.rs`) and what the API shows (`status.rs`). It keeps the store in
-//! step with deploys and instances, and leaves HTTP to the gateway and placement to the
-//! scheduler.
+//! a restart (`restore.rs`), what the API shows (`status.rs`), the instances' output,
+//! live and kept as they are removed (`logs.rs`), each instance's GPU and busy time
+//! (`meter.rs`) and its errors (`errors.rs`). It keeps the store in step with
+//! deploys and instances, and leaves HTTP to the gateway and placement to the scheduler.
 //!
 //! Requests that find no free slot wait in the function's bounded queue; many waiting
 //! requests start as many instances as their number needs (by `concurrency`), not one each.
 
 mod deploy;
+mod errors;
 mod function;
 mod images;
 mod instance;
+mod logs;
 mod meter;
 mod models;
 mod nodes;
@@ -40,9 +43,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use deploy::DeployOutcome;
+pub use errors::{AcquireError, ActivatorError, StartFault};
 pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
 pub use images::{ImageAction, ImageMeter, ImageStatus};
 pub use instance::InstanceStatus;
+pub use logs::{LogEvent, LogQuery, KEEP_BYTES, KEEP_READ_TIMEOUT};
 pub use reap::run as run_reaper;
 pub use restore::ReconcileGuard;
 pub use routing::fnv1a;
@@ -50,7 +55,7 @@ pub use status::{FailureStatus, FunctionStatus};
 
 use crate::manifest::Manifest;
 use crate::scheduler::Scheduler;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// An immutable revision: its id and manifest.
 #[derive(Debug)]
@@ -59,94 +64,6 @@ pub struct Revision {
     pub id: String,
     /// The manifest.
     pub manifest: Arc<Manifest>,
-}
-
-/// Why a request got no instance.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AcquireError {
-    /// The function's queue is full.
-    #[error("function `{function}` has {capacity} requests waiting already (queue.capacity); retry shortly")]
-    QueueFull {
-        /// Function name.
-        function: String,
-        /// Its queue capacity.
-        capacity: u32,
-    },
-    /// The request waited in the queue past `queue.timeout`.
-    #[error("function `{function}` had no free instance within {} (queue.timeout)", humantime::format_duration(*waited))]
-    QueueTimeout {
-        /// Function name.
-        function: String,
-        /// How long it waited.
-        waited: Duration,
-    },
-    /// Starting an instance failed, now or recently.
-    #[error("function `{function}` could not start: {message}")]
-    StartFailed {
-        /// Function name.
-        function: String,
-        /// Why, with the container's last output when there is some (client-safe).
-        message: String,
-        /// Whether the container misbehaved or the platform could not run it.
-        fault: StartFault,
-        /// When a new start will be tried.
-        retry_after: Duration,
-    },
-    /// No node has room for an instance (see the reason), or none meets the requirements.
-    #[error("function `{function}` cannot be placed: {reason}")]
-    NoCapacity {
-        /// Function name.
-        function: String,
-        /// Which requirement no node meets, node by node.
-        reason: String,
-    },
-    /// The gateway holds as many waiting requests (or bytes of their bodies) as it may.
-    #[error("the gateway has {queued} requests ({bytes} body bytes) waiting already, its limit; retry shortly")]
-    GatewayFull {
-        /// Requests waiting across functions.
-        queued: usize,
-        /// Announced body bytes of those requests.
-        bytes: u64,
-    },
-    /// The function was removed while the request waited.
-    #[error("function `{0}` was removed")]
-    Removed(String),
-    /// The gateway is shutting down.
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
-}
-
-/// Whose fault a failed start was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartFault {
-    /// The container misbehaved: it exited, or never became ready.
-    Container,
-    /// The platform could not run it: a node or engine failure, a missing image.
-    Platform,
-}
-
-/// Activator failures outside the request path.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivatorError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// No such function.
-    #[error("function `{0}` is not deployed")]
-    NotFound(String),
-    /// A node's containers could not be reconciled with the records (the log says why).
-    #[error("node `{0}` could not be reconciled: its containers could not be listed or the records read")]
-    Reconcile(String),
-    /// Another function serves a model id the manifest claims.
-    #[error("{field}: model `{model}` is served by function `{function}` already; pick another id, or remove it from `{function}` first")]
-    ModelClaimed {
-        /// The manifest field naming the id.
-        field: String,
-        /// The model id.
-        model: String,
-        /// The function that has it.
-        function: String,
-    },
 }
 
 /// Gateway-wide caps on buffered requests, so a flood on one function cannot take the
@@ -252,30 +169,6 @@ impl Activator {
     /// The invocation history.
     pub fn history(&self) -> &Arc<crate::history::History> {
         &self.inner.ledger.history
-    }
-
-    /// Adds every live instance's GPU time so far to the counters (before a scrape).
-    pub fn settle_usage(&self) {
-        let now = Instant::now();
-        for f in self.functions() {
-            for inst in f.lock().instances.iter_mut() {
-                inst.meter.settle(now);
-            }
-        }
-    }
-
-    /// Every live instance's allocation so far, as if it ended now (for usage reports).
-    pub fn live_allocations(&self) -> Vec<crate::history::AllocationRecord> {
-        self.functions()
-            .iter()
-            .flat_map(|f| {
-                let st = f.lock();
-                st.instances
-                    .iter()
-                    .map(|i| i.meter.so_far())
-                    .collect::<Vec<_>>()
-            })
-            .collect()
     }
 
     /// The store.

@@ -58,6 +58,7 @@ pub async fn run(activator: Activator, shutdown: CancellationToken) {
 /// An instance taken out of service, to be removed from its node.
 pub(super) struct Victim {
     id: String,
+    revision: String,
     node: Arc<dyn Node>,
     container_id: Option<String>,
 }
@@ -274,15 +275,26 @@ impl Activator {
         let span = tracing::info_span!("retire", function = %f.name(), reason = why);
         self.inner.tracker.spawn(
             async move {
-                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v))).await;
+                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v, why))).await;
             }
             .instrument(span),
         );
     }
 
-    async fn stop_victim(&self, f: &Arc<Function>, v: Victim) {
+    /// Removes a victim's container (its last output kept first, with `why`) and forgets
+    /// the instance.
+    async fn stop_victim(&self, f: &Arc<Function>, v: Victim, why: &str) {
         tracing::info!(instance = %v.id, node = %v.node.name(), "retiring instance");
         if let Some(cid) = &v.container_id {
+            self.keep_output(super::logs::Gone {
+                function: f.name(),
+                instance: &v.id,
+                revision: &v.revision,
+                node: v.node.as_ref(),
+                container: cid,
+                reason: why,
+            })
+            .await;
             match tokio::time::timeout(STOP_TIMEOUT, v.node.stop(cid)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -337,11 +349,12 @@ impl Activator {
             take_victims(&mut st.instances, &[idx])
         };
         let this = self.clone();
-        let span = tracing::info_span!("retire", function = %f.name(), reason = "evicted: another placement needs its room");
+        let why = "evicted: another placement needs its room";
+        let span = tracing::info_span!("retire", function = %f.name(), reason = why);
         self.inner.tracker.spawn(
             async move {
                 let _evicting = evicting;
-                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v))).await;
+                join_all(victims.into_iter().map(|v| this.stop_victim(&f, v, why))).await;
             }
             .instrument(span),
         );
@@ -390,6 +403,7 @@ pub(super) fn take_victims(instances: &mut [Instance], chosen: &[usize]) -> Vec<
             let inst = &mut instances[idx];
             inst.become_(Phase::Stopping).then(|| Victim {
                 id: inst.id.clone(),
+                revision: inst.revision.id.clone(),
                 node: inst.reservation.node().clone(),
                 container_id: inst.container_id.clone(),
             })

@@ -337,6 +337,16 @@ impl Activator {
                     public = format!("{public}; last output: {logs}");
                 }
             }
+            let reason = format!("its start failed: {}", e.public());
+            self.keep_output(super::logs::Gone {
+                function: f.name(),
+                instance: &start.id,
+                revision: &start.revision.id,
+                node,
+                container: cid,
+                reason: &reason,
+            })
+            .await;
             stop_quietly(node, cid).await;
             self.inner.store.delete_instance_later(f.name(), &start.id);
         }

@@ -351,3 +351,60 @@ async fn a_permit_hears_its_instance_retire_when_a_new_revision_takes_over_or_th
         "removal retires every instance"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_container_that_exits_at_start_leaves_its_output_and_why_for_previous() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.then([StartOutcome::Exits(3)]);
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+    start_failure(a.acquire(&f, None, None).await);
+    a.store().flush().await.unwrap();
+    let kept = a.previous_logs("f", None).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(
+        kept[0].reason.starts_with("its start failed: "),
+        "{}",
+        kept[0].reason
+    );
+    let lines: Vec<&str> = kept[0].lines.iter().map(|l| l.line.as_str()).collect();
+    assert_eq!(lines, ["crashing at start"]);
+    assert!(matches!(
+        a.previous_logs("f", Some("other")).await,
+        Err(ActivatorError::InstanceNotFound { previous: true, .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_pass_each_running_instances_lines_on_named_by_their_instance() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    *node.output.lock().unwrap() = "one\ntwo".into();
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+    drop(a.acquire(&f, None, None).await.unwrap());
+    let id = f.lock().instances[0].id.clone();
+    let mut rx = a.logs("f", LogQuery::default()).unwrap();
+    let mut got = Vec::new();
+    while let Some(e) = rx.recv().await {
+        got.push(e);
+    }
+    let line = |line: &str| LogEvent::Line {
+        instance: id.clone(),
+        stream: crate::runtime::OutputStream::Stdout,
+        line: line.into(),
+    };
+    assert_eq!(got, [line("one"), line("two")], "and then it ends");
+    let unknown = LogQuery {
+        instance: Some("zz".into()),
+        ..LogQuery::default()
+    };
+    assert!(matches!(
+        a.logs("f", unknown),
+        Err(ActivatorError::InstanceNotFound {
+            previous: false,
+            ..
+        })
+    ));
+}

@@ -1,6 +1,6 @@
 //! The client commands: `deploy` (and `deploy --dry-run`, which needs no gateway), `ls`,
-//! `rm`, `invoke`, `gpus`, `nodes`, `volumes`, `cp`, `keys`, `secret`, `login`, `history`,
-//! `usage`.
+//! `rm`, `invoke`, `logs`, `gpus`, `nodes`, `volumes`, `cp`, `keys`, `secret`, `login`,
+//! `history`, `usage`.
 //! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
 //! (login.rs); errors the gateway returns are printed as it wrote them, with the field
 //! each one is about.
@@ -11,6 +11,7 @@ mod functions;
 pub mod history;
 pub mod keys;
 mod login;
+pub mod logs;
 mod nodes;
 mod pull;
 pub mod registry;

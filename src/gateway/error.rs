@@ -147,6 +147,9 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::Activator(ActivatorError::NotFound(_)) => {
             (S::NOT_FOUND, C::FunctionNotFound, None)
         }
+        ApiError::Activator(ActivatorError::InstanceNotFound { .. }) => {
+            (S::NOT_FOUND, C::InstanceNotFound, None)
+        }
         ApiError::Activator(ActivatorError::ModelClaimed { .. }) => {
             (S::CONFLICT, C::ModelTaken, None)
         }

@@ -2,7 +2,7 @@
 //!
 //! `run` opens the store, connects the embedded node to Docker, restores state (adopting
 //! running containers), starts the reaper, and serves HTTP until the shutdown token is
-//! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs),
+//! cancelled. Routes: `/fn/NAME/...` (invoke.rs), `/api/v1/functions` (api.rs; logs.rs),
 //! `/api/v1/images` (images.rs), `/api/v1/keys` (keys.rs), `/api/v1/secrets`
 //! (secrets.rs), `/api/v1/volumes` and node volume files (volumes.rs), the OpenAI-compatible
 //! `/v1/...` (openai/), the ComfyUI front door `/comfy/NAME/...` (comfy/), `/metrics`
@@ -18,6 +18,7 @@ mod images;
 mod invoke;
 mod keys;
 mod listener;
+mod logs;
 mod metrics;
 mod nodes;
 mod openai;
@@ -99,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/tokens", post(nodes::create_token))
         .route("/api/v1/functions", get(api::list_functions))
+        .route("/api/v1/functions/{name}/logs", get(logs::logs))
         .route(
             "/api/v1/functions/{name}",
             put(api::put_function)

@@ -19,6 +19,7 @@ use super::{
     connect_tcp, ContainerState, InstanceSpec, ManagedContainer, Node, NodeError, Started, Upstream,
 };
 use crate::gpu::{GpuDriver, GpuInfo};
+use crate::runtime::{LineStream, LogLine, LogOptions, OutputStream};
 
 /// How long a stop takes when `slow_stops` is set.
 pub const SLOW_STOP: std::time::Duration = std::time::Duration::from_secs(2);
@@ -53,6 +54,8 @@ pub struct FakeNode {
     /// How the next connects fail, in order (`NotConnected`: the way to the node broke;
     /// `ConnectionRefused`: the instance refused); when empty, they connect.
     pub failing_connects: Mutex<VecDeque<std::io::ErrorKind>>,
+    /// What every container has written (stdout), for `logs` and `stream_logs`.
+    pub output: Mutex<String>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -68,6 +71,7 @@ impl FakeNode {
             stopped: Mutex::default(),
             slow_stops: AtomicBool::new(false),
             failing_connects: Mutex::default(),
+            output: Mutex::new("crashing at start".into()),
             listeners: Mutex::default(),
         }
     }
@@ -195,7 +199,23 @@ impl Node for FakeNode {
         Ok(ContainerState::Running)
     }
     async fn logs(&self, _: &str, _: usize) -> Result<String, NodeError> {
-        Ok("crashing at start".into())
+        Ok(lock(&self.output).clone())
+    }
+    async fn stream_logs(
+        &self,
+        _: &str,
+        _: &LogOptions,
+    ) -> Result<LineStream<NodeError>, NodeError> {
+        let lines: Vec<_> = lock(&self.output)
+            .lines()
+            .map(|line| {
+                Ok(LogLine {
+                    stream: OutputStream::Stdout,
+                    line: line.to_string(),
+                })
+            })
+            .collect();
+        Ok(Box::pin(futures_util::stream::iter(lines)))
     }
     async fn pause(&self, _: &str) -> Result<(), NodeError> {
         if self.fail_pauses.load(Ordering::SeqCst) {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::volumes::{NodeVolumes, VolumeInfo};
@@ -23,8 +24,9 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    ContainerRuntime, ImageProgress, RegistryAuth, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY,
-    LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
+    into_lines, ContainerRuntime, ImageProgress, LineStream, LogOptions, RegistryAuth,
+    RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED,
+    LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
 use axum::body::Body;
 
@@ -208,6 +210,15 @@ impl Node for LocalNode {
 
     async fn logs(&self, container_id: &str, lines: usize) -> Result<String, NodeError> {
         Ok(self.runtime.logs_tail(container_id, lines).await?)
+    }
+
+    async fn stream_logs(
+        &self,
+        container_id: &str,
+        options: &LogOptions,
+    ) -> Result<LineStream<NodeError>, NodeError> {
+        let chunks = self.runtime.logs(container_id, options).await?;
+        Ok(into_lines(chunks).map_err(NodeError::from).boxed())
     }
 
     async fn pause(&self, container_id: &str) -> Result<(), NodeError> {

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::gpu::{GpuDriver, GpuInfo};
 use crate::manifest::Manifest;
 use crate::model::{GpuAssignment, SecretEnv};
-use crate::runtime::{ImageProgress, RegistryAuth, RuntimeError};
+use crate::runtime::{ImageProgress, LineStream, LogOptions, RegistryAuth, RuntimeError};
 use axum::body::Body;
 use volumes::VolumeInfo;
 
@@ -197,6 +197,14 @@ pub trait Node: Send + Sync + 'static {
     async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError>;
     /// The last lines of a container's output.
     async fn logs(&self, container_id: &str, lines: usize) -> Result<String, NodeError>;
+    /// A container's output as `options` asks, line by line, stdout and stderr apart;
+    /// with `follow`, streamed until the container stops or the stream is dropped. A
+    /// container that is not there has no output.
+    async fn stream_logs(
+        &self,
+        container_id: &str,
+        options: &LogOptions,
+    ) -> Result<LineStream<NodeError>, NodeError>;
     /// Freezes a container (Docker pause): no CPU, its memory and GPU memory kept.
     async fn pause(&self, container_id: &str) -> Result<(), NodeError>;
     /// Thaws a paused container.

@@ -8,6 +8,7 @@
 //! call fails at once instead of waiting.
 
 mod images;
+mod logs;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -311,6 +312,14 @@ impl Node for RemoteNode {
         );
         self.call(Method::GET, &path, Body::empty(), CALL_TIMEOUT)
             .await
+    }
+
+    async fn stream_logs(
+        &self,
+        container_id: &str,
+        options: &crate::runtime::LogOptions,
+    ) -> Result<crate::runtime::LineStream<NodeError>, NodeError> {
+        self.logs_over_tunnel(container_id, options).await
     }
 
     async fn pause(&self, container_id: &str) -> Result<(), NodeError> {

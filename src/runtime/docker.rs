@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_types)] // the one module that may hold this crate's types
 
 mod images;
+mod logs;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 
 use super::{
     ContainerInfo, ContainerRuntime, ContainerSpec, DeviceDriver, ImageProgress, ImageTar,
-    MountSource, RegistryAuth, RuntimeError,
+    LogOptions, LogStream, MountSource, RegistryAuth, RuntimeError,
 };
 
 /// Docker through bollard.
@@ -301,6 +302,10 @@ impl ContainerRuntime for DockerRuntime {
             }
         }
         Ok(out)
+    }
+
+    async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError> {
+        Ok(logs::stream(&self.docker, id, options))
     }
 
     async fn pause(&self, id: &str) -> Result<(), RuntimeError> {

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, ImageProgress, ImageTar, RegistryAuth,
-    RuntimeError,
+    ContainerInfo, ContainerRuntime, ContainerSpec, ImageProgress, ImageTar, LogChunk, LogOptions,
+    LogStream, RegistryAuth, RuntimeError,
 };
 
 /// A runtime that runs nothing.
@@ -20,6 +20,8 @@ pub struct FakeRuntime {
     pub build_lines: usize,
     /// What `list` answers (whatever the filter).
     pub containers: Mutex<Vec<ContainerInfo>>,
+    /// What every container has written, chunk by chunk.
+    pub output: Vec<LogChunk>,
 }
 
 #[async_trait]
@@ -64,6 +66,10 @@ impl ContainerRuntime for FakeRuntime {
     }
     async fn logs_tail(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
         Ok(String::new())
+    }
+    async fn logs(&self, _: &str, _: &LogOptions) -> Result<LogStream, RuntimeError> {
+        let chunks = self.output.clone().into_iter().map(Ok);
+        Ok(Box::pin(futures_util::stream::iter(chunks)))
     }
     async fn pause(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())

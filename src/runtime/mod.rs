@@ -8,6 +8,7 @@ pub mod docker;
 #[cfg(test)]
 pub mod fake;
 mod images;
+mod logs;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +20,10 @@ use tokio::sync::mpsc;
 
 pub use docker::DockerRuntime;
 pub use images::{names_registry, registry_host, ImageProgress, RegistryAuth, DOCKER_HUB};
+pub use logs::{
+    into_lines, keep_last, LineStream, LogChunk, LogLine, LogOptions, LogStream, OutputStream,
+    MAX_LINE_BYTES,
+};
 
 /// An image as a `docker save` tar, streamed.
 pub type ImageTar = BoxStream<'static, Result<Bytes, RuntimeError>>;
@@ -254,6 +259,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError>;
     /// The last `lines` lines of the container's output.
     async fn logs_tail(&self, id: &str, lines: usize) -> Result<String, RuntimeError>;
+    /// The container's output as `options` asks, stdout and stderr apart, streamed: with
+    /// `follow`, until the container stops or the stream is dropped. A container that is
+    /// not there has no output (the stream ends).
+    async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;
     /// Freezes the container (cgroup freezer): no CPU, memory and GPU memory kept.
     async fn pause(&self, id: &str) -> Result<(), RuntimeError>;
     /// Thaws a paused container.

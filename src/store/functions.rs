@@ -73,14 +73,15 @@ impl Store {
         self.get(TreeId::Revisions, &revision_key(function, id))
     }
 
-    /// Removes a function with its revisions and instance records, durably. The function
-    /// goes first: what a crash leaves behind is unreferenced and harmless.
+    /// Removes a function with its revisions, instance records and kept output, durably.
+    /// The function goes first: what a crash leaves behind is unreferenced and harmless.
     pub async fn delete_function(&self, name: &str) -> Result<bool, StoreError> {
         let existed = self.function(name)?.is_some();
         self.write(vec![
             Change::Remove(TreeId::Functions, name.as_bytes().to_vec()),
             Change::RemovePrefix(TreeId::Revisions, revision_key(name, "")),
             Change::RemovePrefix(TreeId::Instances, super::instances::prefix(name)),
+            Change::RemovePrefix(TreeId::InstanceLogs, super::logs::prefix(name)),
         ])
         .await?;
         Ok(existed)

@@ -18,6 +18,8 @@
 //! - `history.rs`: `invocations` (id → what one request did) and `allocations` (end
 //!   time/instance → how long an instance held its devices): the invocation history and
 //!   what GPU usage is computed from.
+//! - `logs.rs`: `instance_logs` (`function/ended-ms/instance` → the last output of a
+//!   removed instance and why it ended), the newest few per function.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -34,6 +36,7 @@ mod functions;
 mod history;
 mod instances;
 mod keys;
+mod logs;
 mod migrate;
 mod nodes;
 mod secrets;
@@ -53,6 +56,7 @@ pub use functions::{FunctionRecord, RevisionRecord};
 pub use history::{AllocationRecord, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
+pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
 pub use secrets::{RegistryRecord, SecretRecord};
 pub use tokens::TokenRecord;
@@ -138,6 +142,7 @@ impl Store {
             comfy_cache: db.open_tree("comfy_cache")?,
             invocations: db.open_tree("invocations")?,
             allocations: db.open_tree("allocations")?,
+            instance_logs: db.open_tree("instance_logs")?,
             db,
         };
         migrate::to_current(&trees)?;

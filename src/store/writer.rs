@@ -46,6 +46,8 @@ pub enum TreeId {
     Invocations,
     /// `allocations`.
     Allocations,
+    /// `instance_logs`.
+    InstanceLogs,
 }
 
 /// One change.
@@ -57,6 +59,8 @@ pub enum Change {
     Remove(TreeId, Vec<u8>),
     /// Removes every key with a prefix.
     RemovePrefix(TreeId, Vec<u8>),
+    /// Keeps the last `n` keys (in key order) with a prefix and removes the others.
+    KeepLast(TreeId, Vec<u8>, usize),
 }
 
 /// Changes applied in order, acknowledged together after their batch's flush.
@@ -92,6 +96,7 @@ pub(super) struct Trees {
     pub comfy_cache: sled::Tree,
     pub invocations: sled::Tree,
     pub allocations: sled::Tree,
+    pub instance_logs: sled::Tree,
 }
 
 impl Trees {
@@ -111,6 +116,7 @@ impl Trees {
             TreeId::ComfyCache => &self.comfy_cache,
             TreeId::Invocations => &self.invocations,
             TreeId::Allocations => &self.allocations,
+            TreeId::InstanceLogs => &self.instance_logs,
             TreeId::Meta => &self.meta,
         }
     }
@@ -122,6 +128,14 @@ impl Trees {
             Change::RemovePrefix(t, prefix) => {
                 let tree = self.tree(*t);
                 for key in tree.scan_prefix(prefix).keys() {
+                    tree.remove(key?)?;
+                }
+                Ok(())
+            }
+            Change::KeepLast(t, prefix, n) => {
+                let tree = self.tree(*t);
+                // Newest last: walking back, every key past the first `n` goes.
+                for key in tree.scan_prefix(prefix).keys().rev().skip(*n) {
                     tree.remove(key?)?;
                 }
                 Ok(())

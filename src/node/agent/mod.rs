@@ -10,6 +10,7 @@ mod connect;
 mod credential;
 mod dial;
 pub mod images;
+pub mod logs;
 mod server;
 
 use std::collections::BTreeMap;

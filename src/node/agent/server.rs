@@ -51,6 +51,10 @@ pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo, allowed: SharedAllowe
             get(container_state).delete(stop),
         )
         .route("/node/v1/containers/{id}/logs", get(logs))
+        .route(
+            "/node/v1/containers/{id}/logs/stream",
+            get(super::logs::stream),
+        )
         .route("/node/v1/containers/{id}/pause", post(pause))
         .route("/node/v1/containers/{id}/resume", post(resume))
         .route(

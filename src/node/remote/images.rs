@@ -20,7 +20,9 @@ use crate::runtime::{ImageProgress, RegistryAuth};
 const MAX_LINE: usize = 64 << 10;
 
 impl RemoteNode {
-    async fn send(
+    /// One call whose answer is read as it comes (a stream); an error answer is read
+    /// whole and mapped back to the node error it stands for.
+    pub(super) async fn send(
         &self,
         method: Method,
         path: &str,
@@ -37,7 +39,7 @@ impl RemoteNode {
         let resp = tunnel
             .send(req)
             .await
-            .map_err(|e| self.remote(format!("the image call failed: {e}")))?;
+            .map_err(|e| self.remote(format!("the call failed: {e}")))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
