@@ -1,7 +1,7 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control,prefix,comfyui`
+//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control,prefix,comfyui,history`
 //! picks some.
 //! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
 //! `{scenario, metric, ember, baseline, ratio, unit}`.
@@ -21,10 +21,13 @@
 //!    model servers: prompt bytes from cache, simulated time to first token, balance;
 //! 8. comfyui: prompts per minute through the ComfyUI front door with 1 and 3 stub
 //!    instances vs one stub reached directly, and the time from `POST /prompt` to
-//!    `execution_start` on a warm instance.
+//!    `execution_start` on a warm instance;
+//! 9. history: warm throughput of a gateway keeping the invocation history vs one with
+//!    `--history-max 0`, in alternating rounds, and one record per request.
 //!
 //! # Layout
-//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`: one scenario each,
+//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`: one
+//!   scenario each,
 //!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
 //! - `report`: rows, percentiles, the table and the JSON file.
@@ -38,6 +41,7 @@ mod burst;
 mod cold;
 mod comfy;
 mod control;
+mod history;
 mod prefix;
 mod probe;
 mod report;
@@ -59,6 +63,7 @@ struct Size {
     functions: usize,
     prefix_requests: usize,
     comfy_prompts: usize,
+    history_requests: usize,
 }
 
 impl Size {
@@ -73,6 +78,7 @@ impl Size {
             functions: 200,
             prefix_requests: 500,
             comfy_prompts: 6,
+            history_requests: 10_000,
         }
     }
 
@@ -86,6 +92,7 @@ impl Size {
             functions: 1000,
             prefix_requests: 2000,
             comfy_prompts: 12,
+            history_requests: 50_000,
         }
     }
 }
@@ -150,6 +157,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("comfyui") {
         eprintln!("ComfyUI front door…");
         comfy::run(size, &mut rows).await;
+    }
+    if wanted("history") {
+        eprintln!("invocation history…");
+        history::run(size, &mut rows).await;
     }
     rows
 }

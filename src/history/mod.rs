@@ -16,10 +16,10 @@ pub mod query;
 pub mod usage;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -53,16 +53,33 @@ impl Default for Retention {
     }
 }
 
-enum Message {
-    Invocation(u64, Box<InvocationRecord>),
-    Allocation(Box<AllocationRecord>),
-    Flush(oneshot::Sender<()>),
+/// Records waiting for the recorder's next batch.
+#[derive(Default)]
+struct Buffer {
+    invocations: Vec<InvocationRecord>,
+    allocations: Vec<AllocationRecord>,
+}
+
+/// What the hot path and the recorder share: requests push under a short lock and never
+/// wake the recorder (it wakes on its timer), unless a batch is full.
+#[derive(Default)]
+struct Shared {
+    buffer: Mutex<Buffer>,
+    full: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The history's sending end. Cheap to share (`Arc`). The recorder ends when it is
 /// dropped, after writing what it has.
 pub struct History {
-    tx: Option<mpsc::UnboundedSender<Message>>,
+    shared: Option<Arc<Shared>>,
+    /// Asks the recorder to write now; each gets an answer once it is on disk.
+    flushes: Option<mpsc::UnboundedSender<oneshot::Sender<()>>>,
     /// Set at shutdown: what instances still running leave behind then is not an end
     /// (they are adopted at the next start, and their time counted from their start).
     closed: AtomicBool,
@@ -107,21 +124,20 @@ pub fn now_us() -> u64 {
 impl History {
     /// Starts the recorder on `store`; with `retention.max` 0 nothing is kept.
     pub fn start(store: Store, retention: Retention) -> Arc<History> {
-        let tracker = TaskTracker::new();
         if retention.max == 0 {
-            return Arc::new(History {
-                tx: None,
-                closed: AtomicBool::new(false),
-                _tracker: tracker,
-            });
+            return History::off();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared::default());
+        let (flushes, asked) = mpsc::unbounded_channel();
         tracker.spawn(
-            record(store, retention, rx).instrument(tracing::info_span!("history recorder")),
+            record(store, retention, shared.clone(), asked)
+                .instrument(tracing::info_span!("history recorder")),
         );
         tracker.close();
         Arc::new(History {
-            tx: Some(tx),
+            shared: Some(shared),
+            flushes: Some(flushes),
             closed: AtomicBool::new(false),
             _tracker: tracker,
         })
@@ -130,7 +146,8 @@ impl History {
     /// A history that keeps nothing.
     pub fn off() -> Arc<History> {
         Arc::new(History {
-            tx: None,
+            shared: None,
+            flushes: None,
             closed: AtomicBool::new(false),
             _tracker: TaskTracker::new(),
         })
@@ -138,13 +155,17 @@ impl History {
 
     /// Whether records are kept.
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.shared.is_some()
     }
 
     /// Records an invocation.
-    pub fn invocation(&self, id: u64, record: InvocationRecord) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Message::Invocation(id, Box::new(record)));
+    pub fn invocation(&self, record: InvocationRecord) {
+        if let Some(shared) = &self.shared {
+            let mut b = shared.lock();
+            b.invocations.push(record);
+            if b.invocations.len() == BATCH_MAX {
+                shared.full.notify_one();
+            }
         }
     }
 
@@ -153,8 +174,8 @@ impl History {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Message::Allocation(Box::new(record)));
+        if let Some(shared) = &self.shared {
+            shared.lock().allocations.push(record);
         }
     }
 
@@ -167,17 +188,23 @@ impl History {
 
     /// Waits until every record sent before this call is on disk.
     pub async fn flush(&self) {
-        if let Some(tx) = &self.tx {
+        if let Some(flushes) = &self.flushes {
             let (done, wait) = oneshot::channel();
-            if tx.send(Message::Flush(done)).is_ok() {
+            if flushes.send(done).is_ok() {
                 let _ = wait.await;
             }
         }
     }
 }
 
-/// The recorder: batches records into the store and applies the retention.
-async fn record(store: Store, retention: Retention, mut rx: mpsc::UnboundedReceiver<Message>) {
+/// The recorder: every `BATCH_EVERY` (or when a batch is full, or asked to), writes what
+/// came in as one record, and applies the retention.
+async fn record(
+    store: Store,
+    retention: Retention,
+    shared: Arc<Shared>,
+    mut asked: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+) {
     let mut count = match store.invocation_count().await {
         Ok(n) => n,
         Err(e) => {
@@ -185,30 +212,20 @@ async fn record(store: Store, retention: Retention, mut rx: mpsc::UnboundedRecei
             0
         }
     };
-    let mut invocations: Vec<(u64, InvocationRecord)> = Vec::new();
-    let mut allocations: Vec<AllocationRecord> = Vec::new();
     let mut tick = tokio::time::interval(BATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_trim = tokio::time::Instant::now();
     let mut trim_due = true;
     loop {
-        let mut flushed = None;
-        let (open, ticked) = tokio::select! {
-            message = rx.recv() => match message {
-                Some(Message::Invocation(id, r)) => { invocations.push((id, *r)); (true, false) }
-                Some(Message::Allocation(a)) => { allocations.push(*a); (true, false) }
-                Some(Message::Flush(done)) => { flushed = Some(done); (true, false) }
-                None => (false, false),
-            },
-            _ = tick.tick() => (true, true),
+        let (open, flushed) = tokio::select! {
+            done = asked.recv() => (done.is_some(), done),
+            _ = shared.full.notified() => (true, None),
+            _ = tick.tick() => (true, None),
         };
-        let full = invocations.len() + allocations.len() >= BATCH_MAX;
-        let due = full || ticked || flushed.is_some() || !open;
-        if due && (!invocations.is_empty() || !allocations.is_empty()) {
-            store.put_history_later(&invocations, &allocations);
-            count += invocations.len();
-            invocations.clear();
-            allocations.clear();
+        let batch = std::mem::take(&mut *shared.lock());
+        if !batch.invocations.is_empty() || !batch.allocations.is_empty() {
+            count += batch.invocations.len();
+            store.put_history_later(batch.invocations, &batch.allocations);
         }
         if let Some(done) = flushed {
             if let Err(e) = store.flush().await {
@@ -231,10 +248,7 @@ async fn record(store: Store, retention: Retention, mut rx: mpsc::UnboundedRecei
 /// Applies the retention; returns the count left.
 async fn trim(store: &Store, count: usize, retention: Retention) -> usize {
     let oldest_us = now_us().saturating_sub(retention.max_age.as_micros() as u64);
-    match store
-        .trim_history(count, retention.max, id_at(oldest_us / 1000), oldest_us)
-        .await
-    {
+    match store.trim_history(count, retention.max, oldest_us).await {
         Ok(t) => {
             if t.invocations + t.allocations > 0 {
                 tracing::info!(

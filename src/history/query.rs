@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{format_id, id_at, now_us, parse_id, InvocationRecord};
-use crate::store::{Store, StoreError};
+use super::{now_us, InvocationRecord};
+use crate::store::{HistoryCursor, Store, StoreError};
 
 /// Records in a page when the caller names no `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -116,9 +116,25 @@ pub struct Query {
     node: Option<String>,
     gpu: Option<String>,
     status: Option<Status>,
-    from_id: u64,
-    below_id: u64,
+    since_us: u64,
+    until_us: u64,
+    cursor: Option<HistoryCursor>,
     limit: usize,
+}
+
+/// A cursor as the API writes it: 24 hex digits.
+fn format_cursor(c: HistoryCursor) -> String {
+    format!("{:016x}{:08x}", c.batch, c.index)
+}
+
+fn parse_cursor(s: &str) -> Option<HistoryCursor> {
+    if s.len() != 24 || !s.is_char_boundary(16) {
+        return None;
+    }
+    Some(HistoryCursor {
+        batch: u64::from_str_radix(&s[..16], 16).ok()?,
+        index: u32::from_str_radix(&s[16..], 16).ok()?,
+    })
 }
 
 /// One page, newest first.
@@ -158,30 +174,28 @@ impl Query {
         };
         let cursor = match p.cursor.as_deref() {
             None => None,
-            Some(c) => Some(parse_id(c).ok_or_else(|| BadParam {
+            Some(c) => Some(parse_cursor(c).ok_or_else(|| BadParam {
                 field: "cursor",
                 message: format!(
                     "`{c}` is not a cursor: pass the `next_cursor` of the previous page"
                 ),
             })?),
         };
-        let mut below_id = until.map_or(u64::MAX, |us| id_at(us / 1000 + 1));
-        if let Some(c) = cursor {
-            below_id = below_id.min(c);
-        }
         Ok(Query {
             function: p.function.clone().filter(|s| !s.is_empty()),
             node: p.node.clone().filter(|s| !s.is_empty()),
             gpu: p.gpu.clone().filter(|s| !s.is_empty()),
             status: p.status.as_deref().map(Status::parse).transpose()?,
-            from_id: since.map_or(0, |us| id_at(us / 1000)),
-            below_id,
+            since_us: since.unwrap_or(0),
+            until_us: until.unwrap_or(u64::MAX),
+            cursor,
             limit,
         })
     }
 
     fn keeps(&self, r: &InvocationRecord) -> bool {
-        self.function.as_ref().is_none_or(|f| &r.function == f)
+        (self.since_us..self.until_us).contains(&r.queued_at_us)
+            && self.function.as_ref().is_none_or(|f| &r.function == f)
             && self
                 .node
                 .as_ref()
@@ -190,20 +204,15 @@ impl Query {
             && self.status.as_ref().is_none_or(|s| s.matches(r))
     }
 
-    /// Reads the page.
+    /// Reads the page: records newest first (by when their answer ended).
     pub async fn run(self, store: &Store) -> Result<Page, StoreError> {
-        let limit = self.limit;
-        let (from, below) = (self.from_id, self.below_id);
-        let invocations = store
-            .invocations(from, below, limit, move |r| self.keeps(r))
+        let (since, cursor, limit) = (self.since_us, self.cursor, self.limit);
+        let (invocations, next) = store
+            .invocations(since, cursor, limit, move |r| self.keeps(r))
             .await?;
-        let next_cursor = (invocations.len() == limit)
-            .then(|| invocations.last().and_then(|r| parse_id(&r.id)))
-            .flatten()
-            .map(format_id);
         Ok(Page {
             invocations,
-            next_cursor,
+            next_cursor: next.map(format_cursor),
         })
     }
 }

@@ -123,14 +123,17 @@ async fn records_are_batched_paged_newest_first_and_trimmed_to_the_cap() {
     let history = History::start(store.clone(), retention);
     let now = now_us();
     let mut ids = Vec::new();
+    // Five batches of five.
     for i in 0..25u64 {
         let id = mint();
         ids.push(id);
         let mut r = invocation(id, "i", now, now + 1, i % 2 == 0);
         r.status = if i == 7 { 503 } else { 200 };
-        history.invocation(id, r);
+        history.invocation(r);
+        if i % 5 == 4 {
+            history.flush().await;
+        }
     }
-    history.flush().await;
     let page = |params: query::Params| {
         let store = store.clone();
         async move {
@@ -158,7 +161,8 @@ async fn records_are_batched_paged_newest_first_and_trimmed_to_the_cap() {
     .await;
     assert_eq!(failed.invocations.len(), 1);
     assert_eq!(failed.invocations[0].id, format_id(ids[7]));
-    // Over the cap (by more than the slack) the oldest go.
+    assert_eq!(store.invocation_count().await.unwrap(), 25);
+    // Over the cap the oldest batches go.
     let trimmed = trim(&store, 25, retention).await;
     assert_eq!(trimmed, 10);
     let all = page(query::Params::default()).await;

@@ -11,12 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::{id_at, AllocationRecord, InvocationRecord};
+use super::{AllocationRecord, InvocationRecord};
 use crate::store::{Store, StoreError};
-
-/// How far before the window invocations are read: one that arrived earlier may have run
-/// into it.
-const LOOKBACK_US: u64 = 3600 * 1_000_000;
 
 /// What rows are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -125,13 +121,11 @@ pub async fn usage(
 ) -> Result<Usage, StoreError> {
     let mut allocations = store.allocations_since(since_us).await?;
     allocations.extend(live);
-    let invocations = store
-        .invocations(
-            id_at(since_us.saturating_sub(LOOKBACK_US) / 1000),
-            id_at(until_us / 1000 + 1),
-            usize::MAX,
-            |_| true,
-        )
+    // Every record that counts ended after `since`: it is in a batch written since.
+    let (invocations, _) = store
+        .invocations(since_us, None, usize::MAX, move |r| {
+            r.queued_at_us < until_us
+        })
         .await?;
     Ok(sum(&allocations, &invocations, since_us, until_us, by))
 }

@@ -179,7 +179,6 @@ impl Trace {
             inner: body,
             pending: Some(Pending {
                 history: self.history.clone(),
-                id: self.id,
                 record,
                 bytes_in: self.bytes_in.clone(),
             }),
@@ -198,7 +197,6 @@ impl Trace {
             record.cold = self.cold;
             Pending {
                 history: self.history.clone(),
-                id: self.id,
                 record,
                 bytes_in: self.bytes_in.clone(),
             }
@@ -210,7 +208,6 @@ impl Trace {
 /// A record waiting for its response body to end.
 struct Pending {
     history: Arc<History>,
-    id: u64,
     record: Box<InvocationRecord>,
     bytes_in: Arc<AtomicU64>,
 }
@@ -220,7 +217,7 @@ impl Pending {
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.record.bytes_out = bytes_out;
         self.record.finished_at_us = now_us();
-        self.history.invocation(self.id, *self.record);
+        self.history.invocation(*self.record);
     }
 }
 

@@ -1,16 +1,20 @@
 //! The `invocations` and `allocations` trees: what each request did, and how long each
 //! instance held its devices.
 //!
-//! - `invocations`: invocation id (8 bytes, big-endian) → [`InvocationRecord`]. Ids grow
-//!   with their arrival time (`history::InvocationId`), so the tree is in arrival order:
-//!   a page newest first is a reverse range scan, retention removes from the front.
+//! - `invocations`: one batch per key: when it was written (unix µs, 8 bytes big-endian,
+//!   unique) and how many records it holds (4 bytes big-endian) → the batch's
+//!   [`InvocationRecord`]s in the order they ended. One store write per batch keeps the
+//!   per-request cost to encoding. The tree is in the order requests ended: a page newest
+//!   first is a reverse scan, a time window starts at a key, retention removes whole
+//!   batches from the front, and counting reads keys only.
 //! - `allocations`: end time (unix µs, 8 bytes big-endian) then the instance id →
 //!   [`AllocationRecord`], written when an instance is gone; a time window is a range scan.
 //!
-//! Both are written by the history recorder in batches (`write_later`), never one write
-//! per request.
+//! Both are written by the history recorder (`write_later`), never one write per request.
 
 use serde::{Deserialize, Serialize};
+
+use std::sync::atomic::Ordering;
 
 use super::{decode, encode, Change, Store, StoreError, TreeId};
 
@@ -56,12 +60,37 @@ pub struct InvocationRecord {
     pub bytes_out: u64,
 }
 
-impl InvocationRecord {
-    /// The store key of id `id`.
-    pub fn key(id: u64) -> [u8; 8] {
-        id.to_be_bytes()
-    }
+/// Where a page of the history stopped: a batch and the index in it of the last record
+/// returned (the next page holds those before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryCursor {
+    /// The batch's write time (unix µs).
+    pub batch: u64,
+    /// The index in that batch.
+    pub index: u32,
 }
+
+fn batch_key(written_us: u64, count: u32) -> Vec<u8> {
+    let mut k = written_us.to_be_bytes().to_vec();
+    k.extend_from_slice(&count.to_be_bytes());
+    k
+}
+
+/// A batch key's write time and record count.
+fn read_batch_key(key: &[u8]) -> (u64, u32) {
+    let written = key
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes);
+    let count = key
+        .get(8..12)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes);
+    (written, count)
+}
+
+/// The last batch key's time handed out, so keys stay unique within the process.
+static LAST_BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How long one instance held its devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,16 +129,23 @@ pub struct Trimmed {
 }
 
 impl Store {
-    /// Queues invocation and allocation records, in one write, without waiting for disk.
+    /// Queues a batch of invocation records and some allocation records, in one write,
+    /// without waiting for disk.
     pub fn put_history_later(
         &self,
-        invocations: &[(u64, InvocationRecord)],
+        invocations: Vec<InvocationRecord>,
         allocations: &[AllocationRecord],
     ) {
-        let mut changes = Vec::with_capacity(invocations.len() + allocations.len());
-        for (id, r) in invocations {
-            let key = InvocationRecord::key(*id).to_vec();
-            changes.push(Change::Put(TreeId::Invocations, key, encode(r)));
+        let mut changes = Vec::with_capacity(1 + allocations.len());
+        if !invocations.is_empty() {
+            let now = crate::history::now_us();
+            let written = LAST_BATCH
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                    Some(now.max(last + 1))
+                })
+                .map_or(now, |last| now.max(last + 1));
+            let key = batch_key(written, invocations.len() as u32);
+            changes.push(Change::Put(TreeId::Invocations, key, encode(&invocations)));
         }
         for a in allocations {
             changes.push(Change::Put(
@@ -121,50 +157,59 @@ impl Store {
         self.write_later(changes);
     }
 
-    /// How many invocation records there are (a full count: called once, at start).
+    /// How many invocation records there are (reads every key: called once, at start).
     pub async fn invocation_count(&self) -> Result<usize, StoreError> {
         let trees = self.trees.clone();
-        tokio::task::spawn_blocking(move || trees.tree(TreeId::Invocations).len())
-            .await
-            .map_err(StoreError::Scan)
+        tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            for key in trees.tree(TreeId::Invocations).iter().keys() {
+                n += read_batch_key(&key?).1 as usize;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(StoreError::Scan)?
     }
 
-    /// Removes the invocation records with ids below `oldest_id` and then the oldest until
-    /// at most `max` of the `count` there are remain, and the allocation records that ended
+    /// Removes the batches written before `oldest_us`, then the oldest until at most `max`
+    /// of the `count` records there are remain, and the allocation records that ended
     /// before `oldest_us`; waits for the disk.
     pub async fn trim_history(
         &self,
         count: usize,
         max: usize,
-        oldest_id: u64,
         oldest_us: u64,
     ) -> Result<Trimmed, StoreError> {
         let trees = self.trees.clone();
-        let changes = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let mut changes = Vec::new();
-            let mut left = count;
-            for key in trees.tree(TreeId::Invocations).iter().keys() {
-                let key = key?;
-                let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
-                if id >= oldest_id && left <= max {
-                    break;
+        let (invocations, changes) =
+            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let mut changes = Vec::new();
+                let (mut left, mut removed) = (count, 0);
+                for key in trees.tree(TreeId::Invocations).iter().keys() {
+                    let key = key?;
+                    let (written, n) = read_batch_key(&key);
+                    if written >= oldest_us && left <= max {
+                        break;
+                    }
+                    changes.push(Change::Remove(TreeId::Invocations, key.to_vec()));
+                    left = left.saturating_sub(n as usize);
+                    removed += n as usize;
                 }
-                changes.push(Change::Remove(TreeId::Invocations, key.to_vec()));
-                left = left.saturating_sub(1);
-            }
-            let invocations = changes.len();
-            let end = oldest_us.to_be_bytes();
-            for key in trees.tree(TreeId::Allocations).range(..end).keys() {
-                changes.push(Change::Remove(TreeId::Allocations, key?.to_vec()));
-            }
-            Ok((invocations, changes))
-        })
-        .await
-        .map_err(StoreError::Scan)??;
-        let (invocations, changes) = changes;
+                let end = oldest_us.to_be_bytes();
+                for key in trees.tree(TreeId::Allocations).range(..end).keys() {
+                    changes.push(Change::Remove(TreeId::Allocations, key?.to_vec()));
+                }
+                Ok((removed, changes))
+            })
+            .await
+            .map_err(StoreError::Scan)??;
+        let removed_batches = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Remove(TreeId::Invocations, _)))
+            .count();
         let trimmed = Trimmed {
             invocations,
-            allocations: changes.len() - invocations,
+            allocations: changes.len() - removed_batches,
         };
         if !changes.is_empty() {
             self.write(changes).await?;
@@ -172,31 +217,44 @@ impl Store {
         Ok(trimmed)
     }
 
-    /// Invocation records with ids in `[from_id, below_id)`, newest first, that `keep`
-    /// accepts, at most `limit` of them. Read on the blocking pool.
+    /// Invocation records of batches written at or after `since_us`, newest first (before
+    /// `from` when given), that `keep` accepts, at most `limit`; with the cursor of the
+    /// last one when the limit was reached. Read on the blocking pool.
     pub async fn invocations(
         &self,
-        from_id: u64,
-        below_id: u64,
+        since_us: u64,
+        from: Option<HistoryCursor>,
         limit: usize,
         keep: impl Fn(&InvocationRecord) -> bool + Send + 'static,
-    ) -> Result<Vec<InvocationRecord>, StoreError> {
+    ) -> Result<(Vec<InvocationRecord>, Option<HistoryCursor>), StoreError> {
         let trees = self.trees.clone();
         tokio::task::spawn_blocking(move || {
             let tree = trees.tree(TreeId::Invocations);
-            let range = InvocationRecord::key(from_id)..InvocationRecord::key(below_id);
+            let low = batch_key(since_us, 0);
+            let high = match from {
+                Some(c) => batch_key(c.batch, u32::MAX),
+                None => batch_key(u64::MAX, u32::MAX),
+            };
             let mut out = Vec::new();
-            for entry in tree.range(range).rev() {
-                if out.len() >= limit {
-                    break;
-                }
+            for entry in tree.range(low..=high).rev() {
                 let (k, v) = entry?;
-                let record: InvocationRecord = decode(&k, &v)?;
-                if keep(&record) {
-                    out.push(record);
+                let (batch, _) = read_batch_key(&k);
+                let records: Vec<InvocationRecord> = decode(&k, &v)?;
+                let below = match from {
+                    Some(c) if c.batch == batch => c.index as usize,
+                    _ => records.len(),
+                };
+                for (index, record) in records.into_iter().enumerate().take(below).rev() {
+                    if keep(&record) {
+                        out.push(record);
+                        if out.len() >= limit {
+                            let index = index as u32;
+                            return Ok((out, Some(HistoryCursor { batch, index })));
+                        }
+                    }
                 }
             }
-            Ok(out)
+            Ok((out, None))
         })
         .await
         .map_err(StoreError::Scan)?

@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
-pub use history::{AllocationRecord, InvocationRecord, Trimmed};
+pub use history::{AllocationRecord, HistoryCursor, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
 pub use keys::KeyRecord;
 pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
