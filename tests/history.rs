@@ -203,3 +203,25 @@ async fn requests_leave_records_with_their_gpu_usage_sums_them_and_a_restart_kee
     );
     assert_eq!(invocations(&gw, "function=gpu").await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instance_sees_the_invocation_id_the_client_gets_never_a_forged_one() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    let r = gw
+        .deploy("echo", &common::echo_manifest("echo", "", ""))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = gw
+        .request(
+            Method::POST,
+            "/fn/echo/",
+            &[("ember-invocation-id", "forged")],
+            "hi",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let id = r.header("ember-invocation-id").unwrap();
+    assert_eq!(id.len(), 16);
+    assert_eq!(r.header("x-echo-h-ember-invocation-id"), Some(id));
+}

@@ -3,19 +3,19 @@
 //! rounds of requests at concurrency 64 go to each in turn (so drift of the machine hits
 //! both alike), and the gateway with history must then hold one record per request.
 
+use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
 
 use crate::common::{self, Gateway};
 use crate::probe::{http_client, send, HttpClient};
 use crate::report::{row, Row};
 use crate::Size;
 
-/// Rounds per gateway; the requests of each is `history_requests / ROUNDS`.
-const ROUNDS: usize = 5;
+/// Rounds per gateway; the requests of each is `history_requests / ROUNDS`. The order
+/// alternates (on, off, then off, on) so neither gateway always goes first.
+const ROUNDS: usize = 10;
 
 async fn gateway(args: &[&str]) -> Gateway {
     let gw = Gateway::builder().args(args).start().await;
@@ -66,25 +66,52 @@ pub async fn run(size: &Size, rows: &mut Vec<Row>) {
         requests(&client, url, 2000).await;
     }
     let per_round = size.history_requests / ROUNDS;
-    let mut took = [Duration::ZERO; 2];
     let mut answered = [0u64; 2];
-    for _ in 0..ROUNDS {
-        for (i, url) in urls.iter().enumerate() {
-            let (ok, t) = requests(&client, url, per_round).await;
+    let mut rounds = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            // What a round leaves behind (connections closing, a batch written) settles
+            // before the next begins.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (ok, t) = requests(&client, &urls[i], per_round).await;
             answered[i] += ok;
-            took[i] += t;
+            rounds[i].push(ok as f64 / t.as_secs_f64());
         }
     }
-    let rps = |i: usize| answered[i] as f64 / took[i].as_secs_f64();
+    // Each pair of rounds (one per gateway, back to back) gives a ratio; their median is
+    // the cost of the history, with the machine's drift and the order cancelled out.
+    let pairs: Vec<f64> = rounds[0]
+        .iter()
+        .zip(&rounds[1])
+        .map(|(on, off)| on / off)
+        .collect();
+    // Each gateway's median round: a round slowed by the machine moves it little.
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, what) in ["on", "off"].iter().enumerate() {
+        let each: Vec<u64> = rounds[i].iter().map(|r| *r as u64).collect();
+        eprintln!("  history {what}: req/s per round {each:?}");
+    }
     rows.push(row(
         "history",
         &format!(
-            "throughput c=64, {} requests (history on vs off)",
+            "throughput c=64, {} requests (history on vs off, median round)",
             answered[0]
         ),
-        rps(0),
-        Some(rps(1)),
+        median(&rounds[0]),
+        Some(median(&rounds[1])),
         "req/s",
+    ));
+    rows.push(row(
+        "history",
+        &format!("throughput on/off, median of {ROUNDS} paired rounds"),
+        median(&pairs),
+        Some(1.0),
+        "ratio",
     ));
     // Every request of the gateway with history left a record: usage counts them.
     let began = Instant::now();

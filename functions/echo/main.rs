@@ -21,9 +21,9 @@
 //!   binary frames come back as sent, ping gets pong, close gets close. Without the
 //!   upgrade, 426.
 //! * anything else, any method - echo: 200 with the request body as the response body,
-//!   plus `x-echo-method`, `x-echo-uri`, `x-echo-host`, one `x-echo-h-NAME` per `x-*`
-//!   request header and for `authorization` (so tests see which credentials reach a
-//!   function) and, when `GREETING` is set, `x-greeting`.
+//!   plus `x-echo-method`, `x-echo-uri`, `x-echo-host`, one `x-echo-h-NAME` per `x-*` and
+//!   `ember-*` request header and for `authorization` (so tests see which credentials
+//!   and invocation ids reach a function) and, when `GREETING` is set, `x-greeting`.
 //!
 //! Flags: `--crash` exits with code 3 before listening; `--delay-start MS` sleeps before
 //! binding the port, to simulate a slow cold start.
@@ -241,7 +241,7 @@ fn echo(req: Request, config: &Config) -> Response {
         ("x-echo-uri".to_string(), req.target.clone()),
         ("x-echo-host".to_string(), config.hostname.clone()),
     ];
-    let echoed = |n: &str| n.starts_with("x-") || n == "authorization";
+    let echoed = |n: &str| n.starts_with("x-") || n.starts_with("ember-") || n == "authorization";
     for (name, value) in req.headers.iter().filter(|(n, _)| echoed(n)) {
         headers.push((format!("x-echo-h-{name}"), value.clone()));
     }

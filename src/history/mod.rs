@@ -15,6 +15,7 @@
 pub mod query;
 pub mod usage;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,7 +57,7 @@ impl Default for Retention {
 /// Records waiting for the recorder's next batch.
 #[derive(Default)]
 struct Buffer {
-    invocations: Vec<InvocationRecord>,
+    invocations: Vec<(u64, Option<SocketAddr>, InvocationRecord)>,
     allocations: Vec<AllocationRecord>,
 }
 
@@ -158,11 +159,12 @@ impl History {
         self.shared.is_some()
     }
 
-    /// Records an invocation.
-    pub fn invocation(&self, record: InvocationRecord) {
+    /// Records invocation `id` from `client`, whose record's `id` and `client` the
+    /// recorder writes (formatting is kept off the request's path).
+    pub fn invocation(&self, id: u64, client: Option<SocketAddr>, record: InvocationRecord) {
         if let Some(shared) = &self.shared {
             let mut b = shared.lock();
-            b.invocations.push(record);
+            b.invocations.push((id, client, record));
             if b.invocations.len() == BATCH_MAX {
                 shared.full.notify_one();
             }
@@ -225,7 +227,16 @@ async fn record(
         let batch = std::mem::take(&mut *shared.lock());
         if !batch.invocations.is_empty() || !batch.allocations.is_empty() {
             count += batch.invocations.len();
-            store.put_history_later(batch.invocations, &batch.allocations);
+            let invocations = batch
+                .invocations
+                .into_iter()
+                .map(|(id, client, mut r)| {
+                    r.id = format_id(id);
+                    r.client = client.map(|c| c.to_string());
+                    r
+                })
+                .collect();
+            store.put_history_later(invocations, &batch.allocations);
         }
         if let Some(done) = flushed {
             if let Err(e) = store.flush().await {

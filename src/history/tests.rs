@@ -129,7 +129,7 @@ async fn records_are_batched_paged_newest_first_and_trimmed_to_the_cap() {
         ids.push(id);
         let mut r = invocation(id, "i", now, now + 1, i % 2 == 0);
         r.status = if i == 7 { 503 } else { 200 };
-        history.invocation(r);
+        history.invocation(id, None, r);
         if i % 5 == 4 {
             history.flush().await;
         }

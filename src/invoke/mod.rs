@@ -142,10 +142,16 @@ impl Invoker {
     /// Sends `call` to an instance of `f` and returns its streaming response. A WebSocket
     /// upgrade is passed through: on the instance's 101 the connections are spliced, the
     /// socket holding its permit until it closes or its instance is retired.
-    pub async fn call(&self, f: &Arc<Function>, call: Call) -> Result<Response<Body>, InvokeError> {
+    pub async fn call(
+        &self,
+        f: &Arc<Function>,
+        mut call: Call,
+    ) -> Result<Response<Body>, InvokeError> {
         let metrics = self.activator.metrics().clone();
         let timer = metrics.request(f.name());
         let mut trace = Trace::begin(self.activator.history(), f, &call.request, call.client);
+        // The instance sees the id too, for its own logs.
+        trace.tag_request(call.request.headers_mut());
         let result = self.attempts(f, call, &mut trace).await;
         let cold = trace.cold();
         match result {
@@ -182,7 +188,7 @@ impl Invoker {
         }
         let mut upgrade = UpgradeRequest::take_from(&mut call.request);
         let (head, body) = call.request.into_parts();
-        let mut body = Some(trace.count_in(body));
+        let mut body = Some(trace.count_in(body, announced));
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -46,8 +46,7 @@ pub struct Tags {
 impl Tags {
     /// Sets the `Ember-*` headers.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let id = HeaderValue::from_str(&format_id(self.id)).expect("hex is a header value");
-        headers.insert(INVOCATION_ID, id);
+        headers.insert(INVOCATION_ID, id_value(self.id));
         if self.cold {
             headers.insert(COLD_START, HeaderValue::from_static("true"));
         }
@@ -55,6 +54,10 @@ impl Tags {
             headers.insert(QUEUE_MS, HeaderValue::from(ms));
         }
     }
+}
+
+fn id_value(id: u64) -> HeaderValue {
+    HeaderValue::from_str(&format_id(id)).expect("hex is a header value")
 }
 
 /// Where a call leaves its tags for the gateway, which puts them on Ember's own error
@@ -73,6 +76,7 @@ impl TagSlot {
 pub struct Trace {
     history: Arc<History>,
     id: u64,
+    client: Option<SocketAddr>,
     /// The record so far; `None` when the history keeps nothing.
     record: Option<Box<InvocationRecord>>,
     bytes_in: Arc<AtomicU64>,
@@ -92,14 +96,14 @@ impl Trace {
         let id = mint();
         let record = history.enabled().then(|| {
             Box::new(InvocationRecord {
-                id: format_id(id),
+                id: String::new(), // written by the recorder, off the request's path
                 kind: "request".into(),
                 function: f.name().to_string(),
                 revision: String::new(),
                 instance: None,
                 node: None,
                 gpus: Vec::new(),
-                client: client.map(|c| c.to_string()),
+                client: None,
                 method: request.method().to_string(),
                 path: request.uri().path().to_string(),
                 status: 0,
@@ -115,6 +119,7 @@ impl Trace {
         Trace {
             history: history.clone(),
             id,
+            client,
             record,
             bytes_in: Arc::default(),
             cold: false,
@@ -123,14 +128,25 @@ impl Trace {
         }
     }
 
-    /// Wraps the request body to count the bytes read of it.
-    pub fn count_in(&self, body: Body) -> Body {
-        match self.record {
-            Some(_) => Body::new(CountIn {
+    /// Names the invocation in the request's headers (`Ember-Invocation-Id`), replacing
+    /// any the client sent.
+    pub fn tag_request(&self, headers: &mut HeaderMap) {
+        headers.insert(INVOCATION_ID, id_value(self.id));
+    }
+
+    /// The request body, wrapped to count the bytes read of it unless its length was
+    /// announced (then that is its size).
+    pub fn count_in(&self, body: Body, announced: Option<u64>) -> Body {
+        match (&self.record, announced) {
+            (None, _) => body,
+            (Some(_), Some(len)) => {
+                self.bytes_in.store(len, Ordering::Relaxed);
+                body
+            }
+            (Some(_), None) => Body::new(CountIn {
                 inner: body,
                 bytes: self.bytes_in.clone(),
             }),
-            None => body,
         }
     }
 
@@ -179,6 +195,8 @@ impl Trace {
             inner: body,
             pending: Some(Pending {
                 history: self.history.clone(),
+                id: self.id,
+                client: self.client,
                 record,
                 bytes_in: self.bytes_in.clone(),
             }),
@@ -197,6 +215,8 @@ impl Trace {
             record.cold = self.cold;
             Pending {
                 history: self.history.clone(),
+                id: self.id,
+                client: self.client,
                 record,
                 bytes_in: self.bytes_in.clone(),
             }
@@ -208,6 +228,8 @@ impl Trace {
 /// A record waiting for its response body to end.
 struct Pending {
     history: Arc<History>,
+    id: u64,
+    client: Option<SocketAddr>,
     record: Box<InvocationRecord>,
     bytes_in: Arc<AtomicU64>,
 }
@@ -217,7 +239,7 @@ impl Pending {
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.record.bytes_out = bytes_out;
         self.record.finished_at_us = now_us();
-        self.history.invocation(*self.record);
+        self.history.invocation(self.id, self.client, *self.record);
     }
 }
 
