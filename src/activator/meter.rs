@@ -156,11 +156,11 @@ impl Meter {
                 // The two oldest become one span of their summed length, ending where
                 // the second ended.
                 let (a, b) = (self.record.paused[0], self.record.paused[1]);
-                let len = (a.1 - a.0) + (b.1 - b.0);
+                let len = a.1.saturating_sub(a.0) + b.1.saturating_sub(b.0);
                 self.record.paused[1] = (b.1.saturating_sub(len), b.1);
                 self.record.paused.remove(0);
             }
-            self.record.paused.push((from, now_us()));
+            self.record.paused.push((from, now_us().max(from)));
         }
     }
 
@@ -170,7 +170,7 @@ impl Meter {
         let mut record = self.record.clone();
         record.ended_at_us = now;
         if let Some(from) = self.paused_since {
-            record.paused.push((from, now));
+            record.paused.push((from, now.max(from)));
         }
         record
     }

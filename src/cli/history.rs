@@ -93,7 +93,10 @@ pub async fn history(client: &ApiClient, args: HistoryArgs) -> anyhow::Result<()
         "NODE"
     );
     for r in shown {
-        let queued = r.started_at_us.map_or(r.finished_at_us, |s| s) - r.queued_at_us;
+        let queued = r
+            .started_at_us
+            .unwrap_or(r.finished_at_us)
+            .saturating_sub(r.queued_at_us);
         let took = r.finished_at_us.saturating_sub(r.queued_at_us);
         let status = match &r.error {
             Some(code) => format!("{} {code}", r.status),

@@ -341,7 +341,9 @@ async fn serve_until(
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
     if let Some((comfy_listener, function)) = comfy_listener {
         // Every route there is the function's: its handler checks the function's rule.
-        let app = comfy::root_routes(function).with_state(state.clone());
+        let app = comfy::root_routes(function)
+            .layer(axum::middleware::from_fn(history::tag))
+            .with_state(state.clone());
         tracker.spawn(
             listener::serve(
                 comfy_listener,

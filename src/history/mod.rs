@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::store::Store;
-pub use crate::store::{AllocationRecord, InvocationRecord};
+pub use crate::store::{now_us, AllocationRecord, InvocationRecord};
 
 /// How often the recorder writes what came in.
 pub const BATCH_EVERY: Duration = Duration::from_millis(200);
@@ -114,14 +114,6 @@ pub fn parse_id(s: &str) -> Option<u64> {
         .flatten()
 }
 
-/// Microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 impl History {
     /// Starts the recorder on `store`; with `retention.max` 0 nothing is kept.
     pub fn start(store: Store, retention: Retention) -> Arc<History> {
@@ -207,11 +199,12 @@ async fn record(
     shared: Arc<Shared>,
     mut asked: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
+    // Unknown (the count failed): only the age limit applies.
     let mut count = match store.invocation_count().await {
-        Ok(n) => n,
+        Ok(n) => Some(n),
         Err(e) => {
-            tracing::error!(error = %e, "cannot count the invocation history; retention by count starts from 0");
-            0
+            tracing::error!(error = %e, "cannot count the invocation history; only --history-max-age applies");
+            None
         }
     };
     let mut tick = tokio::time::interval(BATCH_EVERY);
@@ -226,7 +219,7 @@ async fn record(
         };
         let batch = std::mem::take(&mut *shared.lock());
         if !batch.invocations.is_empty() || !batch.allocations.is_empty() {
-            count += batch.invocations.len();
+            count = count.map(|c| c + batch.invocations.len());
             let invocations = batch
                 .invocations
                 .into_iter()
@@ -248,7 +241,7 @@ async fn record(
             break;
         }
         trim_due |= last_trim.elapsed() >= TRIM_EVERY;
-        if count > retention.max + TRIM_SLACK || trim_due {
+        if count.is_some_and(|c| c > retention.max + TRIM_SLACK) || trim_due {
             trim_due = false;
             last_trim = tokio::time::Instant::now();
             count = trim(&store, count, retention).await;
@@ -256,10 +249,15 @@ async fn record(
     }
 }
 
-/// Applies the retention; returns the count left.
-async fn trim(store: &Store, count: usize, retention: Retention) -> usize {
-    let oldest_us = now_us().saturating_sub(retention.max_age.as_micros() as u64);
-    match store.trim_history(count, retention.max, oldest_us).await {
+/// Applies the retention; returns the count left (`None`: unknown, the age limit alone).
+async fn trim(store: &Store, count: Option<usize>, retention: Retention) -> Option<usize> {
+    let age = u64::try_from(retention.max_age.as_micros()).unwrap_or(u64::MAX);
+    let oldest_us = now_us().saturating_sub(age);
+    let (known, max) = match count {
+        Some(c) => (c, retention.max),
+        None => (0, usize::MAX),
+    };
+    match store.trim_history(known, max, oldest_us).await {
         Ok(t) => {
             if t.invocations + t.allocations > 0 {
                 tracing::info!(
@@ -268,7 +266,7 @@ async fn trim(store: &Store, count: usize, retention: Retention) -> usize {
                     "history trimmed to its retention"
                 );
             }
-            count - t.invocations
+            count.map(|c| c.saturating_sub(t.invocations))
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not trim the invocation history; trying again later");

@@ -94,14 +94,15 @@ impl Status {
 
 /// A time as a query gives it: a duration back from now, or an RFC 3339 time; unix µs.
 pub fn parse_time(field: &'static str, s: &str) -> Result<u64, BadParam> {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(now_us().saturating_sub(d.as_micros() as u64));
+        return Ok(now_us().saturating_sub(micros(d)));
     }
     match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => Ok(t
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_micros() as u64),
+        Ok(t) => Ok(micros(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO),
+        )),
         Err(_) => Err(BadParam {
             field,
             message: format!("`{s}` is neither a duration back from now (`90s`, `1h`, `7d`) nor a time (`2026-11-21T10:00:00Z`)"),

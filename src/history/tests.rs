@@ -81,11 +81,29 @@ fn busy_time_is_the_union_of_overlapping_requests_and_paused_time_is_apart() {
     assert_eq!(u.rows[0].instance_busy_seconds, 2.0);
     assert_eq!(u.rows[0].invocations, 1);
     assert_eq!(u.rows[0].cold_starts, 0);
-    // By GPU: one row per slot, the total counting each request once.
-    let u = sum(&[alloc], &calls, 0, 20 * s, By::Gpu);
-    assert_eq!(u.rows.len(), 2);
-    assert_eq!(u.rows[1].gpu_seconds_allocated, 10.0);
+    // By GPU: one row per slot, a CPU instance under `-` with no GPU time, and the total
+    // counting each instance and request once.
+    let cpu = AllocationRecord {
+        instance: "c".into(),
+        function: "g".into(),
+        gpus: Vec::new(),
+        ..alloc.clone()
+    };
+    let u = sum(&[alloc, cpu], &calls, 0, 20 * s, By::Gpu);
+    let keys: Vec<&str> = u.rows.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["-", "GPU-1", "GPU-2"]);
+    assert_eq!(
+        u.rows[0].gpu_seconds_allocated, 0.0,
+        "CPU time is no GPU time"
+    );
+    assert_eq!(u.rows[0].instance_seconds, 10.0);
+    assert_eq!(u.rows[2].gpu_seconds_allocated, 10.0);
     assert_eq!(u.total.invocations, 3);
+    assert_eq!(u.total.gpu_seconds_allocated, 20.0);
+    assert_eq!(
+        u.total.instance_seconds, 20.0,
+        "two instances of 10 s, once each"
+    );
     assert_eq!(u.total.gpu_seconds_busy, 8.0);
 }
 
@@ -163,8 +181,8 @@ async fn records_are_batched_paged_newest_first_and_trimmed_to_the_cap() {
     assert_eq!(failed.invocations[0].id, format_id(ids[7]));
     assert_eq!(store.invocation_count().await.unwrap(), 25);
     // Over the cap the oldest batches go.
-    let trimmed = trim(&store, 25, retention).await;
-    assert_eq!(trimmed, 10);
+    let trimmed = trim(&store, Some(25), retention).await;
+    assert_eq!(trimmed, Some(10));
     let all = page(query::Params::default()).await;
     assert_eq!(all.invocations.len(), 10);
     assert_eq!(

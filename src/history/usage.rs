@@ -77,7 +77,7 @@ pub struct Usage {
     pub by: By,
     /// One per function, node or GPU, by key.
     pub rows: Vec<Row>,
-    /// Every row summed (GPU-seconds once per slot).
+    /// The whole window: each instance and request counted once, whatever the rows.
     pub total: Row,
 }
 
@@ -99,6 +99,15 @@ fn keys(by: By, function: &str, node: &str, gpus: &[String]) -> Vec<String> {
     }
 }
 
+/// The GPU slots each key's time counts for: all the instance's, or one under `By::Gpu`
+/// (none for a CPU instance).
+fn slots_per_key(by: By, gpus: &[String]) -> f64 {
+    match by {
+        By::Gpu => f64::from(u8::from(!gpus.is_empty())),
+        _ => gpus.len() as f64,
+    }
+}
+
 /// The total length of the union of `spans`, clipped to the window.
 fn union(mut spans: Vec<(u64, u64)>, since: u64, until: u64) -> u64 {
     spans.sort_unstable();
@@ -111,7 +120,8 @@ fn union(mut spans: Vec<(u64, u64)>, since: u64, until: u64) -> u64 {
     total
 }
 
-/// Sums usage in `[since_us, until_us)` from the store and the live instances.
+/// Sums usage in `[since_us, until_us)` from the store and the live instances. The
+/// history is folded as it is read, keeping per instance only its request spans.
 pub async fn usage(
     store: &Store,
     live: Vec<AllocationRecord>,
@@ -119,18 +129,18 @@ pub async fn usage(
     until_us: u64,
     by: By,
 ) -> Result<Usage, StoreError> {
-    let mut allocations = store.allocations_since(since_us).await?;
-    allocations.extend(live);
+    let mut summer = Summer::new(since_us, until_us, by);
+    for a in store.allocations_since(since_us).await?.iter().chain(&live) {
+        summer.allocation(a);
+    }
     // Every record that counts ended after `since`: it is in a batch written since.
-    let (invocations, _) = store
-        .invocations(since_us, None, usize::MAX, move |r| {
-            r.queued_at_us < until_us
-        })
+    let summer = store
+        .fold_invocations(since_us, summer, |s, r| s.invocation(r))
         .await?;
-    Ok(sum(&allocations, &invocations, since_us, until_us, by))
+    Ok(summer.finish())
 }
 
-/// The report from records (pure: what the tests check).
+/// The report from records (what the tests check).
 pub fn sum(
     allocations: &[AllocationRecord],
     invocations: &[InvocationRecord],
@@ -138,110 +148,128 @@ pub fn sum(
     until: u64,
     by: By,
 ) -> Usage {
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    let mut add = |key: &str, f: &mut dyn FnMut(&mut Row)| {
-        let row = rows.entry(key.to_string()).or_insert_with(|| Row {
-            key: key.to_string(),
-            ..Row::default()
-        });
-        f(row);
-    };
-    let slots = |gpus: &[String]| gpus.len() as f64;
-    for a in allocations {
-        let held = overlap(a.started_at_us, a.ended_at_us, since, until);
+    let mut summer = Summer::new(since, until, by);
+    allocations.iter().for_each(|a| summer.allocation(a));
+    invocations.iter().for_each(|r| summer.invocation(r));
+    summer.finish()
+}
+
+/// One instance's requests: where it ran and their spans.
+struct Spans {
+    function: String,
+    node: String,
+    gpus: Vec<String>,
+    spans: Vec<(u64, u64)>,
+}
+
+/// Usage summed as records come.
+pub struct Summer {
+    since: u64,
+    until: u64,
+    by: By,
+    rows: BTreeMap<String, Row>,
+    /// Summed once per instance or request, whatever the rows are.
+    total: Row,
+    instances: HashMap<String, Spans>,
+}
+
+impl Summer {
+    /// An empty report of `[since, until)` by `by`.
+    pub fn new(since: u64, until: u64, by: By) -> Summer {
+        Summer {
+            since,
+            until,
+            by,
+            rows: BTreeMap::new(),
+            total: Row {
+                key: "total".into(),
+                ..Row::default()
+            },
+            instances: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, function: &str, node: &str, gpus: &[String], f: impl Fn(&mut Row, f64)) {
+        let per_key = slots_per_key(self.by, gpus);
+        for key in keys(self.by, function, node, gpus) {
+            let row = self.rows.entry(key.clone()).or_insert_with(|| Row {
+                key,
+                ..Row::default()
+            });
+            f(row, per_key);
+        }
+        f(&mut self.total, gpus.len() as f64);
+    }
+
+    /// An instance's allocation.
+    pub fn allocation(&mut self, a: &AllocationRecord) {
+        let (since, until) = (self.since, self.until);
+        let held = secs(overlap(a.started_at_us, a.ended_at_us, since, until));
         let paused: u64 = a
             .paused
             .iter()
             .map(|&(from, to)| overlap(from, to, since, until))
             .sum();
-        let started_here = (since..until).contains(&a.started_at_us);
-        let per_key = match by {
-            By::Gpu => 1.0,
-            _ => slots(&a.gpus),
-        };
-        for key in keys(by, &a.function, &a.node, &a.gpus) {
-            add(&key, &mut |r| {
-                r.instance_seconds += secs(held);
-                r.gpu_seconds_allocated += secs(held) * per_key;
-                r.gpu_seconds_paused += secs(paused) * per_key;
-                r.cold_starts += u64::from(started_here);
+        let paused = secs(paused);
+        let started = u64::from((since..until).contains(&a.started_at_us));
+        self.add(&a.function, &a.node, &a.gpus, |r, slots| {
+            r.instance_seconds += held;
+            r.gpu_seconds_allocated += held * slots;
+            r.gpu_seconds_paused += paused * slots;
+            r.cold_starts += started;
+        });
+    }
+
+    /// An invocation.
+    pub fn invocation(&mut self, r: &InvocationRecord) {
+        if r.queued_at_us >= self.until {
+            return;
+        }
+        let node = r.node.as_deref().unwrap_or("-");
+        if r.queued_at_us >= self.since {
+            let cold = u64::from(r.cold);
+            self.add(&r.function, node, &r.gpus, |row, _| {
+                row.invocations += 1;
+                row.cold_invocations += cold;
             });
         }
+        if let (Some(instance), Some(started)) = (&r.instance, r.started_at_us) {
+            let entry = self
+                .instances
+                .entry(instance.clone())
+                .or_insert_with(|| Spans {
+                    function: r.function.clone(),
+                    node: node.to_string(),
+                    gpus: r.gpus.clone(),
+                    spans: Vec::new(),
+                });
+            entry.spans.push((started, r.finished_at_us.max(started)));
+        }
     }
-    // Busy time: per instance, the union of its requests' spans.
-    type Spans<'a> = (&'a InvocationRecord, Vec<(u64, u64)>);
-    let mut spans: HashMap<&str, Spans<'_>> = HashMap::new();
-    for r in invocations {
-        if (since..until).contains(&r.queued_at_us) {
-            let node = r.node.as_deref().unwrap_or("-");
-            for key in keys(by, &r.function, node, &r.gpus) {
-                add(&key, &mut |row| {
-                    row.invocations += 1;
-                    row.cold_invocations += u64::from(r.cold);
+
+    /// The report.
+    pub fn finish(mut self) -> Usage {
+        let instances = std::mem::take(&mut self.instances);
+        for (_, i) in instances {
+            let busy = secs(union(i.spans, self.since, self.until));
+            if busy > 0.0 {
+                self.add(&i.function, &i.node, &i.gpus, |row, slots| {
+                    row.instance_busy_seconds += busy;
+                    row.gpu_seconds_busy += busy * slots;
                 });
             }
         }
-        if let (Some(instance), Some(started)) = (&r.instance, r.started_at_us) {
-            let entry = spans.entry(instance).or_insert_with(|| (r, Vec::new()));
-            entry.1.push((started, r.finished_at_us.max(started)));
+        let mut rows: Vec<Row> = self.rows.into_values().collect();
+        for r in rows.iter_mut().chain(std::iter::once(&mut self.total)) {
+            r.busy_ratio = ratio(r.gpu_seconds_busy, r.gpu_seconds_allocated);
         }
-    }
-    for (r, list) in spans.into_values() {
-        let busy = union(list, since, until);
-        if busy == 0 {
-            continue;
+        Usage {
+            since_us: self.since,
+            until_us: self.until,
+            by: self.by,
+            rows,
+            total: self.total,
         }
-        let node = r.node.as_deref().unwrap_or("-");
-        let per_key = match by {
-            By::Gpu => 1.0,
-            _ => slots(&r.gpus),
-        };
-        for key in keys(by, &r.function, node, &r.gpus) {
-            add(&key, &mut |row| {
-                row.instance_busy_seconds += secs(busy);
-                row.gpu_seconds_busy += secs(busy) * per_key;
-            });
-        }
-    }
-    let mut total = Row {
-        key: "total".into(),
-        ..Row::default()
-    };
-    let mut rows: Vec<Row> = rows.into_values().collect();
-    for r in &mut rows {
-        r.busy_ratio = ratio(r.gpu_seconds_busy, r.gpu_seconds_allocated);
-        total.gpu_seconds_allocated += r.gpu_seconds_allocated;
-        total.gpu_seconds_paused += r.gpu_seconds_paused;
-        total.gpu_seconds_busy += r.gpu_seconds_busy;
-        total.instance_seconds += r.instance_seconds;
-        total.instance_busy_seconds += r.instance_busy_seconds;
-        total.invocations += r.invocations;
-        total.cold_invocations += r.cold_invocations;
-        total.cold_starts += r.cold_starts;
-    }
-    if by == By::Gpu {
-        // An instance or a request on several GPUs is in several rows; the total counts
-        // each once.
-        total.invocations = invocations
-            .iter()
-            .filter(|r| (since..until).contains(&r.queued_at_us))
-            .count() as u64;
-        total.cold_invocations = invocations
-            .iter()
-            .filter(|r| r.cold && (since..until).contains(&r.queued_at_us))
-            .count() as u64;
-        total.cold_starts = allocations
-            .iter()
-            .filter(|a| (since..until).contains(&a.started_at_us))
-            .count() as u64;
-    }
-    total.busy_ratio = ratio(total.gpu_seconds_busy, total.gpu_seconds_allocated);
-    Usage {
-        since_us: since,
-        until_us: until,
-        by,
-        rows,
-        total,
     }
 }
 

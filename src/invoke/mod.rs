@@ -405,6 +405,27 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_whose_client_leaves_during_a_cold_start_is_recorded_as_aborted() {
+        let node = Arc::new(FakeNode::gated("fake"));
+        let (a, _dir) = activator(node.clone()).await;
+        a.deploy(manifest()).await.unwrap();
+        let f = a.function("f").unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), invoke(&a, &f)).await;
+        assert!(waited.is_err(), "the start is held at the gate");
+        a.history().flush().await;
+        let page = crate::history::query::Query::parse(&Default::default())
+            .unwrap()
+            .run(a.store())
+            .await
+            .unwrap();
+        assert_eq!(page.invocations.len(), 1);
+        let r = &page.invocations[0];
+        assert_eq!((r.status, r.error.as_deref()), (499, Some("aborted")));
+        assert!(r.instance.is_none());
+        node.gate.add_permits(1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_way_to_a_node_retries_without_retiring_but_a_refusing_instance_is_replaced() {
         use std::io::ErrorKind;
         let node = Arc::new(FakeNode::new("fake", Vec::new()));

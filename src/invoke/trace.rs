@@ -3,7 +3,8 @@
 //! A [`Trace`] begins when a request reaches the invoke core and learns where it ran from
 //! the permit it got. An answered call's record is sent to the history when its response
 //! body has ended (or the client went away): the body is wrapped to count the bytes out
-//! and to finish the trace when dropped. A failed call's record is sent at once.
+//! and to finish the trace when dropped. A failed call's record is sent at once; one
+//! dropped unanswered (the client gone) is recorded as 499 `aborted`.
 //!
 //! The client learns the id (and whether it waited for a cold start) from the
 //! `Ember-Invocation-Id`, `Ember-Cold-Start` and `Ember-Queue-Ms` headers: set on an
@@ -99,7 +100,7 @@ impl Trace {
                 id: String::new(), // written by the recorder, off the request's path
                 kind: "request".into(),
                 function: f.name().to_string(),
-                revision: String::new(),
+                revision: f.revision().id.clone(),
                 instance: None,
                 node: None,
                 gpus: Vec::new(),
@@ -212,6 +213,26 @@ impl Trace {
         if let Some(mut record) = self.record.take() {
             record.status = status;
             record.error = Some(code.to_string());
+            record.cold = self.cold;
+            Pending {
+                history: self.history.clone(),
+                id: self.id,
+                client: self.client,
+                record,
+                bytes_in: self.bytes_in.clone(),
+            }
+            .send(0);
+        }
+    }
+}
+
+impl Drop for Trace {
+    /// A call dropped before it was answered or failed (the client went away while it
+    /// waited, say for a cold start) is recorded as 499 `aborted`, as the metrics count it.
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.status = 499;
+            record.error = Some("aborted".into());
             record.cold = self.cold;
             Pending {
                 history: self.history.clone(),

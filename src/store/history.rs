@@ -138,7 +138,7 @@ impl Store {
     ) {
         let mut changes = Vec::with_capacity(1 + allocations.len());
         if !invocations.is_empty() {
-            let now = crate::history::now_us();
+            let now = super::now_us();
             let written = LAST_BATCH
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
                     Some(now.max(last + 1))
@@ -157,14 +157,20 @@ impl Store {
         self.write_later(changes);
     }
 
-    /// How many invocation records there are (reads every key: called once, at start).
+    /// How many invocation records there are (reads every key: called once, at start, and
+    /// makes later batch keys sort after the last one there is).
     pub async fn invocation_count(&self) -> Result<usize, StoreError> {
         let trees = self.trees.clone();
         tokio::task::spawn_blocking(move || {
             let mut n = 0;
+            let mut last = 0;
             for key in trees.tree(TreeId::Invocations).iter().keys() {
-                n += read_batch_key(&key?).1 as usize;
+                let (written, count) = read_batch_key(&key?);
+                n += count as usize;
+                last = written;
             }
+            // New batches sort after every batch there is, even if the clock went back.
+            LAST_BATCH.fetch_max(last, Ordering::Relaxed);
             Ok(n)
         })
         .await
@@ -255,6 +261,31 @@ impl Store {
                 }
             }
             Ok((out, None))
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+
+    /// Folds `f` over every invocation record of the batches written at or after
+    /// `since_us`, oldest first, on the blocking pool, without holding them all.
+    pub async fn fold_invocations<A: Send + 'static>(
+        &self,
+        since_us: u64,
+        init: A,
+        f: impl Fn(&mut A, &InvocationRecord) + Send + 'static,
+    ) -> Result<A, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut acc = init;
+            for entry in trees
+                .tree(TreeId::Invocations)
+                .range(batch_key(since_us, 0)..)
+            {
+                let (k, v) = entry?;
+                let records: Vec<InvocationRecord> = decode(&k, &v)?;
+                records.iter().for_each(|r| f(&mut acc, r));
+            }
+            Ok(acc)
         })
         .await
         .map_err(StoreError::Scan)?
