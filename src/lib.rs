@@ -28,6 +28,8 @@
 //! - [`readiness`]: probing new instances.
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered; each
 //!   call's trace (its history record and `Ember-*` headers).
+//! - [`jobs`]: durable jobs: stored before they are acknowledged, run through the invoke
+//!   core when an instance is free, retried, resumed after a restart.
 //! - [`history`]: the invocation history and instances' GPU allocations, batched into the
 //!   store; pages of it, and GPU usage summed from it.
 //! - [`proxy`]: streaming a request to an instance and the answer back; WebSocket
@@ -60,6 +62,7 @@ pub mod gateway;
 pub mod gpu;
 pub mod history;
 pub mod invoke;
+pub mod jobs;
 pub mod keepalive;
 pub mod manifest;
 pub mod membership;

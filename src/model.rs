@@ -189,6 +189,10 @@ pub enum ErrorCode {
     FunctionRemoved,
     /// The function has no instance of that id (or kept no output of one).
     InstanceNotFound,
+    /// No job of that id.
+    JobNotFound,
+    /// The job has not ended: it has no result yet.
+    JobNotFinished,
     /// The manifest was refused (details name the fields).
     InvalidManifest,
     /// An image tag was refused.
@@ -271,6 +275,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::FunctionNotFound, "function_not_found"),
     (ErrorCode::FunctionRemoved, "function_removed"),
     (ErrorCode::InstanceNotFound, "instance_not_found"),
+    (ErrorCode::JobNotFound, "job_not_found"),
+    (ErrorCode::JobNotFinished, "job_not_finished"),
     (ErrorCode::InvalidManifest, "invalid_manifest"),
     (ErrorCode::InvalidTag, "invalid_tag"),
     (ErrorCode::BodyTooLarge, "body_too_large"),

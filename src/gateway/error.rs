@@ -90,6 +90,17 @@ pub enum ApiError {
     /// An instance's answer could not be read.
     #[error("{0}")]
     UpstreamRead(String),
+    /// No job of that id.
+    #[error("no job `{0}`; job ids are the `id` a submission answered")]
+    JobNotFound(String),
+    /// The job has no result yet.
+    #[error("job `{id}` is {state}: it has no result until it ends; `GET /api/v1/jobs/{id}` shows where it is")]
+    JobNotFinished {
+        /// The job.
+        id: String,
+        /// Where it is.
+        state: String,
+    },
     /// The state store failed outside the activator (keys, credentials).
     #[error("the state store failed")]
     Store(#[from] StoreError),
@@ -111,6 +122,8 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
     let soon = Some(Duration::from_secs(1));
     match e {
         ApiError::FunctionNotFound(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
+        ApiError::JobNotFound(_) => (S::NOT_FOUND, C::JobNotFound, None),
+        ApiError::JobNotFinished { .. } => (S::CONFLICT, C::JobNotFinished, None),
         ApiError::Manifest(_) => (S::BAD_REQUEST, C::InvalidManifest, None),
         ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code, None),
         ApiError::UnknownAction(_) => (S::NOT_FOUND, C::UnknownAction, None),

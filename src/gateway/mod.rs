@@ -16,6 +16,7 @@ pub mod error;
 mod history;
 mod images;
 mod invoke;
+mod jobs;
 mod keys;
 mod listener;
 mod logs;
@@ -71,6 +72,8 @@ pub struct AppState {
     comfy: crate::comfy::ComfyDoor,
     /// Whether `/metrics` answers without the admin token (`--metrics-public`).
     metrics_public: bool,
+    /// Durable jobs.
+    jobs: crate::jobs::Jobs,
 }
 
 impl AppState {
@@ -140,6 +143,12 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
         )
         .merge(openai::routes())
+        .route(
+            "/api/v1/functions/{name}/jobs",
+            post(jobs::submit).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/result", get(jobs::result))
         .route("/api/v1/invocations", get(history::invocations))
         .route("/api/v1/usage", get(history::usage))
         .merge(comfy::routes())
@@ -216,6 +225,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         )
     })?;
     comfy.start().await?;
+    let jobs = crate::jobs::Jobs::new(invoker.clone(), tracker.clone(), shutdown.clone());
+    jobs.start().await?;
     let comfy_listener = match (config.comfyui_listen, &config.comfyui_function) {
         (Some(addr), Some(function)) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -238,6 +249,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         secrets_lock: Arc::default(),
         comfy,
         metrics_public: config.metrics_public,
+        jobs,
     };
     let limits = ConnectionLimits {
         header_timeout: config.header_timeout,

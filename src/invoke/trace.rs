@@ -73,8 +73,27 @@ impl TagSlot {
     }
 }
 
+/// Marks a request as a job's attempt: its record says `job`, and its answer carries a
+/// [`Ran`] saying where it ran.
+#[derive(Debug, Clone, Copy)]
+pub struct JobCall;
+
+/// Where a job's attempt ran, in its answer's extensions.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    /// The instance.
+    pub instance: String,
+    /// Its node.
+    pub node: String,
+    /// The GPU slots it held.
+    pub gpus: Vec<String>,
+}
+
 /// One call's trace.
 pub struct Trace {
+    /// Where it ran, for a job's attempt.
+    ran: Option<Ran>,
+    job: bool,
     history: Arc<History>,
     id: u64,
     client: Option<SocketAddr>,
@@ -95,10 +114,11 @@ impl Trace {
         client: Option<SocketAddr>,
     ) -> Trace {
         let id = mint();
+        let job = request.extensions().get::<JobCall>().is_some();
         let record = history.enabled().then(|| {
             Box::new(InvocationRecord {
                 id: String::new(), // written by the recorder, off the request's path
-                kind: "request".into(),
+                kind: if job { "job" } else { "request" }.into(),
                 function: f.name().to_string(),
                 revision: f.revision().id.clone(),
                 instance: None,
@@ -118,6 +138,8 @@ impl Trace {
             })
         });
         Trace {
+            ran: None,
+            job,
             history: history.clone(),
             id,
             client,
@@ -155,6 +177,13 @@ impl Trace {
     pub fn placed(&mut self, permit: &Permit, waited: Duration) {
         self.cold |= permit.cold();
         self.queued += waited;
+        if self.job {
+            self.ran = Some(Ran {
+                instance: permit.instance().to_string(),
+                node: permit.node().name().to_string(),
+                gpus: permit.devices().to_vec(),
+            });
+        }
         if let Some(r) = &mut self.record {
             r.revision = permit.revision().to_string();
             r.instance = Some(permit.instance().to_string());
@@ -187,6 +216,9 @@ impl Trace {
         }
         let (mut head, body) = response.into_parts();
         tags.apply(&mut head.headers);
+        if let Some(ran) = self.ran.take() {
+            head.extensions.insert(ran);
+        }
         let Some(mut record) = self.record.take() else {
             return Response::from_parts(head, body);
         };

@@ -20,6 +20,8 @@
 //!   what GPU usage is computed from.
 //! - `logs.rs`: `instance_logs` (`function/ended-ms/instance` → the last output of a
 //!   removed instance and why it ended), the newest few per function.
+//! - `jobs.rs`: `jobs` (id → a job's record), `job_inputs` and `job_results` (id → the
+//!   input and answer bodies, raw): durable asynchronous invocations.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -35,6 +37,7 @@ mod comfy;
 mod functions;
 mod history;
 mod instances;
+mod jobs;
 mod keys;
 mod logs;
 mod migrate;
@@ -55,6 +58,7 @@ pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use history::{AllocationRecord, HistoryCursor, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
+pub use jobs::{JobRecord, JobState};
 pub use keys::KeyRecord;
 pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
@@ -142,6 +146,9 @@ impl Store {
             comfy_cache: db.open_tree("comfy_cache")?,
             invocations: db.open_tree("invocations")?,
             allocations: db.open_tree("allocations")?,
+            jobs: db.open_tree("jobs")?,
+            job_inputs: db.open_tree("job_inputs")?,
+            job_results: db.open_tree("job_results")?,
             instance_logs: db.open_tree("instance_logs")?,
             db,
         };

@@ -46,6 +46,12 @@ pub enum TreeId {
     Invocations,
     /// `allocations`.
     Allocations,
+    /// `jobs`.
+    Jobs,
+    /// `job_inputs`.
+    JobInputs,
+    /// `job_results`.
+    JobResults,
     /// `instance_logs`.
     InstanceLogs,
 }
@@ -96,6 +102,9 @@ pub(super) struct Trees {
     pub comfy_cache: sled::Tree,
     pub invocations: sled::Tree,
     pub allocations: sled::Tree,
+    pub jobs: sled::Tree,
+    pub job_inputs: sled::Tree,
+    pub job_results: sled::Tree,
     pub instance_logs: sled::Tree,
 }
 
@@ -116,6 +125,9 @@ impl Trees {
             TreeId::ComfyCache => &self.comfy_cache,
             TreeId::Invocations => &self.invocations,
             TreeId::Allocations => &self.allocations,
+            TreeId::Jobs => &self.jobs,
+            TreeId::JobInputs => &self.job_inputs,
+            TreeId::JobResults => &self.job_results,
             TreeId::InstanceLogs => &self.instance_logs,
             TreeId::Meta => &self.meta,
         }

@@ -1,0 +1,127 @@
+//! Durable jobs over HTTP: `POST /api/v1/functions/NAME/jobs` (202 once stored),
+//! `GET /api/v1/jobs/ID` (the record), `GET /api/v1/jobs/ID/result` (the function's answer,
+//! 409 until the job ends).
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::jobs::{JobError, JobRecord, JobState, Submission, MAX_BODY};
+use crate::model::ErrorCode;
+use crate::proxy::ProxyError;
+
+/// `POST /api/v1/functions/NAME/jobs`'s query.
+#[derive(Debug, Default, Deserialize)]
+pub struct SubmitParams {
+    /// The path (and query) the function is sent; `/` by default.
+    pub path: Option<String>,
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Store(e) => ApiError::Store(e),
+            JobError::BadPath(_) => ApiError::BadRequest {
+                code: ErrorCode::BadRequest,
+                message: e.to_string(),
+                details: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Stores a job; answers 202 with its record and `Location` once it is on disk.
+pub async fn submit(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<SubmitParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let f = state
+        .activator()
+        .function(&name)
+        .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::Proxy(ProxyError::BodyTooLarge {
+                limit: MAX_BODY as u64,
+            })
+        })?;
+    let submission = Submission {
+        path: p.path.unwrap_or_else(|| "/".into()),
+        content_type,
+        body,
+    };
+    let job = state.jobs.submit(&f, submission).await?;
+    let location = format!("/api/v1/jobs/{}", job.id);
+    let mut response = (StatusCode::ACCEPTED, Json(job)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
+    state
+        .jobs
+        .get(id)?
+        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))
+}
+
+/// `GET /api/v1/jobs/ID`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    Ok(Json(find(&state, &id)?))
+}
+
+/// `GET /api/v1/jobs/ID/result`: the function's status, headers and body.
+pub async fn result(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = find(&state, &id)?;
+    let (Some(status), true) = (job.status, job.state.is_terminal()) else {
+        let state_name = serde_json::to_value(job.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let state_name = match job.state {
+            JobState::Failed | JobState::Cancelled => format!("{state_name} without an answer"),
+            _ => state_name,
+        };
+        return Err(ApiError::JobNotFinished {
+            id,
+            state: state_name,
+        });
+    };
+    let body = state.jobs.result(&id)?.unwrap_or_default();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    for (k, v) in &job.headers {
+        if let (Ok(k), Ok(v)) = (
+            header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            if k != header::CONTENT_LENGTH && k != header::TRANSFER_ENCODING {
+                response.headers_mut().append(k, v);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&job.id) {
+        response.headers_mut().insert("ember-job-id", v);
+    }
+    Ok(response)
+}

@@ -1,0 +1,222 @@
+//! Durable jobs: an invocation submitted now and run when an instance is free, never lost.
+//!
+//! A submission is stored (record and input) and on disk before it is acknowledged; the
+//! store's writer flushes once per batch, so a burst of submissions shares one flush. Each
+//! function's jobs wait in submission order in memory (rebuilt from the store at start)
+//! and run through the invoke core like any request, so they take the activator's
+//! permits (cold starts, `scale.max`, `concurrency`) and leave history records (`kind:
+//! job`). At most `scale.max × scale.concurrency` of a function's jobs are in flight, so a
+//! backlog waits here, not in the activator's bounded queue.
+//!
+//! An attempt that gets a retryable answer (408, 429, 5xx, a timeout, a broken
+//! connection, a failed start) runs again after an exponential back-off with jitter
+//! (1 s doubling to 60 s, `Retry-After` honoured) until `max_attempts`; other answers are
+//! final. Waiting for room (a full queue, no capacity) is not an attempt. A job that was
+//! running when the gateway died runs again after the restart (at least once): the
+//! function sees `Ember-Job-Id` and `Ember-Attempt` to tell.
+
+mod run;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::activator::Function;
+use crate::history::{format_id, mint};
+use crate::invoke::Invoker;
+use crate::store::{now_ms, StoreError};
+pub use crate::store::{JobRecord, JobState};
+
+/// Largest input a job takes, and largest answer it keeps.
+pub const MAX_BODY: usize = 10 << 20;
+/// Attempts a job may take by default.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The store could not keep it: it was not accepted.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The path is not one a function can be sent.
+    #[error("`{0}` is not a path: give one starting with `/`, e.g. `?path=/render`")]
+    BadPath(String),
+}
+
+/// What a submission asks for.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// The path (and query) the function is sent.
+    pub path: String,
+    /// The input's content type.
+    pub content_type: Option<String>,
+    /// The input.
+    pub body: Bytes,
+}
+
+/// The job queues. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    invoker: Invoker,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+/// One function's jobs: waiting in order, and how many are in flight.
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<u64>,
+    running: usize,
+}
+
+impl Jobs {
+    /// The job queues over `invoker`; nothing runs until [`Jobs::start`].
+    pub fn new(invoker: Invoker, tracker: TaskTracker, shutdown: CancellationToken) -> Jobs {
+        Jobs {
+            inner: Arc::new(Inner {
+                invoker,
+                tracker,
+                shutdown,
+                queues: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Resumes the jobs the store holds unfinished: queued ones wait again; one that was
+    /// running lost its attempt with the gateway and runs again (or fails, its attempts
+    /// spent).
+    pub async fn start(&self) -> Result<(), StoreError> {
+        let store = self.inner.invoker.activator().store().clone();
+        let unfinished = store.unfinished_jobs().await?;
+        let resumed = unfinished.len();
+        for (id, mut job) in unfinished {
+            if job.state == JobState::Running {
+                if job.attempt >= job.max_attempts {
+                    job.state = JobState::Failed;
+                    job.finished_ms = Some(now_ms());
+                    job.error = Some(format!(
+                        "the gateway stopped during attempt {} of {}",
+                        job.attempt, job.max_attempts
+                    ));
+                    store.update_job(id, &job, None).await?;
+                    continue;
+                }
+                job.state = JobState::Queued;
+                store.update_job(id, &job, None).await?;
+            }
+            self.enqueue(&job.function, id);
+        }
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "resumed unfinished jobs");
+        }
+        Ok(())
+    }
+
+    /// Stores a job for `f`; once it is on disk, queues it and returns its record.
+    pub async fn submit(&self, f: &Arc<Function>, s: Submission) -> Result<JobRecord, JobError> {
+        if !s.path.starts_with('/') || s.path.parse::<http::Uri>().is_err() {
+            return Err(JobError::BadPath(s.path));
+        }
+        let id = mint();
+        let now = now_ms();
+        let job = JobRecord {
+            id: format_id(id),
+            function: f.name().to_string(),
+            state: JobState::Queued,
+            attempt: 0,
+            max_attempts: MAX_ATTEMPTS,
+            path: s.path,
+            content_type: s.content_type,
+            input_bytes: s.body.len() as u64,
+            submitted_ms: now,
+            not_before_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            instance: None,
+            node: None,
+            gpus: Vec::new(),
+            status: None,
+            headers: Vec::new(),
+            error: None,
+            result_bytes: None,
+        };
+        let store = self.inner.invoker.activator().store();
+        store.put_job(id, &job, s.body.to_vec()).await?;
+        self.enqueue(f.name(), id);
+        Ok(job)
+    }
+
+    /// A job's record.
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        match crate::history::parse_id(id) {
+            Some(id) => self.inner.invoker.activator().store().job(id),
+            None => Ok(None),
+        }
+    }
+
+    /// A finished job's answer body.
+    pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match crate::history::parse_id(id) {
+            Some(id) => self.inner.invoker.activator().store().job_result(id),
+            None => Ok(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {
+        self.inner.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enqueue(&self, function: &str, id: u64) {
+        self.lock()
+            .entry(function.to_string())
+            .or_default()
+            .waiting
+            .push_back(id);
+        self.pump(function);
+    }
+
+    /// Starts as many of `function`'s waiting jobs as it may have in flight.
+    fn pump(&self, function: &str) {
+        let limit = self
+            .inner
+            .invoker
+            .activator()
+            .function(function)
+            .map_or(1, |f| {
+                let m = &f.revision().manifest;
+                (m.scale.max as usize * m.scale.concurrency as usize).max(1)
+            });
+        let mut queues = self.lock();
+        let Some(q) = queues.get_mut(function) else {
+            return;
+        };
+        while q.running < limit {
+            let Some(id) = q.waiting.pop_front() else {
+                break;
+            };
+            q.running += 1;
+            let this = self.clone();
+            let span = tracing::info_span!("job", function, job = %format_id(id));
+            self.inner.tracker.spawn(tracing::Instrument::instrument(
+                async move { this.run(id).await },
+                span,
+            ));
+        }
+    }
+
+    /// One job ended its turn (finished, or waits for a retry): the next may go.
+    fn done(&self, function: &str) {
+        if let Some(q) = self.lock().get_mut(function) {
+            q.running = q.running.saturating_sub(1);
+        }
+        self.pump(function);
+    }
+}

@@ -1,0 +1,157 @@
+//! The `jobs`, `job_inputs` and `job_results` trees: durable asynchronous invocations.
+//!
+//! - `jobs`: job id (8 bytes, big-endian; ids grow with submission time) → [`JobRecord`].
+//! - `job_inputs`: job id → the input body, raw bytes (its content type is in the record).
+//! - `job_results`: job id → the function's answer body, raw bytes (status and headers
+//!   are in the record).
+//!
+//! Bodies are stored as they are, not in the JSON envelope: they are the user's bytes, up
+//! to 10 MiB, and their metadata is in the (enveloped) record. A submission is one write
+//! of the record and its input that resolves once it is on disk (the store's writer
+//! flushes once per batch: a burst of submissions shares one flush).
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, Change, Store, StoreError, TreeId};
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting to run (or to run again after a retryable failure).
+    Queued,
+    /// An attempt is under way.
+    Running,
+    /// The function answered 2xx or 3xx; its answer is the result.
+    Succeeded,
+    /// The function answered a final error, or every attempt failed.
+    Failed,
+    /// Cancelled before it ended.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id (16 hex digits).
+    pub id: String,
+    /// The function it runs on.
+    pub function: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Attempts begun so far.
+    pub attempt: u32,
+    /// Attempts it may take.
+    pub max_attempts: u32,
+    /// The path the function is sent (`/` by default), with its query.
+    pub path: String,
+    /// The input's content type.
+    pub content_type: Option<String>,
+    /// The input's size.
+    pub input_bytes: u64,
+    /// When it was submitted (unix ms).
+    pub submitted_ms: u64,
+    /// Not to start before (unix ms): the back-off of a retry.
+    pub not_before_ms: u64,
+    /// When its last attempt began.
+    pub started_ms: Option<u64>,
+    /// When it ended.
+    pub finished_ms: Option<u64>,
+    /// The instance of its last attempt.
+    pub instance: Option<String>,
+    /// That instance's node.
+    pub node: Option<String>,
+    /// The GPU slots that instance held.
+    #[serde(default)]
+    pub gpus: Vec<String>,
+    /// The function's status, once it answered.
+    pub status: Option<u16>,
+    /// The function's answer headers, once it answered.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Why it failed (or why the last attempt did).
+    pub error: Option<String>,
+    /// The answer body's size, once stored.
+    pub result_bytes: Option<u64>,
+}
+
+fn key(id: u64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
+impl Store {
+    /// Stores a new job and its input; resolves once both are on disk.
+    pub async fn put_job(
+        &self,
+        id: u64,
+        job: &JobRecord,
+        input: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.write(vec![
+            Change::Put(TreeId::Jobs, key(id), encode(job)),
+            Change::Put(TreeId::JobInputs, key(id), input),
+        ])
+        .await
+    }
+
+    /// Stores a job's new state (and its answer's body, when it has one); resolves once on
+    /// disk.
+    pub async fn update_job(
+        &self,
+        id: u64,
+        job: &JobRecord,
+        result: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let mut changes = vec![Change::Put(TreeId::Jobs, key(id), encode(job))];
+        if let Some(body) = result {
+            changes.push(Change::Put(TreeId::JobResults, key(id), body));
+        }
+        self.write(changes).await
+    }
+
+    /// A job.
+    pub fn job(&self, id: u64) -> Result<Option<JobRecord>, StoreError> {
+        self.get(TreeId::Jobs, &key(id))
+    }
+
+    /// A job's input.
+    pub fn job_input(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.trees.tree(TreeId::JobInputs).get(key(id))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    /// A job's answer body.
+    pub fn job_result(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.trees.tree(TreeId::JobResults).get(key(id))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    /// Every job not over (queued or running), oldest first: what a restart resumes.
+    pub async fn unfinished_jobs(&self) -> Result<Vec<(u64, JobRecord)>, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for entry in trees.tree(TreeId::Jobs).iter() {
+                let (k, v) = entry?;
+                let job: JobRecord = decode(&k, &v)?;
+                if !job.state.is_terminal() {
+                    let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+                    out.push((id, job));
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+}

@@ -1,0 +1,155 @@
+//! Durable jobs end to end: 200 jobs (100 ms each) submitted at once survive a SIGKILL of
+//! the gateway right after the last 202 and all succeed after the restart, those that were
+//! running as their second attempt (a job for a function at zero cold-starts it); a failing function's job is retried and ends `failed` with the
+//! function's answer; a final 4xx is not retried.
+#![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
+
+mod common;
+
+use std::time::Duration;
+
+use common::Gateway;
+use http::Method;
+use serde_json::Value;
+
+const JOBS: usize = 200;
+
+/// The job's record once it is in `state` (fails after `within`).
+async fn wait_for(gw: &Gateway, id: &str, state: &str, within: Duration) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let job = gw.get_json(&format!("/api/v1/jobs/{id}")).await;
+        if job["state"] == state {
+            return job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} never got {state}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_acknowledged_before_a_sigkill_all_run_after_the_restart() {
+    require_docker!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
+    let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
+    let manifest = common::echo_manifest("echo", "", "[scale]\nmax = 2\nconcurrency = 4");
+    assert_eq!(gw.deploy("echo", &manifest).await.status, 201);
+    let submits = (0..JOBS).map(|i| {
+        let gw = &gw;
+        async move {
+            let body = format!("job {i}");
+            let r = gw
+                .request(
+                    Method::POST,
+                    "/api/v1/functions/echo/jobs?path=/sleep/100",
+                    &[("content-type", "text/plain")],
+                    body.clone(),
+                )
+                .await;
+            assert_eq!(r.status, 202, "{}", r.text());
+            let id = r.json()["id"].as_str().unwrap().to_string();
+            assert_eq!(
+                r.header("location").as_deref(),
+                Some(format!("/api/v1/jobs/{id}").as_str())
+            );
+            (id, body)
+        }
+    });
+    let accepted = futures_util::future::join_all(submits).await;
+    gw.kill();
+
+    let gw = Gateway::builder().data_dir(dir.path()).start().await;
+    let mut again = 0;
+    for (id, body) in &accepted {
+        let last = wait_for(&gw, id, "succeeded", Duration::from_secs(60)).await;
+        let attempt = last["attempt"].as_u64().unwrap();
+        assert!((1..=2).contains(&attempt), "{last}");
+        again += usize::from(attempt == 2);
+        let r = gw
+            .request(Method::GET, &format!("/api/v1/jobs/{id}/result"), &[], "")
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), *body, "the function's answer is the result");
+        assert_eq!(r.header("x-echo-uri").as_deref(), Some("/sleep/100"));
+        assert_eq!(
+            r.header("x-echo-h-ember-job-id").as_deref(),
+            Some(id.as_str())
+        );
+        let told = r.header("x-echo-h-ember-attempt").unwrap();
+        assert_eq!(
+            told,
+            attempt.to_string(),
+            "the function is told its attempt"
+        );
+    }
+    // The jobs that were running when the gateway died ran again, as attempt 2.
+    assert!(again > 0, "no job was running at the kill");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_job_is_retried_then_fails_and_a_final_4xx_is_not_retried() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    assert_eq!(
+        gw.deploy("echo", &common::echo_manifest("echo", "", ""))
+            .await
+            .status,
+        201
+    );
+    let submit = |path: &'static str| {
+        let gw = &gw;
+        async move {
+            let r = gw
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/functions/echo/jobs?path={path}"),
+                    &[],
+                    "x",
+                )
+                .await;
+            assert_eq!(r.status, 202, "{}", r.text());
+            r.json()["id"].as_str().unwrap().to_string()
+        }
+    };
+    let failing = submit("/status/503").await;
+    let refused = submit("/status/404").await;
+    let early = gw
+        .request(
+            Method::GET,
+            &format!("/api/v1/jobs/{failing}/result"),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(
+        early.status,
+        409,
+        "no result until it ends: {}",
+        early.text()
+    );
+    assert_eq!(early.json()["error"]["code"], "job_not_finished");
+    for (id, attempts) in [(&refused, 1), (&failing, 3)] {
+        let last = wait_for(&gw, id, "failed", Duration::from_secs(30)).await;
+        assert_eq!(last["attempt"], attempts, "{last}");
+        let r = gw
+            .request(Method::GET, &format!("/api/v1/jobs/{id}/result"), &[], "")
+            .await;
+        assert!(
+            r.text().starts_with("status "),
+            "the function's answer is kept"
+        );
+    }
+    let missing = gw
+        .request(Method::GET, "/api/v1/jobs/0000000000000000", &[], "")
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["code"], "job_not_found");
+    let nowhere = gw
+        .request(Method::POST, "/api/v1/functions/nope/jobs", &[], "x")
+        .await;
+    assert_eq!(nowhere.status, 404);
+}
