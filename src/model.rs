@@ -193,6 +193,10 @@ pub enum ErrorCode {
     JobNotFound,
     /// The job has not ended: it has no result yet.
     JobNotFinished,
+    /// The job is not in a state that allows what was asked (retrying a running job).
+    JobStateConflict,
+    /// An `Idempotency-Key` came back with another input.
+    IdempotencyKeyReused,
     /// The manifest was refused (details name the fields).
     InvalidManifest,
     /// An image tag was refused.
@@ -277,6 +281,8 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::InstanceNotFound, "instance_not_found"),
     (ErrorCode::JobNotFound, "job_not_found"),
     (ErrorCode::JobNotFinished, "job_not_finished"),
+    (ErrorCode::JobStateConflict, "job_state_conflict"),
+    (ErrorCode::IdempotencyKeyReused, "idempotency_key_reused"),
     (ErrorCode::InvalidManifest, "invalid_manifest"),
     (ErrorCode::InvalidTag, "invalid_tag"),
     (ErrorCode::BodyTooLarge, "body_too_large"),

@@ -153,3 +153,93 @@ async fn a_failing_job_is_retried_then_fails_and_a_final_4xx_is_not_retried() {
         .await;
     assert_eq!(nowhere.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_cancelled_retried_listed_counted_purged_and_keyed() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    let manifest = common::echo_manifest("echo", "", "[scale]\nmax = 1\nconcurrency = 1");
+    assert_eq!(gw.deploy("echo", &manifest).await.status, 201);
+    let submit = |path: &'static str, body: &'static str, key: Option<&'static str>| {
+        let gw = &gw;
+        async move {
+            let mut headers = vec![];
+            if let Some(k) = key {
+                headers.push(("idempotency-key", k));
+            }
+            gw.request(
+                Method::POST,
+                &format!("/api/v1/functions/echo/jobs?path={path}"),
+                &headers,
+                body,
+            )
+            .await
+        }
+    };
+    let id = |r: &common::Response| r.json()["id"].as_str().unwrap().to_string();
+    let post = |path: String| {
+        let gw = &gw;
+        async move { gw.request(Method::POST, &path, &[], "").await }
+    };
+
+    // One runs (3 s), one waits behind it: both cancelled, the waiting one at once.
+    let long = id(&submit("/sleep/3000", "a", None).await);
+    wait_for(&gw, &long, "running", Duration::from_secs(20)).await;
+    let behind = id(&submit("/sleep/10", "b", None).await);
+    let r = post(format!("/api/v1/jobs/{behind}/cancel")).await;
+    assert_eq!(r.json()["state"], "cancelled", "{}", r.text());
+    let refused = post(format!("/api/v1/jobs/{long}/retry")).await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.json()["error"]["code"], "job_state_conflict");
+    let began = std::time::Instant::now();
+    let r = post(format!("/api/v1/jobs/{long}/cancel")).await;
+    assert_eq!(r.json()["state"], "cancelled", "{}", r.text());
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "the running request was dropped"
+    );
+
+    // A cancelled job runs again when retried.
+    let r = post(format!("/api/v1/jobs/{behind}/retry")).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_for(&gw, &behind, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(done["attempt"], 1);
+
+    // The same key and input: the same job; another input: refused.
+    let first = submit("/", "same", Some("k1")).await;
+    let again = submit("/", "same", Some("k1")).await;
+    assert_eq!(id(&first), id(&again));
+    let other = submit("/", "other", Some("k1")).await;
+    assert_eq!(other.status, 422);
+    assert_eq!(other.json()["error"]["code"], "idempotency_key_reused");
+
+    // Purge: the queued go, the running one goes on.
+    wait_for(&gw, &id(&first), "succeeded", Duration::from_secs(20)).await;
+    let running = id(&submit("/sleep/1500", "r", None).await);
+    wait_for(&gw, &running, "running", Duration::from_secs(20)).await;
+    let queued = [
+        id(&submit("/", "q1", None).await),
+        id(&submit("/", "q2", None).await),
+    ];
+    let r = post("/api/v1/functions/echo/queue/purge".into()).await;
+    assert_eq!(r.json()["purged"], 2, "{}", r.text());
+    wait_for(&gw, &running, "succeeded", Duration::from_secs(20)).await;
+    let counts = gw.get_json("/api/v1/functions/echo/queue").await;
+    assert_eq!(counts["cancelled"], 3, "{counts}");
+    assert_eq!(counts["succeeded"], 3, "{counts}");
+    assert_eq!(counts["queued"], 0, "{counts}");
+    let listed = gw
+        .get_json("/api/v1/jobs?function=echo&state=cancelled")
+        .await;
+    let ids: Vec<&str> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [&queued[1], &queued[0], &long], "newest first");
+    let bad = gw
+        .request(Method::GET, "/api/v1/jobs?state=sleeping", &[], "")
+        .await;
+    assert_eq!(bad.status, 400);
+}

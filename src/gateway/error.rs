@@ -101,6 +101,12 @@ pub enum ApiError {
         /// Where it is.
         state: String,
     },
+    /// A job's change (cancel, retry) was refused.
+    #[error(transparent)]
+    JobChange(#[from] crate::jobs::ChangeError),
+    /// A job submission was refused.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
     /// The state store failed outside the activator (keys, credentials).
     #[error("the state store failed")]
     Store(#[from] StoreError),
@@ -124,6 +130,22 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::FunctionNotFound(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
         ApiError::JobNotFound(_) => (S::NOT_FOUND, C::JobNotFound, None),
         ApiError::JobNotFinished { .. } => (S::CONFLICT, C::JobNotFinished, None),
+        ApiError::JobChange(crate::jobs::ChangeError::NotFound(_)) => {
+            (S::NOT_FOUND, C::JobNotFound, None)
+        }
+        ApiError::JobChange(crate::jobs::ChangeError::Conflict { .. }) => {
+            (S::CONFLICT, C::JobStateConflict, None)
+        }
+        ApiError::JobChange(crate::jobs::ChangeError::Store(_)) => {
+            (S::INTERNAL_SERVER_ERROR, C::Internal, None)
+        }
+        ApiError::Job(crate::jobs::JobError::BadPath(_)) => (S::BAD_REQUEST, C::BadRequest, None),
+        ApiError::Job(crate::jobs::JobError::KeyReused { .. }) => {
+            (S::UNPROCESSABLE_ENTITY, C::IdempotencyKeyReused, None)
+        }
+        ApiError::Job(crate::jobs::JobError::Store(_)) => {
+            (S::SERVICE_UNAVAILABLE, C::Internal, None)
+        }
         ApiError::Manifest(_) => (S::BAD_REQUEST, C::InvalidManifest, None),
         ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code, None),
         ApiError::UnknownAction(_) => (S::NOT_FOUND, C::UnknownAction, None),

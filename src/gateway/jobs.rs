@@ -11,8 +11,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::jobs::{JobError, JobRecord, JobState, Submission, MAX_BODY};
-use crate::model::ErrorCode;
+use crate::jobs::{JobFilter, JobRecord, JobState, QueueCounts, Submission, MAX_BODY};
 use crate::proxy::ProxyError;
 
 /// `POST /api/v1/functions/NAME/jobs`'s query.
@@ -20,19 +19,6 @@ use crate::proxy::ProxyError;
 pub struct SubmitParams {
     /// The path (and query) the function is sent; `/` by default.
     pub path: Option<String>,
-}
-
-impl From<JobError> for ApiError {
-    fn from(e: JobError) -> Self {
-        match e {
-            JobError::Store(e) => ApiError::Store(e),
-            JobError::BadPath(_) => ApiError::BadRequest {
-                code: ErrorCode::BadRequest,
-                message: e.to_string(),
-                details: Vec::new(),
-            },
-        }
-    }
 }
 
 /// Stores a job; answers 202 with its record and `Location` once it is on disk.
@@ -46,11 +32,18 @@ pub async fn submit(
         .activator()
         .function(&name)
         .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let (content_type, key) = {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        (
+            header(header::CONTENT_TYPE.as_str()),
+            header("idempotency-key"),
+        )
+    };
     let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
         .await
         .map_err(|_| {
@@ -62,6 +55,7 @@ pub async fn submit(
         path: p.path.unwrap_or_else(|| "/".into()),
         content_type,
         body,
+        key,
     };
     let job = state.jobs.submit(&f, submission).await?;
     let location = format!("/api/v1/jobs/{}", job.id);
@@ -124,4 +118,99 @@ pub async fn result(
         response.headers_mut().insert("ember-job-id", v);
     }
     Ok(response)
+}
+
+/// `POST /api/v1/jobs/ID/cancel`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    Ok(Json(state.jobs.cancel(&id).await?))
+}
+
+/// `POST /api/v1/jobs/ID/retry`.
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.retry(&id).await?)))
+}
+
+/// `GET /api/v1/jobs`'s query, as written.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    function: Option<String>,
+    state: Option<String>,
+    node: Option<String>,
+    gpu: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/jobs?function=&state=&node=&gpu=&since=&limit=&cursor=`: newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bad =
+        |field: &'static str, message: String| crate::history::query::BadParam { field, message };
+    let since_ms = p
+        .since
+        .as_deref()
+        .map(|s| crate::history::query::parse_time("since", s).map(|us| us / 1000))
+        .transpose()?;
+    let job_state = match p.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<JobState>(serde_json::Value::String(s.into())).map_err(|_| {
+                bad("state", format!("`{s}` is not a state: queued, running, succeeded, failed, cancelled or expired"))
+            })?,
+        ),
+    };
+    let limit = match p.limit.as_deref() {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n @ 1..=1000) => n,
+            _ => return Err(bad("limit", format!("`{l}` is not a number from 1 to 1000")).into()),
+        },
+    };
+    let filter = JobFilter {
+        function: p.function,
+        state: job_state,
+        node: p.node,
+        gpu: p.gpu,
+        since_ms,
+        cursor: p.cursor,
+        limit,
+    };
+    let (jobs, next) = state.jobs.list(filter).await?;
+    Ok(Json(
+        serde_json::json!({ "jobs": jobs, "next_cursor": next }),
+    ))
+}
+
+/// `GET /api/v1/functions/NAME/queue`: the function's jobs by state.
+pub async fn queue(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<QueueCounts>, ApiError> {
+    state
+        .activator()
+        .function(&name)
+        .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
+    Ok(Json(state.jobs.counts(&name).await?))
+}
+
+/// `POST /api/v1/functions/NAME/queue/purge`: cancels its queued jobs.
+pub async fn purge(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .activator()
+        .function(&name)
+        .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
+    let purged = state.jobs.purge(&name).await?;
+    Ok(Json(serde_json::json!({ "purged": purged })))
 }

@@ -147,8 +147,13 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/functions/{name}/jobs",
             post(jobs::submit).layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/jobs", get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/result", get(jobs::result))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/api/v1/functions/{name}/queue", get(jobs::queue))
+        .route("/api/v1/functions/{name}/queue/purge", post(jobs::purge))
         .route("/api/v1/invocations", get(history::invocations))
         .route("/api/v1/usage", get(history::usage))
         .merge(comfy::routes())

@@ -15,6 +15,9 @@
 //! running when the gateway died runs again after the restart (at least once): the
 //! function sees `Ember-Job-Id` and `Ember-Attempt` to tell.
 
+mod manage;
+
+pub use manage::{ChangeError, JobFilter, QueueCounts};
 mod run;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +37,8 @@ pub use crate::store::{JobRecord, JobState};
 pub const MAX_BODY: usize = 10 << 20;
 /// Attempts a job may take by default.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// How long a job may wait to start; after that it expires unstarted.
+pub const TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,14 @@ pub enum JobError {
     /// The path is not one a function can be sent.
     #[error("`{0}` is not a path: give one starting with `/`, e.g. `?path=/render`")]
     BadPath(String),
+    /// An idempotency key came back with another input.
+    #[error("Idempotency-Key `{key}` was used for job {job} with another input; use a new key for a new job")]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The job it made.
+        job: String,
+    },
 }
 
 /// What a submission asks for.
@@ -55,6 +68,17 @@ pub struct Submission {
     pub content_type: Option<String>,
     /// The input.
     pub body: Bytes,
+    /// The client's `Idempotency-Key`: the same key and input again get the same job.
+    pub key: Option<String>,
+}
+
+/// The SHA-256 of an input, hex: what an idempotency key is checked against.
+fn input_hash(body: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The job queues. Cheap to clone.
@@ -68,13 +92,16 @@ struct Inner {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     queues: Mutex<HashMap<String, Queue>>,
+    /// Submissions with an idempotency key, one at a time (check, then store).
+    keyed: tokio::sync::Mutex<()>,
 }
 
-/// One function's jobs: waiting in order, and how many are in flight.
+/// One function's jobs: waiting in order, and those taken to run (each with the signal
+/// that cancels it).
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<u64>,
-    running: usize,
+    running: HashMap<u64, CancellationToken>,
 }
 
 impl Jobs {
@@ -86,6 +113,7 @@ impl Jobs {
                 tracker,
                 shutdown,
                 queues: Mutex::default(),
+                keyed: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -149,7 +177,27 @@ impl Jobs {
             result_bytes: None,
         };
         let store = self.inner.invoker.activator().store();
-        store.put_job(id, &job, s.body.to_vec()).await?;
+        match &s.key {
+            None => store.put_job(id, &job, s.body.to_vec()).await?,
+            Some(key) => {
+                let _one = self.inner.keyed.lock().await;
+                let hash = input_hash(&s.body);
+                if let Some((made, made_hash)) = store.job_by_key(f.name(), key)? {
+                    if made_hash != hash {
+                        return Err(JobError::KeyReused {
+                            key: key.clone(),
+                            job: made,
+                        });
+                    }
+                    if let Some(existing) = self.get(&made)? {
+                        return Ok(existing);
+                    }
+                }
+                store
+                    .put_job_with_key(id, &job, s.body.to_vec(), key, &hash)
+                    .await?;
+            }
+        }
         self.enqueue(f.name(), id);
         Ok(job)
     }
@@ -198,11 +246,11 @@ impl Jobs {
         let Some(q) = queues.get_mut(function) else {
             return;
         };
-        while q.running < limit {
+        while q.running.len() < limit {
             let Some(id) = q.waiting.pop_front() else {
                 break;
             };
-            q.running += 1;
+            q.running.insert(id, CancellationToken::new());
             let this = self.clone();
             let span = tracing::info_span!("job", function, job = %format_id(id));
             self.inner.tracker.spawn(tracing::Instrument::instrument(
@@ -212,10 +260,18 @@ impl Jobs {
         }
     }
 
-    /// One job ended its turn (finished, or waits for a retry): the next may go.
-    fn done(&self, function: &str) {
+    /// The signal that cancels job `id`, taken to run.
+    fn cancel_signal(&self, function: &str, id: u64) -> CancellationToken {
+        self.lock()
+            .get(function)
+            .and_then(|q| q.running.get(&id).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Job `id` ended its turn (finished, or waits for a retry): the next may go.
+    fn done(&self, function: &str, id: u64) {
         if let Some(q) = self.lock().get_mut(function) {
-            q.running = q.running.saturating_sub(1);
+            q.running.remove(&id);
         }
         self.pump(function);
     }

@@ -6,7 +6,7 @@ use axum::body::Body;
 use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{JobRecord, JobState, Jobs, MAX_BODY};
+use super::{JobRecord, JobState, Jobs, MAX_BODY, TTL};
 use crate::activator::AcquireError;
 use crate::history::format_id;
 use crate::invoke::trace::{JobCall, Ran};
@@ -54,21 +54,24 @@ impl Jobs {
         let store = self.inner.invoker.activator().store().clone();
         let job = match store.job(id) {
             Ok(Some(job)) if job.state == JobState::Queued => job,
-            Ok(_) => return self.done_unknown(id),
+            Ok(job) => {
+                // Cancelled or purged meanwhile: its turn is over.
+                if let Some(job) = job {
+                    self.done(&job.function, id);
+                }
+                tracing::debug!(job = %format_id(id), "not queued any more");
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the job; it stays queued until a restart");
-                return self.done_unknown(id);
+                return;
             }
         };
         let function = job.function.clone();
         if let Err(e) = self.attempt(&store, id, job).await {
             tracing::error!(error = %e, "could not record the job's state; it resumes at the next start");
         }
-        self.done(&function);
-    }
-
-    fn done_unknown(&self, id: u64) {
-        tracing::debug!(job = %format_id(id), "not queued any more");
+        self.done(&function, id);
     }
 
     async fn attempt(
@@ -83,13 +86,31 @@ impl Jobs {
             job.error = Some(format!("function `{}` was removed", job.function));
             return store.update_job(id, &job, None).await;
         };
+        let cancel = self.cancel_signal(&job.function, id);
+        if job.attempt == 0 && now_ms() > job.submitted_ms.saturating_add(TTL.as_millis() as u64) {
+            job.state = JobState::Expired;
+            job.finished_ms = Some(now_ms());
+            job.error = Some(format!(
+                "not started within its time to live ({})",
+                humantime::format_duration(TTL)
+            ));
+            return store.update_job(id, &job, None).await;
+        }
         let input = store.job_input(id)?.unwrap_or_default();
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
         job.state = JobState::Running;
         job.attempt += 1;
         job.started_ms = Some(now_ms());
         store.update_job(id, &job, None).await?;
 
-        let outcome = self.send(&f, &job, input).await;
+        let outcome = tokio::select! {
+            outcome = self.send(&f, &job, input) => outcome,
+            _ = cancel.cancelled() => {
+                Outcome::Final(JobState::Cancelled, None, Some("cancelled while it ran".into()))
+            }
+        };
         let (answer, delay) = match outcome {
             Outcome::NoRoom => {
                 job.state = JobState::Queued;

@@ -4,6 +4,7 @@
 //! - `job_inputs`: job id → the input body, raw bytes (its content type is in the record).
 //! - `job_results`: job id → the function's answer body, raw bytes (status and headers
 //!   are in the record).
+//! - `job_keys`: `function\nIdempotency-Key` → the job it made and its input's hash.
 //!
 //! Bodies are stored as they are, not in the JSON envelope: they are the user's bytes, up
 //! to 10 MiB, and their metadata is in the (enveloped) record. A submission is one write
@@ -28,6 +29,8 @@ pub enum JobState {
     Failed,
     /// Cancelled before it ended.
     Cancelled,
+    /// Still queued when its time to live ran out: it never started.
+    Expired,
 }
 
 impl JobState {
@@ -35,7 +38,7 @@ impl JobState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Expired
         )
     }
 }
@@ -134,6 +137,63 @@ impl Store {
     pub fn job_result(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let v = self.trees.tree(TreeId::JobResults).get(key(id))?;
         Ok(v.map(|v| v.to_vec()))
+    }
+
+    /// Jobs with ids below `below_id`, newest first, that `keep` accepts, at most `limit`.
+    pub async fn jobs_page(
+        &self,
+        below_id: u64,
+        limit: usize,
+        keep: impl Fn(&JobRecord) -> bool + Send + 'static,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for entry in trees.tree(TreeId::Jobs).range(..key(below_id)).rev() {
+                let (k, v) = entry?;
+                let job: JobRecord = decode(&k, &v)?;
+                if keep(&job) {
+                    out.push(job);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+
+    /// The job an idempotency key of `function` named, with the hash of its input.
+    pub fn job_by_key(
+        &self,
+        function: &str,
+        idem: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        self.get(TreeId::JobKeys, format!("{function}\n{idem}").as_bytes())
+    }
+
+    /// Stores a new job, its input and the idempotency key naming it; resolves once on disk.
+    pub async fn put_job_with_key(
+        &self,
+        id: u64,
+        job: &JobRecord,
+        input: Vec<u8>,
+        idem: &str,
+        input_hash: &str,
+    ) -> Result<(), StoreError> {
+        let k = format!("{}\n{idem}", job.function).into_bytes();
+        self.write(vec![
+            Change::Put(TreeId::Jobs, key(id), encode(job)),
+            Change::Put(TreeId::JobInputs, key(id), input),
+            Change::Put(
+                TreeId::JobKeys,
+                k,
+                encode(&(job.id.clone(), input_hash.to_string())),
+            ),
+        ])
+        .await
     }
 
     /// Every job not over (queued or running), oldest first: what a restart resumes.

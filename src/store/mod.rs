@@ -21,7 +21,8 @@
 //! - `logs.rs`: `instance_logs` (`function/ended-ms/instance` → the last output of a
 //!   removed instance and why it ended), the newest few per function.
 //! - `jobs.rs`: `jobs` (id → a job's record), `job_inputs` and `job_results` (id → the
-//!   input and answer bodies, raw): durable asynchronous invocations.
+//!   input and answer bodies, raw), `job_keys` (idempotency keys): durable asynchronous
+//!   invocations.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -149,6 +150,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             job_inputs: db.open_tree("job_inputs")?,
             job_results: db.open_tree("job_results")?,
+            job_keys: db.open_tree("job_keys")?,
             instance_logs: db.open_tree("instance_logs")?,
             db,
         };

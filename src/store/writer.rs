@@ -52,6 +52,8 @@ pub enum TreeId {
     JobInputs,
     /// `job_results`.
     JobResults,
+    /// `job_keys`.
+    JobKeys,
     /// `instance_logs`.
     InstanceLogs,
 }
@@ -105,6 +107,7 @@ pub(super) struct Trees {
     pub jobs: sled::Tree,
     pub job_inputs: sled::Tree,
     pub job_results: sled::Tree,
+    pub job_keys: sled::Tree,
     pub instance_logs: sled::Tree,
 }
 
@@ -128,6 +131,7 @@ impl Trees {
             TreeId::Jobs => &self.jobs,
             TreeId::JobInputs => &self.job_inputs,
             TreeId::JobResults => &self.job_results,
+            TreeId::JobKeys => &self.job_keys,
             TreeId::InstanceLogs => &self.instance_logs,
             TreeId::Meta => &self.meta,
         }
