@@ -243,3 +243,43 @@ async fn jobs_are_cancelled_retried_listed_counted_purged_and_keyed() {
         .await;
     assert_eq!(bad.status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_private_functions_jobs_need_its_key_and_listing_them_needs_the_admin() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    let manifest = common::echo_manifest("sealed", "", "[access]\nprivate = true");
+    assert_eq!(gw.deploy("sealed", &manifest).await.status, 201);
+    let made = gw
+        .request(
+            Method::POST,
+            "/api/v1/keys",
+            &[("content-type", "application/json")],
+            r#"{"name": "client", "invoke": ["sealed"]}"#,
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let key = format!("Bearer {}", made.json()["key"].as_str().unwrap());
+    let path = "/api/v1/functions/sealed/jobs";
+    let anonymous = gw.raw_request(Method::POST, path, &[], "x").await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text());
+    let r = gw
+        .raw_request(Method::POST, path, &[("authorization", &key)], "x")
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let record = format!("/api/v1/jobs/{id}");
+    let seen = gw
+        .raw_request(Method::GET, &record, &[("authorization", &key)], "")
+        .await;
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    assert_eq!(
+        gw.raw_request(Method::GET, &record, &[], "").await.status,
+        401
+    );
+    let listed = gw
+        .raw_request(Method::GET, "/api/v1/jobs", &[("authorization", &key)], "")
+        .await;
+    assert_eq!(listed.status, 401, "listing is the admin's");
+    wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
+}

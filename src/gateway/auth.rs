@@ -56,6 +56,12 @@ pub fn rule(route: &str) -> Rule {
         r if r.starts_with("/v1/") => Rule::Function,
         // The ComfyUI front door: each handler checks its function's rule (`admit_as`).
         r if r.starts_with("/comfy/") => Rule::Function,
+        // A job's submission, record, result and cancel follow its function's rule (the
+        // handlers check it); listing, retrying and purging are the admin's.
+        "/api/v1/functions/{name}/jobs"
+        | "/api/v1/jobs/{id}"
+        | "/api/v1/jobs/{id}/result"
+        | "/api/v1/jobs/{id}/cancel" => Rule::Function,
         _ => Rule::Admin,
     }
 }
@@ -263,6 +269,26 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
         }
     }
     next.run(req).await
+}
+
+/// Checks the admin credential of a request whose route lets functions' callers in too
+/// (a job whose function is gone is the admin's alone).
+pub fn admit_admin(state: &AppState, parts: &Parts) -> Result<(), ApiError> {
+    let presented: Vec<&str> = access::bearer(&parts.headers).into_iter().collect();
+    match state.auth.admit(&presented, Caller::allows_admin)? {
+        Ok(_) => Ok(()),
+        Err(refusal) => {
+            let message = state.auth.admin_message(&refusal);
+            let route = parts.uri.path();
+            Err(refuse(
+                &parts.method,
+                route,
+                &parts.extensions,
+                &refusal,
+                message,
+            ))
+        }
+    }
 }
 
 /// The function's name in `/fn/{name}` and `/fn/{name}/{*rest}`.

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::auth::{admit, admit_admin, Admitted};
 use super::error::ApiError;
 use super::AppState;
 use crate::jobs::{JobFilter, JobRecord, JobState, QueueCounts, Submission, MAX_BODY};
@@ -24,14 +25,10 @@ pub struct SubmitParams {
 /// Stores a job; answers 202 with its record and `Location` once it is on disk.
 pub async fn submit(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Admitted(f): Admitted,
     Query(p): Query<SubmitParams>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let f = state
-        .activator()
-        .function(&name)
-        .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
     let (content_type, key) = {
         let header = |name: &str| {
             req.headers()
@@ -66,27 +63,39 @@ pub async fn submit(
     Ok(response)
 }
 
-fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    state
-        .jobs
-        .get(id)?
-        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))
+/// Job `id`, if the request may see it: its function's access rule (the admin's alone
+/// when the function is gone).
+fn find(state: &AppState, id: &str, req: Request) -> Result<JobRecord, ApiError> {
+    let (mut parts, _) = req.into_parts();
+    let job = state.jobs.get(id)?;
+    let Some(job) = job else {
+        // Unknown ids are the admin's to hear about, like everything else.
+        admit_admin(state, &parts)?;
+        return Err(ApiError::JobNotFound(id.to_string()));
+    };
+    match state.activator().function(&job.function) {
+        Some(f) => admit(state, &mut parts, &f)?,
+        None => admit_admin(state, &parts)?,
+    }
+    Ok(job)
 }
 
 /// `GET /api/v1/jobs/ID`.
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    req: Request,
 ) -> Result<Json<JobRecord>, ApiError> {
-    Ok(Json(find(&state, &id)?))
+    Ok(Json(find(&state, &id, req)?))
 }
 
 /// `GET /api/v1/jobs/ID/result`: the function's status, headers and body.
 pub async fn result(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &id, req)?;
     let (Some(status), true) = (job.status, job.state.is_terminal()) else {
         let state_name = serde_json::to_value(job.state)
             .ok()
@@ -124,7 +133,9 @@ pub async fn result(
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    req: Request,
 ) -> Result<Json<JobRecord>, ApiError> {
+    find(&state, &id, req)?;
     Ok(Json(state.jobs.cancel(&id).await?))
 }
 
