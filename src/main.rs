@@ -143,6 +143,9 @@ enum Command {
     /// Print a function's output (its instances' stdout and stderr, from any node);
     /// `-f` follows it, `--previous` shows what removed instances last wrote and why.
     Logs(cli::logs::LogsArgs),
+    /// Durable jobs: `submit` (stored before it returns; `--wait` follows it), `ls`, `get`,
+    /// `result`, `cancel`, `retry`.
+    Jobs(cli::jobs::JobsArgs),
     /// List each node's volumes with their size on disk.
     Volumes(cli::volumes::VolumesArgs),
     /// Copy a file into a node volume: `ember cp FILE NODE:VOLUME/PATH`.
@@ -353,6 +356,12 @@ async fn dispatch(command: Command, outer: GatewayArgs) -> anyhow::Result<()> {
         Command::Keys { command } => keys(command, outer).await,
         Command::Secret { command } => cli::secrets::run(command, outer).await,
         Command::Registry { command } => cli::registry::run(command, outer).await,
+        Command::Jobs(a) => {
+            with_client(a.gateway.clone(), outer, async |c| {
+                cli::jobs::jobs(c, a.command.clone()).await
+            })
+            .await
+        }
         Command::Logs(a) => {
             with_client(a.gateway.clone(), outer, async |c| {
                 cli::logs::logs(c, &a).await

@@ -143,6 +143,35 @@ async fn a_failing_job_is_retried_then_fails_and_a_final_4xx_is_not_retried() {
             "the function's answer is kept"
         );
     }
+    // `Prefer: respond-async` on the invoke route makes a job of the request.
+    let r = gw
+        .request(
+            Method::POST,
+            "/fn/echo/in?x=1",
+            &[("prefer", "respond-async")],
+            "later",
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(
+        r.header("preference-applied").as_deref(),
+        Some("respond-async")
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
+    let r = gw
+        .request(Method::GET, &format!("/api/v1/jobs/{id}/result"), &[], "")
+        .await;
+    assert_eq!(r.header("x-echo-uri").as_deref(), Some("/in?x=1"));
+    // The CLI submits, follows and prints the result.
+    let out = gw.cli(&["jobs", "submit", "echo", "-d", "from the cli", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the cli");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("succeeded"),
+        "{out:?}"
+    );
+
     let missing = gw
         .request(Method::GET, "/api/v1/jobs/0000000000000000", &[], "")
         .await;

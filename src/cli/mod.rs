@@ -1,6 +1,6 @@
 //! The client commands: `deploy` (and `deploy --dry-run`, which needs no gateway), `ls`,
 //! `rm`, `invoke`, `logs`, `gpus`, `nodes`, `volumes`, `cp`, `keys`, `secret`, `login`,
-//! `history`, `usage`.
+//! `history`, `usage`, `jobs`.
 //! Each is a client of the gateway's HTTP API (`client.rs`) that sends the token it finds
 //! (login.rs); errors the gateway returns are printed as it wrote them, with the field
 //! each one is about.
@@ -9,6 +9,7 @@ mod deploy;
 mod dry_run;
 mod functions;
 pub mod history;
+pub mod jobs;
 pub mod keys;
 mod login;
 pub mod logs;

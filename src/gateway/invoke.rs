@@ -1,4 +1,5 @@
-//! `/fn/NAME/...`: the invoke route, a thin layer over the invoke core. The function comes
+//! `/fn/NAME/...`: the invoke route, a thin layer over the invoke core (or, with
+//! `Prefer: respond-async`, a job's submission: see jobs.rs). The function comes
 //! found and admitted (`auth::Admitted`: its access rule met, Ember's credential taken
 //! out); the request, with the path after `/fn/NAME`, goes to `Invoker::call`, and errors
 //! become responses.
@@ -23,6 +24,9 @@ pub async fn invoke(
     mut req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let path = strip_prefix(route_prefix_len(req.uri().path()), req.uri());
+    if super::jobs::prefers_async(req.headers()) {
+        return super::jobs::submit_request(&state, &f, path, req).await;
+    }
     set_path(&mut req, &path)?;
     let call = Call {
         request: req,

@@ -29,6 +29,28 @@ pub async fn submit(
     Query(p): Query<SubmitParams>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    submit_request(&state, &f, p.path.unwrap_or_else(|| "/".into()), req).await
+}
+
+/// Whether a request to `/fn/` asks to be a job (`Prefer: respond-async`, RFC 7240).
+pub fn prefers_async(headers: &header::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+/// Stores `req` as a job of `f` sent to `path`; answers 202 with its record and
+/// `Location` once it is on disk.
+pub async fn submit_request(
+    state: &AppState,
+    f: &std::sync::Arc<crate::activator::Function>,
+    path: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let async_preferred = prefers_async(req.headers());
     let (content_type, key) = {
         let header = |name: &str| {
             req.headers()
@@ -49,16 +71,22 @@ pub async fn submit(
             })
         })?;
     let submission = Submission {
-        path: p.path.unwrap_or_else(|| "/".into()),
+        path,
         content_type,
         body,
         key,
     };
-    let job = state.jobs.submit(&f, submission).await?;
+    let job = state.jobs.submit(f, submission).await?;
     let location = format!("/api/v1/jobs/{}", job.id);
     let mut response = (StatusCode::ACCEPTED, Json(job)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
+    }
+    if async_preferred {
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async"),
+        );
     }
     Ok(response)
 }
