@@ -312,3 +312,48 @@ async fn a_private_functions_jobs_need_its_key_and_listing_them_needs_the_admin(
     assert_eq!(listed.status, 401, "listing is the admin's");
     wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_priority_job_waits_at_zero_and_runs_once_a_request_warmed_the_function() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    assert_eq!(
+        gw.deploy("echo", &common::echo_manifest("echo", "", ""))
+            .await
+            .status,
+        201
+    );
+    let r = gw
+        .request(
+            Method::POST,
+            "/api/v1/functions/echo/jobs",
+            &[("x-ember-priority", "low")],
+            "idle work",
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = gw.get_json(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+    assert_eq!(waiting["attempt"], 0, "waiting for room is no attempt");
+    assert!(gw.containers("echo").is_empty(), "it started nothing");
+    let warm = gw.request(Method::GET, "/fn/echo/", &[], "").await;
+    assert_eq!(warm.status, 200);
+    let done = wait_for(&gw, &id, "succeeded", Duration::from_secs(10)).await;
+    assert_eq!(done["priority"], "low");
+    assert_eq!(
+        gw.containers("echo").len(),
+        1,
+        "on the instance the request warmed"
+    );
+    let bad = gw
+        .request(
+            Method::POST,
+            "/api/v1/functions/echo/jobs",
+            &[("x-ember-priority", "urgent")],
+            "x",
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}

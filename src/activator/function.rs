@@ -240,6 +240,14 @@ impl Function {
         self.take_slot(&mut st, None)
     }
 
+    /// Whether a ready instance has a free slot now (what a low-priority job waits for).
+    pub fn has_warm_slot(&self) -> bool {
+        let st = self.lock();
+        st.instances
+            .iter()
+            .any(|i| i.phase.can_serve() && i.reservation.node().reachable() && i.has_free_slot())
+    }
+
     /// A permit on any ready instance, busy or not, that takes no slot: for a front
     /// door's short reads of what every instance serves alike (ComfyUI's web UI files,
     /// `/object_info`), which must neither wait behind the one-at-a-time work the slots

@@ -33,6 +33,7 @@ pub async fn invoke(
         client: Some(client),
         route: None,
         any_instance: false,
+        warm_only: false,
     };
     Ok(state.invoker.call(&f, call).await?)
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::auth::{admit, admit_admin, Admitted};
 use super::error::ApiError;
 use super::AppState;
-use crate::jobs::{JobFilter, JobRecord, JobState, QueueCounts, Submission, MAX_BODY};
+use crate::jobs::{JobFilter, JobRecord, JobState, Priority, QueueCounts, Submission, MAX_BODY};
 use crate::proxy::ProxyError;
 
 /// `POST /api/v1/functions/NAME/jobs`'s query.
@@ -51,7 +51,7 @@ pub async fn submit_request(
     req: Request,
 ) -> Result<Response, ApiError> {
     let async_preferred = prefers_async(req.headers());
-    let (content_type, key) = {
+    let (content_type, key, priority) = {
         let header = |name: &str| {
             req.headers()
                 .get(name)
@@ -61,7 +61,19 @@ pub async fn submit_request(
         (
             header(header::CONTENT_TYPE.as_str()),
             header("idempotency-key"),
+            header("x-ember-priority"),
         )
+    };
+    let priority = match priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("normal") | Some("high") => Priority::Normal,
+        Some("low") => Priority::Low,
+        Some(other) => {
+            return Err(crate::history::query::BadParam {
+                field: "X-Ember-Priority",
+                message: format!("`{other}` is not a priority: `low` or `normal`"),
+            }
+            .into())
+        }
     };
     let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
         .await
@@ -75,6 +87,7 @@ pub async fn submit_request(
         content_type,
         body,
         key,
+        priority,
     };
     let job = state.jobs.submit(f, submission).await?;
     let location = format!("/api/v1/jobs/{}", job.id);

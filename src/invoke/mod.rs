@@ -114,6 +114,9 @@ pub struct Call {
     /// Whether any ready instance will do, busy or not, without taking a slot (see
     /// `Function::any_ready`); a slot is taken only when none is ready and one must start.
     pub any_instance: bool,
+    /// Only a free slot of a ready instance will do: the call never waits, starts or
+    /// resumes an instance (low-priority jobs); without one it fails with `no_capacity`.
+    pub warm_only: bool,
 }
 
 /// The invoke core. Cheap to clone.
@@ -192,7 +195,16 @@ impl Invoker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ready = call.any_instance.then(|| f.any_ready()).flatten();
+            let ready = if call.warm_only {
+                let free = f.try_acquire().ok_or_else(|| AcquireError::NoCapacity {
+                    function: f.name().to_string(),
+                    reason: "no ready instance has a free slot, and this call may not start one"
+                        .into(),
+                })?;
+                Some(free)
+            } else {
+                call.any_instance.then(|| f.any_ready()).flatten()
+            };
             let (permit, waited) = match ready {
                 Some(permit) => (permit, std::time::Duration::ZERO),
                 None => {
@@ -348,6 +360,7 @@ mod tests {
             client: None,
             route: None,
             any_instance: false,
+            warm_only: false,
         };
         Ok(invoker.call(f, call).await?.status().as_u16())
     }
@@ -369,6 +382,7 @@ mod tests {
                 client: None,
                 route: None,
                 any_instance: false,
+                warm_only: false,
             };
             let response = invoker.call(&f, call).await.unwrap();
             let h = response.headers().clone();

@@ -11,7 +11,9 @@
 //! An attempt that gets a retryable answer (408, 429, 5xx, a timeout, a broken
 //! connection, a failed start) runs again after an exponential back-off with jitter
 //! (1 s doubling to 60 s, `Retry-After` honoured) until `max_attempts`; other answers are
-//! final. Waiting for room (a full queue, no capacity) is not an attempt. A job that was
+//! final. Waiting for room (a full queue, no capacity) is not an attempt. A low-priority
+//! job (`X-Ember-Priority: low`) runs only on a ready instance's free slot: it waits,
+//! never starting, resuming or adding an instance, and fills idle capacity. A job that was
 //! running when the gateway died runs again after the restart (at least once): the
 //! function sees `Ember-Job-Id` and `Ember-Attempt` to tell.
 
@@ -31,7 +33,7 @@ use crate::activator::Function;
 use crate::history::{format_id, mint};
 use crate::invoke::Invoker;
 use crate::store::{now_ms, StoreError};
-pub use crate::store::{JobRecord, JobState};
+pub use crate::store::{JobRecord, JobState, Priority};
 
 /// Largest input a job takes, and largest answer it keeps.
 pub const MAX_BODY: usize = 10 << 20;
@@ -70,6 +72,8 @@ pub struct Submission {
     pub body: Bytes,
     /// The client's `Idempotency-Key`: the same key and input again get the same job.
     pub key: Option<String>,
+    /// How it takes capacity (`X-Ember-Priority`).
+    pub priority: Priority,
 }
 
 /// The SHA-256 of an input, hex: what an idempotency key is checked against.
@@ -161,6 +165,7 @@ impl Jobs {
             state: JobState::Queued,
             attempt: 0,
             max_attempts: MAX_ATTEMPTS,
+            priority: s.priority,
             path: s.path,
             content_type: s.content_type,
             input_bytes: s.body.len() as u64,

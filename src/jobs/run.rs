@@ -6,7 +6,7 @@ use axum::body::Body;
 use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{JobRecord, JobState, Jobs, MAX_BODY, TTL};
+use super::{JobRecord, JobState, Jobs, Priority, MAX_BODY, TTL};
 use crate::activator::AcquireError;
 use crate::history::format_id;
 use crate::invoke::trace::{JobCall, Ran};
@@ -95,6 +95,11 @@ impl Jobs {
                 humantime::format_duration(TTL)
             ));
             return store.update_job(id, &job, None).await;
+        }
+        if job.priority == Priority::Low && !f.has_warm_slot() {
+            // Idle capacity only: ask again in a while, without an attempt.
+            self.later(&job.function, id, NO_ROOM_WAIT);
+            return Ok(());
         }
         let input = store.job_input(id)?.unwrap_or_default();
         if cancel.is_cancelled() {
@@ -215,6 +220,7 @@ impl Jobs {
             client: None,
             route: None,
             any_instance: false,
+            warm_only: job.priority == Priority::Low,
         };
         let response = match self.inner.invoker.call(f, call).await {
             Ok(r) => r,

@@ -43,6 +43,17 @@ impl JobState {
     }
 }
 
+/// How a job takes capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Like a request: it starts and scales instances.
+    #[default]
+    Normal,
+    /// Only on a ready instance's free slot: never starts, resumes or adds an instance.
+    Low,
+}
+
 /// One job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -56,6 +67,9 @@ pub struct JobRecord {
     pub attempt: u32,
     /// Attempts it may take.
     pub max_attempts: u32,
+    /// How it takes capacity.
+    #[serde(default)]
+    pub priority: Priority,
     /// The path the function is sent (`/` by default), with its query.
     pub path: String,
     /// The input's content type.

@@ -306,6 +306,7 @@ async fn pass_through(
         client: Some(client),
         route: None,
         any_instance: true,
+        warm_only: false,
     };
     Ok(state.invoker.call(f, call).await?)
 }

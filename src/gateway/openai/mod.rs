@@ -169,6 +169,7 @@ async fn send(
         client: Some(client),
         route,
         any_instance: false,
+        warm_only: false,
     };
     let invoker = state.invoker.clone();
     let answer = async move {
