@@ -116,6 +116,23 @@ async fn a_failing_job_is_retried_then_fails_and_a_final_4xx_is_not_retried() {
         }
     };
     let failing = submit("/status/503").await;
+    // Its events: one per change of state or attempt, ending with the job.
+    let events = {
+        let response = gw.stream(&format!("/api/v1/jobs/{failing}/events")).await;
+        assert_eq!(response.status(), 200);
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body)
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| {
+                    let j: Value = serde_json::from_str(d).unwrap();
+                    format!("{}:{}", j["state"].as_str().unwrap(), j["attempt"])
+                })
+                .collect::<Vec<_>>()
+        })
+    };
     let refused = submit("/status/404").await;
     let early = gw
         .request(
@@ -143,6 +160,21 @@ async fn a_failing_job_is_retried_then_fails_and_a_final_4xx_is_not_retried() {
             "the function's answer is kept"
         );
     }
+    let seen = tokio::time::timeout(Duration::from_secs(10), events)
+        .await
+        .expect("the event stream ends with the job")
+        .unwrap();
+    let want = [
+        "running:1",
+        "queued:1",
+        "running:2",
+        "queued:2",
+        "running:3",
+        "failed:3",
+    ];
+    let tail: Vec<&str> = seen.iter().map(String::as_str).collect();
+    assert!(tail.ends_with(&want), "{seen:?}");
+
     // `Prefer: respond-async` on the invoke route makes a job of the request.
     let r = gw
         .request(

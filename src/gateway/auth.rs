@@ -61,6 +61,7 @@ pub fn rule(route: &str) -> Rule {
         "/api/v1/functions/{name}/jobs"
         | "/api/v1/jobs/{id}"
         | "/api/v1/jobs/{id}/result"
+        | "/api/v1/jobs/{id}/events"
         | "/api/v1/jobs/{id}/cancel" => Rule::Function,
         _ => Rule::Admin,
     }

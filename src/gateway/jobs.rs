@@ -266,3 +266,63 @@ pub async fn purge(
     let purged = state.jobs.purge(&name).await?;
     Ok(Json(serde_json::json!({ "purged": purged })))
 }
+
+/// `GET /api/v1/jobs/ID/events`: a server-sent event (`event: job`, the record as `data`)
+/// at once and on every change of state or attempt; the stream ends with the job.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    // Subscribed before the first read, so no change between the two is missed.
+    let changes = state.jobs.changes();
+    let first = find(&state, &id, req)?;
+    let shutdown = state.shutdown.clone();
+    let jobs = state.jobs.clone();
+    let stream = futures_util::stream::unfold(
+        (changes, Some(first), None::<(JobState, u32)>),
+        move |(mut changes, mut next, mut last)| {
+            let (id, shutdown, jobs) = (id.clone(), shutdown.clone(), jobs.clone());
+            async move {
+                loop {
+                    let job = match next.take() {
+                        Some(job) => job,
+                        None if last.is_some_and(|(s, _)| s.is_terminal()) => return None,
+                        None => tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            change = changes.recv() => match change {
+                                Ok(job) if job.id == id => (*job).clone(),
+                                Ok(_) => continue,
+                                // Fell behind: the record as it is now.
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                    jobs.get(&id).ok().flatten()?
+                                }
+                                Err(_) => return None,
+                            },
+                        },
+                    };
+                    let now = (job.state, job.attempt);
+                    if last == Some(now) {
+                        continue;
+                    }
+                    last = Some(now);
+                    let data = serde_json::to_string(&job).unwrap_or_default();
+                    let event = bytes::Bytes::from(format!("event: job\ndata: {data}\n\n"));
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (changes, None, last),
+                    ));
+                }
+            }
+        },
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}

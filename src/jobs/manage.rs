@@ -116,7 +116,7 @@ impl Jobs {
                 job.state = JobState::Cancelled;
                 job.finished_ms = Some(now_ms());
                 job.error = Some("cancelled before it ran".into());
-                self.store().update_job(key, &job, None).await?;
+                self.save(key, &job, None).await?;
                 Ok(job)
             }
         }
@@ -145,7 +145,7 @@ impl Jobs {
         job.status = None;
         job.headers.clear();
         job.result_bytes = None;
-        self.store().update_job(key, &job, None).await?;
+        self.save(key, &job, None).await?;
         self.enqueue(&job.function, key);
         Ok(job)
     }
@@ -216,7 +216,7 @@ impl Jobs {
             job.state = JobState::Cancelled;
             job.finished_ms = Some(now_ms());
             job.error = Some("purged from the queue".into());
-            self.store().update_job(key, &job, None).await?;
+            self.save(key, &job, None).await?;
             purged += 1;
         }
         tracing::info!(function, purged, waiting = waiting.len(), "queue purged");

@@ -98,6 +98,8 @@ struct Inner {
     queues: Mutex<HashMap<String, Queue>>,
     /// Submissions with an idempotency key, one at a time (check, then store).
     keyed: tokio::sync::Mutex<()>,
+    /// Every stored change of a job, for its event streams.
+    changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
 }
 
 /// One function's jobs: waiting in order, and those taken to run (each with the signal
@@ -118,6 +120,7 @@ impl Jobs {
                 shutdown,
                 queues: Mutex::default(),
                 keyed: tokio::sync::Mutex::new(()),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         }
     }
@@ -138,11 +141,11 @@ impl Jobs {
                         "the gateway stopped during attempt {} of {}",
                         job.attempt, job.max_attempts
                     ));
-                    store.update_job(id, &job, None).await?;
+                    self.save(id, &job, None).await?;
                     continue;
                 }
                 job.state = JobState::Queued;
-                store.update_job(id, &job, None).await?;
+                self.save(id, &job, None).await?;
             }
             self.enqueue(&job.function, id);
         }
@@ -221,6 +224,25 @@ impl Jobs {
             Some(id) => self.inner.invoker.activator().store().job_result(id),
             None => Ok(None),
         }
+    }
+
+    /// Stores a job's change (with its answer's body, when it has one), then tells those
+    /// following it.
+    async fn save(
+        &self,
+        id: u64,
+        job: &JobRecord,
+        body: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let store = self.inner.invoker.activator().store();
+        store.update_job(id, job, body).await?;
+        let _ = self.inner.changes.send(Arc::new(job.clone()));
+        Ok(())
+    }
+
+    /// Follows every job's changes from now on (`GET /api/v1/jobs/ID/events`).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<JobRecord>> {
+        self.inner.changes.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {

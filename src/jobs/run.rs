@@ -84,7 +84,7 @@ impl Jobs {
             job.state = JobState::Failed;
             job.finished_ms = Some(now_ms());
             job.error = Some(format!("function `{}` was removed", job.function));
-            return store.update_job(id, &job, None).await;
+            return self.save(id, &job, None).await;
         };
         let cancel = self.cancel_signal(&job.function, id);
         if job.attempt == 0 && now_ms() > job.submitted_ms.saturating_add(TTL.as_millis() as u64) {
@@ -94,7 +94,7 @@ impl Jobs {
                 "not started within its time to live ({})",
                 humantime::format_duration(TTL)
             ));
-            return store.update_job(id, &job, None).await;
+            return self.save(id, &job, None).await;
         }
         if job.priority == Priority::Low && !f.has_warm_slot() {
             // Idle capacity only: ask again in a while, without an attempt.
@@ -108,7 +108,7 @@ impl Jobs {
         job.state = JobState::Running;
         job.attempt += 1;
         job.started_ms = Some(now_ms());
-        store.update_job(id, &job, None).await?;
+        self.save(id, &job, None).await?;
 
         let outcome = tokio::select! {
             outcome = self.send(&f, &job, input) => outcome,
@@ -120,7 +120,7 @@ impl Jobs {
             Outcome::NoRoom => {
                 job.state = JobState::Queued;
                 job.attempt -= 1;
-                store.update_job(id, &job, None).await?;
+                self.save(id, &job, None).await?;
                 self.later(&job.function, id, NO_ROOM_WAIT);
                 return Ok(());
             }
@@ -162,7 +162,7 @@ impl Jobs {
         if job.state.is_terminal() {
             job.finished_ms = Some(now_ms());
         }
-        store.update_job(id, &job, body).await?;
+        self.save(id, &job, body).await?;
         if let Some(delay) = delay {
             tracing::info!(
                 attempt = job.attempt,
