@@ -109,6 +109,9 @@ pub struct ServeConfig {
     /// Invocation and allocation records older than this are removed.
     #[arg(long, env = "EMBER_HISTORY_MAX_AGE", value_parser = humantime::parse_duration, default_value = "30d")]
     pub history_max_age: std::time::Duration,
+    /// How long an ended job's input and answer are kept; its result is 410 after that.
+    #[arg(long, env = "EMBER_JOB_RESULTS_KEEP", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub job_results_keep: std::time::Duration,
     /// The function (with a `[comfyui]` section) that --comfyui-listen serves.
     #[arg(long, env = "EMBER_COMFYUI_FUNCTION", requires = "comfyui_listen")]
     pub comfyui_function: Option<String>,

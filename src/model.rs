@@ -195,6 +195,8 @@ pub enum ErrorCode {
     JobNotFinished,
     /// The job is not in a state that allows what was asked (retrying a running job).
     JobStateConflict,
+    /// The job's result is past its retention.
+    JobResultExpired,
     /// An `Idempotency-Key` came back with another input.
     IdempotencyKeyReused,
     /// The manifest was refused (details name the fields).
@@ -282,6 +284,7 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::JobNotFound, "job_not_found"),
     (ErrorCode::JobNotFinished, "job_not_finished"),
     (ErrorCode::JobStateConflict, "job_state_conflict"),
+    (ErrorCode::JobResultExpired, "job_result_expired"),
     (ErrorCode::IdempotencyKeyReused, "idempotency_key_reused"),
     (ErrorCode::InvalidManifest, "invalid_manifest"),
     (ErrorCode::InvalidTag, "invalid_tag"),

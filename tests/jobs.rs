@@ -389,3 +389,44 @@ async fn a_low_priority_job_waits_at_zero_and_runs_once_a_request_warmed_the_fun
         .await;
     assert_eq!(bad.status, 400, "{}", bad.text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ended_jobs_result_goes_after_its_retention_and_its_record_stays() {
+    require_docker!();
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        Gateway::builder()
+            .data_dir(dir.path())
+            .args(["--job-results-keep", "1s"])
+            .start()
+    };
+    let mut gw = start().await;
+    let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
+    assert_eq!(
+        gw.deploy("echo", &common::echo_manifest("echo", "", ""))
+            .await
+            .status,
+        201
+    );
+    let r = gw
+        .request(Method::POST, "/api/v1/functions/echo/jobs", &[], "kept")
+        .await;
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
+    let result = format!("/api/v1/jobs/{id}/result");
+    assert_eq!(
+        gw.request(Method::GET, &result, &[], "").await.text(),
+        "kept"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A start sweeps (as the gateway does every 10 minutes).
+    gw.terminate();
+    assert!(gw.wait_exit(Duration::from_secs(30)).is_some());
+    let gw = start().await;
+    let gone = gw.request(Method::GET, &result, &[], "").await;
+    assert_eq!(gone.status, 410, "{}", gone.text());
+    assert_eq!(gone.json()["error"]["code"], "job_result_expired");
+    let record = gw.get_json(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(record["bodies_removed"], true);
+}

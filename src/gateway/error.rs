@@ -101,6 +101,9 @@ pub enum ApiError {
         /// Where it is.
         state: String,
     },
+    /// The job's result is past its retention.
+    #[error("job `{0}` ended longer ago than its result is kept (`serve --job-results-keep`, 24 h by default); its record stays")]
+    JobResultGone(String),
     /// A job's change (cancel, retry) was refused.
     #[error(transparent)]
     JobChange(#[from] crate::jobs::ChangeError),
@@ -130,6 +133,7 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::FunctionNotFound(_) => (S::NOT_FOUND, C::FunctionNotFound, None),
         ApiError::JobNotFound(_) => (S::NOT_FOUND, C::JobNotFound, None),
         ApiError::JobNotFinished { .. } => (S::CONFLICT, C::JobNotFinished, None),
+        ApiError::JobResultGone(_) => (S::GONE, C::JobResultExpired, None),
         ApiError::JobChange(crate::jobs::ChangeError::NotFound(_)) => {
             (S::NOT_FOUND, C::JobNotFound, None)
         }

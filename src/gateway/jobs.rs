@@ -151,6 +151,9 @@ pub async fn result(
             state: state_name,
         });
     };
+    if job.bodies_removed {
+        return Err(ApiError::JobResultGone(id));
+    }
     let body = state.jobs.result(&id)?.unwrap_or_default();
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);

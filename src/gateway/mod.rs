@@ -231,7 +231,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         )
     })?;
     comfy.start().await?;
-    let jobs = crate::jobs::Jobs::new(invoker.clone(), tracker.clone(), shutdown.clone());
+    let keep = crate::jobs::Keep {
+        bodies: config.job_results_keep,
+        records: config.history_max_age.max(config.job_results_keep),
+    };
+    let jobs = crate::jobs::Jobs::new(invoker.clone(), keep, tracker.clone(), shutdown.clone());
     jobs.start().await?;
     let comfy_listener = match (config.comfyui_listen, &config.comfyui_function) {
         (Some(addr), Some(function)) => {

@@ -18,6 +18,7 @@
 //! function sees `Ember-Job-Id` and `Ember-Attempt` to tell.
 
 mod manage;
+mod sweep;
 
 pub use manage::{ChangeError, JobFilter, QueueCounts};
 mod run;
@@ -85,6 +86,24 @@ fn input_hash(body: &[u8]) -> String {
         .collect()
 }
 
+/// How long ended jobs are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Their input and answer (`serve --job-results-keep`); then the result is 410.
+    pub bodies: std::time::Duration,
+    /// Their records (`serve --history-max-age`).
+    pub records: std::time::Duration,
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep {
+            bodies: std::time::Duration::from_secs(24 * 3600),
+            records: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
 /// The job queues. Cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
@@ -93,6 +112,7 @@ pub struct Jobs {
 
 struct Inner {
     invoker: Invoker,
+    keep: Keep,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     queues: Mutex<HashMap<String, Queue>>,
@@ -112,10 +132,16 @@ struct Queue {
 
 impl Jobs {
     /// The job queues over `invoker`; nothing runs until [`Jobs::start`].
-    pub fn new(invoker: Invoker, tracker: TaskTracker, shutdown: CancellationToken) -> Jobs {
+    pub fn new(
+        invoker: Invoker,
+        keep: Keep,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 invoker,
+                keep,
                 tracker,
                 shutdown,
                 queues: Mutex::default(),
@@ -152,6 +178,11 @@ impl Jobs {
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed unfinished jobs");
         }
+        let this = self.clone();
+        self.inner.tracker.spawn(tracing::Instrument::instrument(
+            async move { this.sweep_loop().await },
+            tracing::info_span!("job retention"),
+        ));
         Ok(())
     }
 
@@ -183,6 +214,7 @@ impl Jobs {
             headers: Vec::new(),
             error: None,
             result_bytes: None,
+            bodies_removed: false,
         };
         let store = self.inner.invoker.activator().store();
         match &s.key {

@@ -100,6 +100,20 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The answer body's size, once stored.
     pub result_bytes: Option<u64>,
+    /// Whether its input and answer were removed (kept for the retention only).
+    #[serde(default)]
+    pub bodies_removed: bool,
+}
+
+/// What [`Store::sweep_jobs`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JobsSwept {
+    /// Jobs whose input and answer were removed.
+    pub bodies: usize,
+    /// Jobs removed whole.
+    pub records: usize,
+    /// Idempotency keys removed.
+    pub keys: usize,
 }
 
 fn key(id: u64) -> Vec<u8> {
@@ -208,6 +222,62 @@ impl Store {
             ),
         ])
         .await
+    }
+
+    /// Removes the input and answer of jobs that ended before `bodies_before_ms`, whole
+    /// jobs that ended before `records_before_ms`, and idempotency keys of jobs submitted
+    /// before `keys_before_ms` (or gone); waits for the disk.
+    pub async fn sweep_jobs(
+        &self,
+        bodies_before_ms: u64,
+        records_before_ms: u64,
+        keys_before_ms: u64,
+    ) -> Result<JobsSwept, StoreError> {
+        let trees = self.trees.clone();
+        let (changes, swept) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let mut changes = Vec::new();
+            let mut swept = JobsSwept::default();
+            for entry in trees.tree(TreeId::Jobs).iter() {
+                let (k, v) = entry?;
+                let mut job: JobRecord = decode(&k, &v)?;
+                let Some(ended) = job.finished_ms.filter(|_| job.state.is_terminal()) else {
+                    continue;
+                };
+                if ended < records_before_ms {
+                    changes.push(Change::Remove(TreeId::Jobs, k.to_vec()));
+                    swept.records += 1;
+                } else if ended < bodies_before_ms && !job.bodies_removed {
+                    job.bodies_removed = true;
+                    changes.push(Change::Put(TreeId::Jobs, k.to_vec(), encode(&job)));
+                    swept.bodies += 1;
+                } else {
+                    continue;
+                }
+                changes.push(Change::Remove(TreeId::JobInputs, k.to_vec()));
+                changes.push(Change::Remove(TreeId::JobResults, k.to_vec()));
+            }
+            for entry in trees.tree(TreeId::JobKeys).iter() {
+                let (k, v) = entry?;
+                let (job, _): (String, String) = decode(&k, &v)?;
+                let submitted = u64::from_str_radix(&job, 16).ok().and_then(|id| {
+                    let v = trees.tree(TreeId::Jobs).get(key(id)).ok()??;
+                    decode::<JobRecord>(&key(id), &v)
+                        .ok()
+                        .map(|j| j.submitted_ms)
+                });
+                if submitted.is_none_or(|t| t < keys_before_ms) {
+                    changes.push(Change::Remove(TreeId::JobKeys, k.to_vec()));
+                    swept.keys += 1;
+                }
+            }
+            Ok((changes, swept))
+        })
+        .await
+        .map_err(StoreError::Scan)??;
+        if !changes.is_empty() {
+            self.write(changes).await?;
+        }
+        Ok(swept)
     }
 
     /// Every job not over (queued or running), oldest first: what a restart resumes.
