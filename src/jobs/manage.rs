@@ -91,11 +91,12 @@ impl Jobs {
             return Ok(job);
         }
         let running = {
-            let mut queues = self.lock();
-            let q = queues.entry(job.function.clone()).or_default();
-            q.waiting.retain(|w| *w != key);
-            q.running.get(&key).cloned()
+            let queues = self.lock();
+            queues
+                .get(&job.function)
+                .and_then(|q| q.running.get(&key).cloned())
         };
+        self.release(&job.function, key);
         match running {
             Some(signal) if job.state == JobState::Running => {
                 signal.cancel();
@@ -135,6 +136,13 @@ impl Jobs {
                 what: "only a failed, expired or cancelled job can be retried",
             });
         }
+        if self.store().job_input(key)?.is_none() {
+            return Err(ChangeError::Conflict {
+                id: id.to_string(),
+                state: state_name(job.state),
+                what: "its input is gone (past --job-results-keep): submit it again",
+            });
+        }
         job.state = JobState::Queued;
         job.attempt = 0;
         job.submitted_ms = now_ms();
@@ -146,7 +154,17 @@ impl Jobs {
         job.headers.clear();
         job.result_bytes = None;
         self.save(key, &job, None).await?;
-        self.enqueue(&job.function, key);
+        // Its last run may still be letting go of it (a cancel's last moments).
+        for _ in 0..100 {
+            if self.enqueue(&job.function, key) {
+                return Ok(job);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::warn!(
+            job = id,
+            "retried job still held by its last run; it runs at the next start"
+        );
         Ok(job)
     }
 
@@ -194,12 +212,15 @@ impl Jobs {
     /// Cancels every queued job of `function` (running ones go on); returns how many.
     pub async fn purge(&self, function: &str) -> Result<usize, StoreError> {
         let waiting: Vec<u64> = {
-            let mut queues = self.lock();
+            let queues = self.lock();
             queues
-                .get_mut(function)
-                .map(|q| q.waiting.drain(..).collect())
+                .get(function)
+                .map(|q| q.waiting.iter().copied().collect())
                 .unwrap_or_default()
         };
+        for id in &waiting {
+            self.release(function, *id);
+        }
         let name = function.to_string();
         // Those waiting for a retry's back-off are queued in the store only.
         let queued = self

@@ -5,8 +5,11 @@
 //! function's jobs wait in submission order in memory (rebuilt from the store at start)
 //! and run through the invoke core like any request, so they take the activator's
 //! permits (cold starts, `scale.max`, `concurrency`) and leave history records (`kind:
-//! job`). At most `scale.max × scale.concurrency` of a function's jobs are in flight, so a
-//! backlog waits here, not in the activator's bounded queue.
+//! job`). A function has `jobs.concurrency` (by default `scale.concurrency`) jobs in
+//! flight per instance it runs, plus one instance's worth (what makes a backlog start one
+//! more instance at a time, up to `scale.max`); the rest wait here, not in the activator's
+//! bounded queue, and a `jobs.concurrency` below `scale.concurrency` keeps slots for
+//! requests.
 //!
 //! An attempt that gets a retryable answer (408, 429, 5xx, a timeout, a broken
 //! connection, a failed start) runs again after an exponential back-off with jitter
@@ -38,8 +41,8 @@ pub use crate::store::{JobRecord, JobState, Priority};
 
 /// Largest input a job takes, and largest answer it keeps.
 pub const MAX_BODY: usize = 10 << 20;
-/// Attempts a job may take by default.
-pub const MAX_ATTEMPTS: u32 = 3;
+/// Attempts a job may take when its function's `[jobs]` says nothing.
+pub const MAX_ATTEMPTS: u32 = crate::manifest::DEFAULT_MAX_ATTEMPTS;
 /// How long a job may wait to start; after that it expires unstarted.
 pub const TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -77,13 +80,17 @@ pub struct Submission {
     pub priority: Priority,
 }
 
-/// The SHA-256 of an input, hex: what an idempotency key is checked against.
-fn input_hash(body: &[u8]) -> String {
+/// The SHA-256 of a submission (path, content type, priority and body), hex: what an
+/// idempotency key is checked against.
+fn input_hash(s: &Submission) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut h = sha2::Sha256::new();
+    h.update(s.path.as_bytes());
+    h.update([0]);
+    h.update(s.content_type.as_deref().unwrap_or("").as_bytes());
+    h.update([0, s.priority as u8, 0]);
+    h.update(&s.body);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How long ended jobs are kept.
@@ -122,12 +129,14 @@ struct Inner {
     changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
 }
 
-/// One function's jobs: waiting in order, and those taken to run (each with the signal
-/// that cancels it).
+/// One function's jobs: waiting in order, those taken to run (each with the signal that
+/// cancels it), and every job this queue holds in any way (waiting, running, or waiting
+/// out a back-off), so that no job is ever queued twice.
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<u64>,
     running: HashMap<u64, CancellationToken>,
+    held: std::collections::HashSet<u64>,
 }
 
 impl Jobs {
@@ -191,6 +200,7 @@ impl Jobs {
         if !s.path.starts_with('/') || s.path.parse::<http::Uri>().is_err() {
             return Err(JobError::BadPath(s.path));
         }
+        let hash = s.key.as_ref().map(|_| input_hash(&s));
         let id = mint();
         let now = now_ms();
         let job = JobRecord {
@@ -198,7 +208,12 @@ impl Jobs {
             function: f.name().to_string(),
             state: JobState::Queued,
             attempt: 0,
-            max_attempts: MAX_ATTEMPTS,
+            max_attempts: f
+                .revision()
+                .manifest
+                .jobs
+                .as_ref()
+                .map_or(MAX_ATTEMPTS, |j| j.max_attempts),
             priority: s.priority,
             path: s.path,
             content_type: s.content_type,
@@ -214,14 +229,13 @@ impl Jobs {
             headers: Vec::new(),
             error: None,
             result_bytes: None,
-            bodies_removed: false,
         };
         let store = self.inner.invoker.activator().store();
         match &s.key {
             None => store.put_job(id, &job, s.body.to_vec()).await?,
             Some(key) => {
                 let _one = self.inner.keyed.lock().await;
-                let hash = input_hash(&s.body);
+                let hash = hash.unwrap_or_default();
                 if let Some((made, made_hash)) = store.job_by_key(f.name(), key)? {
                     if made_hash != hash {
                         return Err(JobError::KeyReused {
@@ -281,26 +295,68 @@ impl Jobs {
         self.inner.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn enqueue(&self, function: &str, id: u64) {
-        self.lock()
-            .entry(function.to_string())
-            .or_default()
-            .waiting
-            .push_back(id);
+    /// Queues job `id` unless this queue holds it already; returns whether it did.
+    fn enqueue(&self, function: &str, id: u64) -> bool {
+        {
+            let mut queues = self.lock();
+            let q = queues.entry(function.to_string()).or_default();
+            if !q.held.insert(id) {
+                return false;
+            }
+            q.waiting.push_back(id);
+        }
+        self.pump(function);
+        true
+    }
+
+    /// Queues job `id` again after its back-off, if it is still held (not cancelled or
+    /// purged meanwhile).
+    fn requeue(&self, function: &str, id: u64) {
+        {
+            let mut queues = self.lock();
+            let Some(q) = queues.get_mut(function) else {
+                return;
+            };
+            if !q.held.contains(&id) || q.waiting.contains(&id) || q.running.contains_key(&id) {
+                return;
+            }
+            q.waiting.push_back(id);
+        }
         self.pump(function);
     }
 
-    /// Starts as many of `function`'s waiting jobs as it may have in flight.
+    /// Lets go of job `id` (cancelled or purged while waiting): a retry may queue it again.
+    fn release(&self, function: &str, id: u64) {
+        if let Some(q) = self.lock().get_mut(function) {
+            q.waiting.retain(|w| *w != id);
+            if !q.running.contains_key(&id) {
+                q.held.remove(&id);
+            }
+        }
+    }
+
+    /// Starts as many of `function`'s waiting jobs as it may have in flight: `jobs.
+    /// concurrency` per instance it runs, plus one instance's worth, so a backlog starts
+    /// one more instance at a time up to `scale.max` while each instance keeps about
+    /// `scale.concurrency − jobs.concurrency` slots for requests.
     fn pump(&self, function: &str) {
-        let limit = self
-            .inner
-            .invoker
-            .activator()
-            .function(function)
-            .map_or(1, |f| {
-                let m = &f.revision().manifest;
-                (m.scale.max as usize * m.scale.concurrency as usize).max(1)
-            });
+        if self.inner.shutdown.is_cancelled() {
+            // What waits stays queued in the store and resumes at the next start.
+            return;
+        }
+        let activator = self.inner.invoker.activator();
+        let limit = activator.function(function).map_or(1, |f| {
+            let m = &f.revision().manifest;
+            let per_instance = m
+                .jobs
+                .as_ref()
+                .and_then(|j| j.concurrency)
+                .unwrap_or(m.scale.concurrency) as usize;
+            let s = activator.status(&f);
+            let instances = s.ready + s.starting + s.paused;
+            let room = (instances + 1).min(m.scale.max as usize).max(1);
+            room * per_instance.max(1)
+        });
         let mut queues = self.lock();
         let Some(q) = queues.get_mut(function) else {
             return;
@@ -310,10 +366,10 @@ impl Jobs {
                 break;
             };
             q.running.insert(id, CancellationToken::new());
-            let this = self.clone();
+            let (this, name) = (self.clone(), function.to_string());
             let span = tracing::info_span!("job", function, job = %format_id(id));
             self.inner.tracker.spawn(tracing::Instrument::instrument(
-                async move { this.run(id).await },
+                async move { this.run(&name, id).await },
                 span,
             ));
         }
@@ -327,10 +383,14 @@ impl Jobs {
             .unwrap_or_default()
     }
 
-    /// Job `id` ended its turn (finished, or waits for a retry): the next may go.
-    fn done(&self, function: &str, id: u64) {
+    /// Job `id` ended its turn: the next may go. `again`: it waits out a back-off (still
+    /// held); otherwise this queue lets go of it.
+    fn done(&self, function: &str, id: u64, again: bool) {
         if let Some(q) = self.lock().get_mut(function) {
             q.running.remove(&id);
+            if !again {
+                q.held.remove(&id);
+            }
         }
         self.pump(function);
     }

@@ -50,41 +50,43 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Jobs {
     /// Runs job `id`'s next attempt and records what came of it.
-    pub(super) async fn run(&self, id: u64) {
+    pub(super) async fn run(&self, function: &str, id: u64) {
         let store = self.inner.invoker.activator().store().clone();
-        let job = match store.job(id) {
-            Ok(Some(job)) if job.state == JobState::Queued => job,
-            Ok(job) => {
-                // Cancelled or purged meanwhile: its turn is over.
-                if let Some(job) = job {
-                    self.done(&job.function, id);
+        let again = match store.job(id) {
+            Ok(Some(job)) if job.state == JobState::Queued => {
+                match self.attempt(&store, id, job).await {
+                    Ok(again) => again,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record the job's state; it resumes at the next start");
+                        false
+                    }
                 }
+            }
+            Ok(_) => {
+                // Cancelled, purged or swept meanwhile: its turn is over.
                 tracing::debug!(job = %format_id(id), "not queued any more");
-                return;
+                false
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the job; it stays queued until a restart");
-                return;
+                false
             }
         };
-        let function = job.function.clone();
-        if let Err(e) = self.attempt(&store, id, job).await {
-            tracing::error!(error = %e, "could not record the job's state; it resumes at the next start");
-        }
-        self.done(&function, id);
+        self.done(function, id, again);
     }
 
+    /// One attempt; `Ok(true)` when the job waits to be queued again (a back-off).
     async fn attempt(
         &self,
         store: &Store,
         id: u64,
         mut job: JobRecord,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<bool, crate::store::StoreError> {
         let Some(f) = self.inner.invoker.activator().function(&job.function) else {
             job.state = JobState::Failed;
             job.finished_ms = Some(now_ms());
             job.error = Some(format!("function `{}` was removed", job.function));
-            return self.save(id, &job, None).await;
+            return self.save(id, &job, None).await.map(|()| false);
         };
         let cancel = self.cancel_signal(&job.function, id);
         if job.attempt == 0 && now_ms() > job.submitted_ms.saturating_add(TTL.as_millis() as u64) {
@@ -94,16 +96,21 @@ impl Jobs {
                 "not started within its time to live ({})",
                 humantime::format_duration(TTL)
             ));
-            return self.save(id, &job, None).await;
+            return self.save(id, &job, None).await.map(|()| false);
         }
         if job.priority == Priority::Low && !f.has_warm_slot() {
             // Idle capacity only: ask again in a while, without an attempt.
             self.later(&job.function, id, NO_ROOM_WAIT);
-            return Ok(());
+            return Ok(true);
         }
-        let input = store.job_input(id)?.unwrap_or_default();
+        let Some(input) = store.job_input(id)? else {
+            job.state = JobState::Failed;
+            job.finished_ms = Some(now_ms());
+            job.error = Some("its input is gone (past --job-results-keep)".into());
+            return self.save(id, &job, None).await.map(|()| false);
+        };
         if cancel.is_cancelled() {
-            return Ok(());
+            return Ok(false);
         }
         job.state = JobState::Running;
         job.attempt += 1;
@@ -112,9 +119,17 @@ impl Jobs {
 
         let outcome = tokio::select! {
             outcome = self.send(&f, &job, input) => outcome,
-            _ = cancel.cancelled() => {
-                Outcome::Final(JobState::Cancelled, None, Some("cancelled while it ran".into()))
-            }
+            _ = cancel.cancelled() => Outcome::Final(JobState::Cancelled, None, None),
+        };
+        // A cancel that came as the attempt ended still wins over a retry.
+        let outcome = if cancel.is_cancelled() {
+            Outcome::Final(
+                JobState::Cancelled,
+                None,
+                Some("cancelled while it ran".into()),
+            )
+        } else {
+            outcome
         };
         let (answer, delay) = match outcome {
             Outcome::NoRoom => {
@@ -122,7 +137,7 @@ impl Jobs {
                 job.attempt -= 1;
                 self.save(id, &job, None).await?;
                 self.later(&job.function, id, NO_ROOM_WAIT);
-                return Ok(());
+                return Ok(true);
             }
             Outcome::Retry(why, after, answer) if job.attempt < job.max_attempts => {
                 let delay = after
@@ -172,7 +187,7 @@ impl Jobs {
             );
             self.later(&job.function, id, delay);
         }
-        Ok(())
+        Ok(delay.is_some())
     }
 
     /// Queues job `id` again after `delay` (or at once when the gateway stops: it is in
@@ -182,7 +197,7 @@ impl Jobs {
         let shutdown = self.inner.shutdown.clone();
         self.inner.tracker.spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(delay) => this.enqueue(&function, id),
+                _ = tokio::time::sleep(delay) => this.requeue(&function, id),
                 _ = shutdown.cancelled() => {}
             }
         });

@@ -42,6 +42,7 @@ mod access;
 mod comfyui;
 mod env;
 mod gpu;
+mod jobs;
 mod openai;
 mod readiness;
 mod request;
@@ -54,6 +55,7 @@ pub use access::Access;
 pub use comfyui::ComfyUi;
 pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
+pub use jobs::{Jobs, DEFAULT_MAX_ATTEMPTS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
@@ -125,6 +127,9 @@ pub struct Manifest {
     /// Marks the function as a pool of ComfyUI servers behind `/comfy/NAME/...`; absent: not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comfyui: Option<ComfyUi>,
+    /// How it takes durable jobs; absent: the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Jobs>,
 }
 
 fn default_port() -> u16 {
@@ -215,6 +220,9 @@ impl Manifest {
         }
         if let Some(comfyui) = &self.comfyui {
             comfyui.validate(self.scale.concurrency, &mut bad);
+        }
+        if let Some(jobs) = &self.jobs {
+            jobs.validate(self.scale.concurrency, &mut bad);
         }
         if errors.is_empty() {
             Ok(())

@@ -100,9 +100,6 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The answer body's size, once stored.
     pub result_bytes: Option<u64>,
-    /// Whether its input and answer were removed (kept for the retention only).
-    #[serde(default)]
-    pub bodies_removed: bool,
 }
 
 /// What [`Store::sweep_jobs`] removed.
@@ -128,9 +125,11 @@ impl Store {
         job: &JobRecord,
         input: Vec<u8>,
     ) -> Result<(), StoreError> {
+        // The input first: a crash that keeps part of the batch never leaves a record
+        // without its input.
         self.write(vec![
-            Change::Put(TreeId::Jobs, key(id), encode(job)),
             Change::Put(TreeId::JobInputs, key(id), input),
+            Change::Put(TreeId::Jobs, key(id), encode(job)),
         ])
         .await
     }
@@ -224,7 +223,8 @@ impl Store {
         .await
     }
 
-    /// Removes the input and answer of jobs that ended before `bodies_before_ms`, whole
+    /// Removes the input and answer of jobs that ended before `bodies_before_ms` (their
+    /// result is then gone: no answer body stored), whole
     /// jobs that ended before `records_before_ms`, and idempotency keys of jobs submitted
     /// before `keys_before_ms` (or gone); waits for the disk.
     pub async fn sweep_jobs(
@@ -239,16 +239,17 @@ impl Store {
             let mut swept = JobsSwept::default();
             for entry in trees.tree(TreeId::Jobs).iter() {
                 let (k, v) = entry?;
-                let mut job: JobRecord = decode(&k, &v)?;
+                let job: JobRecord = decode(&k, &v)?;
                 let Some(ended) = job.finished_ms.filter(|_| job.state.is_terminal()) else {
                     continue;
                 };
+                // The record itself is never rewritten here: a retry may be changing it.
                 if ended < records_before_ms {
                     changes.push(Change::Remove(TreeId::Jobs, k.to_vec()));
                     swept.records += 1;
-                } else if ended < bodies_before_ms && !job.bodies_removed {
-                    job.bodies_removed = true;
-                    changes.push(Change::Put(TreeId::Jobs, k.to_vec(), encode(&job)));
+                } else if ended < bodies_before_ms
+                    && trees.tree(TreeId::JobInputs).contains_key(&k)?
+                {
                     swept.bodies += 1;
                 } else {
                     continue;

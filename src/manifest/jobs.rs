@@ -1,0 +1,102 @@
+//! The `[jobs]` section: how the function takes durable jobs (`/api/v1/functions/NAME/jobs`).
+//!
+//! ```toml
+//! [jobs]
+//! concurrency = 2   # jobs in flight per instance at the most (default: scale.concurrency);
+//!                   # fewer than scale.concurrency keeps slots free for requests
+//! max_attempts = 3  # attempts a job may take (retries on 408, 429, 5xx, timeouts)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// Attempts a job may take unless the section says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The most attempts a section may allow.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
+
+/// The `[jobs]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jobs {
+    /// Jobs in flight per instance at the most; absent: `scale.concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Attempts a job may take.
+    #[serde(
+        default = "default_max_attempts",
+        skip_serializing_if = "is_default_max_attempts"
+    )]
+    pub max_attempts: u32,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            concurrency: None,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn is_default_max_attempts(n: &u32) -> bool {
+    *n == DEFAULT_MAX_ATTEMPTS
+}
+
+impl Jobs {
+    /// Checks the section against the function's per-instance concurrency.
+    pub(super) fn validate(&self, concurrency: u32, bad: &mut impl FnMut(&str, String)) {
+        if let Some(c) = self.concurrency {
+            if c == 0 || c > concurrency {
+                bad(
+                    "jobs.concurrency",
+                    format!(
+                        "must be from 1 to scale.concurrency ({concurrency}): the jobs one \
+                         instance runs at once, got {c}"
+                    ),
+                );
+            }
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
+            bad(
+                "jobs.max_attempts",
+                format!(
+                    "must be from 1 to {MAX_ATTEMPTS_LIMIT}, got {}",
+                    self.max_attempts
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::manifest::{Format, Manifest};
+
+    fn parse(jobs: &str) -> Result<Manifest, String> {
+        let toml =
+            format!("name = \"f\"\nimage = \"x:1\"\n[scale]\nconcurrency = 4\n[jobs]\n{jobs}");
+        Manifest::parse(&toml, Format::Toml).map_err(|e| format!("{:?}", e.field_errors()))
+    }
+
+    #[test]
+    fn jobs_concurrency_and_attempts_are_checked_and_default_keeps_revision_ids() {
+        let m = parse("concurrency = 2\nmax_attempts = 5").unwrap();
+        let j = m.jobs.as_ref().unwrap();
+        assert_eq!((j.concurrency, j.max_attempts), (Some(2), 5));
+        assert!(parse("concurrency = 5")
+            .unwrap_err()
+            .contains("jobs.concurrency"));
+        assert!(parse("concurrency = 0")
+            .unwrap_err()
+            .contains("jobs.concurrency"));
+        assert!(parse("max_attempts = 0")
+            .unwrap_err()
+            .contains("jobs.max_attempts"));
+        assert!(parse("retries = 2").is_err(), "unknown fields are refused");
+        let plain = Manifest::parse("name = \"f\"\nimage = \"x:1\"", Format::Toml).unwrap();
+        assert!(plain.jobs.is_none());
+    }
+}
