@@ -112,6 +112,10 @@ pub struct ServeConfig {
     /// How long an ended job's input and answer are kept; its result is 410 after that.
     #[arg(long, env = "EMBER_JOB_RESULTS_KEEP", value_parser = humantime::parse_duration, default_value = "24h")]
     pub job_results_keep: std::time::Duration,
+    /// Hosts job callbacks may reach though they are private or loopback addresses
+    /// (`a,b,...`); others must resolve to public addresses.
+    #[arg(long, env = "EMBER_CALLBACK_ALLOW", value_delimiter = ',')]
+    pub callback_allow: Vec<String>,
     /// The function (with a `[comfyui]` section) that --comfyui-listen serves.
     #[arg(long, env = "EMBER_COMFYUI_FUNCTION", requires = "comfyui_listen")]
     pub comfyui_function: Option<String>,

@@ -451,3 +451,107 @@ async fn an_ended_jobs_result_goes_after_its_retention_and_its_record_stays() {
     let record = gw.get_json(&format!("/api/v1/jobs/{id}")).await;
     assert_eq!(record["state"], "succeeded");
 }
+
+/// A callback receiver on 127.0.0.1: every request's headers and body.
+async fn receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(http::HeaderMap, bytes::Bytes)>>>,
+) {
+    use http_body_util::BodyExt;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let keep = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let keep = keep.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            keep.lock().unwrap().push((parts.headers, body));
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_arrives_once_signed_and_a_private_address_needs_allowing() {
+    require_docker!();
+    let (url, got) = receiver().await;
+    let gw = Gateway::builder()
+        .args(["--callback-allow", "127.0.0.1"])
+        .start()
+        .await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let r = gw
+        .request(Method::PUT, "/api/v1/secrets/hooks", &[], secret)
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let without = common::echo_manifest("plain", "", "");
+    assert_eq!(gw.deploy("plain", &without).await.status, 201);
+    let refused = gw
+        .request(
+            Method::POST,
+            "/api/v1/functions/plain/jobs",
+            &[("x-callback-url", url.as_str())],
+            "x",
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        400,
+        "no secret to sign with: {}",
+        refused.text()
+    );
+    let signed = common::echo_manifest("echo", "", "[jobs]\ncallback_secret = \"hooks\"");
+    assert_eq!(gw.deploy("echo", &signed).await.status, 201);
+    let r = gw
+        .request(
+            Method::POST,
+            "/api/v1/functions/echo/jobs",
+            &[("x-callback-url", url.as_str())],
+            "call me",
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no callback came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "exactly once");
+    let (headers, body) = &got[0];
+    let msg_id = headers["webhook-id"].to_str().unwrap();
+    assert_eq!(msg_id, format!("{id}.completed"));
+    let ts: u64 = headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let want = ember::jobs::callback::sign(secret, msg_id, ts, body);
+    assert_eq!(headers["webhook-signature"].to_str().unwrap(), want);
+    let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["data"]["state"], "succeeded");
+    assert_eq!(v["result"], "call me");
+}

@@ -143,7 +143,9 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::JobChange(crate::jobs::ChangeError::Store(_)) => {
             (S::INTERNAL_SERVER_ERROR, C::Internal, None)
         }
-        ApiError::Job(crate::jobs::JobError::BadPath(_)) => (S::BAD_REQUEST, C::BadRequest, None),
+        ApiError::Job(crate::jobs::JobError::BadPath(_) | crate::jobs::JobError::Callback(_)) => {
+            (S::BAD_REQUEST, C::BadRequest, None)
+        }
         ApiError::Job(crate::jobs::JobError::KeyReused { .. }) => {
             (S::UNPROCESSABLE_ENTITY, C::IdempotencyKeyReused, None)
         }

@@ -51,7 +51,7 @@ pub async fn submit_request(
     req: Request,
 ) -> Result<Response, ApiError> {
     let async_preferred = prefers_async(req.headers());
-    let (content_type, key, priority) = {
+    let (content_type, key, priority, callback_url) = {
         let header = |name: &str| {
             req.headers()
                 .get(name)
@@ -62,6 +62,7 @@ pub async fn submit_request(
             header(header::CONTENT_TYPE.as_str()),
             header("idempotency-key"),
             header("x-ember-priority"),
+            header("x-callback-url").or_else(|| header("x-ember-callback-url")),
         )
     };
     let priority = match priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -88,6 +89,7 @@ pub async fn submit_request(
         body,
         key,
         priority,
+        callback_url,
     };
     let job = state.jobs.submit(f, submission).await?;
     let location = format!("/api/v1/jobs/{}", job.id);

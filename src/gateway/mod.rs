@@ -235,7 +235,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         bodies: config.job_results_keep,
         records: config.history_max_age.max(config.job_results_keep),
     };
-    let jobs = crate::jobs::Jobs::new(invoker.clone(), keep, tracker.clone(), shutdown.clone());
+    let jobs = crate::jobs::Jobs::new(
+        invoker.clone(),
+        keep,
+        config.callback_allow.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    );
     jobs.start().await?;
     let comfy_listener = match (config.comfyui_listen, &config.comfyui_function) {
         (Some(addr), Some(function)) => {

@@ -20,6 +20,7 @@
 //! running when the gateway died runs again after the restart (at least once): the
 //! function sees `Ember-Job-Id` and `Ember-Attempt` to tell.
 
+pub mod callback;
 mod manage;
 mod sweep;
 
@@ -55,6 +56,9 @@ pub enum JobError {
     /// The path is not one a function can be sent.
     #[error("`{0}` is not a path: give one starting with `/`, e.g. `?path=/render`")]
     BadPath(String),
+    /// A callback was asked for that cannot be sent.
+    #[error("X-Callback-Url: {0}")]
+    Callback(String),
     /// An idempotency key came back with another input.
     #[error("Idempotency-Key `{key}` was used for job {job} with another input; use a new key for a new job")]
     KeyReused {
@@ -78,6 +82,8 @@ pub struct Submission {
     pub key: Option<String>,
     /// How it takes capacity (`X-Ember-Priority`).
     pub priority: Priority,
+    /// Where its end is POSTed (`X-Callback-Url`).
+    pub callback_url: Option<String>,
 }
 
 /// The SHA-256 of a submission (path, content type, priority and body), hex: what an
@@ -127,6 +133,10 @@ struct Inner {
     keyed: tokio::sync::Mutex<()>,
     /// Every stored change of a job, for its event streams.
     changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
+    /// Wakes the callback worker when a job with a callback ends.
+    outbox: tokio::sync::Notify,
+    /// Hosts callbacks may reach though they are private (`serve --callback-allow`).
+    callback_allow: Vec<String>,
 }
 
 /// One function's jobs: waiting in order, those taken to run (each with the signal that
@@ -144,6 +154,7 @@ impl Jobs {
     pub fn new(
         invoker: Invoker,
         keep: Keep,
+        callback_allow: Vec<String>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Jobs {
@@ -156,6 +167,8 @@ impl Jobs {
                 queues: Mutex::default(),
                 keyed: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                outbox: tokio::sync::Notify::new(),
+                callback_allow,
             }),
         }
     }
@@ -192,6 +205,11 @@ impl Jobs {
             async move { this.sweep_loop().await },
             tracing::info_span!("job retention"),
         ));
+        let this = self.clone();
+        self.inner.tracker.spawn(tracing::Instrument::instrument(
+            async move { this.deliver_loop().await },
+            tracing::info_span!("job callbacks"),
+        ));
         Ok(())
     }
 
@@ -199,6 +217,21 @@ impl Jobs {
     pub async fn submit(&self, f: &Arc<Function>, s: Submission) -> Result<JobRecord, JobError> {
         if !s.path.starts_with('/') || s.path.parse::<http::Uri>().is_err() {
             return Err(JobError::BadPath(s.path));
+        }
+        if let Some(url) = &s.callback_url {
+            callback::check_url(url).map_err(JobError::Callback)?;
+            let named = f
+                .revision()
+                .manifest
+                .jobs
+                .as_ref()
+                .and_then(|j| j.callback_secret.clone());
+            if named.is_none() {
+                return Err(JobError::Callback(format!(
+                    "function `{}` has no `[jobs] callback_secret` to sign callbacks with: name an `ember secret` there",
+                    f.name()
+                )));
+            }
         }
         let hash = s.key.as_ref().map(|_| input_hash(&s));
         let id = mint();
@@ -229,6 +262,7 @@ impl Jobs {
             headers: Vec::new(),
             error: None,
             result_bytes: None,
+            callback_url: s.callback_url.clone(),
         };
         let store = self.inner.invoker.activator().store();
         match &s.key {
@@ -281,7 +315,20 @@ impl Jobs {
         body: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
         let store = self.inner.invoker.activator().store();
-        store.update_job(id, job, body).await?;
+        // A job that ends with a callback leaves its delivery in the same write.
+        let callback = job
+            .callback_url
+            .as_ref()
+            .filter(|_| job.state.is_terminal() && job.state != JobState::Cancelled)
+            .map(|url| crate::store::OutboxEntry {
+                url: url.clone(),
+                attempts: 0,
+                next_ms: 0,
+            });
+        store.update_job(id, job, body, callback.as_ref()).await?;
+        if callback.is_some() {
+            self.inner.outbox.notify_one();
+        }
         let _ = self.inner.changes.send(Arc::new(job.clone()));
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! concurrency = 2   # jobs in flight per instance at the most (default: scale.concurrency);
 //!                   # fewer than scale.concurrency keeps slots free for requests
 //! max_attempts = 3  # attempts a job may take (retries on 408, 429, 5xx, timeouts)
+//! callback_secret = "hooks"   # the `ember secret` that signs callbacks (X-Callback-Url)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,10 @@ pub struct Jobs {
         skip_serializing_if = "is_default_max_attempts"
     )]
     pub max_attempts: u32,
+    /// The secret (`ember secret set NAME`) that signs callbacks; without one, a job
+    /// cannot ask for a callback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_secret: Option<String>,
 }
 
 impl Default for Jobs {
@@ -34,6 +39,7 @@ impl Default for Jobs {
         Jobs {
             concurrency: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            callback_secret: None,
         }
     }
 }
@@ -57,6 +63,11 @@ impl Jobs {
                          instance runs at once, got {c}"
                     ),
                 );
+            }
+        }
+        if let Some(name) = &self.callback_secret {
+            if let Err(m) = super::check_secret_name(name) {
+                bad("jobs.callback_secret", m);
             }
         }
         if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {

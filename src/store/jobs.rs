@@ -5,6 +5,7 @@
 //! - `job_results`: job id → the function's answer body, raw bytes (status and headers
 //!   are in the record).
 //! - `job_keys`: `function\nIdempotency-Key` → the job it made and its input's hash.
+//! - `job_outbox`: job id → a callback still to send ([`OutboxEntry`]).
 //!
 //! Bodies are stored as they are, not in the JSON envelope: they are the user's bytes, up
 //! to 10 MiB, and their metadata is in the (enveloped) record. A submission is one write
@@ -100,6 +101,20 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The answer body's size, once stored.
     pub result_bytes: Option<u64>,
+    /// Where its end is POSTed (`X-Callback-Url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+/// A callback to send (`job_outbox`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Where.
+    pub url: String,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    /// Not before (unix ms).
+    pub next_ms: u64,
 }
 
 /// What [`Store::sweep_jobs`] removed.
@@ -141,12 +156,48 @@ impl Store {
         id: u64,
         job: &JobRecord,
         result: Option<Vec<u8>>,
+        callback: Option<&OutboxEntry>,
     ) -> Result<(), StoreError> {
-        let mut changes = vec![Change::Put(TreeId::Jobs, key(id), encode(job))];
+        let mut changes = Vec::new();
         if let Some(body) = result {
             changes.push(Change::Put(TreeId::JobResults, key(id), body));
         }
+        changes.push(Change::Put(TreeId::Jobs, key(id), encode(job)));
+        if let Some(entry) = callback {
+            changes.push(Change::Put(TreeId::JobOutbox, key(id), encode(entry)));
+        }
         self.write(changes).await
+    }
+
+    /// Callbacks due at `now_ms`.
+    pub async fn outbox_due(&self, now_ms: u64) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut due = Vec::new();
+            for entry in trees.tree(TreeId::JobOutbox).iter() {
+                let (k, v) = entry?;
+                let e: OutboxEntry = decode(&k, &v)?;
+                if e.next_ms <= now_ms {
+                    let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+                    due.push((id, e));
+                }
+            }
+            Ok(due)
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+
+    /// Stores a callback's next try.
+    pub async fn put_outbox(&self, id: u64, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.write(vec![Change::Put(TreeId::JobOutbox, key(id), encode(entry))])
+            .await
+    }
+
+    /// Forgets a callback (sent, or given up).
+    pub async fn remove_outbox(&self, id: u64) -> Result<(), StoreError> {
+        self.write(vec![Change::Remove(TreeId::JobOutbox, key(id))])
+            .await
     }
 
     /// A job.

@@ -21,8 +21,8 @@
 //! - `logs.rs`: `instance_logs` (`function/ended-ms/instance` → the last output of a
 //!   removed instance and why it ended), the newest few per function.
 //! - `jobs.rs`: `jobs` (id → a job's record), `job_inputs` and `job_results` (id → the
-//!   input and answer bodies, raw), `job_keys` (idempotency keys): durable asynchronous
-//!   invocations.
+//!   input and answer bodies, raw), `job_keys` (idempotency keys), `job_outbox` (callbacks to send):
+//!   durable asynchronous invocations.
 //! - `meta` (here): the layout's schema version and the gateway's id.
 //! - `writer.rs`: every write goes through one writer thread that batches writes and
 //!   flushes once per batch; a write that promises durability (a deploy, an instance
@@ -59,7 +59,7 @@ pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use history::{AllocationRecord, HistoryCursor, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
-pub use jobs::{JobRecord, JobState, JobsSwept, Priority};
+pub use jobs::{JobRecord, JobState, JobsSwept, OutboxEntry, Priority};
 pub use keys::KeyRecord;
 pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
@@ -151,6 +151,7 @@ impl Store {
             job_inputs: db.open_tree("job_inputs")?,
             job_results: db.open_tree("job_results")?,
             job_keys: db.open_tree("job_keys")?,
+            job_outbox: db.open_tree("job_outbox")?,
             instance_logs: db.open_tree("instance_logs")?,
             db,
         };

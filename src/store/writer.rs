@@ -54,6 +54,8 @@ pub enum TreeId {
     JobResults,
     /// `job_keys`.
     JobKeys,
+    /// `job_outbox`.
+    JobOutbox,
     /// `instance_logs`.
     InstanceLogs,
 }
@@ -108,6 +110,7 @@ pub(super) struct Trees {
     pub job_inputs: sled::Tree,
     pub job_results: sled::Tree,
     pub job_keys: sled::Tree,
+    pub job_outbox: sled::Tree,
     pub instance_logs: sled::Tree,
 }
 
@@ -132,6 +135,7 @@ impl Trees {
             TreeId::JobInputs => &self.job_inputs,
             TreeId::JobResults => &self.job_results,
             TreeId::JobKeys => &self.job_keys,
+            TreeId::JobOutbox => &self.job_outbox,
             TreeId::InstanceLogs => &self.instance_logs,
             TreeId::Meta => &self.meta,
         }
