@@ -92,6 +92,24 @@ pub struct ApiClient {
 /// A request body: whole, or streamed (`ember cp` of a large file).
 pub type RequestBody = BoxBody<Bytes, std::io::Error>;
 
+/// A client for URLs outside the gateway's nodes (job callbacks), trusting public web
+/// roots for https.
+pub type Outbound = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The client job callbacks are sent with; `None` when no TLS configuration can be made.
+pub fn outbound() -> Option<Outbound> {
+    let tls = Trust::PublicRoots.client_config(&[]).ok()?;
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Some(Client::builder(TokioExecutor::new()).build(connector))
+}
+
 impl ApiClient {
     /// A client of the gateway at `url` (http, or https trusted by the public web roots).
     pub fn new(url: &str) -> Result<ApiClient, ClientError> {

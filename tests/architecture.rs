@@ -197,7 +197,8 @@ fn sled_bollard_and_nvml_stay_in_their_modules() {
 #[test]
 fn only_nodes_dial_instances_and_agents() {
     // The gateway reaches an instance only through `Node::connect`, which a tunnelled
-    // node answers with a stream of its tunnel; `client.rs` dials the gateway itself.
+    // node answers with a stream of its tunnel; `client.rs` dials the gateway itself and,
+    // for job callbacks, URLs outside the pool.
     for (rel, code) in library() {
         for needle in ["TcpStream::connect", "HttpConnector"] {
             if code.contains(needle) {

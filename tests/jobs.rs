@@ -492,7 +492,7 @@ async fn receiver() -> (
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_callback_arrives_once_signed_and_a_private_address_needs_allowing() {
+async fn a_callback_arrives_once_with_a_valid_signature_and_needs_a_signing_secret() {
     require_docker!();
     let (url, got) = receiver().await;
     let gw = Gateway::builder()

@@ -21,12 +21,10 @@ use bytes::Bytes;
 use hmac::Mac;
 use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 use super::{JobRecord, Jobs};
+use crate::client::Outbound;
 use crate::history::parse_id;
 use crate::store::{now_ms, OutboxEntry};
 
@@ -46,8 +44,6 @@ const SCHEDULE: &[Duration] = &[
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// How often due deliveries are looked for (a new one wakes the worker at once).
 const POLL: Duration = Duration::from_secs(1);
-
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Checks a callback URL at submission: `http` or `https`, with a host.
 pub fn check_url(url: &str) -> Result<(), String> {
@@ -101,24 +97,10 @@ fn public(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// The client callbacks are sent with (public web roots for https).
-pub(super) fn client() -> Option<Client<Https, Full<Bytes>>> {
-    let tls = crate::tls::Trust::PublicRoots.client_config(&[]).ok()?;
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Some(Client::builder(TokioExecutor::new()).build(connector))
-}
-
 impl Jobs {
     /// Sends due callbacks until shutdown.
     pub(super) async fn deliver_loop(&self) {
-        let Some(client) = client() else {
+        let Some(client) = crate::client::outbound() else {
             tracing::error!("cannot make the TLS client callbacks need; none will be sent");
             return;
         };
@@ -146,7 +128,7 @@ impl Jobs {
         }
     }
 
-    async fn deliver(&self, client: &Client<Https, Full<Bytes>>, id: u64, mut entry: OutboxEntry) {
+    async fn deliver(&self, client: &Outbound, id: u64, mut entry: OutboxEntry) {
         let store = self.inner.invoker.activator().store();
         let job = match store.job(id) {
             Ok(Some(job)) => job,
@@ -182,7 +164,7 @@ impl Jobs {
 
     async fn send_callback(
         &self,
-        client: &Client<Https, Full<Bytes>>,
+        client: &Outbound,
         job: &JobRecord,
         entry: &OutboxEntry,
     ) -> Result<(), Failure> {
