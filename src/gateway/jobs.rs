@@ -147,10 +147,7 @@ pub async fn result(
 ) -> Result<Response, ApiError> {
     let job = find(&state, &id, req)?;
     let (Some(status), true) = (job.status, job.state.is_terminal()) else {
-        let state_name = serde_json::to_value(job.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let state_name = job.state.as_str().to_string();
         let state_name = match job.state {
             JobState::Failed | JobState::Cancelled => format!("{state_name} without an answer"),
             _ => state_name,
@@ -231,13 +228,7 @@ pub async fn list(
             })?,
         ),
     };
-    let limit = match p.limit.as_deref() {
-        None => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n @ 1..=1000) => n,
-            _ => return Err(bad("limit", format!("`{l}` is not a number from 1 to 1000")).into()),
-        },
-    };
+    let limit = crate::history::query::parse_limit(p.limit.as_deref())?;
     let filter = JobFilter {
         function: p.function,
         state: job_state,
@@ -328,13 +319,5 @@ pub async fn events(
             }
         },
     );
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(super::event_stream(Body::from_stream(stream)))
 }

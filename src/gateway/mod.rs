@@ -82,6 +82,21 @@ impl AppState {
     }
 }
 
+/// A server-sent event stream's response: its content type, and no caching or buffering
+/// by a proxy in front (nginx passes each event on at once).
+fn event_stream(body: axum::body::Body) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
+    let mut response = axum::response::Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
 /// The gateway's routes, each behind the credential `auth::rule` gives it.
 pub fn router(state: AppState) -> Router {
     Router::new()

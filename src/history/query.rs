@@ -92,6 +92,20 @@ impl Status {
     }
 }
 
+/// A page size as a query gives it (`limit`): `DEFAULT_LIMIT` when absent.
+pub fn parse_limit(limit: Option<&str>) -> Result<usize, BadParam> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n @ 1..=MAX_LIMIT) => Ok(n),
+            _ => Err(BadParam {
+                field: "limit",
+                message: format!("`{l}` is not a number from 1 to {MAX_LIMIT}"),
+            }),
+        },
+    }
+}
+
 /// A time as a query gives it: a duration back from now, or an RFC 3339 time; unix µs.
 pub fn parse_time(field: &'static str, s: &str) -> Result<u64, BadParam> {
     let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -161,18 +175,7 @@ impl Query {
             .as_deref()
             .map(|s| parse_time("until", s))
             .transpose()?;
-        let limit = match p.limit.as_deref() {
-            None => DEFAULT_LIMIT,
-            Some(l) => match l.parse::<usize>() {
-                Ok(n @ 1..=MAX_LIMIT) => n,
-                _ => {
-                    return Err(BadParam {
-                        field: "limit",
-                        message: format!("`{l}` is not a number from 1 to {MAX_LIMIT}"),
-                    })
-                }
-            },
-        };
+        let limit = parse_limit(p.limit.as_deref())?;
         let cursor = match p.cursor.as_deref() {
             None => None,
             Some(c) => Some(parse_cursor(c).ok_or_else(|| BadParam {

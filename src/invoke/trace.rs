@@ -166,9 +166,10 @@ impl Trace {
                 self.bytes_in.store(len, Ordering::Relaxed);
                 body
             }
-            (Some(_), None) => Body::new(CountIn {
+            (Some(_), None) => Body::new(Counted {
                 inner: body,
                 bytes: self.bytes_in.clone(),
+                finish: None,
             }),
         }
     }
@@ -207,53 +208,57 @@ impl Trace {
         }
     }
 
-    /// An instance answered: the headers are set, and the record goes to the history when
-    /// the body has ended.
-    pub fn answered(mut self, response: Response<Body>) -> Response<Body> {
+    /// Fills the call's tag slot and returns its tags.
+    fn settle_tags(&self) -> Tags {
         let tags = self.tags();
         if let Some(slot) = &self.slot {
             let _ = slot.0.set(tags);
         }
+        tags
+    }
+
+    /// The record, closed with the status the client got (and Ember's error code), to be
+    /// sent once its bytes out are known; `None` when the history keeps nothing.
+    fn take_pending(&mut self, status: u16, error: Option<&str>) -> Option<Pending> {
+        let mut record = self.record.take()?;
+        record.status = status;
+        record.error = error.map(str::to_string);
+        record.cold = self.cold;
+        Some(Pending {
+            history: self.history.clone(),
+            id: self.id,
+            client: self.client,
+            record,
+            bytes_in: self.bytes_in.clone(),
+            bytes_out: Arc::default(),
+        })
+    }
+
+    /// An instance answered: the headers are set, and the record goes to the history when
+    /// the body has ended.
+    pub fn answered(mut self, response: Response<Body>) -> Response<Body> {
+        let tags = self.settle_tags();
         let (mut head, body) = response.into_parts();
         tags.apply(&mut head.headers);
         if let Some(ran) = self.ran.take() {
             head.extensions.insert(ran);
         }
-        let Some(mut record) = self.record.take() else {
-            return Response::from_parts(head, body);
-        };
-        record.status = head.status.as_u16();
-        record.cold = self.cold;
-        let body = Body::new(CountOut {
-            inner: body,
-            pending: Some(Pending {
-                history: self.history.clone(),
-                id: self.id,
-                client: self.client,
-                record,
-                bytes_in: self.bytes_in.clone(),
+        let body = match self.take_pending(head.status.as_u16(), None) {
+            Some(pending) => Body::new(Counted {
+                inner: body,
+                bytes: pending.bytes_out.clone(),
+                finish: Some(pending),
             }),
-        });
+            None => body,
+        };
         Response::from_parts(head, body)
     }
 
     /// Ember answered instead of an instance, with `status` and its error `code`.
     pub fn failed(mut self, status: u16, code: &str) {
-        if let Some(slot) = &self.slot {
-            let _ = slot.0.set(self.tags());
-        }
-        if let Some(mut record) = self.record.take() {
-            record.status = status;
-            record.error = Some(code.to_string());
-            record.cold = self.cold;
-            Pending {
-                history: self.history.clone(),
-                id: self.id,
-                client: self.client,
-                record,
-                bytes_in: self.bytes_in.clone(),
-            }
-            .send(0);
+        self.settle_tags();
+        if let Some(pending) = self.take_pending(status, Some(code)) {
+            pending.send();
         }
     }
 }
@@ -262,18 +267,8 @@ impl Drop for Trace {
     /// A call dropped before it was answered or failed (the client went away while it
     /// waited, say for a cold start) is recorded as 499 `aborted`, as the metrics count it.
     fn drop(&mut self) {
-        if let Some(mut record) = self.record.take() {
-            record.status = 499;
-            record.error = Some("aborted".into());
-            record.cold = self.cold;
-            Pending {
-                history: self.history.clone(),
-                id: self.id,
-                client: self.client,
-                record,
-                bytes_in: self.bytes_in.clone(),
-            }
-            .send(0);
+        if let Some(pending) = self.take_pending(499, Some("aborted")) {
+            pending.send();
         }
     }
 }
@@ -285,24 +280,27 @@ struct Pending {
     client: Option<SocketAddr>,
     record: Box<InvocationRecord>,
     bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
 }
 
 impl Pending {
-    fn send(mut self, bytes_out: u64) {
+    fn send(mut self) {
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        self.record.bytes_out = bytes_out;
+        self.record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
         self.record.finished_at_us = now_us();
         self.history.invocation(self.id, self.client, *self.record);
     }
 }
 
-/// A request body that counts the bytes read of it.
-struct CountIn {
+/// A body that counts the bytes that pass through it; a response's also sends its
+/// call's record when it is dropped (ended, or the client gone).
+struct Counted {
     inner: Body,
     bytes: Arc<AtomicU64>,
+    finish: Option<Pending>,
 }
 
-impl http_body::Body for CountIn {
+impl http_body::Body for Counted {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -328,55 +326,10 @@ impl http_body::Body for CountIn {
     }
 }
 
-/// A response body that counts the bytes sent and sends the record when it is dropped
-/// (ended, or the client gone).
-struct CountOut {
-    inner: Body,
-    pending: Option<Pending>,
-}
-
-impl CountOut {
-    fn bytes(&mut self) -> &mut u64 {
-        &mut self
-            .pending
-            .as_mut()
-            .expect("until dropped")
-            .record
-            .bytes_out
-    }
-}
-
-impl http_body::Body for CountOut {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                *self.bytes() += data.len() as u64;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for CountOut {
+impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            let out = p.record.bytes_out;
-            p.send(out);
+        if let Some(pending) = self.finish.take() {
+            pending.send();
         }
     }
 }

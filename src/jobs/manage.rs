@@ -64,13 +64,6 @@ pub struct QueueCounts {
     pub expired: u64,
 }
 
-fn state_name(s: JobState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl Jobs {
     fn store(&self) -> &crate::store::Store {
         self.inner.invoker.activator().store()
@@ -132,14 +125,14 @@ impl Jobs {
         ) {
             return Err(ChangeError::Conflict {
                 id: id.to_string(),
-                state: state_name(job.state),
+                state: job.state.as_str().to_string(),
                 what: "only a failed, expired or cancelled job can be retried",
             });
         }
         if self.store().job_input(key)?.is_none() {
             return Err(ChangeError::Conflict {
                 id: id.to_string(),
-                state: state_name(job.state),
+                state: job.state.as_str().to_string(),
                 what: "its input is gone (past --job-results-keep): submit it again",
             });
         }

@@ -35,6 +35,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The state as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Expired => "expired",
+        }
+    }
+
     /// Whether the job is over.
     pub fn is_terminal(self) -> bool {
         matches!(

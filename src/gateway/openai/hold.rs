@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -62,15 +62,7 @@ where
         }
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    super::super::event_stream(Body::from_stream(stream))
 }
 
 /// Sends the answer's stream on, or its error as one event.
@@ -135,7 +127,7 @@ mod tests {
     async fn a_quick_answer_passes_as_it_is_and_a_slow_one_is_held_with_comments() {
         let tracker = TaskTracker::new();
         let quick = hold(async { ok("data: 1\n\n") }, "m".into(), &tracker).await;
-        assert!(quick.headers().get(header::CONTENT_TYPE).is_none());
+        assert!(quick.headers().get(http::header::CONTENT_TYPE).is_none());
         assert_eq!(text(quick).await, "data: 1\n\n");
 
         let slow = async {
@@ -144,7 +136,7 @@ mod tests {
         };
         let held = hold(slow, "m".into(), &tracker).await;
         assert_eq!(held.status(), StatusCode::OK);
-        assert_eq!(held.headers()[header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(held.headers()[http::header::CONTENT_TYPE], "text/event-stream");
         let body = text(held).await;
         assert_eq!(
             body,
