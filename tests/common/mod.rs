@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod dashboard;
 pub mod dockerd;
 mod gateway;
+pub mod jobs;
 pub mod net;
 pub mod netns;
 pub mod prometheus;
