@@ -136,7 +136,10 @@ mod tests {
         };
         let held = hold(slow, "m".into(), &tracker).await;
         assert_eq!(held.status(), StatusCode::OK);
-        assert_eq!(held.headers()[http::header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(
+            held.headers()[http::header::CONTENT_TYPE],
+            "text/event-stream"
+        );
         let body = text(held).await;
         assert_eq!(
             body,
