@@ -227,6 +227,13 @@ async fn jobs_are_cancelled_retried_listed_counted_purged_and_keyed() {
     let long = id(&submit("/sleep/3000", "a", None).await);
     wait_for(&gw, &long, "running", Duration::from_secs(20)).await;
     let behind = id(&submit("/sleep/10", "b", None).await);
+    // An id is its store key and 64 random bits: a neighbour's key with a guess is unknown.
+    assert_eq!(behind.len(), 32, "{behind}");
+    let guessed = format!("{}{}", &behind[..16], "0".repeat(16));
+    let r = gw
+        .request(Method::GET, &format!("/api/v1/jobs/{guessed}"), &[], "")
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
     let r = post(format!("/api/v1/jobs/{behind}/cancel")).await;
     assert_eq!(r.json()["state"], "cancelled", "{}", r.text());
     let refused = post(format!("/api/v1/jobs/{long}/retry")).await;

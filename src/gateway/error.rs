@@ -143,9 +143,11 @@ pub(super) fn parts(e: &ApiError) -> (StatusCode, ErrorCode, Option<Duration>) {
         ApiError::JobChange(crate::jobs::ChangeError::Store(_)) => {
             (S::INTERNAL_SERVER_ERROR, C::Internal, None)
         }
-        ApiError::Job(crate::jobs::JobError::BadPath(_) | crate::jobs::JobError::Callback(_)) => {
-            (S::BAD_REQUEST, C::BadRequest, None)
-        }
+        ApiError::Job(
+            crate::jobs::JobError::BadPath(_)
+            | crate::jobs::JobError::Callback(_)
+            | crate::jobs::JobError::NotJson { .. },
+        ) => (S::BAD_REQUEST, C::BadRequest, None),
         ApiError::Job(crate::jobs::JobError::KeyReused { .. }) => {
             (S::UNPROCESSABLE_ENTITY, C::IdempotencyKeyReused, None)
         }

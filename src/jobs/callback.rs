@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::{JobRecord, Jobs};
 use crate::client::Outbound;
-use crate::history::parse_id;
+use crate::store::job_key;
 use crate::store::{now_ms, OutboxEntry};
 
 /// Results up to this size go inline in the callback.
@@ -240,7 +240,7 @@ impl Jobs {
 
     /// The callback's body: the record, and the result inline or as a link.
     fn payload(&self, job: &JobRecord) -> Result<Vec<u8>, Failure> {
-        let key = parse_id(&job.id).ok_or_else(|| Failure::Stop("bad job id".into()))?;
+        let key = job_key(&job.id).ok_or_else(|| Failure::Stop("bad job id".into()))?;
         let store = self.inner.invoker.activator().store();
         let result = store.job_result(key).ok().flatten();
         let mut v = json!({

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{JobRecord, JobState, Jobs};
-use crate::history::parse_id;
+use crate::store::job_key;
 use crate::store::{now_ms, StoreError};
 
 /// Why a job could not be cancelled or retried.
@@ -70,10 +70,8 @@ impl Jobs {
     }
 
     fn load(&self, id: &str) -> Result<(u64, JobRecord), ChangeError> {
-        let not_found = || ChangeError::NotFound(id.to_string());
-        let key = parse_id(id).ok_or_else(not_found)?;
-        let job = self.store().job(key)?.ok_or_else(not_found)?;
-        Ok((key, job))
+        self.find(id)?
+            .ok_or_else(|| ChangeError::NotFound(id.to_string()))
     }
 
     /// Cancels a job: a queued one at once; a running one's request is dropped and it
@@ -83,12 +81,7 @@ impl Jobs {
         if job.state.is_terminal() {
             return Ok(job);
         }
-        let running = {
-            let queues = self.lock();
-            queues
-                .get(&job.function)
-                .and_then(|q| q.running.get(&key).cloned())
-        };
+        let running = self.running_signal(&job.function, key);
         self.release(&job.function, key);
         match running {
             Some(signal) if job.state == JobState::Running => {
@@ -149,7 +142,7 @@ impl Jobs {
         self.save(key, &job, None).await?;
         // Its last run may still be letting go of it (a cancel's last moments).
         for _ in 0..100 {
-            if self.enqueue(&job.function, key) {
+            if self.enqueue(&job, key) {
                 return Ok(job);
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -163,7 +156,7 @@ impl Jobs {
 
     /// A page of jobs, newest first, and the cursor of the next.
     pub async fn list(&self, f: JobFilter) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
-        let below = f.cursor.as_deref().and_then(parse_id).unwrap_or(u64::MAX);
+        let below = f.cursor.as_deref().and_then(job_key).unwrap_or(u64::MAX);
         let limit = f.limit;
         let page = self
             .store()
@@ -184,33 +177,26 @@ impl Jobs {
     /// A function's jobs, counted by state.
     pub async fn counts(&self, function: &str) -> Result<QueueCounts, StoreError> {
         let name = function.to_string();
-        let jobs = self
-            .store()
-            .jobs_page(u64::MAX, usize::MAX, move |j| j.function == name)
-            .await?;
-        let mut c = QueueCounts::default();
-        for j in jobs {
-            *match j.state {
-                JobState::Queued => &mut c.queued,
-                JobState::Running => &mut c.running,
-                JobState::Succeeded => &mut c.succeeded,
-                JobState::Failed => &mut c.failed,
-                JobState::Cancelled => &mut c.cancelled,
-                JobState::Expired => &mut c.expired,
-            } += 1;
-        }
-        Ok(c)
+        self.store()
+            .fold_jobs(QueueCounts::default(), move |mut c, j| {
+                if j.function == name {
+                    *match j.state {
+                        JobState::Queued => &mut c.queued,
+                        JobState::Running => &mut c.running,
+                        JobState::Succeeded => &mut c.succeeded,
+                        JobState::Failed => &mut c.failed,
+                        JobState::Cancelled => &mut c.cancelled,
+                        JobState::Expired => &mut c.expired,
+                    } += 1;
+                }
+                c
+            })
+            .await
     }
 
     /// Cancels every queued job of `function` (running ones go on); returns how many.
     pub async fn purge(&self, function: &str) -> Result<usize, StoreError> {
-        let waiting: Vec<u64> = {
-            let queues = self.lock();
-            queues
-                .get(function)
-                .map(|q| q.waiting.iter().copied().collect())
-                .unwrap_or_default()
-        };
+        let waiting = self.waiting(function);
         for id in &waiting {
             self.release(function, *id);
         }
@@ -224,7 +210,7 @@ impl Jobs {
             .await?;
         let mut purged = 0;
         for mut job in queued {
-            let Some(key) = parse_id(&job.id) else {
+            let Some(key) = job_key(&job.id) else {
                 continue;
             };
             job.state = JobState::Cancelled;

@@ -25,9 +25,11 @@ mod manage;
 mod sweep;
 
 pub use manage::{ChangeError, JobFilter, QueueCounts};
+mod batch;
+mod queue;
 mod run;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -35,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activator::Function;
-use crate::history::{format_id, mint};
+use crate::history::mint;
 use crate::invoke::Invoker;
 use crate::store::{now_ms, StoreError};
 pub use crate::store::{JobRecord, JobState, Priority};
@@ -59,6 +61,14 @@ pub enum JobError {
     /// A callback was asked for that cannot be sent.
     #[error("X-Callback-Url: {0}")]
     Callback(String),
+    /// The function batches its jobs, and the input is not JSON.
+    #[error("function `{function}` takes jobs in batches ([jobs] batch), as JSON arrays of their inputs, so an input must be JSON: {why}")]
+    NotJson {
+        /// The function.
+        function: String,
+        /// What the JSON parser said.
+        why: String,
+    },
     /// An idempotency key came back with another input.
     #[error("Idempotency-Key `{key}` was used for job {job} with another input; use a new key for a new job")]
     KeyReused {
@@ -99,6 +109,15 @@ fn input_hash(s: &Submission) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A new job's id: its store key (time-ordered, 16 hex digits) and 64 random bits (16
+/// more): a job's id is what reads its result, so it must not be guessable from another's.
+fn job_id(key: u64) -> String {
+    let mut random = [0u8; 8];
+    // The operating system's generator; without it no id can be made safely.
+    getrandom::fill(&mut random).expect("the OS random number generator works");
+    format!("{key:016x}{:016x}", u64::from_be_bytes(random))
+}
+
 /// How long ended jobs are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keep {
@@ -128,7 +147,7 @@ struct Inner {
     keep: Keep,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    queues: Mutex<HashMap<String, Queue>>,
+    queues: Mutex<HashMap<String, queue::Queue>>,
     /// Submissions with an idempotency key, one at a time (check, then store).
     keyed: tokio::sync::Mutex<()>,
     /// Every stored change of a job, for its event streams.
@@ -137,16 +156,6 @@ struct Inner {
     outbox: tokio::sync::Notify,
     /// Hosts callbacks may reach though they are private (`serve --callback-allow`).
     callback_allow: Vec<String>,
-}
-
-/// One function's jobs: waiting in order, those taken to run (each with the signal that
-/// cancels it), and every job this queue holds in any way (waiting, running, or waiting
-/// out a back-off), so that no job is ever queued twice.
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<u64>,
-    running: HashMap<u64, CancellationToken>,
-    held: std::collections::HashSet<u64>,
 }
 
 impl Jobs {
@@ -195,7 +204,7 @@ impl Jobs {
                 job.state = JobState::Queued;
                 self.save(id, &job, None).await?;
             }
-            self.enqueue(&job.function, id);
+            self.enqueue(&job, id);
         }
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed unfinished jobs");
@@ -218,6 +227,20 @@ impl Jobs {
         if !s.path.starts_with('/') || s.path.parse::<http::Uri>().is_err() {
             return Err(JobError::BadPath(s.path));
         }
+        let batches = f
+            .revision()
+            .manifest
+            .jobs
+            .as_ref()
+            .is_some_and(|j| j.batch.is_some());
+        if batches {
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&s.body) {
+                return Err(JobError::NotJson {
+                    function: f.name().to_string(),
+                    why: e.to_string(),
+                });
+            }
+        }
         if let Some(url) = &s.callback_url {
             callback::check_url(url).map_err(JobError::Callback)?;
             let named = f
@@ -237,7 +260,7 @@ impl Jobs {
         let id = mint();
         let now = now_ms();
         let job = JobRecord {
-            id: format_id(id),
+            id: job_id(id),
             function: f.name().to_string(),
             state: JobState::Queued,
             attempt: 0,
@@ -286,24 +309,33 @@ impl Jobs {
                     .await?;
             }
         }
-        self.enqueue(f.name(), id);
+        self.enqueue(&job, id);
         Ok(job)
     }
 
     /// A job's record.
     pub fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        match crate::history::parse_id(id) {
-            Some(id) => self.inner.invoker.activator().store().job(id),
-            None => Ok(None),
-        }
+        Ok(self.find(id)?.map(|(_, job)| job))
     }
 
     /// A finished job's answer body.
     pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match crate::history::parse_id(id) {
-            Some(id) => self.inner.invoker.activator().store().job_result(id),
+        match self.find(id)? {
+            Some((key, _)) => self.inner.invoker.activator().store().job_result(key),
             None => Ok(None),
         }
+    }
+
+    /// Job `id`'s store key and record, if `id` is a job's whole id (its random part
+    /// compared in constant time, so an id cannot be guessed from a neighbour's).
+    fn find(&self, id: &str) -> Result<Option<(u64, JobRecord)>, StoreError> {
+        let Some(key) = crate::store::job_key(id) else {
+            return Ok(None);
+        };
+        let job = self.inner.invoker.activator().store().job(key)?;
+        Ok(job
+            .filter(|j| crate::access::same_secret(id, &j.id))
+            .map(|j| (key, j)))
     }
 
     /// Stores a job's change (with its answer's body, when it has one), then tells those
@@ -336,109 +368,5 @@ impl Jobs {
     /// Follows every job's changes from now on (`GET /api/v1/jobs/ID/events`).
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<JobRecord>> {
         self.inner.changes.subscribe()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {
-        self.inner.queues.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues job `id` unless this queue holds it already; returns whether it did.
-    fn enqueue(&self, function: &str, id: u64) -> bool {
-        {
-            let mut queues = self.lock();
-            let q = queues.entry(function.to_string()).or_default();
-            if !q.held.insert(id) {
-                return false;
-            }
-            q.waiting.push_back(id);
-        }
-        self.pump(function);
-        true
-    }
-
-    /// Queues job `id` again after its back-off, if it is still held (not cancelled or
-    /// purged meanwhile).
-    fn requeue(&self, function: &str, id: u64) {
-        {
-            let mut queues = self.lock();
-            let Some(q) = queues.get_mut(function) else {
-                return;
-            };
-            if !q.held.contains(&id) || q.waiting.contains(&id) || q.running.contains_key(&id) {
-                return;
-            }
-            q.waiting.push_back(id);
-        }
-        self.pump(function);
-    }
-
-    /// Lets go of job `id` (cancelled or purged while waiting): a retry may queue it again.
-    fn release(&self, function: &str, id: u64) {
-        if let Some(q) = self.lock().get_mut(function) {
-            q.waiting.retain(|w| *w != id);
-            if !q.running.contains_key(&id) {
-                q.held.remove(&id);
-            }
-        }
-    }
-
-    /// Starts as many of `function`'s waiting jobs as it may have in flight: `jobs.
-    /// concurrency` per instance it runs, plus one instance's worth, so a backlog starts
-    /// one more instance at a time up to `scale.max` while each instance keeps about
-    /// `scale.concurrency − jobs.concurrency` slots for requests.
-    fn pump(&self, function: &str) {
-        if self.inner.shutdown.is_cancelled() {
-            // What waits stays queued in the store and resumes at the next start.
-            return;
-        }
-        let activator = self.inner.invoker.activator();
-        let limit = activator.function(function).map_or(1, |f| {
-            let m = &f.revision().manifest;
-            let per_instance = m
-                .jobs
-                .as_ref()
-                .and_then(|j| j.concurrency)
-                .unwrap_or(m.scale.concurrency) as usize;
-            let s = activator.status(&f);
-            let instances = s.ready + s.starting + s.paused;
-            let room = (instances + 1).min(m.scale.max as usize).max(1);
-            room * per_instance.max(1)
-        });
-        let mut queues = self.lock();
-        let Some(q) = queues.get_mut(function) else {
-            return;
-        };
-        while q.running.len() < limit {
-            let Some(id) = q.waiting.pop_front() else {
-                break;
-            };
-            q.running.insert(id, CancellationToken::new());
-            let (this, name) = (self.clone(), function.to_string());
-            let span = tracing::info_span!("job", function, job = %format_id(id));
-            self.inner.tracker.spawn(tracing::Instrument::instrument(
-                async move { this.run(&name, id).await },
-                span,
-            ));
-        }
-    }
-
-    /// The signal that cancels job `id`, taken to run.
-    fn cancel_signal(&self, function: &str, id: u64) -> CancellationToken {
-        self.lock()
-            .get(function)
-            .and_then(|q| q.running.get(&id).cloned())
-            .unwrap_or_default()
-    }
-
-    /// Job `id` ended its turn: the next may go. `again`: it waits out a back-off (still
-    /// held); otherwise this queue lets go of it.
-    fn done(&self, function: &str, id: u64, again: bool) {
-        if let Some(q) = self.lock().get_mut(function) {
-            q.running.remove(&id);
-            if !again {
-                q.held.remove(&id);
-            }
-        }
-        self.pump(function);
     }
 }

@@ -1,18 +1,20 @@
 //! One job's attempts: the request to the function, its answer kept, retries.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
 
 use super::{JobRecord, JobState, Jobs, Priority, MAX_BODY, TTL};
-use crate::activator::AcquireError;
+use crate::activator::{AcquireError, Function};
 use crate::history::format_id;
 use crate::invoke::trace::{JobCall, Ran};
 use crate::invoke::{Call, InvokeError};
 use crate::proxy::ProxyError;
-use crate::store::{now_ms, Store};
+use crate::store::{now_ms, StoreError};
 
 /// The first retry's delay; each next one doubles, up to `BACKOFF_MAX`.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -21,7 +23,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const NO_ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// What an attempt came to.
-enum Outcome {
+pub(super) enum Outcome {
     /// Over: the job's final state, the function's answer (status, headers, body) if it
     /// gave one, and why it failed.
     Final(JobState, Option<Answer>, Option<String>),
@@ -29,13 +31,18 @@ enum Outcome {
     Retry(String, Option<Duration>, Option<Answer>),
     /// No room now: try again without counting an attempt.
     NoRoom,
+    /// Its batch was refused: run it again alone, without counting the attempt, to find
+    /// which input the function refuses.
+    Split(String),
 }
 
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    ran: Option<Ran>,
+/// The function's answer to a job's request.
+pub(super) struct Answer {
+    pub(super) status: u16,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) body: Vec<u8>,
+    pub(super) ran: Option<Ran>,
+    pub(super) retry_after: Option<Duration>,
 }
 
 /// The delay before attempt `attempt + 1`: exponential, with jitter in its upper half.
@@ -48,79 +55,146 @@ fn backoff(attempt: u32) -> Duration {
     half + Duration::from_micros(jitter)
 }
 
+/// What [`Jobs::begin`] made of a job's turn.
+pub(super) enum Begun {
+    /// Marked running, its attempt counted: send it.
+    Go(Box<Go>),
+    /// Nothing to send: it ended (`None`) or waits to be queued again after the delay.
+    Settled(Option<Duration>),
+}
+
+/// A job ready to send.
+pub(super) struct Go {
+    pub(super) id: u64,
+    pub(super) f: Arc<Function>,
+    pub(super) job: JobRecord,
+    pub(super) input: Vec<u8>,
+    pub(super) cancel: CancellationToken,
+}
+
 impl Jobs {
-    /// Runs job `id`'s next attempt and records what came of it.
+    /// Runs job `id`'s next attempt alone and records what came of it.
     pub(super) async fn run(&self, function: &str, id: u64) {
-        let store = self.inner.invoker.activator().store().clone();
-        let again = match store.job(id) {
-            Ok(Some(job)) if job.state == JobState::Queued => {
-                match self.attempt(&store, id, job).await {
-                    Ok(again) => again,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not record the job's state; it resumes at the next start");
-                        false
-                    }
-                }
+        let delay = match self.begin(id, false).await {
+            Ok(Begun::Go(go)) => {
+                let outcome = tokio::select! {
+                    outcome = self.send(&go.f, &go.job, go.input) => outcome,
+                    _ = go.cancel.cancelled() => Outcome::Final(JobState::Cancelled, None, None),
+                };
+                self.settle(go.id, go.job, outcome, &go.cancel).await
             }
-            Ok(_) => {
-                // Cancelled, purged or swept meanwhile: its turn is over.
-                tracing::debug!(job = %format_id(id), "not queued any more");
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the job; it stays queued until a restart");
-                false
-            }
+            Ok(Begun::Settled(delay)) => Ok(delay),
+            Err(e) => Err(e),
         };
-        self.done(function, id, again);
+        self.finish(function, &[(id, delay)]);
     }
 
-    /// One attempt; `Ok(true)` when the job waits to be queued again (a back-off).
-    async fn attempt(
+    /// Ends a turn (see [`Jobs::turn_over`]), then queues again, after its delay, each of
+    /// its jobs that waits for another attempt.
+    pub(super) fn finish(
         &self,
-        store: &Store,
-        id: u64,
-        mut job: JobRecord,
-    ) -> Result<bool, crate::store::StoreError> {
-        let Some(f) = self.inner.invoker.activator().function(&job.function) else {
-            job.state = JobState::Failed;
-            job.finished_ms = Some(now_ms());
-            job.error = Some(format!("function `{}` was removed", job.function));
-            return self.save(id, &job, None).await.map(|()| false);
+        function: &str,
+        jobs: &[(u64, Result<Option<Duration>, crate::store::StoreError>)],
+    ) {
+        let ended: Vec<(u64, bool)> = jobs
+            .iter()
+            .map(|(id, delay)| match delay {
+                Ok(delay) => (*id, delay.is_some()),
+                Err(e) => {
+                    tracing::error!(job = %format_id(*id), error = %e, "could not record the job's state; it resumes at the next start");
+                    (*id, false)
+                }
+            })
+            .collect();
+        self.turn_over(function, &ended);
+        for (id, delay) in jobs {
+            if let Ok(Some(delay)) = delay {
+                self.later(function, *id, *delay);
+            }
+        }
+    }
+
+    /// Reads job `id` and readies its next attempt: marks it running (its attempt
+    /// counted), or settles what became of it instead (over, expired, waiting for room).
+    /// `batched`: it goes in a batch, so its input must be JSON.
+    pub(super) async fn begin(&self, id: u64, batched: bool) -> Result<Begun, StoreError> {
+        let store = self.inner.invoker.activator().store().clone();
+        let mut job = match store.job(id)? {
+            Some(job) if job.state == JobState::Queued => job,
+            _ => {
+                // Cancelled, purged or swept meanwhile: its turn is over.
+                tracing::debug!(job = %format_id(id), "not queued any more");
+                return Ok(Begun::Settled(None));
+            }
         };
-        let cancel = self.cancel_signal(&job.function, id);
+        let Some(f) = self.inner.invoker.activator().function(&job.function) else {
+            let why = format!("function `{}` was removed", job.function);
+            return self.end(id, job, JobState::Failed, why).await;
+        };
+        let cancel = self.running_signal(&job.function, id).unwrap_or_default();
         if job.attempt == 0 && now_ms() > job.submitted_ms.saturating_add(TTL.as_millis() as u64) {
-            job.state = JobState::Expired;
-            job.finished_ms = Some(now_ms());
-            job.error = Some(format!(
+            let why = format!(
                 "not started within its time to live ({})",
                 humantime::format_duration(TTL)
-            ));
-            return self.save(id, &job, None).await.map(|()| false);
+            );
+            return self.end(id, job, JobState::Expired, why).await;
         }
         if job.priority == Priority::Low && !f.has_warm_slot() {
             // Idle capacity only: ask again in a while, without an attempt.
-            self.later(&job.function, id, NO_ROOM_WAIT);
-            return Ok(true);
+            return Ok(Begun::Settled(Some(NO_ROOM_WAIT)));
         }
         let Some(input) = store.job_input(id)? else {
-            job.state = JobState::Failed;
-            job.finished_ms = Some(now_ms());
-            job.error = Some("its input is gone (past --job-results-keep)".into());
-            return self.save(id, &job, None).await.map(|()| false);
+            let why = "its input is gone (past --job-results-keep)".to_string();
+            return self.end(id, job, JobState::Failed, why).await;
         };
         if cancel.is_cancelled() {
-            return Ok(false);
+            return Ok(Begun::Settled(None));
+        }
+        if batched && serde_json::from_slice::<serde::de::IgnoredAny>(&input).is_err() {
+            // Submitted before the function batched: it cannot join a JSON array.
+            let why = format!(
+                "its input is not JSON, and function `{}` takes jobs in batches ([jobs] batch) as JSON arrays: submit it again as JSON",
+                job.function
+            );
+            return self.end(id, job, JobState::Failed, why).await;
         }
         job.state = JobState::Running;
         job.attempt += 1;
         job.started_ms = Some(now_ms());
         self.save(id, &job, None).await?;
+        Ok(Begun::Go(Box::new(Go {
+            id,
+            f,
+            job,
+            input,
+            cancel,
+        })))
+    }
 
-        let outcome = tokio::select! {
-            outcome = self.send(&f, &job, input) => outcome,
-            _ = cancel.cancelled() => Outcome::Final(JobState::Cancelled, None, None),
-        };
+    /// Ends job `id` unstarted in `state`, with why.
+    async fn end(
+        &self,
+        id: u64,
+        mut job: JobRecord,
+        state: JobState,
+        why: String,
+    ) -> Result<Begun, StoreError> {
+        job.state = state;
+        job.finished_ms = Some(now_ms());
+        job.error = Some(why);
+        self.save(id, &job, None).await?;
+        Ok(Begun::Settled(None))
+    }
+
+    /// Records what an attempt came to; `Some(delay)` when the job is to be queued again
+    /// after `delay` (a retry's back-off, or a wait for room).
+    pub(super) async fn settle(
+        &self,
+        id: u64,
+        mut job: JobRecord,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Duration>, StoreError> {
         // A cancel that came as the attempt ended still wins over a retry.
         let outcome = if cancel.is_cancelled() {
             Outcome::Final(
@@ -136,8 +210,15 @@ impl Jobs {
                 job.state = JobState::Queued;
                 job.attempt -= 1;
                 self.save(id, &job, None).await?;
-                self.later(&job.function, id, NO_ROOM_WAIT);
-                return Ok(true);
+                return Ok(Some(NO_ROOM_WAIT));
+            }
+            Outcome::Split(why) => {
+                job.state = JobState::Queued;
+                job.attempt -= 1;
+                job.error = Some(why);
+                self.save(id, &job, None).await?;
+                self.send_alone(&job.function, id);
+                return Ok(Some(Duration::ZERO));
             }
             Outcome::Retry(why, after, answer) if job.attempt < job.max_attempts => {
                 let delay = after
@@ -180,19 +261,22 @@ impl Jobs {
         self.save(id, &job, body).await?;
         if let Some(delay) = delay {
             tracing::info!(
+                job = %format_id(id),
                 attempt = job.attempt,
                 delay_ms = delay.as_millis() as u64,
                 error = job.error.as_deref().unwrap_or(""),
                 "job attempt failed; retrying"
             );
-            self.later(&job.function, id, delay);
         }
-        Ok(delay.is_some())
+        Ok(delay)
     }
 
     /// Queues job `id` again after `delay` (or at once when the gateway stops: it is in
     /// the store, queued, and resumes at the next start).
     fn later(&self, function: &str, id: u64, delay: Duration) {
+        if delay.is_zero() {
+            return self.requeue(function, id);
+        }
         let (this, function) = (self.clone(), function.to_string());
         let shutdown = self.inner.shutdown.clone();
         self.inner.tracker.spawn(async move {
@@ -203,56 +287,73 @@ impl Jobs {
         });
     }
 
-    /// Sends the job's input to the function and reads its answer.
-    async fn send(
-        &self,
-        f: &std::sync::Arc<crate::activator::Function>,
-        job: &JobRecord,
-        input: Vec<u8>,
-    ) -> Outcome {
+    /// Sends one job's input to the function and reads its answer.
+    async fn send(&self, f: &Arc<Function>, job: &JobRecord, input: Vec<u8>) -> Outcome {
         let mut request = Request::post(job.path.as_str());
         if let Some(ct) = &job.content_type {
             request = request.header(header::CONTENT_TYPE, ct.as_str());
         }
         let request = request
-            .header(header::CONTENT_LENGTH, input.len())
             .header("ember-job-id", job.id.as_str())
-            .header("ember-attempt", HeaderValue::from(job.attempt))
+            .header("ember-attempt", HeaderValue::from(job.attempt));
+        match self
+            .exchange(f, request, input, job.priority, MAX_BODY)
+            .await
+        {
+            Ok(answer) => answer.outcome(),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Sends a job's (or a batch's) request through the invoke core and reads the answer
+    /// whole, up to `limit` bytes.
+    pub(super) async fn exchange(
+        &self,
+        f: &Arc<Function>,
+        request: http::request::Builder,
+        input: Vec<u8>,
+        priority: Priority,
+        limit: usize,
+    ) -> Result<Answer, Outcome> {
+        let request = request
+            .header(header::CONTENT_LENGTH, input.len())
             .extension(JobCall)
-            .body(Body::from(input));
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                return Outcome::Final(
-                    JobState::Failed,
-                    None,
-                    Some(format!("cannot make the request: {e}")),
-                )
-            }
-        };
+            .body(Body::from(input))
+            .map_err(|e| {
+                let why = format!("cannot make the request: {e}");
+                Outcome::Final(JobState::Failed, None, Some(why))
+            })?;
         let call = Call {
             request,
             client: None,
             route: None,
             any_instance: false,
-            warm_only: job.priority == Priority::Low,
+            warm_only: priority == Priority::Low,
         };
-        let response = match self.inner.invoker.call(f, call).await {
-            Ok(r) => r,
-            Err(e) => return failure(e),
-        };
-        let (head, body) = response.into_parts();
+        let (head, body) = self
+            .inner
+            .invoker
+            .call(f, call)
+            .await
+            .map_err(failure)?
+            .into_parts();
         let ran = head.extensions.get::<Ran>().cloned();
-        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        let body = match http_body_util::Limited::new(body, limit).collect().await {
             Ok(b) => b.to_bytes().to_vec(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 let why = format!(
                     "result_too_large: the function's answer is over {} MiB",
-                    MAX_BODY >> 20
+                    limit >> 20
                 );
-                return Outcome::Final(JobState::Failed, None, Some(why));
+                return Err(Outcome::Final(JobState::Failed, None, Some(why)));
             }
-            Err(e) => return Outcome::Retry(format!("the answer broke off: {e}"), None, None),
+            Err(e) => {
+                return Err(Outcome::Retry(
+                    format!("the answer broke off: {e}"),
+                    None,
+                    None,
+                ))
+            }
         };
         let headers = head
             .headers
@@ -266,39 +367,40 @@ impl Jobs {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
-        let status = head.status;
-        let answer = Answer {
-            status: status.as_u16(),
+        Ok(Answer {
+            status: head.status.as_u16(),
             headers,
             body,
             ran,
-        };
+            retry_after,
+        })
+    }
+}
+
+impl Answer {
+    /// What a job's attempt that got this answer came to.
+    pub(super) fn outcome(self) -> Outcome {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
         if status.is_success() || status.is_redirection() {
-            Outcome::Final(JobState::Succeeded, Some(answer), None)
+            Outcome::Final(JobState::Succeeded, Some(self), None)
         } else if retryable(status) {
-            Outcome::Retry(
-                format!("the function answered {status}"),
-                retry_after,
-                Some(answer),
-            )
+            let after = self.retry_after;
+            Outcome::Retry(format!("the function answered {status}"), after, Some(self))
         } else {
-            Outcome::Final(
-                JobState::Failed,
-                Some(answer),
-                Some(format!("the function answered {status}")),
-            )
+            let why = format!("the function answered {status}");
+            Outcome::Final(JobState::Failed, Some(self), Some(why))
         }
     }
 }
 
-fn retryable(status: StatusCode) -> bool {
+pub(super) fn retryable(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
 }
 
 /// What a failure of the invoke core means for a job.
-fn failure(e: InvokeError) -> Outcome {
+pub(super) fn failure(e: InvokeError) -> Outcome {
     let why = e.to_string();
     match &e {
         InvokeError::Acquire(a) => match a {

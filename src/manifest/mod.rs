@@ -55,7 +55,7 @@ pub use access::Access;
 pub use comfyui::ComfyUi;
 pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
-pub use jobs::{Jobs, DEFAULT_MAX_ATTEMPTS};
+pub use jobs::{Batch, Jobs, DEFAULT_MAX_ATTEMPTS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};

@@ -70,7 +70,7 @@ pub enum Priority {
 /// One job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
-    /// Its id (16 hex digits).
+    /// Its id: 32 hex digits, the store key then 64 random bits.
     pub id: String,
     /// The function it runs on.
     pub function: String,
@@ -138,6 +138,15 @@ pub struct JobsSwept {
     pub records: usize,
     /// Idempotency keys removed.
     pub keys: usize,
+}
+
+/// The store key of job id `id`: its first 16 hex digits (the 16 after them, in ids made
+/// since they were added, are random: what makes an id unguessable).
+pub fn job_key(id: &str) -> Option<u64> {
+    if !(id.len() == 16 || id.len() == 32) || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(&id[..16], 16).ok()
 }
 
 fn key(id: u64) -> Vec<u8> {
@@ -255,6 +264,25 @@ impl Store {
         .map_err(StoreError::Scan)?
     }
 
+    /// Folds every job, oldest first, into `acc`, without collecting them.
+    pub async fn fold_jobs<A: Send + 'static>(
+        &self,
+        acc: A,
+        f: impl Fn(A, &JobRecord) -> A + Send + 'static,
+    ) -> Result<A, StoreError> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut acc = acc;
+            for entry in trees.tree(TreeId::Jobs).iter() {
+                let (k, v) = entry?;
+                acc = f(acc, &decode(&k, &v)?);
+            }
+            Ok(acc)
+        })
+        .await
+        .map_err(StoreError::Scan)?
+    }
+
     /// The job an idempotency key of `function` named, with the hash of its input.
     pub fn job_by_key(
         &self,
@@ -323,7 +351,7 @@ impl Store {
             for entry in trees.tree(TreeId::JobKeys).iter() {
                 let (k, v) = entry?;
                 let (job, _): (String, String) = decode(&k, &v)?;
-                let submitted = u64::from_str_radix(&job, 16).ok().and_then(|id| {
+                let submitted = job_key(&job).and_then(|id| {
                     let v = trees.tree(TreeId::Jobs).get(key(id)).ok()??;
                     decode::<JobRecord>(&key(id), &v)
                         .ok()

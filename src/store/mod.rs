@@ -59,7 +59,7 @@ pub use comfy::{CachedAnswer, FileRecord, PromptRecord, PromptState};
 pub use functions::{FunctionRecord, RevisionRecord};
 pub use history::{AllocationRecord, HistoryCursor, InvocationRecord, Trimmed};
 pub use instances::InstanceRecord;
-pub use jobs::{JobRecord, JobState, JobsSwept, OutboxEntry, Priority};
+pub use jobs::{job_key, JobRecord, JobState, JobsSwept, OutboxEntry, Priority};
 pub use keys::KeyRecord;
 pub use logs::{PreviousLogs, PREVIOUS_PER_FUNCTION};
 pub use nodes::{NodeAddress, NodeMark, NodeRecord, RemovedNode};
