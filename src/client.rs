@@ -93,13 +93,65 @@ pub struct ApiClient {
 pub type RequestBody = BoxBody<Bytes, std::io::Error>;
 
 /// A client for URLs outside the gateway's nodes (job callbacks), trusting public web
-/// roots for https.
-pub type Outbound = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// roots for https, that connects only to the addresses its [`Guarded`] resolver accepts.
+pub type Outbound = Client<HttpsConnector<HttpConnector<Guarded>>, Full<Bytes>>;
 
-/// The client job callbacks are sent with; `None` when no TLS configuration can be made.
-pub fn outbound() -> Option<Outbound> {
+/// Resolves names for [`outbound`], keeping only the addresses its rule accepts (given the
+/// host and the address), so that the addresses checked are the ones connected to: a name
+/// that resolves to a public address when checked and to a private one when connected
+/// (DNS rebinding) gets nowhere. (An address written in the URL is not resolved: the
+/// caller checks it.)
+#[derive(Clone)]
+pub struct Guarded(std::sync::Arc<AddressRule>);
+
+/// Whether a connection to a host may go to an address.
+type AddressRule = dyn Fn(&str, std::net::IpAddr) -> bool + Send + Sync;
+
+type Resolving = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = std::io::Result<std::vec::IntoIter<std::net::SocketAddr>>>
+            + Send,
+    >,
+>;
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for Guarded {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Resolving;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let rule = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| rule(&host, a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves to no address this client may reach"),
+                ));
+            }
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+/// The client job callbacks are sent with, reaching only the addresses `allowed` accepts
+/// for their host; `None` when no TLS configuration can be made.
+pub fn outbound(
+    allowed: impl Fn(&str, std::net::IpAddr) -> bool + Send + Sync + 'static,
+) -> Option<Outbound> {
     let tls = Trust::PublicRoots.client_config(&[]).ok()?;
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(Guarded(std::sync::Arc::new(allowed)));
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     http.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -243,6 +295,30 @@ impl ApiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn outbound_connects_only_to_addresses_its_rule_accepts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tracker = tokio_util::task::TaskTracker::new();
+        tracker.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let uri: Uri = format!("http://localhost:{port}/").parse().unwrap();
+        let refused = outbound(|_, ip| !ip.is_loopback()).unwrap();
+        let e = refused.get(uri.clone()).await.unwrap_err();
+        let chain = crate::model::error_chain(&e);
+        assert!(chain.contains("resolves to no address"), "{chain}");
+        let allowed = outbound(|host, _| host == "localhost").unwrap();
+        assert_eq!(allowed.get(uri).await.unwrap().status(), 204);
+    }
 
     #[test]
     fn api_errors_print_message_code_and_fields() {

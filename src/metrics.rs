@@ -27,6 +27,11 @@ const START_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0,
 ];
 
+/// Buckets of jobs per batch: 1 to the largest `[jobs] batch.max`.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +54,9 @@ pub struct Metrics {
     gpu_utilization: GaugeVec,
     gpu_allocated_seconds: CounterVec,
     gpu_busy_seconds: CounterVec,
+    jobs: IntGaugeVec,
+    jobs_finished: IntCounterVec,
+    job_batch_size: HistogramVec,
     /// One scrape at a time: each resets the gauges and sets them again.
     scrape: Mutex<()>,
 }
@@ -146,6 +154,9 @@ impl Metrics {
             gpu_utilization,
             gpu_allocated_seconds: seconds(&r, "ember_gpu_allocated_seconds_total", "GPU-seconds held by instances (lifetime × GPU slots, paused time included), by function, node and GPU slot (GPU or MIG uuid)."),
             gpu_busy_seconds: seconds(&r, "ember_gpu_busy_seconds_total", "GPU-seconds during which an instance holding the GPU slot had at least one request in flight."),
+            jobs: gauge(&r, "ember_jobs", "Durable jobs held in the gateway's queues, by function and state (queued: waiting for a turn, a back-off or room; running: an attempt under way).", &["function", "state"]),
+            jobs_finished: counter(&r, "ember_jobs_finished_total", "Jobs that ended, by function and final state (succeeded, failed, cancelled, expired).", &["function", "state"]),
+            job_batch_size: histogram(&r, "ember_job_batch_size", "Jobs per request sent to a function in batch mode ([jobs] batch).", &["function"], BATCH_BUCKETS),
             registry: r,
             scrape: Mutex::new(()),
         }
@@ -203,6 +214,20 @@ impl Metrics {
             .inc();
     }
 
+    /// A job of `function` ended in `state`.
+    pub fn job_finished(&self, function: &str, state: &str) {
+        self.jobs_finished
+            .with_label_values(&[function, state])
+            .inc();
+    }
+
+    /// A batch of `n` jobs of `function` was sent.
+    pub fn job_batch(&self, function: &str, n: usize) {
+        self.job_batch_size
+            .with_label_values(&[function])
+            .observe(n as f64);
+    }
+
     /// The text exposition: the gauges are set afresh by `fill`, then everything is encoded.
     pub fn render(&self, fill: impl FnOnce(&Gauges<'_>)) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
@@ -212,6 +237,7 @@ impl Metrics {
             &self.instances,
             &self.desired,
             &self.node_up,
+            &self.jobs,
         ] {
             g.reset();
         }
@@ -262,6 +288,16 @@ impl Gauges<'_> {
                 .instances
                 .with_label_values(&[name, state])
                 .set(*n as i64);
+        }
+    }
+
+    /// A function's durable jobs in the gateway's queue: queued and running.
+    pub fn jobs(&self, function: &str, queued: usize, running: usize) {
+        for (state, n) in [("queued", queued), ("running", running)] {
+            self.m
+                .jobs
+                .with_label_values(&[function, state])
+                .set(n as i64);
         }
     }
 

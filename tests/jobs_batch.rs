@@ -93,6 +93,19 @@ async fn queued_jobs_go_in_few_batched_calls_and_each_keeps_its_own_result() {
         (3..=6).contains(&calls),
         "20 jobs in batches of 8 take 3 calls or a few more, not 20: {stats}"
     );
+    let token = format!("Bearer {}", gw.token);
+    let metrics = gw
+        .request(Method::GET, "/metrics", &[("authorization", &token)], "")
+        .await
+        .text();
+    for line in [
+        "ember_jobs_finished_total{function=\"batcher\",state=\"succeeded\"} 20".to_string(),
+        format!("ember_job_batch_size_count{{function=\"batcher\"}} {calls}"),
+        "ember_job_batch_size_sum{function=\"batcher\"} 20".to_string(),
+        "ember_jobs{function=\"batcher\",state=\"queued\"} 0".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

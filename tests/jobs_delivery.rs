@@ -196,6 +196,18 @@ async fn a_callback_arrives_once_with_a_valid_signature_and_needs_a_signing_secr
         .start()
         .await;
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let unset = gw
+        .deploy(
+            "early",
+            &common::echo_manifest("early", "", "[jobs]\ncallback_secret = \"hooks\""),
+        )
+        .await;
+    assert_eq!(unset.status, 400, "{}", unset.text());
+    assert!(
+        unset.text().contains("jobs.callback_secret"),
+        "{}",
+        unset.text()
+    );
     let r = gw
         .request(Method::PUT, "/api/v1/secrets/hooks", &[], secret)
         .await;
@@ -226,6 +238,15 @@ async fn a_callback_arrives_once_with_a_valid_signature_and_needs_a_signing_secr
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
+    let in_use = gw
+        .request(Method::DELETE, "/api/v1/secrets/hooks", &[], "")
+        .await;
+    assert_eq!(
+        in_use.status,
+        409,
+        "signing echo's callbacks: {}",
+        in_use.text()
+    );
     wait_for(&gw, &id, "succeeded", Duration::from_secs(20)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while got.lock().unwrap().is_empty() {

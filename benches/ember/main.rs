@@ -23,10 +23,13 @@
 //!    instances vs one stub reached directly, and the time from `POST /prompt` to
 //!    `execution_start` on a warm instance;
 //! 9. history: warm throughput of a gateway keeping the invocation history vs one with
-//!    `--history-max 0`, in alternating rounds, and one record per request.
+//!    `--history-max 0`, in alternating rounds, and one record per request;
+//! 10. batch: jobs per second through `functions/batch-stub` (a fixed cost per call) with
+//!     `[jobs] batch = { max = 32 }` against one job per call.
 //!
 //! # Layout
-//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`: one
+//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`,
+//!   `batch`: one
 //!   scenario each,
 //!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
@@ -37,6 +40,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+mod batch;
 mod burst;
 mod cold;
 mod comfy;
@@ -64,6 +68,7 @@ struct Size {
     prefix_requests: usize,
     comfy_prompts: usize,
     history_requests: usize,
+    batch_jobs: usize,
 }
 
 impl Size {
@@ -79,6 +84,7 @@ impl Size {
             prefix_requests: 500,
             comfy_prompts: 6,
             history_requests: 10_000,
+            batch_jobs: 100,
         }
     }
 
@@ -93,6 +99,7 @@ impl Size {
             prefix_requests: 2000,
             comfy_prompts: 12,
             history_requests: 50_000,
+            batch_jobs: 1000,
         }
     }
 }
@@ -161,6 +168,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("history") {
         eprintln!("invocation history…");
         history::run(size, &mut rows).await;
+    }
+    if wanted("batch") {
+        eprintln!("batch mode…");
+        batch::run(size, &mut rows).await;
     }
     rows
 }

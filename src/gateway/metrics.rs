@@ -32,6 +32,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ];
             g.function(&s.name, s.queued, s.in_flight, s.desired, &by_state);
         }
+        for (function, queued, running) in state.jobs.held() {
+            g.jobs(&function, queued, running);
+        }
         let (queued, bytes) = a.buffered();
         g.gateway(queued, bytes);
         for node in a.scheduler().status() {

@@ -37,7 +37,10 @@ fn users(state: &AppState, name: &str) -> Vec<String> {
         .activator()
         .functions()
         .iter()
-        .filter(|f| f.revision().manifest.secret_refs().any(|(_, s)| s == name))
+        .filter(|f| {
+            let m = &f.revision().manifest;
+            m.secret_refs().any(|(_, s)| s == name) || callback_secret(m) == Some(name)
+        })
         .map(|f| f.name().to_string())
         .collect();
     users.sort();
@@ -156,5 +159,20 @@ pub fn missing_secrets(
             });
         }
     }
+    if let Some(secret) = callback_secret(manifest) {
+        if store.secret(secret)?.is_none() {
+            missing.push(FieldError {
+                field: "jobs.callback_secret".into(),
+                message: format!(
+                    "no secret `{secret}` is set to sign callbacks with: set it first with `ember secret set {secret}` (a `whsec_` value, on stdin)"
+                ),
+            });
+        }
+    }
     Ok(missing)
+}
+
+/// The secret a manifest's `[jobs] callback_secret` names.
+fn callback_secret(m: &crate::manifest::Manifest) -> Option<&str> {
+    m.jobs.as_ref()?.callback_secret.as_deref()
 }

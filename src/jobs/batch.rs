@@ -66,6 +66,8 @@ impl Jobs {
             .header("ember-job-id", list(&|g| g.job.id.clone()))
             .header("ember-attempt", list(&|g| g.job.attempt.to_string()));
         let limit = MAX_BODY.saturating_mul(n).min(MAX_BATCH_ANSWER);
+        let metrics = self.inner.invoker.activator().metrics();
+        metrics.job_batch(&first.job.function, n);
         let all_cancelled = futures_util::future::join_all(go.iter().map(|g| g.cancel.cancelled()));
         let answer = tokio::select! {
             answer = self.exchange(&first.f, request, body, first.job.priority, limit) => answer,

@@ -12,7 +12,10 @@
 //!
 //! Addresses a callback may not reach: loopback, private, link-local and unspecified
 //! ones, unless `serve --callback-allow HOST` names the host (a guard against using the
-//! gateway to reach its own network).
+//! gateway to reach its own network). A host's addresses are checked before the send (a
+//! private one stops the delivery) and again by the client's resolver as it connects, so
+//! a name that resolves to another address the second time (DNS rebinding) reaches
+//! nothing it may not.
 
 use std::time::Duration;
 
@@ -100,7 +103,10 @@ fn public(ip: std::net::IpAddr) -> bool {
 impl Jobs {
     /// Sends due callbacks until shutdown.
     pub(super) async fn deliver_loop(&self) {
-        let Some(client) = crate::client::outbound() else {
+        // The addresses a name resolves to are checked again as it is connected to.
+        let allow = self.inner.callback_allow.clone();
+        let rule = move |host: &str, ip| allow.iter().any(|a| a == host) || public(ip);
+        let Some(client) = crate::client::outbound(rule) else {
             tracing::error!("cannot make the TLS client callbacks need; none will be sent");
             return;
         };

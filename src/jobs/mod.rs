@@ -358,6 +358,13 @@ impl Jobs {
                 next_ms: 0,
             });
         store.update_job(id, job, body, callback.as_ref()).await?;
+        if job.state.is_terminal() {
+            self.inner
+                .invoker
+                .activator()
+                .metrics()
+                .job_finished(&job.function, job.state.as_str());
+        }
         if callback.is_some() {
             self.inner.outbox.notify_one();
         }

@@ -123,6 +123,15 @@ impl Jobs {
             .unwrap_or_default()
     }
 
+    /// Each function's jobs this gateway holds: queued (waiting for a turn, a back-off or
+    /// room) and running.
+    pub fn held(&self) -> Vec<(String, usize, usize)> {
+        self.lock()
+            .iter()
+            .map(|(f, q)| (f.clone(), q.held.len() - q.running.len(), q.running.len()))
+            .collect()
+    }
+
     /// The signal that cancels job `id`, if it was taken to run.
     pub(super) fn running_signal(&self, function: &str, id: u64) -> Option<CancellationToken> {
         self.lock()
