@@ -73,7 +73,7 @@ pub const KEY_HEADER: &str = "x-ember-key";
 pub const ANY_FUNCTION: &str = "*";
 
 /// What a key may do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Scope {
     /// Everything the admin token may: the control API and every function.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// draining ones finish what they have and are stopped when idle; paused ones are frozen
 /// (no CPU, memory and GPU memory kept) until a request resumes them; stopping ones are
 /// being removed. Illegal transitions are refused by `can_become`, never by a panic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Container being created, started and probed.
@@ -79,7 +79,7 @@ impl Phase {
 }
 
 /// Whether a node takes new instances.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     /// Takes new instances.
@@ -121,7 +121,7 @@ impl NodeState {
 }
 
 /// How an instance holds its GPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Sharing {
     /// A whole GPU, held by no other instance.
@@ -144,7 +144,7 @@ impl std::fmt::Display for Sharing {
 }
 
 /// One device given to an instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuAssignment {
     /// The physical GPU (`GPU-…`).
     pub gpu_uuid: String,
@@ -159,7 +159,7 @@ pub struct GpuAssignment {
 /// Secret values on their way to a container, by the variable they fill. They travel in
 /// the start call only; `Debug` shows the variable names, never a value, so a spec that
 /// ends up in a log line leaks nothing.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
 
@@ -180,7 +180,7 @@ impl std::fmt::Debug for SecretEnv {
 
 /// The stable error codes of Ember's HTTP answers (gateway and agent). Clients match on
 /// these, never on messages; a code is never renamed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// No function of that name.
@@ -321,7 +321,7 @@ pub const ERROR_CODES: &[(ErrorCode, &str)] = &[
 ];
 
 /// One thing wrong with a document (a manifest, a query), at one field.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FieldError {
     /// Dotted path of the field, e.g. `scale.max`.
     pub field: String,
@@ -336,14 +336,14 @@ impl std::fmt::Display for FieldError {
 }
 
 /// The body of every error answer: `{"error":{"code","message","details"}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// What went wrong, for people (`message`) and programs (`code`, `details`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorDetail {
     /// Stable code. Unknown codes (from a newer peer) read as `internal`.
     #[serde(deserialize_with = "lenient_code")]

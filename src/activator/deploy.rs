@@ -11,7 +11,7 @@ use crate::manifest::Manifest;
 use crate::store::{self, FunctionRecord, RevisionRecord};
 
 /// What a deploy did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct DeployOutcome {
     /// Function name.
     pub name: String,

@@ -27,7 +27,7 @@ use crate::node::{Node, NodeError};
 use crate::runtime::{names_registry, registry_host, ImageProgress, RegistryAuth, RuntimeError};
 
 /// What is being done to get an image onto a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageAction {
     /// Looking for it, or waiting for another start's supply.
@@ -78,7 +78,7 @@ impl ImageMeter {
 }
 
 /// An image on its way to a node, as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ImageStatus {
     /// Pulling, copying, or checking.
     pub action: ImageAction,

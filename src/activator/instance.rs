@@ -180,7 +180,7 @@ impl Instance {
 }
 
 /// What the API shows of an instance.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct InstanceStatus {
     /// Instance id.
     pub id: String,

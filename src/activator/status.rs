@@ -8,7 +8,7 @@ use super::{Activator, Function, InstanceStatus};
 use crate::model::Phase;
 
 /// A function's status for `ember ls` and the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct FunctionStatus {
     /// Function name.
     pub name: String,
@@ -55,7 +55,7 @@ impl FunctionStatus {
 }
 
 /// A run of failed starts, as shown to users.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct FailureStatus {
     /// The last reason.
     pub message: String,

@@ -21,7 +21,7 @@ pub use nvml::NvmlInventory;
 pub const UTILIZATION_ALPHA: f64 = 0.3;
 
 /// One GPU as a node sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuInfo {
     /// Index on the node.
     pub index: u32,
@@ -54,7 +54,7 @@ pub fn device_ids(gpus: &[GpuInfo]) -> std::collections::HashSet<String> {
 }
 
 /// A process using a GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuProcess {
     /// Host process id.
     pub pid: u32,
@@ -63,7 +63,7 @@ pub struct GpuProcess {
 }
 
 /// A MIG instance of a GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigInstance {
     /// `MIG-…` UUID.
     pub uuid: String,
@@ -117,7 +117,9 @@ pub trait GpuInventory: Send + Sync + 'static {
 }
 
 /// How containers are given their GPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuDriver {
     /// No device request; only `NVIDIA_VISIBLE_DEVICES` and `EMBER_GPU_UUIDS` are set.

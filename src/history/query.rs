@@ -153,7 +153,7 @@ fn parse_cursor(s: &str) -> Option<HistoryCursor> {
 }
 
 /// One page, newest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Page {
     /// The records.
     pub invocations: Vec<InvocationRecord>,

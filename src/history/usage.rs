@@ -15,7 +15,7 @@ use super::{AllocationRecord, InvocationRecord};
 use crate::store::{Store, StoreError};
 
 /// What rows are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum By {
     /// One row per function.
@@ -42,7 +42,7 @@ impl std::str::FromStr for By {
 }
 
 /// One row.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// The function, node or GPU.
     pub key: String,
@@ -67,7 +67,7 @@ pub struct Row {
 }
 
 /// A usage report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Usage {
     /// The window's start, unix µs.
     pub since_us: u64,

@@ -48,7 +48,7 @@ pub struct JobFilter {
 }
 
 /// A function's queue, counted.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Default, Clone, Serialize, Deserialize)]
 pub struct QueueCounts {
     /// Waiting to run (including those waiting for a retry).
     pub queued: u64,

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Who may invoke the function.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Access {
     /// Callers must send an invoke key allowed to invoke this function (`Authorization:

@@ -26,7 +26,7 @@ pub const MIN_KEEP: Duration = Duration::from_secs(60);
 pub const MAX_KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The `[comfyui]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComfyUi {
     /// How long a finished prompt's history, outputs, and the uploads are kept.
@@ -35,12 +35,14 @@ pub struct ComfyUi {
         with = "humantime_serde",
         skip_serializing_if = "is_default_keep"
     )]
+    #[schema(value_type = String, example = "30s")]
     pub keep: Duration,
     /// Most bytes of outputs and uploads kept; beyond it the oldest prompts' go first.
     #[serde(
         default = "default_keep_bytes",
         skip_serializing_if = "is_default_keep_bytes"
     )]
+    #[schema(value_type = String, example = "64MiB")]
     pub keep_bytes: ByteSize,
 }
 

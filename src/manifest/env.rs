@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const MAX_SECRET_NAME_LEN: usize = 63;
 
 /// One value of `env`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum EnvValue {
     /// A plain value (serialised as a bare string, as before secrets existed, so revision

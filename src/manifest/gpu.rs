@@ -11,7 +11,7 @@ pub const MAX_GPUS: u32 = 16;
 pub use crate::model::Sharing;
 
 /// The `[gpu]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuSpec {
     /// GPUs (or MIG instances) per instance.
@@ -19,6 +19,7 @@ pub struct GpuSpec {
     pub count: u32,
     /// GPU memory per GPU the instance uses; required when `sharing = "shared"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "64MiB")]
     pub memory: Option<ByteSize>,
     /// exclusive | shared | mig.
     #[serde(default)]
@@ -31,6 +32,7 @@ pub struct GpuSpec {
     pub models: Vec<String>,
     /// Only GPUs (or MIG instances) with at least this much memory in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "64MiB")]
     pub min_memory: Option<ByteSize>,
 }
 

@@ -27,7 +27,7 @@ pub const BATCH_MAX_LIMIT: u32 = 1024;
 pub const BATCH_WAIT_LIMIT: Duration = Duration::from_secs(600);
 
 /// The `[jobs]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jobs {
     /// Jobs in flight per instance at the most; absent: `scale.concurrency`.
@@ -49,7 +49,7 @@ pub struct Jobs {
 }
 
 /// `[jobs] batch`: how many queued jobs one request takes, and how long to wait for them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     /// Jobs in one request at the most.
@@ -57,6 +57,7 @@ pub struct Batch {
     pub max: u32,
     /// How long the oldest waiting job waits for a batch to fill before a partial one goes.
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub wait: Duration,
 }
 

@@ -74,7 +74,7 @@ const MAX_IMAGE_REF_LEN: usize = 255;
 ///
 /// Fields and sections added from now on must be skipped when serialising at their
 /// default (see [Revision ids](self#revision-ids)).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Lower-case DNS label; the function is invoked at `/fn/NAME/...`.

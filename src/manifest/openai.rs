@@ -30,7 +30,7 @@ pub const DEFAULT_LOAD_FACTOR: f64 = 1.25;
 pub const DEFAULT_PREFIX_BYTES: usize = 256;
 
 /// The `[openai]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAi {
     /// The ids clients ask for, each with the name the function's server knows it by.
@@ -71,7 +71,7 @@ fn is_default_prefix_bytes(v: &usize) -> bool {
 }
 
 /// How a request for a model picks one of its function's ready instances.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// Requests sharing a prompt prefix go to the same instance (its prefix cache is
@@ -84,7 +84,7 @@ pub enum Routing {
 
 /// Model ids: a list (each id is the name the server knows), or a table of id = the
 /// server's name (the front door renames `model` in the body).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Models {
     /// `["a", "b"]`.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::check_duration;
 
 /// Readiness probe of a new instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Readiness {
     /// HTTP path polled with GET until it answers 2xx; absent: a TCP connect.
@@ -17,6 +17,7 @@ pub struct Readiness {
     pub http_path: Option<String>,
     /// How long an instance may take to become ready.
     #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub start_timeout: Duration,
 }
 

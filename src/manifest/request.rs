@@ -15,7 +15,7 @@ pub const MAX_QUEUE_CAPACITY: u32 = 1_000_000;
 pub const MAX_BODY_LIMIT: ByteSize = ByteSize::gib(4);
 
 /// The per-function request buffer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Queue {
     /// Requests buffered at most; one more answers 503.
@@ -23,18 +23,21 @@ pub struct Queue {
     pub capacity: u32,
     /// How long a request may wait for an instance before it answers 504.
     #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub timeout: Duration,
 }
 
 /// Per-request limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestLimits {
     /// How long the function may take to start answering a request.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub timeout: Duration,
     /// Largest request body; a larger one answers 413.
     #[serde(default = "default_max_body")]
+    #[schema(value_type = String, example = "64MiB")]
     pub max_body: ByteSize,
 }
 

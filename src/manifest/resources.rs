@@ -55,7 +55,7 @@ pub const ULIMIT_NAMES: &[&str] = &[
 ];
 
 /// Per-instance limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU cores (fractions allowed).
@@ -63,9 +63,11 @@ pub struct Resources {
     pub cpus: f64,
     /// Memory limit.
     #[serde(default = "default_memory")]
+    #[schema(value_type = String, example = "64MiB")]
     pub memory: ByteSize,
     /// Size of `/dev/shm`; absent: Docker's 64 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "64MiB")]
     pub shm: Option<ByteSize>,
     /// Process (and thread) limit; absent: 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,7 +79,7 @@ pub struct Resources {
 }
 
 /// One ulimit: a soft and a hard limit (-1: unlimited). A bare number sets both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Ulimit {
     /// The soft limit.
     pub soft: i64,

@@ -16,7 +16,7 @@ pub const MAX_CONCURRENCY: u32 = 10_000;
 const MAX_PANIC_THRESHOLD: f64 = 100.0;
 
 /// Scaling bounds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scale {
     /// Instances kept warm even without traffic.
@@ -31,15 +31,18 @@ pub struct Scale {
     /// An instance idle this long is retired (down to `min`); with `keep_alive =
     /// "adaptive"`, the fallback while the function's history is too short.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub idle_timeout: Duration,
     /// Share of `concurrency` the autoscaler aims at per instance (0 to 1).
     #[serde(default = "default_target_utilization")]
     pub target_utilization: f64,
     /// Window over which observed concurrency is averaged to scale (and to scale down).
     #[serde(default = "default_stable_window", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub stable_window: Duration,
     /// Short window: demand over `panic_threshold` times capacity there scales up at once.
     #[serde(default = "default_panic_window", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub panic_window: Duration,
     /// Ratio of short-window demand to capacity that starts panic mode.
     #[serde(default = "default_panic_threshold")]
@@ -50,6 +53,7 @@ pub struct Scale {
     pub on_idle: OnIdle,
     /// How long a paused instance is kept before it is removed.
     #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub pause_timeout: Duration,
     /// Keep-alive policy: `fixed` (`idle_timeout`) or `adaptive` (learned from the
     /// function's idle gaps, with pre-warming).
@@ -58,7 +62,7 @@ pub struct Scale {
 }
 
 /// What an idle instance becomes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnIdle {
     /// Removed.
@@ -69,7 +73,7 @@ pub enum OnIdle {
 }
 
 /// Which keep-alive policy decides how long idle instances stay.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeepAliveKind {
     /// `idle_timeout`.

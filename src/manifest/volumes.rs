@@ -20,7 +20,7 @@ const MAX_VOLUME_NAME_LEN: usize = 63;
 const RESERVED_TARGETS: &[&str] = &["/proc", "/sys", "/dev"];
 
 /// One mount.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     /// `NAME` (a node volume) or `docker:NAME` (a Docker named volume).

@@ -33,7 +33,7 @@ pub struct NodeVolumes {
 }
 
 /// A volume as listed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     /// Its name.
     pub name: String,

@@ -58,7 +58,7 @@ fn first_version() -> u32 {
 }
 
 /// What an agent sends, with a join token, to join (`POST /api/v1/nodes/join`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct JoinRequest {
     /// The protocol version the agent speaks.
     #[serde(default = "first_version")]
@@ -71,7 +71,7 @@ pub struct JoinRequest {
 }
 
 /// What the gateway answers a join with. The credential is shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Joined {
     /// The gateway's id: the agent labels its containers with it.
     pub gateway_id: String,

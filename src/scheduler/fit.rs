@@ -29,7 +29,7 @@ pub enum Policy {
 }
 
 /// What Ember's own instances hold of one device (a GPU UUID or a MIG UUID).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Hold {
     /// Held whole by one instance.
     pub exclusive: bool,

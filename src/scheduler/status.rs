@@ -13,7 +13,7 @@ use crate::manifest::GpuSpec;
 use crate::model::NodeState;
 
 /// A node as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct NodeStatus {
     /// Name.
     pub name: String,
@@ -36,7 +36,7 @@ pub struct NodeStatus {
 }
 
 /// A GPU with what Ember holds of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct GpuStatus {
     /// The inventory's facts.
     #[serde(flatten)]

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use super::{decode, encode, Change, Store, StoreError, TreeId};
 
 /// One invocation: a request through the invoke core (later, a job's run).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvocationRecord {
     /// Its id (16 hex digits), as sent in `Ember-Invocation-Id`.
     pub id: String,

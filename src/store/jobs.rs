@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{decode, encode, Change, Store, StoreError, TreeId};
 
 /// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting to run (or to run again after a retryable failure).
@@ -57,7 +57,7 @@ impl JobState {
 }
 
 /// How a job takes capacity.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Like a request: it starts and scales instances.
@@ -68,7 +68,7 @@ pub enum Priority {
 }
 
 /// One job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Its id: 32 hex digits, the store key then 64 random bits.
     pub id: String,
