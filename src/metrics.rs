@@ -28,9 +28,7 @@ const START_BUCKETS: &[f64] = &[
 ];
 
 /// Buckets of jobs per batch: 1 to the largest `[jobs] batch.max`.
-const BATCH_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// Every metric the gateway exports.
 pub struct Metrics {

@@ -25,9 +25,13 @@ async fn deploy_batcher(gw: &Gateway, name: &str, max: u32, wait: &str) {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
-/// Submits `inputs` at once; their job ids, in order.
+/// Submits `inputs` at once to `function` (`NAME` or `NAME/jobs?path=/p`); their job ids,
+/// in order.
 async fn submit_all(gw: &Gateway, function: &str, inputs: &[Value]) -> Vec<String> {
-    let path = format!("/api/v1/functions/{function}/jobs");
+    let path = match function.split_once('/') {
+        Some((name, rest)) => format!("/api/v1/functions/{name}/{rest}"),
+        None => format!("/api/v1/functions/{function}/jobs"),
+    };
     let submits = inputs.iter().map(|input| {
         let (path, body) = (path.clone(), input.to_string());
         async move {
@@ -112,7 +116,8 @@ async fn queued_jobs_go_in_few_batched_calls_and_each_keeps_its_own_result() {
 async fn a_refused_batch_runs_its_jobs_one_by_one_and_only_the_bad_input_fails() {
     require_docker!();
     let gw = Gateway::start().await;
-    deploy_batcher(&gw, "picky", 5, "2s").await;
+    // All five fill the batch (max 5) long before it could go partial.
+    deploy_batcher(&gw, "picky", 5, "30s").await;
     let mut inputs: Vec<Value> = (0..5).map(|n| json!({ "n": n })).collect();
     inputs[2] = json!({ "n": 2, "fail": true });
     let ids = submit_all(&gw, "picky", &inputs).await;
@@ -141,4 +146,25 @@ async fn a_refused_batch_runs_its_jobs_one_by_one_and_only_the_bad_input_fails()
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_still_filling_holds_up_no_other_path() {
+    require_docker!();
+    let gw = Gateway::start().await;
+    deploy_batcher(&gw, "mixed", 4, "60s").await;
+    // One job to /a waits (a minute) for three more; four to /b fill a batch and go.
+    let a = submit_all(&gw, "mixed/jobs?path=/a", &[json!({ "n": 0 })]).await;
+    let inputs: Vec<Value> = (1..5).map(|n| json!({ "n": n })).collect();
+    let b = submit_all(&gw, "mixed/jobs?path=/b", &inputs).await;
+    for id in &b {
+        wait_for(&gw, id, "succeeded", Duration::from_secs(30)).await;
+        let result = gw
+            .request(Method::GET, &format!("/api/v1/jobs/{id}/result"), &[], "")
+            .await
+            .json();
+        assert_eq!(result["batch"], 4, "{result}");
+    }
+    let waiting = gw.get_json(&format!("/api/v1/jobs/{}", a[0])).await;
+    assert_eq!(waiting["state"], "queued", "still filling: {waiting}");
 }

@@ -25,7 +25,7 @@ impl Jobs {
     pub(super) async fn run_batch(&self, function: &str, ids: Vec<u64>) {
         let begun =
             futures_util::future::join_all(ids.iter().map(|id| self.begin(*id, true))).await;
-        let mut ended = Vec::with_capacity(ids.len());
+        let mut ended = Vec::new();
         let mut go = Vec::with_capacity(ids.len());
         for (id, b) in ids.iter().zip(begun) {
             match b {
@@ -34,16 +34,26 @@ impl Jobs {
                 Err(e) => ended.push((*id, Err(e))),
             }
         }
-        if !go.is_empty() {
-            let outcomes = self.send_batch(&go).await;
-            let settled =
-                futures_util::future::join_all(go.into_iter().zip(outcomes).map(
-                    |(g, o)| async move { (g.id, self.settle(g.id, g.job, o, &g.cancel).await) },
-                ))
-                .await;
-            ended.extend(settled);
+        if go.is_empty() {
+            return self.finish(function, &ended, true);
         }
-        self.finish(function, &ended);
+        // Those not sent are let go now, not when the batch answers: a retry of one of
+        // them must find it free to queue.
+        self.finish(function, &ended, false);
+        let outcomes = self.send_batch(&go).await;
+        let settled = futures_util::future::join_all(go.into_iter().zip(outcomes).map(
+            |(g, outcome)| async move {
+                // A job's last attempt goes alone: an input that breaks the function
+                // (a 5xx, a crash) then fails only its own job.
+                if matches!(outcome, Outcome::Retry(..)) && g.job.attempt + 1 >= g.job.max_attempts
+                {
+                    self.send_alone(function, g.id);
+                }
+                (g.id, self.settle(g.id, g.job, outcome, &g.cancel).await)
+            },
+        ))
+        .await;
+        self.finish(function, &settled, true);
     }
 
     /// Sends the jobs' inputs as one array; what each job's attempt came to, in order.
@@ -75,6 +85,14 @@ impl Jobs {
         };
         match answer {
             Ok(answer) => split(answer, n),
+            // Too big together (the request or the answer): each goes in a batch of its own.
+            Err(Outcome::Final(JobState::Failed, _, why)) if n > 1 => {
+                let why = format!(
+                    "the batch of {n} failed ({}); this job runs again in a batch of its own",
+                    why.unwrap_or_default()
+                );
+                (0..n).map(|_| Outcome::Split(why.clone())).collect()
+            }
             Err(outcome) => (0..n).map(|_| each(&outcome)).collect(),
         }
     }

@@ -80,7 +80,8 @@ pub fn sign(secret: &str, id: &str, timestamp: u64, body: &[u8]) -> String {
     )
 }
 
-/// Whether a callback may go to `ip`.
+/// Whether a callback may go to `ip`: not loopback, private, shared (CGNAT), link-local,
+/// unspecified or broadcast, nor such an IPv4 address inside IPv6 (mapped, NAT64, 6to4).
 fn public(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => {
@@ -92,10 +93,28 @@ fn public(ip: std::net::IpAddr) -> bool {
                 || v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]))
         }
         std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let inner = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                std::net::Ipv4Addr::new(a, b, c, d)
+            };
+            let embedded = if let Some(v4) = v6.to_ipv4_mapped() {
+                Some(v4)
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                Some(inner(s[6], s[7]))
+            } else if s[0] == 0x2002 {
+                Some(inner(s[1], s[2]))
+            } else {
+                None
+            };
+            if let Some(v4) = embedded {
+                return public(std::net::IpAddr::V4(v4));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80)
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80)
         }
     }
 }
@@ -301,10 +320,16 @@ mod tests {
             "::1",
             "fd00::1",
             "0.0.0.0",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:c0a8:1::1",
         ] {
             assert!(!public(ip.parse().unwrap()), "{ip}");
         }
         assert!(public("93.184.216.34".parse().unwrap()));
+        assert!(public("::ffff:93.184.216.34".parse().unwrap()));
+        assert!(public("2606:2800:220:1::1".parse().unwrap()));
         assert!(check_url("ftp://x").is_err());
         assert!(check_url("https://example.com/hook").is_ok());
     }

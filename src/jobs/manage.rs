@@ -213,6 +213,10 @@ impl Jobs {
             let Some(key) = job_key(&job.id) else {
                 continue;
             };
+            // One taken to run but not yet sent is stopped, as a cancel stops it.
+            if let Some(signal) = self.running_signal(function, key) {
+                signal.cancel();
+            }
             job.state = JobState::Cancelled;
             job.finished_ms = Some(now_ms());
             job.error = Some("purged from the queue".into());

@@ -357,8 +357,15 @@ impl Jobs {
                 attempts: 0,
                 next_ms: 0,
             });
+        // An ending is counted once: not when an ended job is written again.
+        let ends = job.state.is_terminal()
+            && !store
+                .job(id)
+                .ok()
+                .flatten()
+                .is_some_and(|was| was.state.is_terminal());
         store.update_job(id, job, body, callback.as_ref()).await?;
-        if job.state.is_terminal() {
+        if ends {
             self.inner
                 .invoker
                 .activator()

@@ -8,27 +8,30 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{JobRecord, Jobs, MAX_BODY};
+use super::{JobRecord, Jobs, Priority, MAX_BODY};
 use crate::history::format_id;
 use crate::manifest::Batch;
 
 /// What the queue knows of a job without reading its record: which jobs may share a
-/// batch, and its input's size.
-#[derive(Debug, Clone, Copy)]
+/// batch (the same path and priority), and its input's size.
+#[derive(Debug, Clone)]
 pub(super) struct Meta {
-    group: u64,
+    path: std::sync::Arc<str>,
+    priority: Priority,
     bytes: u64,
 }
 
 impl Meta {
     pub(super) fn of(job: &JobRecord) -> Meta {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&job.path, job.priority as u8).hash(&mut h);
         Meta {
-            group: h.finish(),
+            path: job.path.as_str().into(),
+            priority: job.priority,
             bytes: job.input_bytes,
         }
+    }
+
+    fn same_group(&self, other: &Meta) -> bool {
+        self.priority == other.priority && self.path == other.path
     }
 }
 
@@ -149,7 +152,7 @@ impl Jobs {
             return;
         }
         let activator = self.inner.invoker.activator();
-        let (limit, batch) = activator.function(function).map_or((1, None), |f| {
+        let (limit, batch, cap) = activator.function(function).map_or((1, None, 0), |f| {
             let m = &f.revision().manifest;
             let jobs = m.jobs.as_ref();
             let per_instance = jobs
@@ -158,7 +161,13 @@ impl Jobs {
             let s = activator.status(&f);
             let instances = s.ready + s.starting + s.paused;
             let room = (instances + 1).min(m.scale.max as usize).max(1);
-            (room * per_instance.max(1), jobs.and_then(|j| j.batch))
+            // A batch's request is at most what one job's input may be, and what the
+            // function takes (`request.max_body`), less the array's brackets and commas.
+            let batch = jobs.and_then(|j| j.batch);
+            let cap = (MAX_BODY as u64)
+                .min(m.request.max_body.as_u64())
+                .saturating_sub(batch.map_or(0, |b| u64::from(b.max) + 1));
+            (room * per_instance.max(1), batch, cap)
         });
         let mut turns = Vec::new();
         let mut wake_at = None;
@@ -168,7 +177,7 @@ impl Jobs {
                 return;
             };
             while q.turns < limit {
-                let Some(turn) = q.next_turn(batch, &mut wake_at) else {
+                let Some(turn) = q.next_turn(batch, cap, &mut wake_at) else {
                     break;
                 };
                 q.turns += 1;
@@ -219,11 +228,14 @@ impl Jobs {
         }
     }
 
-    /// A turn ended: the next may go. For each of its jobs, `again`: it waits out a
-    /// back-off (still held); otherwise this queue lets go of it.
-    pub(super) fn turn_over(&self, function: &str, jobs: &[(u64, bool)]) {
+    /// Lets go of jobs taken to run: for each, `again` when it waits out a back-off (still
+    /// held), otherwise this queue forgets it. `ends_turn`: their turn is over, so the
+    /// next may go (a batch lets go early of the jobs it will not send).
+    pub(super) fn turn_over(&self, function: &str, jobs: &[(u64, bool)], ends_turn: bool) {
         if let Some(q) = self.lock().get_mut(function) {
-            q.turns = q.turns.saturating_sub(1);
+            if ends_turn {
+                q.turns = q.turns.saturating_sub(1);
+            }
             for (id, again) in jobs {
                 q.running.remove(id);
                 if !again {
@@ -232,61 +244,80 @@ impl Jobs {
                 }
             }
         }
-        self.pump(function);
+        if ends_turn {
+            self.pump(function);
+        }
     }
 }
 
 impl Queue {
-    /// Takes the next turn from the front of the queue, or `None` (with `wake_at` set when a
-    /// partial batch waits to fill).
-    fn next_turn(&mut self, batch: Option<Batch>, wake_at: &mut Option<Instant>) -> Option<Turn> {
-        let &(head, since) = self.waiting.front()?;
+    /// Takes the next turn from the queue, or `None` (with `wake_at` set when a partial
+    /// batch waits to fill). Without batch mode, the oldest job. In batch mode, the first
+    /// group (jobs of one path and priority, in the first `max × 8` waiting) that is full
+    /// (`max` jobs, or `cap` bytes of inputs) or whose oldest job has waited `wait`; a job
+    /// to send alone goes at once. A group still filling never holds up another.
+    fn next_turn(
+        &mut self,
+        batch: Option<Batch>,
+        cap: u64,
+        wake_at: &mut Option<Instant>,
+    ) -> Option<Turn> {
+        let &(head, _) = self.waiting.front()?;
         let Some(batch) = batch else {
             self.waiting.pop_front();
             self.running.insert(head, CancellationToken::new());
             return Some(Turn::One(head));
         };
-        if self.alone.contains(&head) {
-            self.waiting.pop_front();
-            self.running.insert(head, CancellationToken::new());
-            return Some(Turn::Batch(vec![head]));
-        }
         let max = batch.max.max(1) as usize;
-        let group = self.held.get(&head).map(|m| m.group);
-        let mut picked = Vec::with_capacity(max);
-        let mut bytes = 0u64;
-        let mut full = false;
-        for (id, _) in self.waiting.iter().take(max * BATCH_LOOKAHEAD) {
-            let Some(meta) = self.held.get(id) else {
-                continue;
+        let mut groups: Vec<Filling> = Vec::new();
+        let mut alone = None;
+        for (id, since) in self.waiting.iter().take(max * BATCH_LOOKAHEAD) {
+            let meta = match self.held.get(id) {
+                Some(meta) if !self.alone.contains(id) => meta,
+                _ => {
+                    alone = Some(*id);
+                    break;
+                }
             };
-            if Some(meta.group) != group || self.alone.contains(id) {
+            let g = match groups.iter().position(|g| g.meta.same_group(meta)) {
+                Some(g) => &mut groups[g],
+                None => {
+                    groups.push(Filling {
+                        meta: meta.clone(),
+                        since: *since,
+                        ids: Vec::with_capacity(max),
+                        bytes: 0,
+                        full: false,
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            if g.full {
                 continue;
             }
-            // One batch's request carries at most what one job's input may be, unless its
-            // first job alone is that big.
-            if !picked.is_empty() && bytes + meta.bytes > MAX_BODY as u64 {
-                full = true;
-                break;
+            // A batch's inputs come to at most `cap`, unless its first job alone is bigger.
+            if !g.ids.is_empty() && g.bytes + meta.bytes > cap {
+                g.full = true;
+                continue;
             }
-            bytes += meta.bytes;
-            picked.push(*id);
-            if picked.len() == max {
-                break;
+            g.bytes += meta.bytes;
+            g.ids.push(*id);
+            g.full = g.ids.len() == max;
+        }
+        let picked = match alone {
+            Some(id) => vec![id],
+            None => {
+                let ready = groups
+                    .iter()
+                    .position(|g| g.full || g.since.elapsed() >= batch.wait);
+                let Some(ready) = ready else {
+                    let wait = batch.wait.max(Duration::from_millis(1));
+                    *wake_at = groups.iter().map(|g| g.since + wait).min();
+                    return None;
+                };
+                groups.swap_remove(ready).ids
             }
-        }
-        if picked.is_empty() {
-            // Not a job this queue knows the size of: it goes in a batch of its own.
-            self.waiting.pop_front();
-            self.running.insert(head, CancellationToken::new());
-            return Some(Turn::Batch(vec![head]));
-        }
-        let full = full || picked.len() == max;
-        let waited = since.elapsed() >= batch.wait;
-        if !full && !waited {
-            *wake_at = Some(since + batch.wait.max(Duration::from_millis(1)));
-            return None;
-        }
+        };
         let set: HashSet<u64> = picked.iter().copied().collect();
         self.waiting.retain(|(id, _)| !set.contains(id));
         for id in &picked {
@@ -294,4 +325,13 @@ impl Queue {
         }
         Some(Turn::Batch(picked))
     }
+}
+
+/// A batch being gathered in [`Queue::next_turn`].
+struct Filling {
+    meta: Meta,
+    since: Instant,
+    ids: Vec<u64>,
+    bytes: u64,
+    full: bool,
 }

@@ -86,15 +86,16 @@ impl Jobs {
             Ok(Begun::Settled(delay)) => Ok(delay),
             Err(e) => Err(e),
         };
-        self.finish(function, &[(id, delay)]);
+        self.finish(function, &[(id, delay)], true);
     }
 
-    /// Ends a turn (see [`Jobs::turn_over`]), then queues again, after its delay, each of
-    /// its jobs that waits for another attempt.
+    /// Lets go of jobs whose attempt is over (see [`Jobs::turn_over`]; `ends_turn` ends
+    /// their turn too), then queues again, after its delay, each that waits for another.
     pub(super) fn finish(
         &self,
         function: &str,
         jobs: &[(u64, Result<Option<Duration>, crate::store::StoreError>)],
+        ends_turn: bool,
     ) {
         let ended: Vec<(u64, bool)> = jobs
             .iter()
@@ -106,7 +107,7 @@ impl Jobs {
                 }
             })
             .collect();
-        self.turn_over(function, &ended);
+        self.turn_over(function, &ended, ends_turn);
         for (id, delay) in jobs {
             if let Ok(Some(delay)) = delay {
                 self.later(function, *id, *delay);

@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// The most attempts a section may allow.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
-/// The most jobs one batch may hold.
-pub const BATCH_MAX_LIMIT: u32 = 1024;
+/// The most jobs one batch may hold: the request lists their ids in `Ember-Job-Id` (33
+/// bytes each), which must stay under the 16 KiB header limits of common servers.
+pub const BATCH_MAX_LIMIT: u32 = 256;
 /// The longest a partial batch may wait to fill.
 pub const BATCH_WAIT_LIMIT: Duration = Duration::from_secs(600);
 
