@@ -16,7 +16,7 @@ use crate::model::{ErrorCode, FieldError};
 /// Largest manifest accepted.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct DeployResponse {
     #[serde(flatten)]
     outcome: DeployOutcome,
@@ -24,7 +24,24 @@ struct DeployResponse {
     warnings: Vec<String>,
 }
 
+/// `GET /healthz`: `ok` while the gateway serves.
+#[utoipa::path(
+    get, operation_id = "health", path = "/healthz", tag = "observe", security(()),
+    responses((status = 200, description = "The gateway serves", body = String, content_type = "text/plain"))
+)]
+pub async fn health() -> &'static str {
+    "ok\n"
+}
+
 /// `PUT /api/v1/functions/{name}`: deploy a manifest (TOML or JSON).
+#[utoipa::path(
+    put, operation_id = "deploy_function", path = "/api/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "The function's name")),
+    request_body(content((Manifest = "application/json"), (String = "text/plain")), description = "The manifest, as JSON or as TOML text (at most 1 MiB)"),
+    responses(
+        (status = 201, description = "A new function, deployed", body = DeployResponse),
+        (status = 200, description = "The function's new revision (or the same one), deployed", body = DeployResponse),
+    )
+)]
 pub async fn put_function(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -117,7 +134,7 @@ fn bad_field(field: &str, message: String) -> ApiError {
     }
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct GatewayInfo {
     id: String,
     version: &'static str,
@@ -130,6 +147,10 @@ struct GatewayInfo {
 
 /// `GET /api/v1/gateway`: this gateway's id (the `ember.gateway` label of its
 /// containers), version and nodes.
+#[utoipa::path(
+    get, operation_id = "gateway_info", path = "/api/v1/gateway", tag = "nodes",
+    responses((status = 200, description = "This gateway", body = GatewayInfo))
+)]
 pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize> {
     let (queued, queued_bytes) = state.activator().buffered();
     Json(GatewayInfo {
@@ -147,24 +168,32 @@ pub async fn gateway_info(State(state): State<AppState>) -> Json<impl Serialize>
     })
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct NodeList {
     nodes: Vec<crate::scheduler::NodeStatus>,
 }
 
 /// `GET /api/v1/nodes`: nodes with their GPUs and Ember's reservations on them.
+#[utoipa::path(
+    get, operation_id = "list_nodes", path = "/api/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "Every node, its GPUs and what Ember holds on them", body = NodeList))
+)]
 pub async fn list_nodes(State(state): State<AppState>) -> Json<impl Serialize> {
     Json(NodeList {
         nodes: state.activator().scheduler().status(),
     })
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct FunctionList {
     functions: Vec<FunctionStatus>,
 }
 
 /// `GET /api/v1/functions`.
+#[utoipa::path(
+    get, operation_id = "list_functions", path = "/api/v1/functions", tag = "functions",
+    responses((status = 200, description = "Every function and its instances", body = FunctionList))
+)]
 pub async fn list_functions(State(state): State<AppState>) -> Json<impl Serialize> {
     let functions = state
         .activator()
@@ -175,7 +204,7 @@ pub async fn list_functions(State(state): State<AppState>) -> Json<impl Serializ
     Json(FunctionList { functions })
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct FunctionDetail {
     #[serde(flatten)]
     status: FunctionStatus,
@@ -183,6 +212,10 @@ struct FunctionDetail {
 }
 
 /// `GET /api/v1/functions/{name}`.
+#[utoipa::path(
+    get, operation_id = "get_function", path = "/api/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "The function's name")),
+    responses((status = 200, description = "The function, its instances and its manifest", body = FunctionDetail))
+)]
 pub async fn get_function(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -197,13 +230,18 @@ pub async fn get_function(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = FunctionRemoved)]
 struct Removed {
     removed: String,
     containers: usize,
 }
 
 /// `DELETE /api/v1/functions/{name}`.
+#[utoipa::path(
+    delete, operation_id = "delete_function", path = "/api/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "The function's name")),
+    responses((status = 200, description = "Removed, with the containers it had", body = Removed))
+)]
 pub async fn delete_function(
     State(state): State<AppState>,
     Path(name): Path<String>,

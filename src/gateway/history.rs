@@ -30,6 +30,10 @@ impl From<BadParam> for ApiError {
 }
 
 /// `GET /api/v1/invocations?function=&node=&gpu=&status=&since=&until=&limit=&cursor=`.
+#[utoipa::path(
+    get, operation_id = "list_invocations", path = "/api/v1/invocations", tag = "observe", params(crate::history::query::Params),
+    responses((status = 200, description = "Invocation records, newest first", body = crate::history::query::Page))
+)]
 pub async fn invocations(
     State(state): State<AppState>,
     Query(params): Query<Params>,
@@ -43,7 +47,8 @@ pub async fn invocations(
 }
 
 /// `GET /api/v1/usage`'s query.
-#[derive(Debug, Default, Deserialize)]
+#[derive(utoipa::IntoParams, Debug, Default, Deserialize)]
+#[into_params(parameter_in = Query)]
 pub struct UsageParams {
     /// A duration back from now or a time; default 24h.
     pub since: Option<String>,
@@ -54,6 +59,10 @@ pub struct UsageParams {
 }
 
 /// `GET /api/v1/usage?since=24h&until=&by=function|node|gpu`.
+#[utoipa::path(
+    get, operation_id = "gpu_usage", path = "/api/v1/usage", tag = "observe", params(UsageParams),
+    responses((status = 200, description = "GPU-seconds allocated and busy, by function, node or GPU", body = Usage))
+)]
 pub async fn usage(
     State(state): State<AppState>,
     Query(p): Query<UsageParams>,

@@ -57,28 +57,33 @@ async fn build_on_nodes(
 pub const MAX_CONTEXT_BYTES: usize = 1 << 30;
 
 /// Query of the image routes.
-#[derive(Debug, Deserialize)]
+#[derive(utoipa::IntoParams, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ImageQuery {
     tag: String,
     #[serde(default)]
     dockerfile: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct NodeImage {
     node: String,
     exists: bool,
 }
 
-#[derive(Serialize)]
-struct ImageStatus {
+#[derive(utoipa::ToSchema, Serialize)]
+struct ImagePresence {
     tag: String,
     exists: bool,
     nodes: Vec<NodeImage>,
 }
 
 /// `GET /api/v1/images?tag=T`: which nodes have the image.
+#[utoipa::path(
+    get, operation_id = "get_image", path = "/api/v1/images", tag = "images", params(ImageQuery),
+    responses((status = 200, description = "Whether each node has the image", body = ImagePresence))
+)]
 pub async fn get_image(
     State(state): State<AppState>,
     Query(q): Query<ImageQuery>,
@@ -90,7 +95,7 @@ pub async fn get_image(
             exists: node.image_exists(&q.tag).await?,
         });
     }
-    Ok(Json(ImageStatus {
+    Ok(Json(ImagePresence {
         exists: !nodes.is_empty() && nodes.iter().all(|n| n.exists),
         tag: q.tag,
         nodes,
@@ -99,6 +104,11 @@ pub async fn get_image(
 
 /// `POST /api/v1/images?tag=T[&dockerfile=F]` with a tar body: builds on every node
 /// that lacks the image.
+#[utoipa::path(
+    post, operation_id = "build_image", path = "/api/v1/images", tag = "images", params(ImageQuery),
+    request_body(content = [u8], content_type = "application/x-tar", description = "The build context, a tar (at most 1 GiB)"),
+    responses((status = 200, description = "Build progress, one JSON object a line (`{node, progress}`), then `{done, tag}` or `{error}`", content_type = "application/x-ndjson"))
+)]
 pub async fn build_image(
     State(state): State<AppState>,
     Query(q): Query<ImageQuery>,
@@ -183,6 +193,11 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500
 /// reachable node that could run it (pulled, or copied from a node that has it), all at
 /// once, answering NDJSON lines: `{"node","image_progress"}` as it goes, `{"node","ready"}`
 /// or `{"node","error"}` per node, and `{"done":true,"nodes":N,"failed":K}` last.
+#[utoipa::path(
+    post, operation_id = "pull_image", path = "/api/v1/images/pull", tag = "images",
+    request_body(content((crate::manifest::Manifest = "application/json"), (String = "text/plain")), description = "A manifest: its image (and registry) is pulled onto every node"),
+    responses((status = 200, description = "Pull progress, one JSON object a line, then `{done, nodes, failed}` or `{error}`", content_type = "application/x-ndjson"))
+)]
 pub async fn pull_image(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let text = String::from_utf8_lossy(&body);
     let manifest = crate::manifest::Manifest::parse(&text, crate::manifest::Format::Json)?;

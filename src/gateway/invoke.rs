@@ -17,6 +17,18 @@ use super::AppState;
 use crate::invoke::{strip_prefix, Call};
 
 /// Handles `/fn/{name}` and `/fn/{name}/{*rest}`.
+#[utoipa::path(
+    method(get, post, put, delete, patch), operation_id = "invoke", path = "/fn/{name}/{rest}", tags = ["invoke", "proxied"], security((), ("bearer" = []), ("ember_key" = [])),
+    params(
+        ("name" = String, Path, description = "The function's name"),
+        ("rest" = String, Path, description = "The path the function is sent, after /fn/NAME"),
+        ("prefer" = Option<String>, Header, description = "`respond-async`: submit a job instead (202)"),
+    ),
+    responses(
+        (status = 200, description = "The function's answer: its status, headers and body"),
+        (status = 202, description = "With `Prefer: respond-async`: the job, stored", body = crate::store::JobRecord),
+    )
+)]
 pub async fn invoke(
     State(state): State<AppState>,
     Admitted(f): Admitted,

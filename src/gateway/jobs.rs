@@ -16,13 +16,26 @@ use crate::jobs::{JobFilter, JobRecord, JobState, Priority, QueueCounts, Submiss
 use crate::proxy::ProxyError;
 
 /// `POST /api/v1/functions/NAME/jobs`'s query.
-#[derive(Debug, Default, Deserialize)]
+#[derive(utoipa::IntoParams, Debug, Default, Deserialize)]
+#[into_params(parameter_in = Query)]
 pub struct SubmitParams {
     /// The path (and query) the function is sent; `/` by default.
     pub path: Option<String>,
 }
 
 /// Stores a job; answers 202 with its record and `Location` once it is on disk.
+#[utoipa::path(
+    post, operation_id = "submit_job", path = "/api/v1/functions/{name}/jobs", tag = "jobs", security((), ("bearer" = []), ("ember_key" = [])),
+    params(
+        ("name" = String, Path, description = "The function's name"),
+        SubmitParams,
+        ("idempotency-key" = Option<String>, Header, description = "The same key and input again return the same job"),
+        ("x-ember-priority" = Option<String>, Header, description = "`normal` (default) or `low`: only idle capacity"),
+        ("x-callback-url" = Option<String>, Header, description = "Where the job's end is POSTed, signed (Standard Webhooks)"),
+    ),
+    request_body(content = [u8], content_type = "application/octet-stream", description = "The input (at most 10 MiB), sent to the function with its content type"),
+    responses((status = 202, description = "Stored on disk; `Location` names it", body = JobRecord, headers(("location" = String, description = "/api/v1/jobs/ID"))))
+)]
 pub async fn submit(
     State(state): State<AppState>,
     Admitted(f): Admitted,
@@ -131,6 +144,10 @@ fn find(state: &AppState, id: &str, req: Request) -> Result<JobRecord, ApiError>
 }
 
 /// `GET /api/v1/jobs/ID`.
+#[utoipa::path(
+    get, operation_id = "get_job", path = "/api/v1/jobs/{id}", tag = "jobs", security((), ("bearer" = []), ("ember_key" = [])), params(("id" = String, Path, description = "The job's id (32 hex digits)")),
+    responses((status = 200, description = "The job", body = JobRecord))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -140,6 +157,10 @@ pub async fn get(
 }
 
 /// `GET /api/v1/jobs/ID/result`: the function's status, headers and body.
+#[utoipa::path(
+    get, operation_id = "job_result", path = "/api/v1/jobs/{id}/result", tags = ["jobs", "proxied"], security((), ("bearer" = []), ("ember_key" = [])), params(("id" = String, Path, description = "The job's id (32 hex digits)")),
+    responses((status = 200, description = "The function's answer: its status, headers and body"))
+)]
 pub async fn result(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -179,6 +200,10 @@ pub async fn result(
 }
 
 /// `POST /api/v1/jobs/ID/cancel`.
+#[utoipa::path(
+    post, operation_id = "cancel_job", path = "/api/v1/jobs/{id}/cancel", tag = "jobs", security((), ("bearer" = []), ("ember_key" = [])), params(("id" = String, Path, description = "The job's id (32 hex digits)")),
+    responses((status = 200, description = "The job, cancelled (or as it ended)", body = JobRecord))
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -189,6 +214,10 @@ pub async fn cancel(
 }
 
 /// `POST /api/v1/jobs/ID/retry`.
+#[utoipa::path(
+    post, operation_id = "retry_job", path = "/api/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path, description = "The job's id (32 hex digits)")),
+    responses((status = 202, description = "Queued again from attempt 1", body = JobRecord))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -197,7 +226,8 @@ pub async fn retry(
 }
 
 /// `GET /api/v1/jobs`'s query, as written.
-#[derive(Debug, Default, Deserialize)]
+#[derive(utoipa::IntoParams, Debug, Default, Deserialize)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     function: Option<String>,
     state: Option<String>,
@@ -209,10 +239,14 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/jobs?function=&state=&node=&gpu=&since=&limit=&cursor=`: newest first.
+#[utoipa::path(
+    get, operation_id = "list_jobs", path = "/api/v1/jobs", tag = "jobs", params(ListParams),
+    responses((status = 200, description = "Jobs, newest first", body = JobList))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(p): Query<ListParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let bad =
         |field: &'static str, message: String| crate::history::query::BadParam { field, message };
     let since_ms = p
@@ -239,12 +273,33 @@ pub async fn list(
         limit,
     };
     let (jobs, next) = state.jobs.list(filter).await?;
-    Ok(Json(
-        serde_json::json!({ "jobs": jobs, "next_cursor": next }),
-    ))
+    Ok(Json(JobList {
+        jobs,
+        next_cursor: next,
+    }))
+}
+
+/// A page of jobs.
+#[derive(utoipa::ToSchema, serde::Serialize)]
+pub struct JobList {
+    /// Newest first.
+    jobs: Vec<JobRecord>,
+    /// The `cursor` of the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// What a purge did.
+#[derive(utoipa::ToSchema, serde::Serialize)]
+pub struct Purged {
+    /// Queued jobs cancelled.
+    purged: usize,
 }
 
 /// `GET /api/v1/functions/NAME/queue`: the function's jobs by state.
+#[utoipa::path(
+    get, operation_id = "job_queue", path = "/api/v1/functions/{name}/queue", tag = "jobs", params(("name" = String, Path, description = "The function's name")),
+    responses((status = 200, description = "The function's jobs by state", body = QueueCounts))
+)]
 pub async fn queue(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -257,20 +312,28 @@ pub async fn queue(
 }
 
 /// `POST /api/v1/functions/NAME/queue/purge`: cancels its queued jobs.
+#[utoipa::path(
+    post, operation_id = "purge_queue", path = "/api/v1/functions/{name}/queue/purge", tag = "jobs", params(("name" = String, Path, description = "The function's name")),
+    responses((status = 200, description = "Its queued jobs, cancelled", body = Purged))
+)]
 pub async fn purge(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Purged>, ApiError> {
     state
         .activator()
         .function(&name)
         .ok_or_else(|| ApiError::FunctionNotFound(name.clone()))?;
     let purged = state.jobs.purge(&name).await?;
-    Ok(Json(serde_json::json!({ "purged": purged })))
+    Ok(Json(Purged { purged }))
 }
 
 /// `GET /api/v1/jobs/ID/events`: a server-sent event (`event: job`, the record as `data`)
 /// at once and on every change of state or attempt; the stream ends with the job.
+#[utoipa::path(
+    get, operation_id = "job_events", path = "/api/v1/jobs/{id}/events", tag = "jobs", security((), ("bearer" = []), ("ember_key" = [])), params(("id" = String, Path, description = "The job's id (32 hex digits)")),
+    responses((status = 200, description = "Server-sent events (`event: job`, the record as `data`), ending with the job", content_type = "text/event-stream"))
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,

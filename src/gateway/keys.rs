@@ -20,7 +20,7 @@ pub const MAX_KEY_REQUEST_BYTES: usize = 64 * 1024;
 
 /// `POST /api/v1/keys`: `{"name": N, "invoke": [FN, ...]}` (`"*"` for every function) or
 /// `{"name": N, "admin": true}`.
-#[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     name: String,
@@ -31,7 +31,7 @@ pub struct NewKey {
 }
 
 /// A key as listed: never its secret or hash.
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct KeyInfo {
     name: String,
     scope: Scope,
@@ -48,7 +48,8 @@ impl From<KeyRecord> for KeyInfo {
     }
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = KeyCreated)]
 struct Created {
     #[serde(flatten)]
     info: KeyInfo,
@@ -101,6 +102,11 @@ fn scope_of(new: &NewKey) -> Result<Scope, ApiError> {
 }
 
 /// `POST /api/v1/keys`: makes a key and answers its secret, once.
+#[utoipa::path(
+    post, operation_id = "create_key", path = "/api/v1/keys", tag = "access",
+    request_body = NewKey,
+    responses((status = 201, description = "The key, shown once", body = Created))
+)]
 pub async fn create_key(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let new: NewKey = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
         code: ErrorCode::BadRequest,
@@ -133,12 +139,16 @@ pub async fn create_key(State(state): State<AppState>, body: Bytes) -> Result<Re
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct KeyList {
     keys: Vec<KeyInfo>,
 }
 
 /// `GET /api/v1/keys`: names, scopes and dates.
+#[utoipa::path(
+    get, operation_id = "list_keys", path = "/api/v1/keys", tag = "access",
+    responses((status = 200, description = "Every key (never the secret)", body = KeyList))
+)]
 pub async fn list_keys(State(state): State<AppState>) -> Result<Json<impl Serialize>, ApiError> {
     let keys = state.auth.store().keys().await?;
     Ok(Json(KeyList {
@@ -146,12 +156,18 @@ pub async fn list_keys(State(state): State<AppState>) -> Result<Json<impl Serial
     }))
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = KeyRevoked)]
 struct Revoked {
     revoked: String,
 }
 
 /// `DELETE /api/v1/keys/{name}`: the key fails from its next request on.
+#[utoipa::path(
+    delete, operation_id = "revoke_key", path = "/api/v1/keys/{name}", tag = "access",
+    params(("name" = String, Path, description = "The key's name")),
+    responses((status = 200, description = "Revoked", body = Revoked))
+)]
 pub async fn revoke_key(
     State(state): State<AppState>,
     Path(name): Path<String>,

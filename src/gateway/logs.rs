@@ -113,6 +113,19 @@ fn parse_query(raw: Option<&str>, now: SystemTime) -> Result<Query, ApiError> {
 }
 
 /// `GET /api/v1/functions/{name}/logs`.
+#[utoipa::path(
+    get, operation_id = "function_logs", path = "/api/v1/functions/{name}/logs", tag = "observe",
+    params(
+        ("name" = String, Path, description = "The function's name"),
+        ("instance" = Option<String>, Query, description = "One instance's (default: every instance's)"),
+        ("follow" = Option<bool>, Query, description = "Keep streaming new lines"),
+        ("since" = Option<String>, Query, description = "A duration back (`10m`) or a time (RFC 3339)"),
+        ("tail" = Option<String>, Query, description = "The last N lines of each, or `all`"),
+        ("timestamps" = Option<bool>, Query, description = "Prefix each line with its time"),
+        ("previous" = Option<bool>, Query, description = "The instance's that ended last"),
+    ),
+    responses((status = 200, description = "Log lines, each prefixed with its instance", content_type = "text/plain"))
+)]
 pub async fn logs(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -18,6 +18,10 @@ pub const PATH: &str = "/metrics";
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// `GET /metrics`.
+#[utoipa::path(
+    get, operation_id = "metrics", path = "/metrics", tag = "observe",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain; version=0.0.4; charset=utf-8"))
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let a = state.activator();
     a.settle_usage();

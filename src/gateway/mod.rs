@@ -23,6 +23,7 @@ mod logs;
 mod metrics;
 mod nodes;
 mod openai;
+pub mod openapi;
 mod registries;
 mod secrets;
 mod volumes;
@@ -100,7 +101,8 @@ fn event_stream(body: axum::body::Body) -> axum::response::Response {
 /// The gateway's routes, each behind the credential `auth::rule` gives it.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(api::health))
+        .route(openapi::PATH, get(openapi::serve))
         .route(metrics::PATH, get(metrics::metrics))
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))

@@ -20,6 +20,11 @@ use crate::node::wire::{JoinRequest, Joined};
 
 /// `POST /api/v1/nodes/join` with `Authorization: Bearer JOIN_TOKEN`: an agent trades its
 /// join token for a node credential.
+#[utoipa::path(
+    post, operation_id = "join_node", path = "/api/v1/nodes/join", tag = "nodes",
+    request_body = JoinRequest,
+    responses((status = 200, description = "The node's credential (the bearer is a join token)", body = Joined))
+)]
 pub async fn join(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -37,6 +42,14 @@ pub async fn join(
 
 /// `GET /api/v1/nodes/tunnel` with `Upgrade: ember-tunnel/1`, `Ember-Node: NAME` and the
 /// node credential: answers 101, then serves the node's tunnel on the connection.
+#[utoipa::path(
+    get, operation_id = "node_tunnel", path = "/api/v1/nodes/tunnel", tag = "nodes",
+    params(
+        ("upgrade" = String, Header, description = "`ember-tunnel/1`"),
+        ("ember-node" = String, Header, description = "The node's name"),
+    ),
+    responses((status = 101, description = "The agent's tunnel (the bearer is its node credential)"))
+)]
 pub async fn tunnel(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -77,15 +90,16 @@ pub async fn tunnel(
 }
 
 /// The body of `POST /api/v1/tokens`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// How long the token works (`24h` when absent).
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "30s")]
     ttl: Option<Duration>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct TokenAnswer {
     token: String,
     expires: String,
@@ -95,6 +109,11 @@ struct TokenAnswer {
 }
 
 /// `POST /api/v1/tokens`: a join token, shown once, with the CA pin when TLS is on.
+#[utoipa::path(
+    post, operation_id = "create_join_token", path = "/api/v1/tokens", tag = "nodes",
+    request_body(content = Option<TokenRequest>, description = "How long the token works (24h when absent)"),
+    responses((status = 200, description = "A join token, shown once", body = TokenAnswer))
+)]
 pub async fn create_token(
     State(state): State<AppState>,
     body: Option<Json<TokenRequest>>,
@@ -112,21 +131,35 @@ pub async fn create_token(
 }
 
 /// `DELETE /api/v1/nodes/{name}`: revokes an agent's credential and closes its tunnel.
+#[utoipa::path(
+    delete, operation_id = "remove_node", path = "/api/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "The node's name")),
+    responses((status = 200, description = "Its credential revoked, its tunnel closed", body = super::openapi::Removal))
+)]
 pub async fn remove(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::openapi::Removal>, ApiError> {
     state.membership.remove(&name).await?;
-    Ok(Json(serde_json::json!({ "removed": name })))
+    Ok(Json(super::openapi::Removal { removed: name }))
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = NodeAction)]
 struct Acted {
     node: String,
     state: NodeState,
 }
 
 /// `POST /api/v1/nodes/{name}/cordon|uncordon|drain`.
+#[utoipa::path(
+    post, operation_id = "node_action", path = "/api/v1/nodes/{name}/{action}", tag = "nodes",
+    params(
+        ("name" = String, Path, description = "The node's name"),
+        ("action" = String, Path, description = "`cordon`, `uncordon` or `drain`"),
+    ),
+    responses((status = 200, description = "The node's state now", body = Acted))
+)]
 pub async fn act(
     State(state): State<AppState>,
     Path((name, action)): Path<(String, String)>,

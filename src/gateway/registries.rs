@@ -19,8 +19,9 @@ use crate::store::{now_ms, RegistryRecord};
 pub const MAX_LOGIN_BYTES: usize = 64 * 1024;
 
 /// A login, as sent.
-#[derive(Deserialize)]
+#[derive(utoipa::ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RegistryCredentials)]
 pub struct Login {
     username: String,
     password: String,
@@ -51,7 +52,8 @@ fn registry_name(host: &str) -> Result<String, ApiError> {
     Ok(registry_host(&format!("{host}/x")).to_string())
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = RegistryStored)]
 struct Stored {
     host: String,
     username: String,
@@ -59,6 +61,15 @@ struct Stored {
 }
 
 /// `PUT /api/v1/registries/{host}` with `{"username","password"}`.
+#[utoipa::path(
+    put, operation_id = "registry_login", path = "/api/v1/registries/{host}", tag = "access",
+    params(("host" = String, Path, description = "The registry's host (and port)")),
+    request_body = Login,
+    responses(
+        (status = 201, description = "Stored", body = Stored),
+        (status = 200, description = "Replaced", body = Stored),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     Path(host): Path<String>,
@@ -98,15 +109,24 @@ pub async fn login(
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Serialize)]
-struct RegistryInfo {
+#[derive(utoipa::ToSchema, Serialize)]
+pub struct RegistryInfo {
     host: String,
     username: String,
     updated_ms: u64,
 }
 
+#[derive(utoipa::ToSchema, Serialize)]
+pub struct RegistryList {
+    registries: Vec<RegistryInfo>,
+}
+
 /// `GET /api/v1/registries`: hosts, user names, dates; never a password.
-pub async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    get, operation_id = "list_registries", path = "/api/v1/registries", tag = "access",
+    responses((status = 200, description = "Registry logins (never a password)", body = RegistryList))
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<RegistryList>, ApiError> {
     let logins: Vec<RegistryInfo> = state
         .activator()
         .store()
@@ -119,14 +139,19 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Valu
             updated_ms: r.updated_ms,
         })
         .collect();
-    Ok(Json(serde_json::json!({ "registries": logins })))
+    Ok(Json(RegistryList { registries: logins }))
 }
 
 /// `DELETE /api/v1/registries/{host}`.
+#[utoipa::path(
+    delete, operation_id = "registry_logout", path = "/api/v1/registries/{host}", tag = "access",
+    params(("host" = String, Path, description = "The registry's host (and port)")),
+    responses((status = 200, description = "Removed", body = super::openapi::Removal))
+)]
 pub async fn logout(
     State(state): State<AppState>,
     Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::openapi::Removal>, ApiError> {
     let host = registry_name(&host)?;
     let store = state.activator().store();
     if store.registry(&host)?.is_none() {
@@ -134,5 +159,5 @@ pub async fn logout(
     }
     store.delete_registry(&host).await?;
     tracing::info!(registry = %host, "registry login removed");
-    Ok(Json(serde_json::json!({ "removed": host })))
+    Ok(Json(super::openapi::Removal { removed: host }))
 }

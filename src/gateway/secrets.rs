@@ -47,13 +47,23 @@ fn users(state: &AppState, name: &str) -> Vec<String> {
     users
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = SecretSet)]
 struct Set {
     name: String,
     created: bool,
 }
 
 /// `PUT /api/v1/secrets/{name}` with the value as the body (UTF-8, at most 64 KiB).
+#[utoipa::path(
+    put, operation_id = "set_secret", path = "/api/v1/secrets/{name}", tag = "access",
+    params(("name" = String, Path, description = "The secret's name")),
+    request_body(content = String, content_type = "text/plain", description = "The value (UTF-8, at most 64 KiB)"),
+    responses(
+        (status = 201, description = "Set", body = Set),
+        (status = 200, description = "Replaced", body = Set),
+    )
+)]
 pub async fn set_secret(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -94,7 +104,7 @@ pub async fn set_secret(
     Ok((status, Json(Set { name, created })).into_response())
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct SecretInfo {
     name: String,
     created_ms: u64,
@@ -103,12 +113,16 @@ struct SecretInfo {
     used_by: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct SecretList {
     secrets: Vec<SecretInfo>,
 }
 
 /// `GET /api/v1/secrets`: names, dates and users; never a value.
+#[utoipa::path(
+    get, operation_id = "list_secrets", path = "/api/v1/secrets", tag = "access",
+    responses((status = 200, description = "Every secret and its users (never a value)", body = SecretList))
+)]
 pub async fn list_secrets(State(state): State<AppState>) -> Result<Json<impl Serialize>, ApiError> {
     let secrets = state.activator().store().secrets().await?;
     let secrets = secrets
@@ -124,10 +138,15 @@ pub async fn list_secrets(State(state): State<AppState>) -> Result<Json<impl Ser
 }
 
 /// `DELETE /api/v1/secrets/{name}`: refused while a function's manifest names it.
+#[utoipa::path(
+    delete, operation_id = "remove_secret", path = "/api/v1/secrets/{name}", tag = "access",
+    params(("name" = String, Path, description = "The secret's name")),
+    responses((status = 200, description = "Removed", body = super::openapi::Removal))
+)]
 pub async fn remove_secret(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::openapi::Removal>, ApiError> {
     let _one_at_a_time = state.secrets_lock.lock().await;
     let store = state.activator().store();
     if store.secret(&name)?.is_none() {
@@ -139,7 +158,7 @@ pub async fn remove_secret(
     }
     store.delete_secret(&name).await?;
     tracing::info!(secret = %name, "secret removed");
-    Ok(Json(serde_json::json!({ "removed": name })))
+    Ok(Json(super::openapi::Removal { removed: name }))
 }
 
 /// The field errors of a manifest naming secrets that are not set.

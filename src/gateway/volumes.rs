@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::node::volumes::VolumeInfo;
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct NodeVolumes {
     node: String,
     /// Its volumes; absent when the node could not be asked.
@@ -25,12 +25,16 @@ struct NodeVolumes {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 struct VolumeList {
     nodes: Vec<NodeVolumes>,
 }
 
 /// `GET /api/v1/volumes`: each node's volumes, asked of every node at once.
+#[utoipa::path(
+    get, operation_id = "list_volumes", path = "/api/v1/volumes", tag = "nodes",
+    responses((status = 200, description = "Each node's volumes", body = VolumeList))
+)]
 pub async fn list_volumes(State(state): State<AppState>) -> Json<impl Serialize> {
     let nodes = state.activator().scheduler().nodes();
     let asked = nodes.iter().map(|node| async move {
@@ -62,7 +66,8 @@ pub async fn list_volumes(State(state): State<AppState>) -> Json<impl Serialize>
     })
 }
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
+#[schema(as = FileWritten)]
 struct Written {
     node: String,
     volume: String,
@@ -72,6 +77,16 @@ struct Written {
 
 /// `PUT /api/v1/nodes/{node}/volumes/{volume}/files/{*path}`: the body becomes the file
 /// (made, or replaced whole once it has all arrived).
+#[utoipa::path(
+    put, operation_id = "put_volume_file", path = "/api/v1/nodes/{node}/volumes/{volume}/files/{path}", tag = "nodes",
+    params(
+        ("node" = String, Path, description = "The node's name"),
+        ("volume" = String, Path, description = "The volume's name"),
+        ("path" = String, Path, description = "The file's path in the volume"),
+    ),
+    request_body(content = [u8], content_type = "application/octet-stream", description = "The file"),
+    responses((status = 200, description = "Written", body = Written))
+)]
 pub async fn put_file(
     State(state): State<AppState>,
     Path((node, volume, path)): Path<(String, String, String)>,

@@ -13,7 +13,8 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
 /// The query string, as written.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(utoipa::IntoParams, Debug, Default, Clone, Deserialize)]
+#[into_params(parameter_in = Query)]
 pub struct Params {
     /// Only this function's.
     pub function: Option<String>,
@@ -154,6 +155,7 @@ fn parse_cursor(s: &str) -> Option<HistoryCursor> {
 
 /// One page, newest first.
 #[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+#[schema(as = InvocationPage)]
 pub struct Page {
     /// The records.
     pub invocations: Vec<InvocationRecord>,

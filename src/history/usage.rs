@@ -43,6 +43,7 @@ impl std::str::FromStr for By {
 
 /// One row.
 #[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[schema(as = UsageRow)]
 pub struct Row {
     /// The function, node or GPU.
     pub key: String,

@@ -30,6 +30,7 @@ pub const BATCH_WAIT_LIMIT: Duration = Duration::from_secs(600);
 /// The `[jobs]` section.
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[schema(as = JobSettings)]
 pub struct Jobs {
     /// Jobs in flight per instance at the most; absent: `scale.concurrency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,7 @@ pub const MAX_BODY_LIMIT: ByteSize = ByteSize::gib(4);
 /// The per-function request buffer.
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[schema(as = QueueSettings)]
 pub struct Queue {
     /// Requests buffered at most; one more answers 503.
     #[serde(default = "default_queue_capacity")]

@@ -68,6 +68,11 @@ struct NamePath {
     name: String,
 }
 
+#[utoipa::path(
+    method(get, post, put, delete, patch), operation_id = "comfyui", path = "/comfy/{name}/{rest}", tags = ["comfyui", "proxied"], security((), ("bearer" = []), ("ember_key" = [])),
+    params(("name" = String, Path, description = "The function's name"), ("rest" = String, Path, description = "ComfyUI's route: /prompt, /ws, /history, /view, /upload/image, ...")),
+    responses((status = 200, description = "ComfyUI's answer, as ComfyUI gives it"))
+)]
 async fn under_prefix(
     State(state): State<AppState>,
     Path(NamePath { name }): Path<NamePath>,

@@ -105,6 +105,11 @@ fn visible(state: &AppState, headers: &HeaderMap) -> Result<Vec<Model>, ApiError
 }
 
 /// `POST /v1/...`: finds the model's function and sends the request there.
+#[utoipa::path(
+    post, operation_id = "openai_chat_completions", path = "/v1/chat/completions", tags = ["openai", "proxied"], security((), ("bearer" = []), ("ember_key" = [])),
+    request_body(content((serde_json::Value = "application/json"), (serde_json::Value = "multipart/form-data")), description = "OpenAI's request: a JSON body (or, for audio, a form) with `model`"),
+    responses((status = 200, description = "The model server's answer (JSON, or server-sent events with `stream`)"))
+)]
 async fn forward(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -231,6 +236,10 @@ fn is_length_limit(e: &axum::Error) -> bool {
 }
 
 /// `GET /v1/models`: every model the caller may use, cold ones included.
+#[utoipa::path(
+    get, operation_id = "openai_models", path = "/v1/models", tag = "openai", security((), ("bearer" = []), ("ember_key" = [])),
+    responses((status = 200, description = "The models the caller may use, in OpenAI's list shape", body = serde_json::Value))
+)]
 async fn list_models(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -243,6 +252,11 @@ async fn list_models(
 }
 
 /// `GET /v1/models/{id}`: one model (ids may hold `/`).
+#[utoipa::path(
+    get, operation_id = "openai_model", path = "/v1/models/{id}", tag = "openai", security((), ("bearer" = []), ("ember_key" = [])),
+    params(("id" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "The model, in OpenAI's shape", body = serde_json::Value))
+)]
 async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
