@@ -79,6 +79,23 @@ struct ImagePresence {
     nodes: Vec<NodeImage>,
 }
 
+/// A tag the engine will take, or `400 invalid_tag` saying what one looks like.
+fn check_tag(tag: &str) -> Result<(), ApiError> {
+    if crate::manifest::valid_image_ref(tag) {
+        return Ok(());
+    }
+    Err(ApiError::BadRequest {
+        code: ErrorCode::InvalidTag,
+        message: format!(
+            "`{tag}` is not an image tag Docker accepts, like `repo/name:tag` (lower case)"
+        ),
+        details: vec![FieldError {
+            field: "tag".into(),
+            message: "expected `[registry[:port]/]name[:tag]`, the name in lower case".into(),
+        }],
+    })
+}
+
 /// `GET /api/v1/images?tag=T`: which nodes have the image.
 #[utoipa::path(
     get, operation_id = "get_image", path = "/api/v1/images", tag = "images", params(ImageQuery),
@@ -88,6 +105,7 @@ pub async fn get_image(
     State(state): State<AppState>,
     Query(q): Query<ImageQuery>,
 ) -> Result<Json<impl Serialize>, ApiError> {
+    check_tag(&q.tag)?;
     let mut nodes = Vec::new();
     for node in state.activator().scheduler().live_nodes() {
         nodes.push(NodeImage {
@@ -106,7 +124,7 @@ pub async fn get_image(
 /// that lacks the image.
 #[utoipa::path(
     post, operation_id = "build_image", path = "/api/v1/images", tag = "images", params(ImageQuery),
-    request_body(content = [u8], content_type = "application/x-tar", description = "The build context, a tar (at most 1 GiB)"),
+    request_body(content = [u8], content_type = "application/octet-stream", description = "The build context: a tar (at most 1 GiB)"),
     responses((status = 200, description = "Build progress, one JSON object a line (`{node, progress}`), then `{done, tag}` or `{error}`", content_type = "application/x-ndjson"))
 )]
 pub async fn build_image(
@@ -114,16 +132,7 @@ pub async fn build_image(
     Query(q): Query<ImageQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if q.tag.trim().is_empty() || q.tag.contains(char::is_whitespace) {
-        return Err(ApiError::BadRequest {
-            code: ErrorCode::InvalidTag,
-            message: format!("`{}` is not an image tag like `repo/name:tag`", q.tag),
-            details: vec![FieldError {
-                field: "tag".into(),
-                message: "expected an image tag".into(),
-            }],
-        });
-    }
+    check_tag(&q.tag)?;
     let dockerfile = q.dockerfile.unwrap_or_else(|| "Dockerfile".into());
     let nodes = state.activator().scheduler().live_nodes();
     let (lines_tx, lines_rx) = mpsc::channel::<String>(64);

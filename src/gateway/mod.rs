@@ -25,6 +25,7 @@ mod nodes;
 mod openai;
 pub mod openapi;
 mod registries;
+mod rejection;
 mod secrets;
 mod volumes;
 
@@ -175,6 +176,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/invocations", get(history::invocations))
         .route("/api/v1/usage", get(history::usage))
         .merge(comfy::routes())
+        .layer(axum::middleware::from_fn(rejection::json_errors))
         .layer(axum::middleware::from_fn(history::tag))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -42,6 +42,7 @@ mod access;
 mod comfyui;
 mod env;
 mod gpu;
+mod image;
 mod jobs;
 mod openai;
 mod readiness;
@@ -55,6 +56,7 @@ pub use access::Access;
 pub use comfyui::ComfyUi;
 pub use env::{check_secret_name, EnvValue, MAX_SECRET_NAME_LEN};
 pub use gpu::{GpuSpec, Sharing, MAX_GPUS};
+pub use image::{valid_image_ref, MAX_IMAGE_REF_LEN};
 pub use jobs::{Batch, Jobs, DEFAULT_MAX_ATTEMPTS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
@@ -67,8 +69,6 @@ pub use volumes::{check_volume_name, Volume, VolumeSource, MAX_VOLUMES};
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest time any of the manifest's timeouts may be set to.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Longest image reference Docker accepts.
-const MAX_IMAGE_REF_LEN: usize = 255;
 
 /// A function manifest, as deployed. Every field but `name` and `image`/`build` has a default.
 ///
@@ -244,7 +244,11 @@ impl Manifest {
             ),
             (Some(image), _) if !valid_image_ref(image) => bad(
                 "image",
-                format!("`{image}` is not an image reference like `repo/name:tag`"),
+                format!(
+                    "`{image}` is not an image reference Docker accepts: \
+                     `[registry[:port]/]name[:tag][@digest]`, the name in lower case \
+                     (e.g. `ghcr.io/team/model:v1`)"
+                ),
             ),
             _ => {}
         }
@@ -349,13 +353,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn valid_image_ref(image: &str) -> bool {
-    !image.is_empty()
-        && image.len() <= MAX_IMAGE_REF_LEN
-        && !image.chars().any(|c| c.is_whitespace() || c.is_control())
-        && !image.starts_with(['-', ':', '/', '@'])
 }
 
 #[cfg(test)]

@@ -17,13 +17,19 @@ pub const PACKAGES: &[&str] = &[
 /// The virtualenv's python, made (once, for every test binary) with [`PACKAGES`];
 /// `None` after saying why when it cannot be made.
 pub fn python() -> Option<PathBuf> {
+    venv("py-clients", PACKAGES)
+}
+
+/// The python of the virtualenv `target/NAME`, made (once) with `packages`; `None` after
+/// saying why when it cannot be made.
+pub fn venv(name: &str, packages: &[&str]) -> Option<PathBuf> {
     static MAKING: Mutex<()> = Mutex::new(());
     let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = super::repo().join("target/py-clients");
+    let dir = super::repo().join("target").join(name);
     let python = dir.join("bin/python");
     let marker = dir.join(format!(
         "installed-{}",
-        super::short_hash(PACKAGES.join(" ").as_bytes())
+        super::short_hash(packages.join(" ").as_bytes())
     ));
     if marker.exists() {
         return Some(python);
@@ -48,7 +54,7 @@ pub fn python() -> Option<PathBuf> {
             "--quiet",
             "--disable-pip-version-check",
         ])
-        .args(PACKAGES)
+        .args(packages)
         .stdout(Stdio::null())
         .output();
     match installed {
@@ -58,7 +64,7 @@ pub fn python() -> Option<PathBuf> {
         }
         Ok(out) => {
             super::skip_unless_ci(&format!(
-                "pip could not install {PACKAGES:?}: {}",
+                "pip could not install {packages:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             ));
             None
