@@ -58,7 +58,7 @@ struct Set {
 #[utoipa::path(
     put, operation_id = "set_secret", path = "/api/v1/secrets/{name}", tag = "access",
     params(("name" = String, Path, description = "The secret's name")),
-    request_body(content = String, content_type = "text/plain", description = "The value (UTF-8, at most 64 KiB)"),
+    request_body(content((String = "text/plain"), ([u8] = "application/octet-stream")), description = "The value (UTF-8, at most 64 KiB)"),
     responses(
         (status = 201, description = "Set", body = Set),
         (status = 200, description = "Replaced", body = Set),

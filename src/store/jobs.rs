@@ -106,8 +106,9 @@ pub struct JobRecord {
     pub gpus: Vec<String>,
     /// The function's status, once it answered.
     pub status: Option<u16>,
-    /// The function's answer headers, once it answered.
+    /// The function's answer headers, once it answered: `[name, value]` pairs.
     #[serde(default)]
+    #[schema(value_type = Vec<Vec<String>>)]
     pub headers: Vec<(String, String)>,
     /// Why it failed (or why the last attempt did).
     pub error: Option<String>,
