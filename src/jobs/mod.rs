@@ -227,13 +227,9 @@ impl Jobs {
         if !s.path.starts_with('/') || s.path.parse::<http::Uri>().is_err() {
             return Err(JobError::BadPath(s.path));
         }
-        let batches = f
-            .revision()
-            .manifest
-            .jobs
-            .as_ref()
-            .is_some_and(|j| j.batch.is_some());
-        if batches {
+        let revision = f.revision();
+        let settings = revision.manifest.jobs.as_ref();
+        if settings.is_some_and(|j| j.batch.is_some()) {
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&s.body) {
                 return Err(JobError::NotJson {
                     function: f.name().to_string(),
@@ -243,13 +239,7 @@ impl Jobs {
         }
         if let Some(url) = &s.callback_url {
             callback::check_url(url).map_err(JobError::Callback)?;
-            let named = f
-                .revision()
-                .manifest
-                .jobs
-                .as_ref()
-                .and_then(|j| j.callback_secret.clone());
-            if named.is_none() {
+            if settings.and_then(|j| j.callback_secret.as_ref()).is_none() {
                 return Err(JobError::Callback(format!(
                     "function `{}` has no `[jobs] callback_secret` to sign callbacks with: name an `ember secret` there",
                     f.name()
@@ -264,12 +254,7 @@ impl Jobs {
             function: f.name().to_string(),
             state: JobState::Queued,
             attempt: 0,
-            max_attempts: f
-                .revision()
-                .manifest
-                .jobs
-                .as_ref()
-                .map_or(MAX_ATTEMPTS, |j| j.max_attempts),
+            max_attempts: settings.map_or(MAX_ATTEMPTS, |j| j.max_attempts),
             priority: s.priority,
             path: s.path,
             content_type: s.content_type,
