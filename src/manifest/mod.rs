@@ -18,6 +18,7 @@
 //! - `gpu.rs`: `[gpu]`, [`GpuSpec`], [`Sharing`].
 //! - `access.rs`: `[access]`, [`Access`] (public or private).
 //! - `openai.rs`: `[openai]`, [`OpenAi`] (model ids behind the OpenAI-compatible front door).
+//! - `size.rs`: how sizes are written, so that they read back exactly.
 //! - `tests.rs`: manifest-wide tests and the revision-id golden values.
 //!
 //! # Revision ids
@@ -29,8 +30,8 @@
 //! `#[serde(default, skip_serializing_if = "...")]`: an `Option` with `Option::is_none`,
 //! or a field with a default and `is_default` (below). A manifest that does not use the new
 //! field then hashes exactly as before. The tests pin today's ids and today's keys of a
-//! minimal manifest; the ids also depend on how `bytesize` and `humantime` print values,
-//! so a change there shows up in those tests too.
+//! minimal manifest; the ids also depend on how `bytesize` and `humantime` print values
+//! (sizes as `size.rs` writes them), so a change there shows up in those tests too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -48,6 +49,7 @@ mod readiness;
 mod request;
 mod resources;
 mod scale;
+mod size;
 mod volumes;
 
 pub use crate::model::FieldError;

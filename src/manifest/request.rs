@@ -34,7 +34,10 @@ pub struct RequestLimits {
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Largest request body; a larger one answers 413.
-    #[serde(default = "default_max_body")]
+    #[serde(
+        default = "default_max_body",
+        serialize_with = "super::size::serialize"
+    )]
     pub max_body: ByteSize,
 }
 

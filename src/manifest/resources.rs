@@ -62,10 +62,14 @@ pub struct Resources {
     #[serde(default = "default_cpus")]
     pub cpus: f64,
     /// Memory limit.
-    #[serde(default = "default_memory")]
+    #[serde(default = "default_memory", serialize_with = "super::size::serialize")]
     pub memory: ByteSize,
     /// Size of `/dev/shm`; absent: Docker's 64 MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::size::serialize_opt"
+    )]
     pub shm: Option<ByteSize>,
     /// Process (and thread) limit; absent: 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
