@@ -61,7 +61,7 @@ pub use jobs::{Batch, Jobs, DEFAULT_MAX_ATTEMPTS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
-pub use resources::{Resources, MIN_MEMORY};
+pub use resources::{Resources, MAX_MEMORY, MIN_MEMORY};
 pub use scale::{KeepAliveKind, OnIdle, Scale, MAX_CONCURRENCY, MAX_SCALE};
 pub use volumes::{check_volume_name, Volume, VolumeSource, MAX_VOLUMES};
 
