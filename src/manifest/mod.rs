@@ -302,17 +302,24 @@ impl Manifest {
 }
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ManifestError {
-    let field = e.path().to_string();
-    let field = if field == "." {
-        "(document)".to_string()
-    } else {
-        field
+    // The root prints as `.`, and a top-level key that is empty as nothing at all.
+    let field = match e.path().to_string() {
+        root if root == "." => "(document)".to_string(),
+        empty if empty.is_empty() => "\"\"".to_string(),
+        field => field,
     };
     let message = e.inner().to_string();
-    // toml's messages carry a source excerpt after the first line; the path says where.
+    // toml's messages carry a source excerpt (`  |`, `3 | text`) after the first line; the
+    // path says where. The message itself may hold a `|`, as in a value quoted back.
+    let excerpt = |l: &str| {
+        l.trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
     let message = message
         .lines()
-        .rfind(|l| !l.trim().is_empty() && !l.contains('|'))
+        .rfind(|l| !l.trim().is_empty() && !excerpt(l))
         .unwrap_or(&message)
         .trim()
         .to_string();
