@@ -40,7 +40,8 @@ pub struct ComfyUi {
     /// Most bytes of outputs and uploads kept; beyond it the oldest prompts' go first.
     #[serde(
         default = "default_keep_bytes",
-        skip_serializing_if = "is_default_keep_bytes"
+        skip_serializing_if = "is_default_keep_bytes",
+        serialize_with = "super::size::serialize"
     )]
     #[schema(value_type = String, example = "64MiB")]
     pub keep_bytes: ByteSize,

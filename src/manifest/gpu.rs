@@ -18,7 +18,11 @@ pub struct GpuSpec {
     #[serde(default = "default_gpu_count")]
     pub count: u32,
     /// GPU memory per GPU the instance uses; required when `sharing = "shared"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::size::serialize_opt"
+    )]
     #[schema(value_type = Option<String>, example = "64MiB")]
     pub memory: Option<ByteSize>,
     /// exclusive | shared | mig.
@@ -31,7 +35,11 @@ pub struct GpuSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
     /// Only GPUs (or MIG instances) with at least this much memory in total.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::size::serialize_opt"
+    )]
     #[schema(value_type = Option<String>, example = "64MiB")]
     pub min_memory: Option<ByteSize>,
 }

@@ -18,6 +18,7 @@
 //! - `gpu.rs`: `[gpu]`, [`GpuSpec`], [`Sharing`].
 //! - `access.rs`: `[access]`, [`Access`] (public or private).
 //! - `openai.rs`: `[openai]`, [`OpenAi`] (model ids behind the OpenAI-compatible front door).
+//! - `size.rs`: how sizes are written, so that they read back exactly.
 //! - `tests.rs`: manifest-wide tests and the revision-id golden values.
 //!
 //! # Revision ids
@@ -29,8 +30,8 @@
 //! `#[serde(default, skip_serializing_if = "...")]`: an `Option` with `Option::is_none`,
 //! or a field with a default and `is_default` (below). A manifest that does not use the new
 //! field then hashes exactly as before. The tests pin today's ids and today's keys of a
-//! minimal manifest; the ids also depend on how `bytesize` and `humantime` print values,
-//! so a change there shows up in those tests too.
+//! minimal manifest; the ids also depend on how `bytesize` and `humantime` print values
+//! (sizes as `size.rs` writes them), so a change there shows up in those tests too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,6 +50,7 @@ mod readiness;
 mod request;
 mod resources;
 mod scale;
+mod size;
 mod volumes;
 
 pub use crate::model::FieldError;
@@ -61,7 +63,7 @@ pub use jobs::{Batch, Jobs, DEFAULT_MAX_ATTEMPTS};
 pub use openai::{check_model_id, Models, OpenAi, Routing, DEFAULT_LOAD_FACTOR};
 pub use readiness::Readiness;
 pub use request::{Queue, RequestLimits, MAX_BODY_LIMIT, MAX_QUEUE_CAPACITY};
-pub use resources::{Resources, MIN_MEMORY};
+pub use resources::{Resources, MAX_MEMORY, MIN_MEMORY};
 pub use scale::{KeepAliveKind, OnIdle, Scale, MAX_CONCURRENCY, MAX_SCALE};
 pub use volumes::{check_volume_name, Volume, VolumeSource, MAX_VOLUMES};
 
@@ -304,17 +306,24 @@ impl Manifest {
 }
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ManifestError {
-    let field = e.path().to_string();
-    let field = if field == "." {
-        "(document)".to_string()
-    } else {
-        field
+    // The root prints as `.`, and a top-level key that is empty as nothing at all.
+    let field = match e.path().to_string() {
+        root if root == "." => "(document)".to_string(),
+        empty if empty.is_empty() => "\"\"".to_string(),
+        field => field,
     };
     let message = e.inner().to_string();
-    // toml's messages carry a source excerpt after the first line; the path says where.
+    // toml's messages carry a source excerpt (`  |`, `3 | text`) after the first line; the
+    // path says where. The message itself may hold a `|`, as in a value quoted back.
+    let excerpt = |l: &str| {
+        l.trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
     let message = message
         .lines()
-        .rfind(|l| !l.trim().is_empty() && !l.contains('|'))
+        .rfind(|l| !l.trim().is_empty() && !excerpt(l))
         .unwrap_or(&message)
         .trim()
         .to_string();

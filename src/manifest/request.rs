@@ -37,7 +37,10 @@ pub struct RequestLimits {
     #[schema(value_type = String, example = "30s")]
     pub timeout: Duration,
     /// Largest request body; a larger one answers 413.
-    #[serde(default = "default_max_body")]
+    #[serde(
+        default = "default_max_body",
+        serialize_with = "super::size::serialize"
+    )]
     #[schema(value_type = String, example = "64MiB")]
     pub max_body: ByteSize,
 }

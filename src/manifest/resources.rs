@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 /// Smallest memory limit Docker accepts for a container.
 pub const MIN_MEMORY: ByteSize = ByteSize::mib(6);
 
+/// Largest memory limit: beyond any machine, and inside the signed 64-bit byte count Docker
+/// takes (a larger one wraps, to -1 for 16 EiB, which Docker reads as no limit at all).
+pub const MAX_MEMORY: ByteSize = ByteSize::tib(64);
+
+/// Fewest CPU cores one instance may ask for: Docker's smallest CPU limit. Below it the
+/// limit rounds to 0 nano-CPUs, which Docker reads as no limit at all.
+const MIN_CPUS: f64 = 0.01;
 /// Most CPU cores one instance may ask for.
 const MAX_CPUS: f64 = 1024.0;
 
@@ -62,11 +69,15 @@ pub struct Resources {
     #[serde(default = "default_cpus")]
     pub cpus: f64,
     /// Memory limit.
-    #[serde(default = "default_memory")]
+    #[serde(default = "default_memory", serialize_with = "super::size::serialize")]
     #[schema(value_type = String, example = "64MiB")]
     pub memory: ByteSize,
     /// Size of `/dev/shm`; absent: Docker's 64 MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::size::serialize_opt"
+    )]
     #[schema(value_type = Option<String>, example = "64MiB")]
     pub shm: Option<ByteSize>,
     /// Process (and thread) limit; absent: 4096.
@@ -155,16 +166,21 @@ impl Default for Resources {
 impl Resources {
     /// Reports every problem in the section, each at its `resources.` field path.
     pub(super) fn validate(&self, bad: &mut impl FnMut(&str, String)) {
-        if !(self.cpus > 0.0 && self.cpus <= MAX_CPUS) {
+        if !(MIN_CPUS..=MAX_CPUS).contains(&self.cpus) {
             bad(
                 "resources.cpus",
-                format!("{} is not between 0 (excluded) and {MAX_CPUS}", self.cpus),
+                format!("{} is not between {MIN_CPUS} and {MAX_CPUS}", self.cpus),
             );
         }
         if self.memory < MIN_MEMORY {
             bad(
                 "resources.memory",
                 format!("{} is below Docker's minimum of {MIN_MEMORY}", self.memory),
+            );
+        } else if self.memory > MAX_MEMORY {
+            bad(
+                "resources.memory",
+                format!("{} is above the most allowed, {MAX_MEMORY}", self.memory),
             );
         }
         if let Some(shm) = self.shm {
@@ -222,9 +238,30 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.field_errors()[0].message,
-            "0 is not between 0 (excluded) and 1024"
+            "0 is not between 0.01 and 1024"
         );
         assert_eq!(fields(err), ["resources.cpus", "resources.memory"]);
+    }
+
+    /// Found by tests/fuzz_manifest.rs: both were accepted and reached Docker as "no
+    /// limit": 1e-10 CPUs as 0 nano-CPUs, 16 EiB of memory as -1 bytes.
+    #[test]
+    fn limits_docker_would_read_as_none_are_refused() {
+        for resources in [
+            "cpus = 1e-10",
+            "cpus = 0.009",
+            "memory = \"18446744073709551615B\"",
+            "memory = \"16EiB\"",
+            "memory = \"65TiB\"",
+        ] {
+            let err = toml(&format!(
+                "name = \"a\"\nimage = \"e:1\"\n[resources]\n{resources}"
+            ))
+            .expect_err(resources);
+            assert!(fields(err)[0].starts_with("resources."), "{resources}");
+        }
+        toml("name = \"a\"\nimage = \"e:1\"\n[resources]\ncpus = 0.01\nmemory = \"64TiB\"")
+            .unwrap();
     }
 
     #[test]

@@ -61,6 +61,29 @@ fn unknown_fields_are_errors_with_their_path() {
     assert!(e.message.contains("unknown field `maxx`"), "{}", e.message);
 }
 
+/// Found by tests/fuzz_manifest.rs: the error's field path was empty.
+#[test]
+fn an_empty_key_is_named_as_one() {
+    let err = Manifest::parse(r#"{"name":"a","image":"x","":1}"#, Format::Json).unwrap_err();
+    assert_eq!(fields(err), ["\"\""]);
+    let err = toml("name = \"a\"\nimage = \"x\"\n\"\" = 1").unwrap_err();
+    assert_eq!(fields(err), ["\"\""]);
+}
+
+/// Found by tests/fuzz_manifest.rs: a `|` in the message was taken for toml's source
+/// excerpt, and only "TOML parse error at line 3, column 11" was left of it.
+#[test]
+fn a_bar_in_a_toml_error_keeps_its_message() {
+    let err = toml("name = \"a\"\nimage = \"x\"\ncomfyui = \"a|b\"").unwrap_err();
+    let e = &err.field_errors()[0];
+    assert_eq!(e.field, "comfyui");
+    assert!(
+        e.message.contains("invalid type: string \"a|b\""),
+        "{}",
+        e.message
+    );
+}
+
 #[test]
 fn wrong_types_name_the_field() {
     let err = toml("name = \"a\"\nimage = \"x\"\n[scale]\nmax = \"four\"").unwrap_err();
@@ -121,6 +144,16 @@ fn nonsense_values_are_all_reported_at_once() {
             "{expected} missing in {f:?}"
         );
     }
+}
+
+/// Found by tests/fuzz_manifest.rs: serde_json read the float it wrote one bit off, so a
+/// manifest changed each time the store wrote and read it.
+#[test]
+fn floats_read_back_from_json_unchanged() {
+    let text = r#"{"name":"a","image":"x","scale":{"target_utilization":0.012375987704156263}}"#;
+    let m = Manifest::parse(text, Format::Json).unwrap();
+    let back = Manifest::parse(&serde_json::to_string(&m).unwrap(), Format::Json).unwrap();
+    assert_eq!(back, m);
 }
 
 #[test]

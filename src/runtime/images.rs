@@ -38,9 +38,11 @@ pub struct ImageProgress {
 }
 
 impl ImageProgress {
-    /// Whole percent done, once the total is known.
+    /// Whole percent done, once the total is known. In u128: an agent's counts may be
+    /// anything a u64 holds, and `done * 100` must not overflow.
     pub fn percent(&self) -> Option<u8> {
-        (self.total > 0).then(|| (self.done.min(self.total) * 100 / self.total) as u8)
+        let (done, total) = (u128::from(self.done), u128::from(self.total));
+        (total > 0).then(|| (done.min(total) * 100 / total) as u8)
     }
 }
 
@@ -83,6 +85,16 @@ mod tests {
         assert_eq!(registry_host("index.docker.io/library/ubuntu"), DOCKER_HUB);
         assert!(names_registry("127.0.0.1:5000/x"));
         assert!(!names_registry("ember/echo:abc"));
+    }
+
+    /// Found by tests/fuzz_wire.rs: `{"progress":{"done":u64::MAX,"total":u64::MAX}}` from
+    /// an agent overflowed `done * 100`.
+    #[test]
+    fn progress_near_the_limits_of_u64_is_still_a_percentage() {
+        let p = |done, total| ImageProgress { done, total }.percent();
+        assert_eq!(p(u64::MAX, u64::MAX), Some(100));
+        assert_eq!(p(u64::MAX / 2, u64::MAX), Some(49));
+        assert_eq!(p(u64::MAX, 1), Some(100));
     }
 
     #[test]

@@ -333,14 +333,16 @@ fn fit_mig(
         .collect())
 }
 
-/// Takes (`take`) or releases an instance's holds.
+/// Takes (`take`) or releases an instance's holds. The assignments of adopted instances
+/// come from an agent (its containers' labels), so their memory may be anything: sums
+/// saturate rather than overflow.
 pub fn apply(holds: &mut HashMap<String, Hold>, gpus: &[GpuAssignment], take: bool) {
     for a in gpus {
         let hold = holds.entry(a.device_id.clone()).or_default();
         match (a.sharing, take) {
             (Sharing::Shared, true) => {
-                hold.sharers += 1;
-                hold.memory += a.memory;
+                hold.sharers = hold.sharers.saturating_add(1);
+                hold.memory = hold.memory.saturating_add(a.memory);
             }
             (Sharing::Shared, false) => {
                 hold.sharers = hold.sharers.saturating_sub(1);
@@ -348,7 +350,7 @@ pub fn apply(holds: &mut HashMap<String, Hold>, gpus: &[GpuAssignment], take: bo
             }
             (_, true) => {
                 hold.exclusive = true;
-                hold.memory += a.memory;
+                hold.memory = hold.memory.saturating_add(a.memory);
             }
             (_, false) => {
                 hold.exclusive = false;

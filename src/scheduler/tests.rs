@@ -350,3 +350,19 @@ fn hold_accounting_is_symmetric() {
     fit::apply(&mut holds, std::slice::from_ref(&shared), false);
     assert!(holds.is_empty());
 }
+
+/// Seen while fuzzing the agent link, by reading (adoption is past what tests/fuzz_wire.rs
+/// drives): container labels claiming more memory than a u64 holds overflowed the sum.
+#[test]
+fn holds_adopted_from_labels_claiming_huge_memory_saturate() {
+    let mut holds = HashMap::new();
+    let huge = GpuAssignment {
+        gpu_uuid: "GPU-1".into(),
+        device_id: "GPU-1".into(),
+        sharing: Sharing::Shared,
+        memory: u64::MAX,
+    };
+    fit::apply(&mut holds, std::slice::from_ref(&huge), true);
+    fit::apply(&mut holds, std::slice::from_ref(&huge), true);
+    assert_eq!(holds["GPU-1"].memory, u64::MAX);
+}
