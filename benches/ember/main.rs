@@ -25,11 +25,14 @@
 //! 9. history: warm throughput of a gateway keeping the invocation history vs one with
 //!    `--history-max 0`, in alternating rounds, and one record per request;
 //! 10. batch: jobs per second through `functions/batch-stub` (a fixed cost per call) with
-//!     `[jobs] batch = { max = 32 }` against one job per call.
+//!     `[jobs] batch = { max = 32 }` against one job per call;
+//! 11. peer: Ember's gateway against nginx (one worker, keep-alive upstream) in front of
+//!     the same container: CPU µs per request, throughput and p50/p99 at concurrency 16
+//!     and 64 under `wrk` (skipped without nginx).
 //!
 //! # Layout
 //! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`,
-//!   `batch`: one
+//!   `batch`, `peer`: one
 //!   scenario each,
 //!   `run(size, rows)`;
 //! - `probe`: the HTTP client, process memory and Docker connection they measure with;
@@ -46,6 +49,7 @@ mod cold;
 mod comfy;
 mod control;
 mod history;
+mod peer;
 mod prefix;
 mod probe;
 mod report;
@@ -168,6 +172,10 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("history") {
         eprintln!("invocation history…");
         history::run(size, &mut rows).await;
+    }
+    if wanted("peer") {
+        eprintln!("peer: Ember against nginx…");
+        peer::run(size, &mut rows).await;
     }
     if wanted("batch") {
         eprintln!("batch mode…");
