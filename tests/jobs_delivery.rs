@@ -137,7 +137,10 @@ async fn an_ended_jobs_result_goes_after_its_retention_and_its_record_stays() {
         "kept"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    // A start sweeps (as the gateway does every 10 minutes).
+    // Past its retention the result is gone at once, swept or not.
+    let gone = gw.request(Method::GET, &result, &[], "").await;
+    assert_eq!(gone.status, 410, "{}", gone.text());
+    // A start sweeps (as the gateway does every 10 minutes) before it answers.
     gw.terminate();
     assert!(gw.wait_exit(Duration::from_secs(30)).is_some());
     let gw = start().await;

@@ -209,6 +209,8 @@ impl Jobs {
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed unfinished jobs");
         }
+        // What the retention no longer keeps goes before the gateway answers.
+        self.sweep().await;
         let this = self.clone();
         self.inner.tracker.spawn(tracing::Instrument::instrument(
             async move { this.sweep_loop().await },
@@ -303,9 +305,18 @@ impl Jobs {
         Ok(self.find(id)?.map(|(_, job)| job))
     }
 
-    /// A finished job's answer body.
+    /// A finished job's answer body; `None` once it is past `--job-results-keep`, whether
+    /// or not a sweep has removed it yet.
     pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let keep = u64::try_from(self.inner.keep.bodies.as_millis()).unwrap_or(u64::MAX);
         match self.find(id)? {
+            Some((_, job))
+                if job
+                    .finished_ms
+                    .is_some_and(|t| t.saturating_add(keep) < now_ms()) =>
+            {
+                Ok(None)
+            }
             Some((key, _)) => self.inner.invoker.activator().store().job_result(key),
             None => Ok(None),
         }

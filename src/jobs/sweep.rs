@@ -16,14 +16,14 @@ fn ms_before(d: Duration) -> u64 {
 }
 
 impl Jobs {
-    /// Sweeps now, then every `SWEEP_EVERY`, until shutdown.
+    /// Sweeps every `SWEEP_EVERY` (after the one at start), until shutdown.
     pub(super) async fn sweep_loop(&self) {
         loop {
-            self.sweep().await;
             tokio::select! {
                 _ = tokio::time::sleep(SWEEP_EVERY) => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
+            self.sweep().await;
         }
     }
 
