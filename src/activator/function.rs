@@ -240,6 +240,16 @@ impl Function {
         self.take_slot(&mut st, None)
     }
 
+    /// Instances that serve now or soon will (starting, ready, or in the warm tier): what
+    /// the job queue sizes its turns by.
+    pub fn serving_instances(&self) -> usize {
+        self.lock()
+            .instances
+            .iter()
+            .filter(|i| i.phase.will_serve())
+            .count()
+    }
+
     /// Whether a ready instance has a free slot now (what a low-priority job waits for).
     pub fn has_warm_slot(&self) -> bool {
         let st = self.lock();

@@ -75,7 +75,7 @@ pub async fn submit_request(
             header(header::CONTENT_TYPE.as_str()),
             header("idempotency-key"),
             header("x-ember-priority"),
-            header("x-callback-url").or_else(|| header("x-ember-callback-url")),
+            header("x-callback-url"),
         )
     };
     let priority = match priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -178,7 +178,7 @@ pub async fn result(
             state: state_name,
         });
     };
-    let Some(body) = state.jobs.result(&id)? else {
+    let Some(body) = state.jobs.result(&job)? else {
         return Err(ApiError::JobResultGone(id));
     };
     let mut response = Response::new(Body::from(body));
@@ -256,11 +256,12 @@ pub async fn list(
         .transpose()?;
     let job_state = match p.state.as_deref() {
         None => None,
-        Some(s) => Some(
-            serde_json::from_value::<JobState>(serde_json::Value::String(s.into())).map_err(|_| {
-                bad("state", format!("`{s}` is not a state: queued, running, succeeded, failed, cancelled or expired"))
-            })?,
-        ),
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            bad(
+                "state",
+                format!("`{s}` is not a state: queued, running, succeeded, failed, cancelled or expired"),
+            )
+        })?),
     };
     let limit = crate::history::query::parse_limit(p.limit.as_deref())?;
     let filter = JobFilter {

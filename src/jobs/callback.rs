@@ -28,11 +28,10 @@ use serde_json::json;
 
 use super::{JobRecord, Jobs};
 use crate::client::Outbound;
-use crate::store::job_key;
 use crate::store::{now_ms, OutboxEntry};
 
 /// Results up to this size go inline in the callback.
-pub const MAX_INLINE: usize = 256 << 10;
+pub(super) const MAX_INLINE: usize = 256 << 10;
 /// The delays before each retry of a failed delivery.
 const SCHEDULE: &[Duration] = &[
     Duration::from_secs(5),
@@ -49,7 +48,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_secs(1);
 
 /// Checks a callback URL at submission: `http` or `https`, with a host.
-pub fn check_url(url: &str) -> Result<(), String> {
+pub(super) fn check_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(format!(
@@ -124,7 +123,7 @@ impl Jobs {
     pub(super) async fn deliver_loop(&self) {
         // The addresses a name resolves to are checked again as it is connected to.
         let allow = self.inner.callback_allow.clone();
-        let rule = move |host: &str, ip| allow.iter().any(|a| a == host) || public(ip);
+        let rule = move |host: &str, ip| may_reach(&allow, host, ip);
         let Some(client) = crate::client::outbound(rule) else {
             tracing::error!("cannot make the TLS client callbacks need; none will be sent");
             return;
@@ -162,7 +161,7 @@ impl Jobs {
                 return;
             }
         };
-        let outcome = self.send_callback(client, &job, &entry).await;
+        let outcome = self.send_callback(client, id, &job, &entry).await;
         let result = match outcome {
             Ok(()) => store.remove_outbox(id).await,
             Err(Failure::Stop(why)) => {
@@ -190,6 +189,7 @@ impl Jobs {
     async fn send_callback(
         &self,
         client: &Outbound,
+        id: u64,
         job: &JobRecord,
         entry: &OutboxEntry,
     ) -> Result<(), Failure> {
@@ -202,20 +202,18 @@ impl Jobs {
             .unwrap_or_default()
             .trim_matches(['[', ']'])
             .to_string();
-        if !self.inner.callback_allow.iter().any(|a| a == &host) {
-            let port = uri.port_u16().unwrap_or(443);
-            let addrs = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map_err(|e| Failure::Retry(format!("cannot resolve {host}: {e}")))?;
-            if addrs.into_iter().any(|a| !public(a.ip())) {
-                return Err(Failure::Stop(format!(
-                    "{host} is a private address; allow it with `serve --callback-allow {host}`"
-                )));
+        // A name is checked by the client's resolver as it connects; an address written
+        // in the URL is not resolved, so it is checked here.
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            if !may_reach(&self.inner.callback_allow, &host, ip) {
+                return Err(Failure::Stop(private(&host)));
             }
         }
         let secret = self.callback_secret(&job.function)?;
-        let body = self.payload(job)?;
-        let msg_id = format!("{}.completed", job.id);
+        let body = self.payload(id, job)?;
+        // One id per ending (a retried job's next ending is another message), the same on
+        // every try of its delivery.
+        let msg_id = format!("{}.{}", job.id, job.finished_ms.unwrap_or_default());
         let timestamp = now_ms() / 1000;
         let signature = sign(&secret, &msg_id, timestamp, &body);
         let request = Request::builder()
@@ -232,7 +230,13 @@ impl Jobs {
         let answer = tokio::time::timeout(TIMEOUT, client.request(request))
             .await
             .map_err(|_| Failure::Retry("no answer within 30 s".into()))?
-            .map_err(|e| Failure::Retry(crate::model::error_chain(&e)))?;
+            .map_err(|e| {
+                if refused_address(&e) {
+                    Failure::Stop(private(&host))
+                } else {
+                    Failure::Retry(crate::model::error_chain(&e))
+                }
+            })?;
         let status = answer.status();
         let _ = answer.into_body().collect().await;
         if status.is_success() {
@@ -264,28 +268,59 @@ impl Jobs {
     }
 
     /// The callback's body: the record, and the result inline or as a link.
-    fn payload(&self, job: &JobRecord) -> Result<Vec<u8>, Failure> {
-        let key = job_key(&job.id).ok_or_else(|| Failure::Stop("bad job id".into()))?;
-        let store = self.inner.invoker.activator().store();
-        let result = store.job_result(key).ok().flatten();
+    fn payload(&self, id: u64, job: &JobRecord) -> Result<Vec<u8>, Failure> {
         let mut v = json!({
             "type": "job.completed",
             "timestamp": now_ms() / 1000,
             "data": job,
         });
-        match result {
-            Some(r) if r.len() <= MAX_INLINE => match String::from_utf8(r) {
-                Ok(text) => v["result"] = json!(text),
-                Err(e) => {
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(e.into_bytes());
-                    v["result_base64"] = json!(b64);
-                }
-            },
-            Some(_) => v["result_url"] = json!(format!("/api/v1/jobs/{}/result", job.id)),
+        let link = json!(format!("/api/v1/jobs/{}/result", job.id));
+        match job.result_bytes {
             None => {}
+            // Too big to inline: not read to find that out.
+            Some(n) if n > MAX_INLINE as u64 => v["result_url"] = link,
+            Some(_) => {
+                let store = self.inner.invoker.activator().store();
+                match store.job_result(id).ok().flatten() {
+                    Some(r) if r.len() <= MAX_INLINE => match String::from_utf8(r) {
+                        Ok(text) => v["result"] = json!(text),
+                        Err(e) => {
+                            let b64 =
+                                base64::engine::general_purpose::STANDARD.encode(e.into_bytes());
+                            v["result_base64"] = json!(b64);
+                        }
+                    },
+                    Some(_) => v["result_url"] = link,
+                    None => {}
+                }
+            }
         }
         serde_json::to_vec(&v).map_err(|e| Failure::Stop(e.to_string()))
     }
+}
+
+/// Whether a callback to `host` may go to `ip`: a public address, or any address of a
+/// host `serve --callback-allow` names.
+fn may_reach(allow: &[String], host: &str, ip: std::net::IpAddr) -> bool {
+    allow.iter().any(|a| a == host) || public(ip)
+}
+
+fn private(host: &str) -> String {
+    format!("{host} is a private address; allow it with `serve --callback-allow {host}`")
+}
+
+/// Whether a send failed because the client's resolver refused every address of the host.
+fn refused_address(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Why a delivery did not go through.

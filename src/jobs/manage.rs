@@ -122,7 +122,7 @@ impl Jobs {
                 what: "only a failed, expired or cancelled job can be retried",
             });
         }
-        if self.store().job_input(key)?.is_none() {
+        if !self.bodies_kept(&job) || self.store().job_input(key)?.is_none() {
             return Err(ChangeError::Conflict {
                 id: id.to_string(),
                 state: job.state.as_str().to_string(),

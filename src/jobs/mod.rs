@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activator::Function;
-use crate::history::mint;
+use crate::history::{format_id, mint};
 use crate::invoke::Invoker;
 use crate::store::{now_ms, StoreError};
 pub use crate::store::{JobRecord, JobState, Priority};
@@ -115,7 +115,7 @@ fn job_id(key: u64) -> String {
     let mut random = [0u8; 8];
     // The operating system's generator; without it no id can be made safely.
     getrandom::fill(&mut random).expect("the OS random number generator works");
-    format!("{key:016x}{:016x}", u64::from_be_bytes(random))
+    format!("{}{:016x}", format_id(key), u64::from_be_bytes(random))
 }
 
 /// How long ended jobs are kept.
@@ -276,7 +276,7 @@ impl Jobs {
         };
         let store = self.inner.invoker.activator().store();
         match &s.key {
-            None => store.put_job(id, &job, s.body.to_vec()).await?,
+            None => store.put_job(id, &job, s.body.to_vec(), None).await?,
             Some(key) => {
                 let _one = self.inner.keyed.lock().await;
                 let hash = hash.unwrap_or_default();
@@ -292,7 +292,7 @@ impl Jobs {
                     }
                 }
                 store
-                    .put_job_with_key(id, &job, s.body.to_vec(), key, &hash)
+                    .put_job(id, &job, s.body.to_vec(), Some((key, &hash)))
                     .await?;
             }
         }
@@ -305,21 +305,23 @@ impl Jobs {
         Ok(self.find(id)?.map(|(_, job)| job))
     }
 
-    /// A finished job's answer body; `None` once it is past `--job-results-keep`, whether
-    /// or not a sweep has removed it yet.
-    pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let keep = u64::try_from(self.inner.keep.bodies.as_millis()).unwrap_or(u64::MAX);
-        match self.find(id)? {
-            Some((_, job))
-                if job
-                    .finished_ms
-                    .is_some_and(|t| t.saturating_add(keep) < now_ms()) =>
-            {
-                Ok(None)
+    /// The answer body of `job` (a record [`Jobs::get`] gave); `None` once its body is
+    /// past `--job-results-keep`, whether or not a sweep has removed it yet.
+    pub fn result(&self, job: &JobRecord) -> Result<Option<Vec<u8>>, StoreError> {
+        match crate::store::job_key(&job.id) {
+            Some(key) if self.bodies_kept(job) => {
+                self.inner.invoker.activator().store().job_result(key)
             }
-            Some((key, _)) => self.inner.invoker.activator().store().job_result(key),
-            None => Ok(None),
+            _ => Ok(None),
         }
+    }
+
+    /// Whether `job`'s input and answer are still kept: it has not ended, or ended within
+    /// `--job-results-keep`. What the sweep will remove, reads treat as gone already.
+    pub(super) fn bodies_kept(&self, job: &JobRecord) -> bool {
+        let keep = u64::try_from(self.inner.keep.bodies.as_millis()).unwrap_or(u64::MAX);
+        job.finished_ms
+            .is_none_or(|t| t.saturating_add(keep) >= now_ms())
     }
 
     /// Job `id`'s store key and record, if `id` is a job's whole id (its random part

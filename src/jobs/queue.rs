@@ -158,9 +158,7 @@ impl Jobs {
             let per_instance = jobs
                 .and_then(|j| j.concurrency)
                 .unwrap_or(m.scale.concurrency) as usize;
-            let s = activator.status(&f);
-            let instances = s.ready + s.starting + s.paused;
-            let room = (instances + 1).min(m.scale.max as usize).max(1);
+            let room = (f.serving_instances() + 1).min(m.scale.max as usize).max(1);
             // A batch's request is at most what one job's input may be, and what the
             // function takes (`request.max_body`), less the array's brackets and commas.
             let batch = jobs.and_then(|j| j.batch);

@@ -144,7 +144,11 @@ impl Jobs {
             // Idle capacity only: ask again in a while, without an attempt.
             return Ok(Begun::Settled(Some(NO_ROOM_WAIT)));
         }
-        let Some(input) = store.job_input(id)? else {
+        let input = match store.job_input(id)? {
+            Some(input) if self.bodies_kept(&job) => Some(input),
+            _ => None,
+        };
+        let Some(input) = input else {
             let why = "its input is gone (past --job-results-keep)".to_string();
             return self.end(id, job, JobState::Failed, why).await;
         };

@@ -47,6 +47,21 @@ impl JobState {
         }
     }
 
+    /// Every state, as [`JobState::as_str`] writes them.
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Expired,
+    ];
+
+    /// The state the API writes as `name`.
+    pub fn parse(name: &str) -> Option<JobState> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// Whether the job is over.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -150,25 +165,39 @@ pub fn job_key(id: &str) -> Option<u64> {
     u64::from_str_radix(&id[..16], 16).ok()
 }
 
+/// The job id a `jobs`-keyed tree's key holds.
+fn id_of(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
+}
+
 fn key(id: u64) -> Vec<u8> {
     id.to_be_bytes().to_vec()
 }
 
 impl Store {
-    /// Stores a new job and its input; resolves once both are on disk.
+    /// Stores a new job, its input, and the idempotency key naming it when it has one
+    /// (`(key, input hash)`); resolves once all are on disk.
     pub async fn put_job(
         &self,
         id: u64,
         job: &JobRecord,
         input: Vec<u8>,
+        idempotency: Option<(&str, &str)>,
     ) -> Result<(), StoreError> {
         // The input first: a crash that keeps part of the batch never leaves a record
         // without its input.
-        self.write(vec![
+        let mut changes = vec![
             Change::Put(TreeId::JobInputs, key(id), input),
             Change::Put(TreeId::Jobs, key(id), encode(job)),
-        ])
-        .await
+        ];
+        if let Some((idem, hash)) = idempotency {
+            changes.push(Change::Put(
+                TreeId::JobKeys,
+                format!("{}\n{idem}", job.function).into_bytes(),
+                encode(&(job.id.clone(), hash.to_string())),
+            ));
+        }
+        self.write(changes).await
     }
 
     /// Stores a job's new state (and its answer's body, when it has one); resolves once on
@@ -200,8 +229,7 @@ impl Store {
                 let (k, v) = entry?;
                 let e: OutboxEntry = decode(&k, &v)?;
                 if e.next_ms <= now_ms {
-                    let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-                    due.push((id, e));
+                    due.push((id_of(&k), e));
                 }
             }
             Ok(due)
@@ -293,28 +321,6 @@ impl Store {
         self.get(TreeId::JobKeys, format!("{function}\n{idem}").as_bytes())
     }
 
-    /// Stores a new job, its input and the idempotency key naming it; resolves once on disk.
-    pub async fn put_job_with_key(
-        &self,
-        id: u64,
-        job: &JobRecord,
-        input: Vec<u8>,
-        idem: &str,
-        input_hash: &str,
-    ) -> Result<(), StoreError> {
-        let k = format!("{}\n{idem}", job.function).into_bytes();
-        self.write(vec![
-            Change::Put(TreeId::Jobs, key(id), encode(job)),
-            Change::Put(TreeId::JobInputs, key(id), input),
-            Change::Put(
-                TreeId::JobKeys,
-                k,
-                encode(&(job.id.clone(), input_hash.to_string())),
-            ),
-        ])
-        .await
-    }
-
     /// Removes the input and answer of jobs that ended before `bodies_before_ms` (their
     /// result is then gone: no answer body stored), whole
     /// jobs that ended before `records_before_ms`, and idempotency keys of jobs submitted
@@ -382,13 +388,27 @@ impl Store {
                 let (k, v) = entry?;
                 let job: JobRecord = decode(&k, &v)?;
                 if !job.state.is_terminal() {
-                    let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-                    out.push((id, job));
+                    out.push((id_of(&k), job));
                 }
             }
             Ok(out)
         })
         .await
         .map_err(StoreError::Scan)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobState;
+
+    #[test]
+    fn a_state_reads_back_from_the_name_the_api_writes() {
+        for s in JobState::ALL {
+            let serde_name = serde_json::to_value(s).unwrap();
+            assert_eq!(serde_name, s.as_str(), "as_str is serde's name");
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(JobState::parse("done"), None);
     }
 }
