@@ -39,7 +39,7 @@ fn users(state: &AppState, name: &str) -> Vec<String> {
         .iter()
         .filter(|f| {
             let m = &f.revision().manifest;
-            m.secret_refs().any(|(_, s)| s == name) || callback_secret(m) == Some(name)
+            m.named_secrets().iter().any(|(_, s)| *s == name)
         })
         .map(|f| f.name().to_string())
         .collect();
@@ -168,30 +168,15 @@ pub fn missing_secrets(
 ) -> Result<Vec<FieldError>, ApiError> {
     let store = state.activator().store();
     let mut missing = Vec::new();
-    for (variable, secret) in manifest.secret_refs() {
+    for (field, secret) in manifest.named_secrets() {
         if store.secret(secret)?.is_none() {
             missing.push(FieldError {
-                field: format!("env.{variable}.secret"),
+                field,
                 message: format!(
                     "no secret `{secret}` is set: set it first with `ember secret set {secret}` (the value on stdin)"
                 ),
             });
         }
     }
-    if let Some(secret) = callback_secret(manifest) {
-        if store.secret(secret)?.is_none() {
-            missing.push(FieldError {
-                field: "jobs.callback_secret".into(),
-                message: format!(
-                    "no secret `{secret}` is set to sign callbacks with: set it first with `ember secret set {secret}` (a `whsec_` value, on stdin)"
-                ),
-            });
-        }
-    }
     Ok(missing)
-}
-
-/// The secret a manifest's `[jobs] callback_secret` names.
-fn callback_secret(m: &crate::manifest::Manifest) -> Option<&str> {
-    m.jobs.as_ref()?.callback_secret.as_deref()
 }

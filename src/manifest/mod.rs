@@ -283,6 +283,20 @@ impl Manifest {
         }
     }
 
+    /// Every secret the manifest names, each with the field that names it
+    /// (`env.VAR.secret`, `jobs.callback_secret`): what a deploy checks is set, and what
+    /// keeps a secret from being removed.
+    pub fn named_secrets(&self) -> Vec<(String, &str)> {
+        let mut named: Vec<(String, &str)> = self
+            .secret_refs()
+            .map(|(var, s)| (format!("env.{var}.secret"), s))
+            .collect();
+        if let Some(s) = self.jobs.as_ref().and_then(|j| j.callback_secret.as_deref()) {
+            named.push(("jobs.callback_secret".into(), s));
+        }
+        named
+    }
+
     /// The secrets the manifest names, each with the variable it fills.
     pub fn secret_refs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.env
