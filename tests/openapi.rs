@@ -154,3 +154,49 @@ async fn the_gateway_serves_it_without_a_token() {
     );
     assert_eq!(r.text(), ember::gateway::openapi::document());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_apis_refusals_answer_embers_error_body_and_functions_are_left_alone() {
+    require_docker!();
+    let gw = common::Gateway::start().await;
+    let error_code = |r: &common::Response| {
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json"),
+            "{}",
+            r.text()
+        );
+        r.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let bad_query = gw
+        .request(http::Method::GET, "/api/v1/images?tag=x:1&nope=1", &[], "")
+        .await;
+    assert_eq!(bad_query.status, 400);
+    assert_eq!(error_code(&bad_query), "bad_request");
+    let no_json = gw
+        .request(http::Method::PUT, "/api/v1/registries/r.example", &[], "{}")
+        .await;
+    assert_eq!(no_json.status, 415);
+    assert_eq!(error_code(&no_json), "bad_request");
+    let method = gw
+        .request(http::Method::PATCH, "/api/v1/keys", &[], "")
+        .await;
+    assert_eq!(method.status, 405);
+    assert_eq!(error_code(&method), "bad_request");
+    // A function's own plain-text 4xx passes through as it is.
+    let r = gw
+        .deploy("plain", &common::echo_manifest("plain", "", ""))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let theirs = gw
+        .request(http::Method::GET, "/fn/plain/status/418", &[], "")
+        .await;
+    assert_eq!(theirs.status, 418);
+    assert_ne!(
+        theirs.header("content-type").as_deref(),
+        Some("application/json")
+    );
+}

@@ -12,6 +12,7 @@
 mod api;
 pub mod auth;
 mod comfy;
+mod control;
 pub mod error;
 mod history;
 mod images;
@@ -33,8 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, delete, get, post, put};
+use axum::routing::{any, get};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -122,75 +122,11 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))
         .route("/fn/{name}/{*rest}", any(invoke::invoke))
-        .route("/api/v1/gateway", get(api::gateway_info))
-        .route("/api/v1/nodes", get(api::list_nodes))
-        .route("/api/v1/nodes/join", post(nodes::join))
-        .route(crate::node::tunnel::TUNNEL_PATH, get(nodes::tunnel))
-        .route("/api/v1/nodes/{name}", delete(nodes::remove))
-        .route("/api/v1/nodes/{name}/{action}", post(nodes::act))
-        .route("/api/v1/volumes", get(volumes::list_volumes))
-        .route(
-            "/api/v1/nodes/{node}/volumes/{volume}/files/{*path}",
-            put(volumes::put_file).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/v1/tokens", post(nodes::create_token))
-        .route("/api/v1/functions", get(api::list_functions))
-        .route("/api/v1/functions/{name}/logs", get(logs::logs))
-        .route(
-            "/api/v1/functions/{name}",
-            put(api::put_function)
-                .get(api::get_function)
-                .delete(api::delete_function)
-                .layer(DefaultBodyLimit::max(api::MAX_MANIFEST_BYTES)),
-        )
-        .route(
-            "/api/v1/images",
-            get(images::get_image)
-                .post(images::build_image)
-                .layer(DefaultBodyLimit::max(images::MAX_CONTEXT_BYTES)),
-        )
-        .route(
-            "/api/v1/images/pull",
-            post(images::pull_image).layer(DefaultBodyLimit::max(api::MAX_MANIFEST_BYTES)),
-        )
-        .route(
-            "/api/v1/keys",
-            get(keys::list_keys)
-                .post(keys::create_key)
-                .layer(DefaultBodyLimit::max(keys::MAX_KEY_REQUEST_BYTES)),
-        )
-        .route("/api/v1/keys/{name}", delete(keys::revoke_key))
-        .route("/api/v1/registries", get(registries::list))
-        .route(
-            "/api/v1/registries/{host}",
-            put(registries::login)
-                .delete(registries::logout)
-                .layer(DefaultBodyLimit::max(registries::MAX_LOGIN_BYTES)),
-        )
-        .route("/api/v1/secrets", get(secrets::list_secrets))
-        .route(
-            "/api/v1/secrets/{name}",
-            put(secrets::set_secret)
-                .delete(secrets::remove_secret)
-                .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_BYTES)),
-        )
-        .merge(openai::routes())
-        .route(
-            "/api/v1/functions/{name}/jobs",
-            post(jobs::submit).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/v1/jobs", get(jobs::list))
-        .route("/api/v1/jobs/{id}", get(jobs::get))
+        // A job's result passes the function's answer through, whatever it is.
         .route("/api/v1/jobs/{id}/result", get(jobs::result))
-        .route("/api/v1/jobs/{id}/events", get(jobs::events))
-        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/v1/functions/{name}/queue", get(jobs::queue))
-        .route("/api/v1/functions/{name}/queue/purge", post(jobs::purge))
-        .route("/api/v1/invocations", get(history::invocations))
-        .route("/api/v1/usage", get(history::usage))
+        .merge(control::routes().layer(axum::middleware::from_fn(rejection::json_errors)))
+        .merge(openai::routes())
         .merge(comfy::routes())
-        .layer(axum::middleware::from_fn(rejection::json_errors))
         .layer(axum::middleware::from_fn(history::tag))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

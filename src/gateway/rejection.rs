@@ -3,8 +3,9 @@
 //! the JSON it must be, a query that does not parse, a body over the route's limit) gets
 //! axum's plain-text answer; on the control API this layer rewrites it as
 //! `{"error": {"code", "message"}}` with the same status, as every other error there is,
-//! so clients (and the OpenAPI document) see one error shape. Answers that pass a
-//! function's through (`/fn/`, the front doors, a job's result) are left alone.
+//! so clients (and the OpenAPI document) see one error shape. It wraps the control
+//! routes alone (`control.rs`): answers that pass a function's through (`/fn/`, the front
+//! doors, a job's result) never meet it.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -21,11 +22,10 @@ const MAX_MESSAGE: usize = 4096;
 
 /// The middleware.
 pub async fn json_errors(req: Request, next: Next) -> Response {
-    let api = req.uri().path().starts_with("/api/v1/") && !req.uri().path().ends_with("/result");
     let method = req.method().clone();
     let response = next.run(req).await;
     let status = response.status();
-    if !api || !(status.is_client_error()) || is_json(&response) {
+    if !status.is_client_error() || is_json(&response) {
         return response;
     }
     let (mut head, body) = response.into_parts();

@@ -291,7 +291,11 @@ impl Manifest {
             .secret_refs()
             .map(|(var, s)| (format!("env.{var}.secret"), s))
             .collect();
-        if let Some(s) = self.jobs.as_ref().and_then(|j| j.callback_secret.as_deref()) {
+        if let Some(s) = self
+            .jobs
+            .as_ref()
+            .and_then(|j| j.callback_secret.as_deref())
+        {
             named.push(("jobs.callback_secret".into(), s));
         }
         named
