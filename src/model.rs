@@ -144,7 +144,7 @@ impl std::fmt::Display for Sharing {
 }
 
 /// One device given to an instance.
-#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuAssignment {
     /// The physical GPU (`GPU-…`).
     pub gpu_uuid: String,
@@ -159,7 +159,7 @@ pub struct GpuAssignment {
 /// Secret values on their way to a container, by the variable they fill. They travel in
 /// the start call only; `Debug` shows the variable names, never a value, so a spec that
 /// ends up in a log line leaks nothing.
-#[derive(utoipa::ToSchema, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
 

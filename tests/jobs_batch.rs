@@ -84,10 +84,8 @@ async fn queued_jobs_go_in_few_batched_calls_and_each_keeps_its_own_result() {
         );
         let result = r.json();
         assert_eq!(result["input"]["n"], n, "job {n}'s own result: {result}");
-        assert!(
-            result["batch"].as_u64() > result["index"].as_u64(),
-            "{result}"
-        );
+        let (batch, index) = (result["batch"].as_u64(), result["index"].as_u64());
+        assert!(batch.unwrap() > index.unwrap(), "{result}");
     }
     let stats = gw.request(Method::GET, "/fn/batcher/stats", &[], "").await;
     let stats = stats.json();

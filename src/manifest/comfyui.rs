@@ -35,7 +35,7 @@ pub struct ComfyUi {
         with = "humantime_serde",
         skip_serializing_if = "is_default_keep"
     )]
-    #[schema(value_type = String, example = "30s")]
+    #[schema(value_type = String, example = "7d")]
     pub keep: Duration,
     /// Most bytes of outputs and uploads kept; beyond it the oldest prompts' go first.
     #[serde(

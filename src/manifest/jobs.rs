@@ -151,7 +151,7 @@ mod tests {
     }
 
     #[test]
-    fn jobs_concurrency_and_attempts_are_checked_and_default_keeps_revision_ids() {
+    fn jobs_concurrency_attempts_and_batch_are_checked_and_the_section_is_absent_unless_written() {
         let m = parse("concurrency = 2\nmax_attempts = 5").unwrap();
         let j = m.jobs.as_ref().unwrap();
         assert_eq!((j.concurrency, j.max_attempts), (Some(2), 5));
