@@ -1,33 +1,74 @@
 //! Keep-alive policies: how long an idle function's last instances stay warm, and whether
-//! to pre-warm one just before the next expected invocation.
+//! to unload at once and pre-warm one just before the next expected invocation.
 //!
-//! `Fixed` keeps instances for a set time. `Hybrid` follows the hybrid histogram policy of
-//! "Serverless in the Wild" (Shahrad et al., USENIX ATC 2020): a histogram of the idle gaps
-//! between a function's invocations (1-minute bins over 4 hours, about 1 KB) gives a
-//! pre-warm window (the gaps' 5th percentile, less a 10 % margin: unload right after an
-//! invocation and load again just before the next is expected) and a keep-alive window
-//! (up to the 99th percentile, plus 10 %). While the histogram is too thin, too flat to be
-//! telling, or most gaps fall beyond its range, it falls back to the fixed timeout.
+//! `Fixed` keeps instances for a set time. `Hybrid` (`keep_alive = "adaptive"`) starts from
+//! the hybrid histogram policy of "Serverless in the Wild" (Shahrad et al., USENIX ATC
+//! 2020): a histogram of the idle gaps between a function's invocations (1-minute bins over
+//! 4 hours, then 1-hour bins to a day; about 0.6 KB, halved whenever a bin would overflow,
+//! so older gaps weigh less). Where the paper takes fixed percentiles of it (the 5th to
+//! pre-warm, the 99th to keep alive), `Hybrid` prices its windows, so that it pays for
+//! itself:
 //!
-//! Decisions are cheap: the windows are recomputed only when a gap is recorded.
-//! The same functions drive the live reaper and the trace simulator
-//! (`examples/keepalive_sim.rs`).
+//! - **Price.** A cold start is worth `fallback` (the manifest's `idle_timeout`) of idle
+//!   instance time, plus the start itself. For every window the histogram allows (unload
+//!   at once; keep warm to the end of some bin; or unload and be ready again from the
+//!   start of some bin to the end of a later one), the idle time and loads it costs and
+//!   the cold starts it leaves are counted from the histogram; the cheapest wins. A
+//!   function whose gaps are spread like a Poisson process slower than the price is not
+//!   kept warm at all, a regular one is kept up to its last gap or pre-warmed.
+//! - **Start time.** `observe_start` learns how long the function takes to start (a GPU
+//!   model's load: seconds to a minute; fed by the activator when a start is ready); a
+//!   pre-warm begins that much (plus `MARGIN` of it and `SLACK`) ahead of the time the
+//!   instance should be ready, and every start is charged its length.
+//! - **Service level.** From when the function's own recent cold-start share (the gaps its
+//!   windows did not cover, over about `RECENT_GAPS`) rises above `SERVICE_LEVEL` until it
+//!   is back to `SERVICE_TARGET`, the cheapest window that would have left at most
+//!   `SERVICE_TARGET` (else `SERVICE_LEVEL`) of its gaps cold is taken instead, as long as
+//!   it costs at most `SERVICE_SPEND` times the cheapest: a function called every hour or
+//!   so is not left cold on almost every call, one called twice a day is.
+//!
+//! With fewer than `MIN_SAMPLES` gaps it falls back to the fixed `fallback`.
+//!
+//! Decisions are cheap: the windows are recomputed only when a gap or a start time is
+//! recorded, in time quadratic in the number of non-empty bins (one for a function called
+//! every few seconds). The same functions drive the live reaper and the trace simulator
+//! (`examples/keepalive_sim/`).
 
 use std::time::Duration;
 
-/// Bins of the idle-gap histogram.
+/// Fine bins of the idle-gap histogram: `BIN` wide, over the first 4 hours.
 pub const HISTOGRAM_BINS: usize = 240;
-/// Width of one bin.
+/// Width of one fine bin.
 pub const BIN: Duration = Duration::from_secs(60);
+/// Coarse bins after the fine ones: `LONG_BIN` wide, from 4 hours to a day.
+pub const LONG_BINS: usize = 20;
+/// Width of one coarse bin.
+pub const LONG_BIN: Duration = Duration::from_secs(3600);
+const ALL_BINS: usize = HISTOGRAM_BINS + LONG_BINS;
 /// Gaps needed before the histogram is trusted.
-pub const MIN_SAMPLES: u32 = 10;
-/// Coefficient of variation of the bin counts below which the histogram is too flat to
-/// predict anything.
-pub const CV_THRESHOLD: f64 = 2.0;
-/// Share of gaps beyond the histogram's range above which it is not used.
-pub const MAX_OUT_OF_BOUNDS: f64 = 0.5;
-/// Margin taken off the pre-warm window and added to the keep-alive window.
+pub const MIN_SAMPLES: u32 = 4;
+/// How early a pre-warmed instance is meant to be ready, for the reaper's tick.
+pub const SLACK: Duration = Duration::from_secs(5);
+/// Share of the start time by which a pre-warm begins earlier still, for starts that
+/// take longer than the estimate.
 pub const MARGIN: f64 = 0.10;
+/// Recent cold-start share above which the service level widens the windows.
+pub const SERVICE_LEVEL: f64 = 0.2;
+/// Share of the gaps the service level's windows may leave uncovered, and the recent
+/// share it lasts until: below `SERVICE_LEVEL`, so that the windows do not narrow again as
+/// soon as the share is back under it.
+pub const SERVICE_TARGET: f64 = 0.1;
+/// How many times the cheapest window's cost the service level may spend: enough to keep
+/// a function called every hour or two mostly warm, not one called a few times a day.
+pub const SERVICE_SPEND: f64 = 10.0;
+/// Gaps over which the recent cold-start share is taken (older ones count half, then a
+/// quarter, and so on).
+pub const RECENT_GAPS: u16 = 32;
+/// Gaps after which the windows are priced again even when no bin filled for the first
+/// time (a function called one request at a time records a gap on nearly every call).
+pub const RECOMPUTE_EVERY: u16 = 16;
+/// Weight of the newest start time in the running estimate.
+pub const START_WEIGHT: f64 = 0.25;
 
 /// What a policy decides for one function now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +76,22 @@ pub struct Windows {
     /// Time after the last invocation ends before an instance is loaded again; zero means
     /// "keep the instance instead of unloading it".
     pub prewarm: Duration,
-    /// How long an instance stays warm (after the invocation, or after pre-warming).
+    /// How long an instance stays warm (after the invocation, or once pre-warmed and
+    /// ready).
     pub keep_alive: Duration,
+}
+
+impl Windows {
+    /// Whether a call `gap` after the last invocation ended finds a ready instance, when a
+    /// start takes `start`.
+    pub fn covers(&self, gap: Duration, start: Duration) -> bool {
+        if self.prewarm.is_zero() {
+            gap < self.keep_alive
+        } else {
+            let ready = self.prewarm + start;
+            gap >= ready && gap < ready + self.keep_alive
+        }
+    }
 }
 
 /// A keep-alive policy for one function.
@@ -45,6 +100,8 @@ pub trait KeepAlive: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Records the idle gap between the end of one invocation and the start of the next.
     fn observe_gap(&mut self, gap: Duration);
+    /// Records how long a start took, from placement to ready.
+    fn observe_start(&mut self, _took: Duration) {}
     /// The windows to apply now.
     fn windows(&self) -> Windows;
 }
@@ -77,28 +134,57 @@ impl KeepAlive for Fixed {
     }
 }
 
-/// The hybrid histogram policy.
+/// The priced hybrid histogram policy.
 #[derive(Debug, Clone)]
 pub struct Hybrid {
-    bins: Box<[u32; HISTOGRAM_BINS]>,
+    /// Gaps per bin, fine then coarse; all halve when one would overflow, so older gaps
+    /// weigh less.
+    bins: Box<[u16; ALL_BINS]>,
+    /// Summed length in seconds of the gaps in the first bin, weighed like the bins: a
+    /// function called every few seconds is priced on its real gaps, not on half a bin.
+    first_secs: f64,
+    /// Gaps beyond the last bin, weighed like the bins.
+    beyond: u16,
+    /// Gaps recorded since the windows were last priced (see `RECOMPUTE_EVERY`).
+    unpriced: u16,
+    /// Gaps seen.
     samples: u32,
-    out_of_bounds: u32,
-    in_range: u64,
-    sum_squares: u64,
     fallback: Duration,
+    /// Running estimate of a start's length; zero until one is observed.
+    start: Duration,
+    /// Recent gaps, and those of them the windows did not cover (decayed together).
+    recent: u16,
+    recent_cold: u16,
+    /// Whether the service level applies (see `below_service_level`).
+    serving: bool,
     current: Windows,
 }
 
+/// One candidate window: be ready from the start of bin `from` (0: never unload) to the
+/// end of bin `to - 1`.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    from: usize,
+    to: usize,
+    cost: f64,
+    cold: f64,
+}
+
 impl Hybrid {
-    /// A policy that uses `fallback` as its fixed keep-alive until it has learned enough.
+    /// A policy that uses `fallback` as its fixed keep-alive until it has learned enough,
+    /// and as the price of a cold start.
     pub fn new(fallback: Duration) -> Hybrid {
         Hybrid {
-            bins: Box::new([0; HISTOGRAM_BINS]),
+            bins: Box::new([0; ALL_BINS]),
+            first_secs: 0.0,
+            beyond: 0,
+            unpriced: 0,
             samples: 0,
-            out_of_bounds: 0,
-            in_range: 0,
-            sum_squares: 0,
             fallback,
+            start: Duration::ZERO,
+            recent: 0,
+            recent_cold: 0,
+            serving: false,
             current: Windows {
                 prewarm: Duration::ZERO,
                 keep_alive: fallback,
@@ -106,43 +192,123 @@ impl Hybrid {
         }
     }
 
+    /// Whether the service level applies: from when the recent cold-start share rises
+    /// above `SERVICE_LEVEL` until it is down to `SERVICE_TARGET` again.
+    pub fn below_service_level(&self) -> bool {
+        self.serving
+    }
+
+    fn recent_share(&self) -> f64 {
+        f64::from(self.recent_cold) / f64::from(self.recent.max(1))
+    }
+
+    /// The running estimate of a start's length.
+    pub fn start_time(&self) -> Duration {
+        self.start
+    }
+
     fn recompute(&self) -> Windows {
-        let fallback = Windows {
-            prewarm: Duration::ZERO,
-            keep_alive: self.fallback,
+        if self.samples < MIN_SAMPLES {
+            return Windows {
+                prewarm: Duration::ZERO,
+                keep_alive: self.fallback,
+            };
+        }
+        self.choose(self.below_service_level())
+    }
+
+    /// The cheapest window; under the service level, the cheapest of those that would have
+    /// left at most `SERVICE_TARGET` (else `SERVICE_LEVEL`) of the gaps cold, if one costs
+    /// at most `SERVICE_SPEND` times the cheapest.
+    fn choose(&self, service: bool) -> Windows {
+        let (candidates, total) = self.candidates();
+        let cheapest = |ok: &dyn Fn(&Candidate) -> bool| {
+            candidates
+                .iter()
+                .filter(|c| ok(c))
+                // Of equal costs, the longer window: a tie is no reason to unload.
+                .min_by(|a, b| a.cost.total_cmp(&b.cost).then(b.to.cmp(&a.to)))
+                .copied()
         };
-        let in_range = self.in_range;
-        if self.samples < MIN_SAMPLES || in_range == 0 {
-            return fallback;
-        }
-        if f64::from(self.out_of_bounds) / f64::from(self.samples) > MAX_OUT_OF_BOUNDS {
-            return fallback;
-        }
-        // Mean and variance of the bin counts from running sums: O(1) per gap.
-        let n = HISTOGRAM_BINS as f64;
-        let mean = in_range as f64 / n;
-        let variance = (self.sum_squares as f64 / n - mean * mean).max(0.0);
-        if variance.sqrt() / mean < CV_THRESHOLD {
-            return fallback;
-        }
-        let percentile_bin = |p: f64| {
-            let target = (in_range as f64 * p).ceil().max(1.0) as u64;
-            let mut seen = 0u64;
-            for (i, &c) in self.bins.iter().enumerate() {
-                seen += u64::from(c);
-                if seen >= target {
-                    return i;
-                }
+        let priced = cheapest(&|_| true).expect("unloading at once is always a candidate");
+        let budget = priced.cost * SERVICE_SPEND;
+        let within = |share: f64| cheapest(&|c| c.cold <= share * total && c.cost <= budget);
+        let chosen = service
+            .then(|| within(SERVICE_TARGET).or_else(|| within(SERVICE_LEVEL)))
+            .flatten()
+            .unwrap_or(priced);
+        self.windows_of(chosen)
+    }
+
+    /// Every window worth pricing, priced. Ready-from and ready-until need only be tried
+    /// at bins that hold gaps: moving either across empty bins changes the cost, never the
+    /// gaps covered.
+    fn candidates(&self) -> (Vec<Candidate>, f64) {
+        let start = self.start.as_secs_f64();
+        let price = self.fallback.as_secs_f64() + start;
+        let edge = |i: usize| edge(i).as_secs_f64();
+        // count[i]: gaps in bins below i; time[i]: their summed length (bin middles).
+        let mut count = [0.0f64; ALL_BINS + 1];
+        let mut time = [0.0f64; ALL_BINS + 1];
+        let mut held = Vec::new();
+        for (i, &c) in self.bins.iter().enumerate() {
+            let c = f64::from(c);
+            count[i + 1] = count[i] + c;
+            let summed = if i == 0 {
+                self.first_secs
+            } else {
+                c * (edge(i) + edge(i + 1)) / 2.0
+            };
+            time[i + 1] = time[i] + summed;
+            if c > 0.0 {
+                held.push(i);
             }
-            HISTOGRAM_BINS - 1
-        };
-        let head = BIN * percentile_bin(0.05) as u32;
-        let tail = BIN * (percentile_bin(0.99) as u32 + 1);
-        let prewarm = head.mul_f64(1.0 - MARGIN);
-        let keep_alive = tail.mul_f64(1.0 + MARGIN).saturating_sub(prewarm);
+        }
+        let total = count[ALL_BINS] + f64::from(self.beyond);
+        let mut out = Vec::new();
+        let froms = std::iter::once(0).chain(held.iter().copied().filter(|&h| h > 0));
+        // A pre-warmed instance is ready this much ahead of the bin it is ready for.
+        let early = SLACK.as_secs_f64() + MARGIN * start;
+        for from in froms {
+            if from > 0 && edge(from) <= start + early {
+                continue;
+            }
+            // Unloading at once (0) is always there to fall back on.
+            let tos = std::iter::once(0).chain(held.iter().map(|&h| h + 1));
+            for to in tos.filter(|&t| t > from || t == from && from == 0) {
+                let (ready, until) = (edge(from), edge(to));
+                let covered = count[to] - count[from];
+                let late = total - count[to];
+                let cold = count[from] + late;
+                let mut idle = (time[to] - time[from]) - ready * covered + (until - ready) * late;
+                if from > 0 {
+                    // Every gap past the pre-warm pays a load, and its instance is ready
+                    // a little early.
+                    idle += (covered + late) * (start + early);
+                }
+                out.push(Candidate {
+                    from,
+                    to,
+                    cost: idle + cold * price,
+                    cold,
+                });
+            }
+        }
+        (out, total)
+    }
+
+    fn windows_of(&self, c: Candidate) -> Windows {
+        let until = edge(c.to);
+        if c.from == 0 {
+            return Windows {
+                prewarm: Duration::ZERO,
+                keep_alive: until,
+            };
+        }
+        let ready = edge(c.from).saturating_sub(SLACK + self.start.mul_f64(MARGIN));
         Windows {
-            prewarm,
-            keep_alive: keep_alive.max(BIN),
+            prewarm: ready.saturating_sub(self.start).max(Duration::from_secs(1)),
+            keep_alive: until.saturating_sub(ready),
         }
     }
 }
@@ -153,23 +319,75 @@ impl KeepAlive for Hybrid {
     }
 
     fn observe_gap(&mut self, gap: Duration) {
-        self.samples = self.samples.saturating_add(1);
-        let bin = (gap.as_secs() / BIN.as_secs()) as usize;
-        match self.bins.get_mut(bin) {
-            Some(count) if *count < u32::MAX => {
-                self.sum_squares += 2 * u64::from(*count) + 1;
-                self.in_range += 1;
-                *count += 1;
-            }
-            Some(_) => {}
-            None => self.out_of_bounds = self.out_of_bounds.saturating_add(1),
+        let missed = !self.current.covers(gap, self.start);
+        self.recent += 1;
+        self.recent_cold += u16::from(missed);
+        if self.recent >= RECENT_GAPS {
+            self.recent /= 2;
+            self.recent_cold /= 2;
         }
+        let share = self.recent_share();
+        let was_serving = self.serving;
+        self.serving = share > SERVICE_LEVEL || (self.serving && share > SERVICE_TARGET);
+        self.samples = self.samples.saturating_add(1);
+        let at = bin_of(gap);
+        let full = at.map_or(self.beyond, |i| self.bins[i]) == u16::MAX;
+        if full {
+            self.bins.iter_mut().for_each(|c| *c /= 2);
+            self.first_secs /= 2.0;
+            self.beyond /= 2;
+        }
+        let new_bin = at.is_some_and(|i| self.bins[i] == 0);
+        match at {
+            Some(i) => self.bins[i] += 1,
+            None => self.beyond += 1,
+        }
+        if at == Some(0) {
+            self.first_secs += gap.as_secs_f64();
+        }
+        // Pricing walks every pair of non-empty bins, under the function's lock: done when
+        // the histogram's shape changes (a bin fills for the first time, the service level
+        // turns, the first gaps) and every `RECOMPUTE_EVERY` gaps otherwise.
+        self.unpriced += 1;
+        let serving = self.serving != was_serving;
+        if new_bin || serving || self.samples <= MIN_SAMPLES || self.unpriced >= RECOMPUTE_EVERY {
+            self.unpriced = 0;
+            self.current = self.recompute();
+        }
+    }
+
+    fn observe_start(&mut self, took: Duration) {
+        self.start = if self.start.is_zero() {
+            took
+        } else {
+            self.start
+                .mul_f64(1.0 - START_WEIGHT)
+                .saturating_add(took.mul_f64(START_WEIGHT))
+        };
         self.current = self.recompute();
     }
 
     fn windows(&self) -> Windows {
         self.current
     }
+}
+
+/// Lower edge of bin `i` (`ALL_BINS`: the end of the last).
+fn edge(i: usize) -> Duration {
+    match i.checked_sub(HISTOGRAM_BINS) {
+        None => BIN * i as u32,
+        Some(long) => BIN * HISTOGRAM_BINS as u32 + LONG_BIN * long as u32,
+    }
+}
+
+/// The bin a gap falls in; none past the last.
+fn bin_of(gap: Duration) -> Option<usize> {
+    let fine = (gap.as_secs() / BIN.as_secs()) as usize;
+    if fine < HISTOGRAM_BINS {
+        return Some(fine);
+    }
+    let long = ((gap - edge(HISTOGRAM_BINS)).as_secs() / LONG_BIN.as_secs()) as usize;
+    (long < LONG_BINS).then_some(HISTOGRAM_BINS + long)
 }
 
 /// How long an instance may stay idle before it is retired, `since_end` after the
@@ -189,100 +407,4 @@ pub fn prewarm_due(w: &Windows, since_end: Duration) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn minutes(m: u64) -> Duration {
-        Duration::from_secs(60 * m)
-    }
-
-    #[test]
-    fn fixed_keeps_instances_for_its_timeout_and_never_prewarms() {
-        let mut f = Fixed::new(minutes(10));
-        f.observe_gap(minutes(3));
-        assert_eq!(
-            f.windows(),
-            Windows {
-                prewarm: Duration::ZERO,
-                keep_alive: minutes(10)
-            }
-        );
-    }
-
-    #[test]
-    fn hybrid_falls_back_until_it_has_enough_gaps() {
-        let mut h = Hybrid::new(minutes(10));
-        for _ in 0..(MIN_SAMPLES - 1) {
-            h.observe_gap(minutes(30));
-        }
-        assert_eq!(h.windows().keep_alive, minutes(10));
-        assert!(h.windows().prewarm.is_zero());
-    }
-
-    #[test]
-    fn a_periodic_function_is_unloaded_then_prewarmed_just_before_its_next_call() {
-        let mut h = Hybrid::new(minutes(10));
-        for _ in 0..20 {
-            h.observe_gap(minutes(30) + Duration::from_secs(10));
-        }
-        let w = h.windows();
-        assert!(w.prewarm > minutes(25) && w.prewarm < minutes(30), "{w:?}");
-        assert!(
-            w.prewarm + w.keep_alive > minutes(31),
-            "covers the next call: {w:?}"
-        );
-        assert_eq!(
-            idle_threshold(&w, minutes(1)),
-            Duration::ZERO,
-            "unload after the call"
-        );
-        assert!(!prewarm_due(&w, minutes(20)));
-        assert!(prewarm_due(&w, minutes(29)));
-        assert!(!prewarm_due(&w, minutes(40)));
-    }
-
-    #[test]
-    fn frequent_short_gaps_keep_the_instance_without_prewarming() {
-        let mut h = Hybrid::new(minutes(10));
-        for _ in 0..50 {
-            h.observe_gap(Duration::from_secs(20));
-        }
-        let w = h.windows();
-        assert!(w.prewarm.is_zero(), "{w:?}");
-        assert!(
-            w.keep_alive <= minutes(2),
-            "much shorter than the fixed 10: {w:?}"
-        );
-    }
-
-    #[test]
-    fn gaps_beyond_the_range_fall_back_to_fixed() {
-        let mut h = Hybrid::new(minutes(10));
-        for _ in 0..20 {
-            h.observe_gap(minutes(600));
-        }
-        assert_eq!(h.windows().keep_alive, minutes(10));
-    }
-
-    #[test]
-    fn running_sums_match_a_full_recount() {
-        let mut h = Hybrid::new(minutes(10));
-        for i in 0..500u64 {
-            h.observe_gap(Duration::from_secs((i * 37) % 3000));
-        }
-        let counted: u64 = h.bins.iter().map(|&c| u64::from(c)).sum();
-        let squares: u64 = h.bins.iter().map(|&c| u64::from(c) * u64::from(c)).sum();
-        assert_eq!(h.in_range, counted);
-        assert_eq!(h.sum_squares, squares);
-    }
-
-    #[test]
-    fn the_policy_state_stays_about_a_kilobyte() {
-        let h = Hybrid::new(minutes(10));
-        let bytes = std::mem::size_of_val(&h) + std::mem::size_of_val(&*h.bins);
-        assert!(
-            bytes <= 1100,
-            "a function's keep-alive state takes {bytes} bytes"
-        );
-    }
-}
+mod tests;

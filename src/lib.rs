@@ -24,7 +24,7 @@
 //! - [`activator`]: per-function queues, permits, cold starts, retirement, adoption.
 //! - [`autoscaler`]: scaling decisions, pure (the reaper that applies them is the
 //!   activator's).
-//! - [`keepalive`]: keep-alive policies, fixed and adaptive (hybrid histogram).
+//! - [`keepalive`]: keep-alive policies, fixed and adaptive (a priced hybrid histogram).
 //! - [`readiness`]: probing new instances.
 //! - [`invoke`]: the invoke core: acquire, forward, retry what was not delivered; each
 //!   call's trace (its history record and `Ember-*` headers).
