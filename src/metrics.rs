@@ -137,10 +137,10 @@ impl Metrics {
             request_seconds: histogram(&r, "ember_request_duration_seconds", "Time from a request's arrival to its response head, queue wait included.", &["function"], REQUEST_BUCKETS),
             queue_wait_seconds: histogram(&r, "ember_queue_wait_seconds", "Time a request waited for an instance.", &["function"], REQUEST_BUCKETS),
             cold_starts: counter(&r, "ember_cold_starts_total", "Instance starts, by function, node and outcome (ready, failed).", &["function", "node", "outcome"]),
-            cold_start_seconds: histogram(&r, "ember_cold_start_seconds", "Time of each phase of a start: schedule (placement), pull (the image to the node), create (container created and started), ready (until its readiness probe passed).", &["function", "phase"], START_BUCKETS),
+            cold_start_seconds: histogram(&r, "ember_cold_start_seconds", "Time of each phase of a start: schedule (placement), pull (the image brought to a node that lacked it; no sample when it was there), create (container created and started), ready (until its readiness probe passed).", &["function", "phase"], START_BUCKETS),
             queued: gauge(&r, "ember_queued_requests", "Requests waiting for an instance, by function.", &["function"]),
             in_flight: gauge(&r, "ember_in_flight_requests", "Requests being served, by function.", &["function"]),
-            instances: gauge(&r, "ember_instances", "Instances by function and state (starting, ready, paused, draining).", &["function", "state"]),
+            instances: gauge(&r, "ember_instances", "Instances by function and state (starting, ready, paused, parked, draining).", &["function", "state"]),
             desired: gauge(&r, "ember_desired_instances", "Instances the autoscaler wants, by function.", &["function"]),
             gateway_queued,
             gateway_queued_bytes,
@@ -162,10 +162,10 @@ impl Metrics {
 
     /// A timer for one request of `function`; record its outcome with
     /// [`RequestTimer::finish`] (dropped unfinished, it counts as `code="aborted"`).
-    pub fn request(&self, function: &str) -> RequestTimer<'_> {
+    pub fn request<'a>(&'a self, function: &'a str) -> RequestTimer<'a> {
         RequestTimer {
             metrics: self,
-            function: function.to_string(),
+            function,
             began: Instant::now(),
             outcome: None,
         }
@@ -355,33 +355,30 @@ pub struct GpuGauge {
 /// Times one request; counts it when finished or dropped.
 pub struct RequestTimer<'a> {
     metrics: &'a Metrics,
-    function: String,
+    function: &'a str,
     began: Instant,
-    outcome: Option<(String, bool)>,
+    outcome: Option<(&'a str, bool)>,
 }
 
-impl RequestTimer<'_> {
+impl<'a> RequestTimer<'a> {
     /// The request's outcome: its status code or Ember's error code, and whether it waited
-    /// for a cold start.
-    pub fn finish(mut self, code: impl Into<String>, cold: bool) {
-        self.outcome = Some((code.into(), cold));
+    /// for a cold start. Borrowed: every request has one, and none needs a copy.
+    pub fn finish(mut self, code: &'a str, cold: bool) {
+        self.outcome = Some((code, cold));
     }
 }
 
 impl Drop for RequestTimer<'_> {
     fn drop(&mut self) {
-        let (code, cold) = self
-            .outcome
-            .take()
-            .unwrap_or_else(|| ("aborted".into(), false));
+        let (code, cold) = self.outcome.take().unwrap_or(("aborted", false));
         let cold = if cold { "true" } else { "false" };
         self.metrics
             .requests
-            .with_label_values(&[&self.function, &code, cold])
+            .with_label_values(&[self.function, code, cold])
             .inc();
         self.metrics
             .request_seconds
-            .with_label_values(&[&self.function])
+            .with_label_values(&[self.function])
             .observe(self.began.elapsed().as_secs_f64());
     }
 }

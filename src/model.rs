@@ -29,6 +29,12 @@ pub enum Phase {
     Paused,
     /// Being thawed.
     Resuming,
+    /// Being stopped, its container kept.
+    Parking,
+    /// Stopped, its container kept; started again by the next request that needs it.
+    Parked,
+    /// Its container being started again and probed.
+    Unparking,
     /// Being removed.
     Stopping,
 }
@@ -41,20 +47,36 @@ impl Phase {
 
     /// Whether it counts toward the function's capacity when deciding to scale.
     pub fn counts_as_capacity(self) -> bool {
-        matches!(self, Phase::Starting | Phase::Ready | Phase::Resuming)
+        matches!(
+            self,
+            Phase::Starting | Phase::Ready | Phase::Resuming | Phase::Unparking
+        )
     }
 
     /// Whether it serves now or soon will: starting, ready, or in the warm tier.
     pub fn will_serve(self) -> bool {
-        matches!(
-            self,
-            Phase::Starting | Phase::Ready | Phase::Pausing | Phase::Paused | Phase::Resuming
-        )
+        matches!(self, Phase::Starting | Phase::Ready) || self.is_idle_tier()
     }
 
     /// Whether it is in the warm tier (pausing, paused or resuming).
     pub fn is_warm_tier(self) -> bool {
         matches!(self, Phase::Pausing | Phase::Paused | Phase::Resuming)
+    }
+
+    /// Whether it is in the stopped tier (parking, parked or unparking).
+    pub fn is_stopped_tier(self) -> bool {
+        matches!(self, Phase::Parking | Phase::Parked | Phase::Unparking)
+    }
+
+    /// Whether it is in either tier an idle instance may wait in.
+    pub fn is_idle_tier(self) -> bool {
+        self.is_warm_tier() || self.is_stopped_tier()
+    }
+
+    /// Whether it waits in a tier, neither entering nor leaving it: what a request may
+    /// wake, and what `pause_timeout` or an eviction removes.
+    pub fn is_kept_idle(self) -> bool {
+        matches!(self, Phase::Paused | Phase::Parked)
     }
 
     /// Whether it may move to `next`.
@@ -73,6 +95,13 @@ impl Phase {
                 | (Paused, Stopping)
                 | (Resuming, Ready)
                 | (Resuming, Stopping)
+                | (Ready, Parking)
+                | (Parking, Parked)
+                | (Parking, Stopping)
+                | (Parked, Unparking)
+                | (Parked, Stopping)
+                | (Unparking, Ready)
+                | (Unparking, Stopping)
                 | (Draining, Stopping)
         )
     }

@@ -269,10 +269,10 @@ async fn the_cli_deploys_a_folder_building_its_image_then_lists_and_invokes() {
         .find(|l| l.starts_with("echo "))
         .expect("echo listed");
     let cols: Vec<&str> = row.split_whitespace().collect();
-    // DESIRED READY STARTING PAUSED IN-FLIGHT QUEUED STARTS STATUS
+    // DESIRED READY STARTING PAUSED PARKED IN-FLIGHT QUEUED STARTS STATUS
     assert_eq!(
-        &cols[3..10],
-        ["1", "0", "0", "0", "0", "1", "ok"],
+        &cols[3..11],
+        ["1", "0", "0", "0", "0", "0", "1", "ok"],
         "{table}"
     );
 

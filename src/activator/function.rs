@@ -1,27 +1,24 @@
 //! One function's live state: its instances, its queue of waiting requests, its start
-//! failures, and the permits that hand a request to an instance.
+//! failures; the permits that hand a request to an instance are in permit.rs.
 //!
 //! Everything here runs under the function's mutex, which is never held across an
 //! `.await`. Permits release their slot on drop, whatever path the request took.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::instance::Instance;
+use super::permit::Permit;
 use super::routing::{self, Candidate};
 use super::{AcquireError, Revision, StartFault};
 use crate::autoscaler::Scaler;
 use crate::keepalive::{Fixed, Hybrid, KeepAlive};
 use crate::manifest::KeepAliveKind;
 use crate::model::Phase;
-use crate::node::Node;
-use crate::scheduler::InFlight;
 
 /// First pause after a failed start; doubles with each consecutive failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -168,7 +165,8 @@ impl Function {
         st: &mut FnState,
         route: Option<u64>,
     ) -> Option<Permit> {
-        let current = st.revision.id.clone();
+        let current = st.revision.clone();
+        let current = current.id.as_str();
         let serving = |i: &Instance| i.phase.can_serve() && i.reservation.node().reachable();
         let routed = route.and_then(|key| {
             let tier: Vec<usize> = (0..st.instances.len())
@@ -210,24 +208,7 @@ impl Function {
         if inst.in_flight == 1 {
             inst.meter.busy(Instant::now());
         }
-        Some(self.permit(inst, true))
-    }
-
-    /// A permit on a ready instance; `armed`: it holds a slot, given back on drop.
-    fn permit(self: &Arc<Self>, inst: &Instance, armed: bool) -> Permit {
-        Permit {
-            function: self.clone(),
-            instance: inst.id.clone(),
-            endpoint: inst.endpoint.expect("ready instances have an endpoint"),
-            node: inst.reservation.node().clone(),
-            container_id: inst.container_id.clone().unwrap_or_default(),
-            retired: inst.retired.token().clone(),
-            revision: inst.revision.clone(),
-            devices: inst.meter.devices().clone(),
-            _in_flight: inst.reservation.track_request(),
-            armed,
-            cold: false,
-        }
+        Some(Permit::new(self.clone(), inst, true))
     }
 
     /// A permit on a ready instance with a free slot, without waiting or starting one.
@@ -271,7 +252,7 @@ impl Function {
             .iter()
             .filter(|i| i.phase.can_serve() && i.reservation.node().reachable())
             .min_by_key(|i| (i.evacuating, &i.revision.id != current, i.in_flight))?;
-        Some(self.permit(inst, false))
+        Some(Permit::new(self.clone(), inst, false))
     }
 
     /// Removes a waiter that gave up (timeout or client gone).
@@ -282,7 +263,7 @@ impl Function {
         }
     }
 
-    fn release(self: &Arc<Self>, instance: &str) {
+    pub(super) fn release(self: &Arc<Self>, instance: &str) {
         let mut st = self.lock();
         release_slot(&mut st, instance);
         if st
@@ -296,7 +277,7 @@ impl Function {
     }
 }
 
-fn release_slot(st: &mut FnState, instance: &str) {
+pub(super) fn release_slot(st: &mut FnState, instance: &str) {
     let now = Instant::now();
     if let Some(inst) = st.instances.iter_mut().find(|i| i.id == instance) {
         inst.in_flight = inst.in_flight.saturating_sub(1);
@@ -325,12 +306,9 @@ impl FnState {
     /// Whether some instance serves or soon will: starting, ready, paused or resuming, of
     /// any revision. Without one, a failed start leaves waiting requests nothing to wait for.
     pub fn can_serve_soon(&self) -> bool {
-        self.instances.iter().any(|i| {
-            matches!(
-                i.phase,
-                Phase::Starting | Phase::Ready | Phase::Pausing | Phase::Paused | Phase::Resuming
-            )
-        })
+        self.instances
+            .iter()
+            .any(|i| matches!(i.phase, Phase::Starting | Phase::Ready) || i.phase.is_idle_tier())
     }
 
     /// Whether a failed start forbids a new attempt now.
@@ -366,7 +344,7 @@ impl FnState {
                 i.revision.id == self.revision.id
                     && !i.evacuating
                     && (i.phase.counts_as_capacity()
-                        || (i.phase == Phase::Pausing && i.resume_wanted))
+                        || (matches!(i.phase, Phase::Pausing | Phase::Parking) && i.resume_wanted))
             })
             .count()
     }
@@ -394,101 +372,6 @@ impl FnState {
 pub fn backoff(consecutive: u32) -> Duration {
     let factor = 1u32 << consecutive.saturating_sub(1).min(16);
     (BACKOFF_BASE * factor).min(BACKOFF_MAX)
-}
-
-/// The right to send one request to one instance. Dropping it frees the slot, updates
-/// the instance's last use, and hands the slot to the next queued request.
-pub struct Permit {
-    function: Arc<Function>,
-    instance: String,
-    endpoint: SocketAddr,
-    node: Arc<dyn Node>,
-    container_id: String,
-    retired: CancellationToken,
-    revision: Arc<Revision>,
-    devices: Arc<[String]>,
-    _in_flight: InFlight,
-    armed: bool,
-    cold: bool,
-}
-
-impl Permit {
-    /// Where to send the request.
-    pub fn endpoint(&self) -> SocketAddr {
-        self.endpoint
-    }
-
-    /// The instance id.
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
-    /// The node running the instance.
-    pub fn node(&self) -> &Arc<dyn Node> {
-        &self.node
-    }
-
-    /// The container id on that node.
-    pub fn container_id(&self) -> &str {
-        &self.container_id
-    }
-
-    /// Cancelled when the instance leaves service (drains, stops, is removed or lost):
-    /// whatever holds the permit past one response (an upgraded connection) ends then.
-    pub fn retired(&self) -> &CancellationToken {
-        &self.retired
-    }
-
-    /// The revision of the instance.
-    pub fn revision(&self) -> &str {
-        &self.revision.id
-    }
-
-    /// The GPU slots (GPU or MIG uuids) the instance holds.
-    pub fn devices(&self) -> &[String] {
-        &self.devices
-    }
-
-    /// Whether its request waited for an instance to start (or resume).
-    pub fn cold(&self) -> bool {
-        self.cold
-    }
-
-    pub(super) fn set_cold(&mut self, cold: bool) {
-        self.cold = cold;
-    }
-
-    /// The function the permit is for.
-    pub(super) fn function(&self) -> &Arc<Function> {
-        &self.function
-    }
-
-    /// Gives the slot back under a lock the caller holds (dropping the permit would take
-    /// that lock again), without handing it on: the caller dispatches.
-    pub(super) fn disarm(mut self, st: &mut FnState) {
-        if self.armed {
-            self.armed = false;
-            release_slot(st, &self.instance);
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if self.armed {
-            self.function.release(&self.instance);
-        }
-    }
-}
-
-impl std::fmt::Debug for Permit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit")
-            .field("function", &self.function.name)
-            .field("instance", &self.instance)
-            .field("endpoint", &self.endpoint)
-            .finish()
-    }
 }
 
 #[cfg(test)]

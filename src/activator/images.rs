@@ -1,4 +1,6 @@
-//! Images on nodes: before a container starts, its image is made present on its node.
+//! Images on nodes: a start creates its container at once, and only when the node says
+//! the image is missing is it made present there (a start that finds its image, the usual
+//! one, costs the engine no image lookup):
 //!
 //! - An image that names its registry (`HOST/team/sd:1.2`) is pulled there, with the
 //!   registry's login when `ember registry login HOST` stored one; if the pull fails and
@@ -22,7 +24,7 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::Activator;
+use super::{Activator, Function};
 use crate::node::{Node, NodeError};
 use crate::runtime::{names_registry, registry_host, ImageProgress, RegistryAuth, RuntimeError};
 
@@ -129,6 +131,36 @@ impl Drop for Hold<'_> {
         if Arc::strong_count(&self.supply) == 2 {
             map.remove(&self.key);
         }
+    }
+}
+
+impl Activator {
+    /// Brings instance `id`'s image to its node (pulled, or copied from a node that has
+    /// it); waiting requests keep waiting, and `ember ls` shows how far it has got. `None`:
+    /// the instance was removed (or replaced) meanwhile, and the pull or copy it drove
+    /// ended with it (the next start that needs the image begins again).
+    pub(super) async fn bring_image(
+        &self,
+        f: &Function,
+        id: &str,
+        node: &Arc<dyn Node>,
+        image: &str,
+    ) -> Option<Result<(), NodeError>> {
+        let retired = super::start::retired_token(f, id)?;
+        let _pulling = self.inner.ledger.metrics.phase(f.name(), "pull");
+        let got = tokio::select! {
+            got = self.ensure_image(node, image, |meter| set_image_meter(f, id, Some(meter))) => got,
+            () = retired.cancelled() => return None,
+        };
+        set_image_meter(f, id, None);
+        Some(got)
+    }
+}
+
+fn set_image_meter(f: &Function, id: &str, meter: Option<Arc<super::ImageMeter>>) {
+    let mut st = f.lock();
+    if let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) {
+        inst.image = meter;
     }
 }
 

@@ -167,7 +167,7 @@ impl Instance {
         }
         self.last_used = now;
         self.ready_at = now;
-        if phase == Phase::Paused {
+        if phase.is_kept_idle() {
             self.paused_at = Some(now);
             self.meter.paused();
         }

@@ -1,7 +1,8 @@
 //! The activator: turns "a request for function F" into "a permit on a ready instance of F",
 //! cold-starting instances when there is none free.
 //!
-//! It owns the live state of every function (`function.rs`), the instance lifecycle
+//! It owns the live state of every function (`function.rs`) and the permits it hands out
+//! (`permit.rs`), the instance lifecycle
 //! (`instance.rs`), deploys and removals (`deploy.rs`), cold starts (`start.rs`), the
 //! warm tier (`tiers.rs`), the reaper that retires idle and draining instances
 //! (`reap.rs`), what node changes do to instances (`nodes.rs`), adopting containers after
@@ -22,6 +23,7 @@ mod logs;
 mod meter;
 mod models;
 mod nodes;
+mod permit;
 pub mod reap;
 mod restore;
 mod routing;
@@ -44,10 +46,11 @@ use tokio_util::task::TaskTracker;
 
 pub use deploy::DeployOutcome;
 pub use errors::{AcquireError, ActivatorError, StartFault};
-pub use function::{backoff, Failure, Function, Permit, BACKOFF_BASE, BACKOFF_MAX};
+pub use function::{backoff, Failure, Function, BACKOFF_BASE, BACKOFF_MAX};
 pub use images::{ImageAction, ImageMeter, ImageStatus};
 pub use instance::InstanceStatus;
 pub use logs::{LogEvent, LogQuery, KEEP_BYTES, KEEP_READ_TIMEOUT};
+pub use permit::Permit;
 pub use reap::run as run_reaper;
 pub use restore::ReconcileGuard;
 pub use routing::fnv1a;
@@ -270,7 +273,9 @@ impl Activator {
             let cold = st.instances.iter().any(|i| {
                 matches!(
                     i.phase,
-                    crate::model::Phase::Starting | crate::model::Phase::Resuming
+                    crate::model::Phase::Starting
+                        | crate::model::Phase::Resuming
+                        | crate::model::Phase::Unparking
                 )
             });
             (rx, id, m.queue.timeout, buffered, cold)

@@ -129,11 +129,11 @@ impl Activator {
             min: scale.min,
             demand,
         };
-        let (pause, mut stop): (Vec<usize>, Vec<usize>) = autoscaler::retire(&views, policy)
+        let (keep, mut stop): (Vec<usize>, Vec<usize>) = autoscaler::retire(&views, policy)
             .into_iter()
             .partition(|&idx| {
                 let i = &st.instances[idx];
-                scale.on_idle == OnIdle::Pause
+                scale.on_idle != OnIdle::Stop
                     && i.phase == Phase::Ready
                     && i.revision.id == current
                     && !i.evacuating
@@ -142,11 +142,11 @@ impl Activator {
             let expired = i
                 .paused_at
                 .is_some_and(|t| now.saturating_duration_since(t) >= scale.pause_timeout);
-            (i.phase == Phase::Paused && (expired || i.revision.id != current || i.evacuating))
+            (i.phase.is_kept_idle() && (expired || i.revision.id != current || i.evacuating))
                 .then_some(idx)
         }));
-        for idx in pause {
-            self.pause_instance(f, st, idx);
+        for idx in keep {
+            self.set_aside(f, st, idx, scale.on_idle);
         }
         let victims = take_victims(&mut st.instances, &stop);
         // What waiting and running requests need now, and while traffic asks for it, what
@@ -322,7 +322,7 @@ impl Activator {
         let mut oldest: Option<(Arc<Function>, String, Instant)> = None;
         for f in self.functions() {
             let st = f.lock();
-            for i in st.instances.iter().filter(|i| i.phase == Phase::Paused) {
+            for i in st.instances.iter().filter(|i| i.phase.is_kept_idle()) {
                 if oldest.as_ref().is_some_and(|(_, _, t)| i.last_used >= *t) {
                     continue;
                 }
@@ -342,7 +342,7 @@ impl Activator {
             let Some(idx) = st
                 .instances
                 .iter()
-                .position(|i| i.id == id && i.phase == Phase::Paused)
+                .position(|i| i.id == id && i.phase.is_kept_idle())
             else {
                 return false;
             };

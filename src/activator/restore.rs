@@ -3,7 +3,9 @@
 //!
 //! A container is adopted when its labels name a deployed function and a known revision,
 //! the store has a record of its instance, it runs, its GPUs are still in the node's
-//! inventory, and it passes one readiness probe. A container of the current revision that
+//! inventory, and it passes one readiness probe; a stopped one of a function that parks
+//! its idle instances (`on_idle = "park"`) is adopted as parked, to be started again and
+//! probed when a request needs it. A container of the current revision that
 //! was still starting (its record has no ready time: a model loading) and is within its
 //! start timeout is adopted as starting, and its start goes on for what is left of that
 //! timeout: a restart during a long load does not throw the load away. Every other
@@ -21,6 +23,7 @@ use tokio::time::Instant;
 use super::instance::Instance;
 use super::start::ResumedStart;
 use super::{Activator, ActivatorError, Function, Revision};
+use crate::manifest::OnIdle;
 use crate::model::Phase;
 use crate::node::{ManagedContainer, Node};
 use crate::readiness;
@@ -151,10 +154,9 @@ impl Activator {
             }
             let record = records.remove(&c.instance);
             let gpus_present = c.gpus.iter().all(|g| devices.contains(&g.device_id));
-            let adoptable = if record.is_some() && gpus_present {
-                self.adoptable(node.as_ref(), &c).await
-            } else {
-                None
+            let adoptable = match &record {
+                Some(r) if gpus_present => self.adoptable(node.as_ref(), &c, r).await,
+                _ => None,
             };
             let started_ms = record.as_ref().map_or(0, |r| r.started_ms);
             let adopted_now = adoptable.is_some_and(|(f, revision)| {
@@ -230,7 +232,9 @@ impl Activator {
         if st.removed {
             return false;
         }
-        let phase = if c.paused {
+        let phase = if !c.running {
+            Phase::Parked
+        } else if c.paused {
             Phase::Paused
         } else if inst.revision.id != st.revision.id {
             Phase::Draining
@@ -239,7 +243,7 @@ impl Activator {
         };
         st.instances.push(inst.adopted(phase, Instant::now()));
         f.dispatch(&mut st);
-        tracing::info!(function = %c.function, instance = %c.instance, node = %node.name(), "adopted running container");
+        tracing::info!(function = %c.function, instance = %c.instance, node = %node.name(), ?phase, "adopted container");
         true
     }
 
@@ -298,10 +302,8 @@ impl Activator {
         &self,
         node: &dyn Node,
         c: &ManagedContainer,
+        record: &InstanceRecord,
     ) -> Option<(Arc<Function>, Arc<Revision>)> {
-        if !c.running {
-            return None;
-        }
         let f = self.function(&c.function)?;
         let current = f.revision();
         let revision = if current.id == c.revision {
@@ -313,6 +315,14 @@ impl Activator {
                 manifest: Arc::new(rev.manifest),
             })
         };
+        if !c.running {
+            // Parked (stopped, kept): it is started again, and probed, when a request
+            // needs it. Only one that was ready once: a container that stopped while it
+            // was still starting is not a parked instance (one that crashed after it was
+            // ready is found out by its first restart, which fails and is replaced).
+            let parked = revision.manifest.scale.on_idle == OnIdle::Park && record.ready_ms > 0;
+            return parked.then_some((f, revision));
+        }
         let endpoint = c.endpoint?;
         if c.paused {
             // Frozen: it cannot answer a probe, and will be probed by use once resumed.

@@ -152,12 +152,12 @@ impl Activator {
         let began = tokio::time::Instant::now();
         let mut container = None;
         match self.start_container(&start, &mut container).await {
-            Ok(started) => {
+            Ok((started, loading)) => {
                 let elapsed_ms = began.elapsed().as_millis() as u64;
                 tracing::info!(elapsed_ms, endpoint = %started.endpoint, "instance ready");
                 let metrics = &self.inner.ledger.metrics;
                 metrics.start_ended(start.f.name(), start.node.name(), "ready");
-                self.on_ready(&start, started).await;
+                self.on_ready(&start, started, Some(loading)).await;
             }
             Err(StartError::Cancelled) => {
                 if let Some(cid) = container {
@@ -221,7 +221,8 @@ impl Activator {
                         loading_ms = elapsed.as_millis() as u64 + left.as_millis() as u64,
                         "instance ready after the restart"
                     );
-                    this.on_ready(&start, started).await;
+                    // Its length spans the restart: not one the keep-alive can learn from.
+                    this.on_ready(&start, started, None).await;
                 }
                 Err(e) => this.on_failure(&start, Some(cid), e.into()).await,
             }
@@ -237,13 +238,15 @@ impl Activator {
         );
     }
 
-    /// Creates and starts the container, then waits until it is ready. `container` is set
-    /// as soon as there is one, so a failure can read its output and remove it.
+    /// Creates and starts the container, then waits until it is ready; with it, how long
+    /// that took once the image was on the node (what the keep-alive policy learns: a
+    /// pull is paid once per node, a load on every start). `container` is set as soon as
+    /// there is one, so a failure can read its output and remove it.
     async fn start_container(
         &self,
         start: &Start,
         container: &mut Option<String>,
-    ) -> Result<Started, StartError> {
+    ) -> Result<(Started, Duration), StartError> {
         let spec = InstanceSpec {
             function: start.f.name().to_string(),
             revision: start.revision.id.clone(),
@@ -252,26 +255,26 @@ impl Activator {
             gpus: start.gpus.clone(),
             secrets: self.secret_env(&start.revision.manifest)?,
         };
-        // A node without the image gets it first (pulled, or copied from a node that has
-        // it); waiting requests keep waiting, and `ember ls` shows how far it has got.
-        let image = start.revision.manifest.image.as_deref().unwrap_or_default();
-        let Some(retired) = retired_token(&start.f, &start.id) else {
-            return Err(StartError::Cancelled);
+        // How long the start takes once its image is on the node, for the keep-alive policy.
+        let mut loading = tokio::time::Instant::now();
+        let mut creating = self.inner.ledger.metrics.phase(start.f.name(), "create");
+        let first = start.node.start(&spec).await;
+        let created = match first {
+            // The image is asked for only when the node lacks it: the usual start saves
+            // the engine a round trip.
+            Err(e) if e.is_image_missing() => {
+                drop(creating);
+                let image = start.revision.manifest.image.as_deref().unwrap_or_default();
+                self.bring_image(&start.f, &start.id, &start.node, image)
+                    .await
+                    .ok_or(StartError::Cancelled)??;
+                loading = tokio::time::Instant::now();
+                creating = self.inner.ledger.metrics.phase(start.f.name(), "create");
+                start.node.start(&spec).await
+            }
+            other => other,
         };
-        let pulling = self.inner.ledger.metrics.phase(start.f.name(), "pull");
-        let got = tokio::select! {
-            got = self.ensure_image(&start.node, image, |meter| {
-                set_image_meter(&start.f, &start.id, Some(meter))
-            }) => got,
-            // Removed (or replaced) while its image came: this start ends, and with it
-            // the pull or copy it drove (the next start that needs the image begins again).
-            () = retired.cancelled() => return Err(StartError::Cancelled),
-        };
-        set_image_meter(&start.f, &start.id, None);
-        drop(pulling);
-        got?;
-        let creating = self.inner.ledger.metrics.phase(start.f.name(), "create");
-        let started = match start.node.start(&spec).await {
+        let started = match created {
             Ok(s) => s,
             Err(NodeError::ExitedAtStart {
                 container_id,
@@ -289,15 +292,11 @@ impl Activator {
             return Err(StartError::Cancelled);
         }
         // Recorded while it loads, so a gateway restart adopts it instead of throwing the
-        // load away.
-        if let Err(e) = self
-            .inner
+        // load away; the writer's next batch puts it on disk within milliseconds, and the
+        // readiness probes need not wait for that flush.
+        self.inner
             .store
-            .put_instance(&record(start, &started, 0))
-            .await
-        {
-            tracing::warn!(error = %e, "could not record the starting instance; a restart now would remove it");
-        }
+            .put_instance_later(&record(start, &started, 0));
         let readiness = &start.revision.manifest.readiness;
         let _ready = self.inner.ledger.metrics.phase(start.f.name(), "ready");
         readiness::wait_ready(
@@ -308,12 +307,13 @@ impl Activator {
             readiness.start_timeout,
         )
         .await?;
-        Ok(started)
+        Ok((started, loading.elapsed()))
     }
 
     /// The container answers: the instance serves, and its record is kept for restarts.
-    async fn on_ready(&self, start: &Start, started: Started) {
-        if !self.mark_ready(&start.f, &start.id) {
+    /// `loading` is how long the start took, when it is known.
+    async fn on_ready(&self, start: &Start, started: Started, loading: Option<Duration>) {
+        if !self.mark_ready(&start.f, &start.id, loading) {
             stop_quietly(start.node.as_ref(), &started.container_id).await;
             return;
         }
@@ -367,8 +367,9 @@ impl Activator {
         self.scale_up(f, &mut st);
     }
 
-    /// Marks the instance ready, drains older revisions, releases the queue.
-    fn mark_ready(&self, f: &Arc<Function>, id: &str) -> bool {
+    /// Marks the instance ready, tells the keep-alive policy how long a start of the
+    /// current revision took, drains older revisions, releases the queue.
+    fn mark_ready(&self, f: &Arc<Function>, id: &str, loading: Option<Duration>) -> bool {
         let mut st = f.lock();
         let current = st.revision.id.clone();
         let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) else {
@@ -379,6 +380,9 @@ impl Activator {
         }
         let takes_over = inst.revision.id == current && !inst.evacuating;
         let superseded = inst.revision.id != current;
+        if let Some(took) = loading.filter(|_| !superseded) {
+            st.keep_alive.observe_start(took);
+        }
         if superseded
             && st
                 .instances
@@ -452,19 +456,12 @@ fn set_container(f: &Function, id: &str, started: &Started) -> bool {
 }
 
 /// The instance's retirement signal, while it is in its function's list.
-fn retired_token(f: &Function, id: &str) -> Option<tokio_util::sync::CancellationToken> {
+pub(super) fn retired_token(f: &Function, id: &str) -> Option<tokio_util::sync::CancellationToken> {
     let st = f.lock();
     st.instances
         .iter()
         .find(|i| i.id == id)
         .map(|i| i.retired.token().clone())
-}
-
-fn set_image_meter(f: &Function, id: &str, meter: Option<Arc<super::ImageMeter>>) {
-    let mut st = f.lock();
-    if let Some(inst) = st.instances.iter_mut().find(|i| i.id == id) {
-        inst.image = meter;
-    }
 }
 
 /// Removes a container whose instance will not serve; a failure is only logged.

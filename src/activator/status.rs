@@ -30,6 +30,8 @@ pub struct FunctionStatus {
     pub ready: usize,
     /// Instances paused (or pausing, resuming).
     pub paused: usize,
+    /// Instances parked: stopped, their containers kept (or parking, unparking).
+    pub parked: usize,
     /// Instances draining or stopping.
     pub draining: usize,
     /// Requests in flight.
@@ -80,7 +82,8 @@ impl Activator {
             image_progress: None,
             desired: st.desired,
             ready: count(|p| p == Phase::Ready),
-            paused: count(|p| matches!(p, Phase::Pausing | Phase::Paused | Phase::Resuming)),
+            paused: count(Phase::is_warm_tier),
+            parked: count(Phase::is_stopped_tier),
             draining: count(|p| matches!(p, Phase::Draining | Phase::Stopping)),
             in_flight: st.instances.iter().map(|i| i.in_flight).sum(),
             queued: st.queue.len(),

@@ -196,21 +196,31 @@ async fn a_node_that_cannot_start_containers_is_the_platforms_fault() {
     drop(permit);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
-    let node = Arc::new(FakeNode::new("fake", Vec::new()));
-    node.fail_pauses.store(true, Ordering::SeqCst);
-    let (a, _dir) = activator(node.clone()).await;
-    let m = Manifest::parse(
-        "name = \"f\"\nimage = \"x:1\"\n[scale]\non_idle = \"pause\"\nidle_timeout = \"1s\"",
-        Format::Toml,
-    )
-    .unwrap();
-    a.deploy(m).await.unwrap();
+/// An activator on `node` with function `f` (`on_idle = on_idle`, idle after 1 s), which
+/// served one request and has been idle past its timeout when the reaper last ran.
+async fn served_then_idle(
+    node: Arc<FakeNode>,
+    on_idle: &str,
+) -> (Activator, tempfile::TempDir, Arc<Function>) {
+    let (a, dir) = activator(node).await;
+    let toml = format!(
+        "name = \"f\"\nimage = \"x:1\"\n[scale]\non_idle = \"{on_idle}\"\nidle_timeout = \"1s\""
+    );
+    a.deploy(Manifest::parse(&toml, Format::Toml).unwrap())
+        .await
+        .unwrap();
     let f = a.function("f").unwrap();
     drop(a.acquire(&f, None, None).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     a.reap();
+    (a, dir, f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.fail_pauses.store(true, Ordering::SeqCst);
+    let (a, _dir, f) = served_then_idle(node.clone(), "pause").await;
     for _ in 0..100 {
         if !node.stopped().is_empty() {
             break;
@@ -407,4 +417,82 @@ async fn logs_pass_each_running_instances_lines_on_named_by_their_instance() {
             ..
         })
     ));
+}
+
+#[tokio::test]
+async fn a_start_on_a_node_without_the_image_pulls_it_and_creates_again() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.then([StartOutcome::NoImage]);
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+    drop(a.acquire(&f, None, None).await.unwrap());
+    assert_eq!(node.pulls.load(Ordering::SeqCst), 1, "pulled once");
+    assert_eq!(
+        node.starts.load(Ordering::SeqCst),
+        2,
+        "the create that found no image, then the one that served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_instance_serves_the_next_request_started_again_not_created() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    let (a, _dir, f) = served_then_idle(node.clone(), "park").await;
+    let parked =
+        || a.status(&f).instances.first().map(|i| i.phase) == Some(crate::model::Phase::Parked);
+    for _ in 0..100 {
+        if parked() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(parked(), "{:?}", a.status(&f));
+    assert_eq!(a.status(&f).parked, 1);
+    drop(
+        a.acquire(&f, None, None)
+            .await
+            .expect("the parked instance serves"),
+    );
+    assert_eq!(node.unparks.load(Ordering::SeqCst), 1, "started again");
+    assert_eq!(node.starts.load(Ordering::SeqCst), 1, "never created again");
+    assert!(node.stopped().is_empty(), "nothing removed");
+}
+
+/// A keep-alive policy that records the start lengths it is told.
+#[derive(Debug)]
+struct StartLog(Arc<Mutex<Vec<Duration>>>);
+
+impl crate::keepalive::KeepAlive for StartLog {
+    fn name(&self) -> &'static str {
+        "start-log"
+    }
+    fn observe_gap(&mut self, _gap: Duration) {}
+    fn observe_start(&mut self, took: Duration) {
+        self.0.lock().unwrap().push(took);
+    }
+    fn windows(&self) -> crate::keepalive::Windows {
+        crate::keepalive::Windows {
+            prewarm: Duration::ZERO,
+            keep_alive: Duration::from_secs(300),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_tells_the_keep_alive_policy_how_long_it_took() {
+    let node = Arc::new(FakeNode::gated("fake"));
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 1)).await.unwrap();
+    let f = a.function("f").unwrap();
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    f.lock().keep_alive = Box::new(StartLog(starts.clone()));
+    let (a2, f2) = (a.clone(), f.clone());
+    let request = tokio::spawn(async move { a2.acquire(&f2, None, None).await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.gate.add_permits(1);
+    request.await.unwrap().unwrap();
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    assert!(starts[0] >= Duration::from_millis(200), "{starts:?}");
 }

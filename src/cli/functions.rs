@@ -22,13 +22,14 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>9} {:>6} {:>6}  STATUS",
+        "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>6} {:>9} {:>6} {:>6}  STATUS",
         "NAME",
         "REVISION",
         "DESIRED",
         "READY",
         "STARTING",
         "PAUSED",
+        "PARKED",
         "IN-FLIGHT",
         "QUEUED",
         "STARTS"
@@ -55,13 +56,14 @@ pub async fn ls(client: &ApiClient, json: bool) -> anyhow::Result<()> {
             }
         };
         println!(
-            "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>9} {:>6} {:>6}  {status}",
+            "{:<20} {:<13} {:>7} {:>5} {:>8} {:>6} {:>6} {:>9} {:>6} {:>6}  {status}",
             f["name"].as_str().unwrap_or("?"),
             f["revision"].as_str().unwrap_or("?"),
             f["desired"].as_u64().unwrap_or(0),
             f["ready"].as_u64().unwrap_or(0),
             f["starting"].as_u64().unwrap_or(0),
             f["paused"].as_u64().unwrap_or(0),
+            f["parked"].as_u64().unwrap_or(0),
             f["in_flight"].as_u64().unwrap_or(0),
             f["queued"].as_u64().unwrap_or(0),
             f["starts"].as_u64().unwrap_or(0),

@@ -32,6 +32,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 ("starting", s.starting),
                 ("ready", s.ready),
                 ("paused", s.paused),
+                ("parked", s.parked),
                 ("draining", s.draining),
             ];
             g.function(&s.name, s.queued, s.in_flight, s.desired, &by_state);

@@ -29,7 +29,8 @@ pub struct Scale {
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
     /// An instance idle this long is retired (down to `min`); with `keep_alive =
-    /// "adaptive"`, the fallback while the function's history is too short.
+    /// "adaptive"`, the fallback while the function's history is too short, and the idle
+    /// time one cold start is worth.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     #[schema(value_type = String, example = "30s")]
     pub idle_timeout: Duration,
@@ -47,16 +48,19 @@ pub struct Scale {
     /// Ratio of short-window demand to capacity that starts panic mode.
     #[serde(default = "default_panic_threshold")]
     pub panic_threshold: f64,
-    /// What an idle instance becomes: `stop` (removed) or `pause` (frozen, resumed on the
-    /// next request in milliseconds, removed after `pause_timeout`).
+    /// What an idle instance becomes: `stop` (removed), `pause` (frozen, resumed on the
+    /// next request in milliseconds) or `park` (stopped but kept: the next request starts
+    /// the same container again, without a create); paused and parked instances are
+    /// removed after `pause_timeout`.
     #[serde(default)]
     pub on_idle: OnIdle,
-    /// How long a paused instance is kept before it is removed.
+    /// How long a paused or parked instance is kept before it is removed.
     #[serde(default = "default_pause_timeout", with = "humantime_serde")]
     #[schema(value_type = String, example = "30s")]
     pub pause_timeout: Duration,
     /// Keep-alive policy: `fixed` (`idle_timeout`) or `adaptive` (learned from the
-    /// function's idle gaps, with pre-warming).
+    /// function's idle gaps and start time, priced against its cold starts, with
+    /// pre-warming).
     #[serde(default)]
     pub keep_alive: KeepAliveKind,
 }
@@ -70,6 +74,9 @@ pub enum OnIdle {
     Stop,
     /// Frozen with Docker pause; resumed on the next request.
     Pause,
+    /// Stopped with its container kept (Docker stop); started again on the next request,
+    /// without a create.
+    Park,
 }
 
 /// Which keep-alive policy decides how long idle instances stay.
@@ -79,7 +86,7 @@ pub enum KeepAliveKind {
     /// `idle_timeout`.
     #[default]
     Fixed,
-    /// The hybrid histogram policy (Shahrad et al., ATC 2020).
+    /// A priced hybrid histogram policy (after Shahrad et al., ATC 2020).
     Adaptive,
 }
 
@@ -216,6 +223,8 @@ mod tests {
             .unwrap();
         assert_eq!(m.scale.on_idle, OnIdle::Pause);
         assert_eq!(m.scale.keep_alive, KeepAliveKind::Adaptive);
+        let parked = toml("name = \"a\"\nimage = \"e:1\"\n[scale]\non_idle = \"park\"").unwrap();
+        assert_eq!(parked.scale.on_idle, OnIdle::Park);
         assert_eq!(m.scale.stable_window, Duration::from_secs(60));
         let err = toml(
             "name = \"a\"\nimage = \"e:1\"\n[scale]\ntarget_utilization = 1.5\npanic_window = \"2m\"\npanic_threshold = 0.5",

@@ -33,6 +33,8 @@ pub enum StartOutcome {
     Fails(String),
     /// The container exits at once with this code, printing "crashing at start".
     Exits(i64),
+    /// The node lacks the image: the create says so, and the image is missing until pulled.
+    NoImage,
 }
 
 /// A node in this process.
@@ -47,8 +49,16 @@ pub struct FakeNode {
     pub script: Mutex<VecDeque<StartOutcome>>,
     /// Whether pauses fail.
     pub fail_pauses: AtomicBool,
+    /// Whether the node lacks the image (set by a `NoImage` start, cleared by a pull).
+    pub lacks_image: AtomicBool,
+    /// Image pulls asked for.
+    pub pulls: AtomicUsize,
     /// Containers stopped, in order.
     pub stopped: Mutex<Vec<String>>,
+    /// Containers parked, in order.
+    pub parked: Mutex<Vec<String>>,
+    /// Parked containers started again.
+    pub unparks: AtomicUsize,
     /// Whether stops take `SLOW_STOP` (as a force-removal of a GPU container may).
     pub slow_stops: AtomicBool,
     /// How the next connects fail, in order (`NotConnected`: the way to the node broke;
@@ -68,7 +78,11 @@ impl FakeNode {
             gate: Semaphore::new(permits),
             script: Mutex::default(),
             fail_pauses: AtomicBool::new(false),
+            lacks_image: AtomicBool::new(false),
+            pulls: AtomicUsize::new(0),
             stopped: Mutex::default(),
+            parked: Mutex::default(),
+            unparks: AtomicUsize::new(0),
             slow_stops: AtomicBool::new(false),
             failing_connects: Mutex::default(),
             output: Mutex::new("crashing at start".into()),
@@ -90,6 +104,22 @@ impl FakeNode {
     pub fn then(&self, outcomes: impl IntoIterator<Item = StartOutcome>) -> &Self {
         lock(&self.script).extend(outcomes);
         self
+    }
+
+    /// A "container": a listener in this process that answers every request `200 ok`.
+    async fn listen(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let endpoint: SocketAddr = listener.local_addr().expect("bound");
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(tokio::spawn(answer_ok(s)));
+            }
+        });
+        lock(&self.listeners).push(accept);
+        endpoint
     }
 
     /// The containers stopped so far.
@@ -168,6 +198,10 @@ impl Node for FakeNode {
                     message,
                 })
             }
+            StartOutcome::NoImage => {
+                self.lacks_image.store(true, Ordering::SeqCst);
+                return Err(crate::runtime::RuntimeError::ImageNotFound("x".into()).into());
+            }
             StartOutcome::Exits(code) => {
                 return Err(NodeError::ExitedAtStart {
                     container_id: format!("c{n}"),
@@ -176,23 +210,9 @@ impl Node for FakeNode {
                 })
             }
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a local port");
-        let endpoint: SocketAddr = listener.local_addr().expect("bound");
-        let accept = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = listener.accept().await {
-                held.push(tokio::spawn(answer_ok(s)));
-            }
-        });
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(accept);
         Ok(Started {
             container_id: format!("c{n}"),
-            endpoint,
+            endpoint: self.listen().await,
         })
     }
     async fn state(&self, _: &str) -> Result<ContainerState, NodeError> {
@@ -229,6 +249,17 @@ impl Node for FakeNode {
     async fn resume(&self, _: &str) -> Result<(), NodeError> {
         Ok(())
     }
+    async fn park(&self, container_id: &str) -> Result<(), NodeError> {
+        lock(&self.parked).push(container_id.to_string());
+        Ok(())
+    }
+    async fn unpark(&self, container_id: &str, _: u16) -> Result<Started, NodeError> {
+        self.unparks.fetch_add(1, Ordering::SeqCst);
+        Ok(Started {
+            container_id: container_id.to_string(),
+            endpoint: self.listen().await,
+        })
+    }
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         lock(&self.stopped).push(container_id.to_string());
         if self.slow_stops.load(Ordering::SeqCst) {
@@ -240,7 +271,7 @@ impl Node for FakeNode {
         Ok(Vec::new())
     }
     async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
-        Ok(true)
+        Ok(!self.lacks_image.load(Ordering::SeqCst))
     }
     async fn pull_image(
         &self,
@@ -248,6 +279,8 @@ impl Node for FakeNode {
         _: Option<crate::runtime::RegistryAuth>,
         _: mpsc::Sender<crate::runtime::ImageProgress>,
     ) -> Result<(), NodeError> {
+        self.pulls.fetch_add(1, Ordering::SeqCst);
+        self.lacks_image.store(false, Ordering::SeqCst);
         Ok(())
     }
     async fn export_image(

@@ -30,6 +30,10 @@ use crate::runtime::{
 };
 use axum::body::Body;
 
+/// How long a parked container's server gets to exit after SIGTERM before it is killed:
+/// short, since a request that arrives meanwhile waits for the stop before the restart.
+const PARK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A node backed by a container runtime in this process.
 pub struct LocalNode {
     name: String,
@@ -227,6 +231,28 @@ impl Node for LocalNode {
 
     async fn resume(&self, container_id: &str) -> Result<(), NodeError> {
         Ok(self.runtime.unpause(container_id).await?)
+    }
+
+    async fn park(&self, container_id: &str) -> Result<(), NodeError> {
+        Ok(self.runtime.stop(container_id, PARK_GRACE).await?)
+    }
+
+    async fn unpark(&self, container_id: &str, port: u16) -> Result<Started, NodeError> {
+        let c = self.runtime.start(container_id).await?;
+        if !c.running {
+            return Err(NodeError::ExitedAtStart {
+                container_id: c.id,
+                code: c.exit_code,
+                status: c.status,
+            });
+        }
+        let endpoint = self
+            .endpoint(port, c.host_port, c.ip)
+            .ok_or_else(|| RuntimeError::NoPort(c.id.clone()))?;
+        Ok(Started {
+            container_id: c.id,
+            endpoint,
+        })
     }
 
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {

@@ -209,6 +209,11 @@ pub trait Node: Send + Sync + 'static {
     async fn pause(&self, container_id: &str) -> Result<(), NodeError>;
     /// Thaws a paused container.
     async fn resume(&self, container_id: &str) -> Result<(), NodeError>;
+    /// Stops a container and keeps it, to be started again by `unpark`.
+    async fn park(&self, container_id: &str) -> Result<(), NodeError>;
+    /// Starts a parked container again (no create); it listens on `port` inside, and may
+    /// have a new endpoint.
+    async fn unpark(&self, container_id: &str, port: u16) -> Result<Started, NodeError>;
     /// Stops and removes a container; a missing one is not an error.
     async fn stop(&self, container_id: &str) -> Result<(), NodeError>;
     /// Every container of this gateway on this node.

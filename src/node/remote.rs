@@ -338,6 +338,23 @@ impl Node for RemoteNode {
         Ok(())
     }
 
+    async fn park(&self, container_id: &str) -> Result<(), NodeError> {
+        let path = format!("/node/v1/containers/{}/park", encode(container_id));
+        let _: serde_json::Value = self
+            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    async fn unpark(&self, container_id: &str, port: u16) -> Result<Started, NodeError> {
+        let path = format!(
+            "/node/v1/containers/{}/unpark?port={port}",
+            encode(container_id)
+        );
+        self.call(Method::POST, &path, Body::empty(), START_TIMEOUT)
+            .await
+    }
+
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {
         let path = format!("/node/v1/containers/{}", encode(container_id));
         let _: serde_json::Value = self

@@ -19,7 +19,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -320,6 +320,29 @@ impl ContainerRuntime for DockerRuntime {
             .unpause_container(id)
             .await
             .map_err(docker_err("container unpause"))
+    }
+
+    async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<(), RuntimeError> {
+        let seconds = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::new().t(seconds).build();
+        match self.docker.stop_container(id, Some(options)).await {
+            // 304: it was stopped already.
+            Ok(())
+            | Err(DockerError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(docker_err("container stop")(e)),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<ContainerInfo, RuntimeError> {
+        self.docker
+            .start_container(id, None)
+            .await
+            .map_err(docker_err("container start"))?;
+        self.inspect(id)
+            .await?
+            .ok_or_else(|| RuntimeError::NoPort(id.to_string()))
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

@@ -77,6 +77,12 @@ impl ContainerRuntime for FakeRuntime {
     async fn unpause(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn stop(&self, _: &str, _: std::time::Duration) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn start(&self, id: &str) -> Result<ContainerInfo, RuntimeError> {
+        Err(RuntimeError::NoPort(id.to_string()))
+    }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let mut containers = self.containers.lock().unwrap_or_else(|e| e.into_inner());
         containers.retain(|c| c.id != id);

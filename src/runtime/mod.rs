@@ -267,6 +267,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn pause(&self, id: &str) -> Result<(), RuntimeError>;
     /// Thaws a paused container.
     async fn unpause(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Stops the container and keeps it: SIGTERM, SIGKILL after `grace`.
+    async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<(), RuntimeError>;
+    /// Starts a stopped container again (no create) and inspects it.
+    async fn start(&self, id: &str) -> Result<ContainerInfo, RuntimeError>;
     /// Removes the container, killing it if it runs. A missing container is not an error.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Every container (running or not) carrying all of `labels`.

@@ -443,9 +443,30 @@ impl Scheduler {
         }
     }
 
-    /// Records an instance found running on `node` with `gpus` (adoption at start).
-    pub fn adopt(&self, node: &str, gpus: Vec<GpuAssignment>) -> Option<Reservation> {
+    /// Records an instance found running on `node` with `gpus` (adoption at start). The
+    /// assignments come from the containers' labels, so each holds at most its device's
+    /// memory: a label claiming more cannot make the GPU look fuller than full, and what
+    /// the instance's end releases is what it took.
+    pub fn adopt(&self, node: &str, mut gpus: Vec<GpuAssignment>) -> Option<Reservation> {
         let entry = self.entry(node)?;
+        {
+            let st = entry.lock();
+            for a in &mut gpus {
+                let total = st.gpus.iter().find_map(|g| {
+                    if g.uuid == a.device_id {
+                        Some(g.memory_total)
+                    } else {
+                        g.mig
+                            .iter()
+                            .find(|m| m.uuid == a.device_id)
+                            .map(|m| m.memory_total)
+                    }
+                });
+                if let Some(total) = total {
+                    a.memory = a.memory.min(total);
+                }
+            }
+        }
         Some(self.hold(&entry, gpus))
     }
 

@@ -353,16 +353,30 @@ fn hold_accounting_is_symmetric() {
 
 /// Seen while fuzzing the agent link, by reading (adoption is past what tests/fuzz_wire.rs
 /// drives): container labels claiming more memory than a u64 holds overflowed the sum.
-#[test]
-fn holds_adopted_from_labels_claiming_huge_memory_saturate() {
-    let mut holds = HashMap::new();
+/// Adoption holds at most the device's memory, so taking and releasing stay symmetric.
+#[tokio::test]
+async fn adopted_labels_claiming_huge_memory_hold_at_most_the_device() {
+    let s = scheduler(vec![("n", mixed())], Policy::Spread, 4).await;
     let huge = GpuAssignment {
-        gpu_uuid: "GPU-1".into(),
-        device_id: "GPU-1".into(),
+        gpu_uuid: "GPU-4090".into(),
+        device_id: "GPU-4090".into(),
         sharing: Sharing::Shared,
         memory: u64::MAX,
     };
-    fit::apply(&mut holds, std::slice::from_ref(&huge), true);
-    fit::apply(&mut holds, std::slice::from_ref(&huge), true);
-    assert_eq!(holds["GPU-1"].memory, u64::MAX);
+    let reserved = |s: &Scheduler| {
+        let node = &s.status()[0];
+        let g = node.gpus.iter().find(|g| g.gpu.uuid == "GPU-4090").unwrap();
+        (g.reserved.sharers, g.reserved.memory)
+    };
+    let first = s.adopt("n", vec![huge.clone()]).unwrap();
+    let second = s.adopt("n", vec![huge]).unwrap();
+    assert_eq!(
+        reserved(&s),
+        (2, 48 * GIB),
+        "each holds the 24 GiB card, no more"
+    );
+    drop(first);
+    assert_eq!(reserved(&s), (1, 24 * GIB), "the other's hold is untouched");
+    drop(second);
+    assert_eq!(reserved(&s), (0, 0));
 }

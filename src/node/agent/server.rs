@@ -57,6 +57,8 @@ pub(super) fn router(node: Arc<LocalNode>, info: NodeInfo, allowed: SharedAllowe
         )
         .route("/node/v1/containers/{id}/pause", post(pause))
         .route("/node/v1/containers/{id}/resume", post(resume))
+        .route("/node/v1/containers/{id}/park", post(park))
+        .route("/node/v1/containers/{id}/unpark", post(unpark))
         .route(
             "/node/v1/images",
             get(image_exists)
@@ -165,6 +167,30 @@ async fn resume(
 ) -> Result<Response, AgentError> {
     s.node.resume(&id).await?;
     Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn park(State(s): State<AgentState>, Path(id): Path<String>) -> Result<Response, AgentError> {
+    forget(&s.allowed);
+    let parked = s.node.park(&id).await;
+    forget(&s.allowed);
+    parked?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct UnparkQuery {
+    port: u16,
+}
+
+async fn unpark(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+    Query(q): Query<UnparkQuery>,
+) -> Result<Response, AgentError> {
+    // Its endpoint may be new: the tunnel's list of reachable containers is read again.
+    let started = s.node.unpark(&id, q.port).await;
+    forget(&s.allowed);
+    Ok(Json(started?).into_response())
 }
 
 async fn volumes(State(s): State<AgentState>) -> Result<Response, AgentError> {
