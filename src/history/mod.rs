@@ -104,7 +104,18 @@ pub fn id_at(ms: u64) -> u64 {
 
 /// An id as users see it: 16 hex digits.
 pub fn format_id(id: u64) -> String {
-    format!("{id:016x}")
+    String::from_utf8_lossy(&hex_id(id)).into_owned()
+}
+
+/// An id's 16 lowercase hex digits, without the formatting machinery (every request's
+/// answer carries one).
+pub fn hex_id(id: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// An id as users wrote it.

@@ -191,3 +191,10 @@ async fn records_are_batched_paged_newest_first_and_trimmed_to_the_cap() {
         "the oldest were removed"
     );
 }
+
+#[test]
+fn hex_ids_are_what_the_formatter_would_write() {
+    for id in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef, mint()] {
+        assert_eq!(format_id(id), format!("{id:016x}"));
+    }
+}

@@ -150,7 +150,7 @@ impl Invoker {
         f: &Arc<Function>,
         mut call: Call,
     ) -> Result<Response<Body>, InvokeError> {
-        let metrics = self.activator.metrics().clone();
+        let metrics = self.activator.metrics();
         let timer = metrics.request(f.name());
         let mut trace = Trace::begin(self.activator.history(), f, &call.request, call.client);
         // The instance sees the id too, for its own logs.
@@ -159,7 +159,8 @@ impl Invoker {
         let cold = trace.cold();
         match result {
             Ok(response) => {
-                timer.finish(response.status().as_u16().to_string(), cold);
+                let status = response.status();
+                timer.finish(status.as_str(), cold);
                 Ok(trace.answered(response))
             }
             Err(e) => {

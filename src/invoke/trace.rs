@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Frame, SizeHint};
 
 use crate::activator::{Function, Permit};
-use crate::history::{format_id, mint, now_us, History, InvocationRecord};
+use crate::history::{hex_id, mint, now_us, History, InvocationRecord};
 
 /// The header naming the invocation.
 pub const INVOCATION_ID: &str = "ember-invocation-id";
@@ -58,7 +58,7 @@ impl Tags {
 }
 
 fn id_value(id: u64) -> HeaderValue {
-    HeaderValue::from_str(&format_id(id)).expect("hex is a header value")
+    HeaderValue::from_bytes(&hex_id(id)).expect("hex is a header value")
 }
 
 /// Where a call leaves its tags for the gateway, which puts them on Ember's own error

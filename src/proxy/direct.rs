@@ -35,16 +35,14 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut head, body) = req.into_parts();
         let endpoint = permit.endpoint();
-        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
         let upstream = |reason: String, connect: bool| ProxyError::Upstream {
             instance: permit.instance().to_string(),
             endpoint,
             reason,
             connect,
         };
-        head.uri = format!("http://{endpoint}{path}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| upstream(format!("bad path: {e}"), false))?;
+        head.uri = super::upstream_uri(endpoint, &head.uri)
+            .map_err(|e| upstream(format!("bad path: {e}"), false))?;
         head.headers.insert(
             header::HOST,
             endpoint.to_string().parse().expect("an address is a host"),

@@ -15,15 +15,17 @@ mod direct;
 mod upgrade;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +137,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names there (standard names
+    // compare without hashing) spares eight hashed removals per message.
+    let hop = |name: &HeaderName| HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING;
+    if !headers.keys().any(hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -198,16 +206,12 @@ impl Proxy {
         upgrade: &mut Option<UpgradeRequest>,
     ) -> Result<Response<Body>, ForwardError> {
         let endpoint = permit.endpoint();
-        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-        head.uri =
-            format!("http://{endpoint}{path}")
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| ProxyError::Upstream {
-                    instance: permit.instance().to_string(),
-                    endpoint,
-                    reason: format!("bad request path: {e}"),
-                    connect: false,
-                })?;
+        head.uri = upstream_uri(endpoint, &head.uri).map_err(|e| ProxyError::Upstream {
+            instance: permit.instance().to_string(),
+            endpoint,
+            reason: format!("bad request path: {e}"),
+            connect: false,
+        })?;
         strip_hop_by_hop(&mut head.headers);
         if let Some(upgrade) = upgrade {
             upgrade.ask(&mut head.headers);
@@ -302,13 +306,67 @@ fn path_failed(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", addr.ip()),
-        None => addr.ip().to_string(),
+    let value = match (headers.get(&name).and_then(|v| v.to_str().ok()), addr.ip()) {
+        (Some(prior), ip) => HeaderValue::from_str(&format!("{prior}, {ip}")),
+        // Every request carries one: written without the formatting machinery.
+        (None, IpAddr::V4(ip)) => {
+            let mut text = Vec::with_capacity(15);
+            dotted(ip, &mut text);
+            HeaderValue::from_maybe_shared(Bytes::from(text))
+        }
+        (None, ip) => HeaderValue::from_str(&ip.to_string()),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = value {
         headers.insert(name, v);
     }
+}
+
+/// `http://ENDPOINT` with `uri`'s path and query: put together from parts, not written out
+/// and parsed again (every request takes one).
+fn upstream_uri(endpoint: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
+    let authority = match endpoint {
+        SocketAddr::V4(a) => {
+            let mut text = Vec::with_capacity(21);
+            dotted(*a.ip(), &mut text);
+            text.push(b':');
+            decimal(a.port(), &mut text);
+            Authority::from_maybe_shared(Bytes::from(text))?
+        }
+        SocketAddr::V6(a) => a.to_string().parse::<Authority>()?,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Appends an IPv4 address in dotted decimal.
+fn dotted(ip: Ipv4Addr, out: &mut Vec<u8>) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        decimal(u16::from(octet), out);
+    }
+}
+
+/// Appends `n` in decimal.
+fn decimal(mut n: u16, out: &mut Vec<u8>) {
+    let (mut digits, mut first) = ([0u8; 5], 5);
+    loop {
+        first -= 1;
+        digits[first] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[first..]);
 }
 
 #[cfg(test)]
@@ -337,5 +395,50 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn dotted_addresses_read_as_the_formatter_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "172.17.100.9",
+            "1.20.199.250",
+        ] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            let mut text = Vec::new();
+            dotted(ip, &mut text);
+            assert_eq!(text, ip.to_string().as_bytes());
+        }
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "[::1]:5".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn the_upstream_uri_is_the_endpoint_with_the_path_and_query() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let v4: SocketAddr = "172.17.0.2:8080".parse().unwrap();
+        assert_eq!(
+            upstream_uri(v4, &uri("/a/b?x=1&y=%20")).unwrap(),
+            "http://172.17.0.2:8080/a/b?x=1&y=%20"
+        );
+        let v6: SocketAddr = "[::1]:7".parse().unwrap();
+        assert_eq!(upstream_uri(v6, &uri("/")).unwrap(), "http://[::1]:7/");
+        let zero: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(upstream_uri(zero, &uri("/")).unwrap(), "http://0.0.0.0:0/");
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        h.insert("x-user", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "transfer-encoding alone is stripped");
     }
 }
