@@ -1,5 +1,7 @@
 //! Cold start: the first response of a scaled-to-zero function through the gateway, against
-//! the same create + start + readiness + first request done here by hand with bollard.
+//! the same create + start + readiness + first request done here by hand with bollard,
+//! reaching the container at its bridge address as the gateway's embedded node does on
+//! Linux; the two alternate, round by round.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,24 +17,38 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::common::{self, Gateway};
-use crate::probe::{docker, http_client, published_port, send, HttpClient};
+use crate::probe::{bridge_address, docker, http_client, send, HttpClient};
 use crate::report::{percentile, row, sorted, Row};
 use crate::Size;
 
 pub async fn run(size: &Size, rows: &mut Vec<Row>) {
     let gw = Gateway::start().await;
     let client = http_client();
-    let ember = through_gateway(&gw, &client, size.cold_rounds).await;
-    let baseline = by_hand(&client, size.cold_rounds).await;
+    let docker = docker().await;
+    let manifest = Manifest::parse(
+        &common::echo_manifest("direct", "", ""),
+        ember::manifest::Format::Toml,
+    )
+    .unwrap();
+    // Alternating rounds: whatever else loads the machine weighs on both sides alike.
+    let (mut ember, mut baseline) = (Vec::new(), Vec::new());
+    for i in 0..size.cold_rounds {
+        ember.push(through_gateway(&gw, &client, i).await);
+        let spec = spec(&manifest, &format!("cold-{i}"));
+        let (ms, id) = start_by_hand(&docker, &client, &spec).await;
+        baseline.push(ms);
+        remove(&docker, &id).await;
+    }
     let (e, b) = (sorted(ember), sorted(baseline));
-    let (me, mb) = (percentile(&e, 0.5), percentile(&b, 0.5));
-    rows.push(row(
-        "cold start",
-        "time to first response p50",
-        me,
-        Some(mb),
-        "ms",
-    ));
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        rows.push(row(
+            "cold start",
+            &format!("time to first response {name}"),
+            percentile(&e, p),
+            Some(percentile(&b, p)),
+            "ms",
+        ));
+    }
     rows.push(row(
         "cold start",
         "time to first response max",
@@ -40,58 +56,41 @@ pub async fn run(size: &Size, rows: &mut Vec<Row>) {
         Some(*b.last().unwrap()),
         "ms",
     ));
-    rows.push(row(
-        "cold start",
-        "overhead over direct p50",
-        me - mb,
-        None,
-        "ms",
-    ));
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        rows.push(row(
+            "cold start",
+            &format!("overhead over direct {name}"),
+            percentile(&e, p) - percentile(&b, p),
+            None,
+            "ms",
+        ));
+    }
 }
 
-/// Milliseconds to the first response of `rounds` freshly deployed functions, each
+/// Milliseconds to the first response of a freshly deployed function (round `i`),
 /// removed after.
-async fn through_gateway(gw: &Gateway, client: &HttpClient, rounds: usize) -> Vec<f64> {
-    let mut ember = Vec::new();
-    for i in 0..rounds {
-        let name = format!("cold{i}");
-        let manifest = common::echo_manifest(&name, "", "");
-        assert!(gw.deploy(&name, &manifest).await.status.is_success());
-        let t = Instant::now();
-        let (status, _) = send(client, &format!("{}/fn/{name}/", gw.url), Bytes::new()).await;
-        ember.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(status, 200);
-        gw.request(
-            Method::DELETE,
-            &format!("/api/v1/functions/{name}"),
-            &[],
-            Bytes::new(),
-        )
-        .await;
-    }
-    ember
-}
-
-/// The same sequence by hand, `rounds` times: create (same config), start, inspect, poll,
-/// first request.
-async fn by_hand(client: &HttpClient, rounds: usize) -> Vec<f64> {
-    let docker = docker().await;
-    let manifest = Manifest::parse(
-        &common::echo_manifest("direct", "", ""),
-        ember::manifest::Format::Toml,
+async fn through_gateway(gw: &Gateway, client: &HttpClient, i: usize) -> f64 {
+    let name = format!("cold{i}");
+    let manifest = common::echo_manifest(&name, "", "");
+    assert!(gw.deploy(&name, &manifest).await.status.is_success());
+    let t = Instant::now();
+    let (status, _) = send(client, &format!("{}/fn/{name}/", gw.url), Bytes::new()).await;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(status, 200);
+    gw.request(
+        Method::DELETE,
+        &format!("/api/v1/functions/{name}"),
+        &[],
+        Bytes::new(),
     )
-    .unwrap();
-    let mut baseline = Vec::new();
-    for i in 0..rounds {
-        baseline.push(one_by_hand(&docker, client, &spec(&manifest, i)).await);
-    }
-    baseline
+    .await;
+    ms
 }
 
-/// The container the gateway would create for `manifest`, named for round `i`.
-fn spec(manifest: &Manifest, i: usize) -> ContainerSpec {
+/// The container the gateway would create for `manifest`, its name ending in `suffix`.
+pub fn spec(manifest: &Manifest, suffix: &str) -> ContainerSpec {
     ContainerSpec {
-        name: format!("ember-bench-direct-{}-{i}", std::process::id()),
+        name: format!("ember-bench-direct-{}-{suffix}", std::process::id()),
         image: manifest.image.clone().unwrap(),
         command: None,
         env: vec![],
@@ -108,8 +107,12 @@ fn spec(manifest: &Manifest, i: usize) -> ContainerSpec {
     }
 }
 
-/// Milliseconds from create to the first response of one container, removed after.
-async fn one_by_hand(docker: &bollard::Docker, client: &HttpClient, spec: &ContainerSpec) -> f64 {
+/// Milliseconds from create to the first response of one container, and its id.
+pub async fn start_by_hand(
+    docker: &bollard::Docker,
+    client: &HttpClient,
+    spec: &ContainerSpec,
+) -> (f64, String) {
     let t = Instant::now();
     let created = docker
         .create_container(
@@ -123,24 +126,28 @@ async fn one_by_hand(docker: &bollard::Docker, client: &HttpClient, spec: &Conta
         .await
         .unwrap();
     docker.start_container(&created.id, None).await.unwrap();
-    let port = published_port(docker, &created.id).await;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Reached as the gateway's embedded node reaches its containers.
+    let addr = bridge_address(docker, &created.id).await;
     wait_healthy(addr).await;
     let (status, _) = send(client, &format!("http://{addr}/"), Bytes::new()).await;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(status, 200);
+    (ms, created.id)
+}
+
+/// Removes a container started by hand.
+pub async fn remove(docker: &bollard::Docker, id: &str) {
     docker
         .remove_container(
-            &created.id,
+            id,
             Some(RemoveContainerOptionsBuilder::new().force(true).build()),
         )
         .await
         .unwrap();
-    ms
 }
 
 /// Polls `/healthz` on fresh connections, backing off from 2 ms to 50 ms.
-async fn wait_healthy(addr: SocketAddr) {
+pub async fn wait_healthy(addr: SocketAddr) {
     let health = format!("http://{addr}/healthz");
     let probe = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)

@@ -1,7 +1,7 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute; `-- --only warm,tunnel,cold,resume,burst,control,prefix,comfyui,history`
+//! enough to finish in about a minute; `-- --only warm,tunnel,cold,cold-100,resume,burst,control,prefix,comfyui,history,batch,peer`
 //! picks some.
 //! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
 //! `{scenario, metric, ember, baseline, ratio, unit}`.
@@ -10,7 +10,12 @@
 //! 1. warm path: the same requests through the gateway and straight to the container's
 //!    published port (latency p50/p99, small and 1 MiB bodies; throughput at concurrency 64);
 //! 2. cold start: first response of a scaled-to-zero function through the gateway vs the same
-//!    create + start + readiness + first request done here with bollard;
+//!    create + start + readiness + first request done here with bollard, in alternating
+//!    rounds (p50, p99 and the overhead at each);
+//!    the stopped tier: `docker start` of a stopped container to its first response vs a
+//!    fresh create + start, by hand;
+//!    cold-100: 100 different functions cold at once, one request each, vs 100 concurrent
+//!    tasks doing that sequence with bollard (p50/p95 time to first response; 20 in `--quick`);
 //! 3. resume: first response of a paused instance vs the same `docker unpause` done here;
 //! 4. burst: N concurrent requests into a cold function: all answered, containers started,
 //!    gateway peak memory, time to the last answer;
@@ -31,7 +36,7 @@
 //!     and 64 under `wrk` (skipped without nginx).
 //!
 //! # Layout
-//! - `warm`, `tunnel`, `cold`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`,
+//! - `warm`, `tunnel`, `cold`, `cold_many` (cold-100), `stopped`, `resume`, `burst`, `control`, `prefix`, `comfy`, `history`,
 //!   `batch`, `peer`: one
 //!   scenario each,
 //!   `run(size, rows)`;
@@ -46,6 +51,7 @@ mod common;
 mod batch;
 mod burst;
 mod cold;
+mod cold_many;
 mod comfy;
 mod control;
 mod history;
@@ -54,6 +60,7 @@ mod prefix;
 mod probe;
 mod report;
 mod resume;
+mod stopped;
 mod tunnel;
 mod warm;
 
@@ -67,6 +74,8 @@ struct Size {
     big_requests: usize,
     throughput_for: Duration,
     cold_rounds: usize,
+    /// Functions started cold at once by `cold-100`.
+    cold_many: usize,
     burst: usize,
     functions: usize,
     prefix_requests: usize,
@@ -83,6 +92,7 @@ impl Size {
             big_requests: 100,
             throughput_for: Duration::from_secs(3),
             cold_rounds: 10,
+            cold_many: 20,
             burst: 1000,
             functions: 200,
             prefix_requests: 500,
@@ -98,6 +108,7 @@ impl Size {
             big_requests: 1000,
             throughput_for: Duration::from_secs(10),
             cold_rounds: 20,
+            cold_many: 100,
             burst: burst_size(),
             functions: 1000,
             prefix_requests: 2000,
@@ -148,6 +159,11 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("cold") {
         eprintln!("cold start…");
         cold::run(size, &mut rows).await;
+        stopped::run(size, &mut rows).await;
+    }
+    if wanted("cold-100") {
+        eprintln!("{} functions cold at once…", size.cold_many);
+        cold_many::run(size, &mut rows).await;
     }
     if wanted("resume") {
         eprintln!("resume from pause…");

@@ -1,6 +1,8 @@
 //! What the scenarios measure with: a keep-alive HTTP client, a process's memory from
 //! `/proc`, and a Docker connection for the baselines done by hand. No scenario logic.
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -68,4 +70,16 @@ pub async fn published_port(docker: &bollard::Docker, container: &str) -> u16 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// The container's own address and port 8080 on its bridge network: how the gateway's
+/// embedded node reaches it on Linux (no userland proxy in between).
+pub async fn bridge_address(docker: &bollard::Docker, container: &str) -> SocketAddr {
+    let inspect = docker.inspect_container(container, None).await.unwrap();
+    let networks = inspect.network_settings.unwrap().networks.unwrap();
+    let ip = networks
+        .values()
+        .find_map(|n| n.ip_address.as_deref().filter(|ip| !ip.is_empty()))
+        .expect("the container has a bridge address");
+    SocketAddr::new(ip.parse().unwrap(), 8080)
 }
