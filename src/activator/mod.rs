@@ -269,14 +269,14 @@ impl Activator {
             st.next_waiter += 1;
             st.queue.push_back(function::Waiter { id, route, tx });
             self.scale_up(f, &mut st);
-            // It waits for a cold start when an instance is starting (or resuming) for it.
+            // It waits for a cold start when an instance is starting (or resuming) for it,
+            // or is being set aside and will be brought back for it.
             let cold = st.instances.iter().any(|i| {
+                use crate::model::Phase;
                 matches!(
                     i.phase,
-                    crate::model::Phase::Starting
-                        | crate::model::Phase::Resuming
-                        | crate::model::Phase::Unparking
-                )
+                    Phase::Starting | Phase::Resuming | Phase::Unparking
+                ) || (matches!(i.phase, Phase::Pausing | Phase::Parking) && i.resume_wanted)
             });
             (rx, id, m.queue.timeout, buffered, cold)
         };

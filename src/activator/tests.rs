@@ -459,6 +459,29 @@ async fn a_parked_instance_serves_the_next_request_started_again_not_created() {
     assert!(node.stopped().is_empty(), "nothing removed");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_for_a_parking_instance_to_start_again_is_reported_cold() {
+    let node = Arc::new(FakeNode::new("fake", Vec::new()));
+    node.slow_stops.store(true, Ordering::SeqCst);
+    let (a, _dir, f) = served_then_idle(node.clone(), "park").await;
+    let parking =
+        || a.status(&f).instances.first().map(|i| i.phase) == Some(crate::model::Phase::Parking);
+    for _ in 0..100 {
+        if parking() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(parking(), "{:?}", a.status(&f));
+    let permit = a
+        .acquire(&f, None, None)
+        .await
+        .expect("the parked instance serves once started again");
+    assert!(permit.cold(), "it waited for the stop and the start");
+    assert_eq!(node.unparks.load(Ordering::SeqCst), 1, "started again");
+    assert_eq!(node.starts.load(Ordering::SeqCst), 1, "never created again");
+}
+
 /// A keep-alive policy that records the start lengths it is told.
 #[derive(Debug)]
 struct StartLog(Arc<Mutex<Vec<Duration>>>);

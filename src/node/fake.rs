@@ -59,7 +59,8 @@ pub struct FakeNode {
     pub parked: Mutex<Vec<String>>,
     /// Parked containers started again.
     pub unparks: AtomicUsize,
-    /// Whether stops take `SLOW_STOP` (as a force-removal of a GPU container may).
+    /// Whether stops and parks take `SLOW_STOP` (as a force-removal of a GPU container may,
+    /// or a server slow to end on SIGTERM).
     pub slow_stops: AtomicBool,
     /// How the next connects fail, in order (`NotConnected`: the way to the node broke;
     /// `ConnectionRefused`: the instance refused); when empty, they connect.
@@ -251,6 +252,9 @@ impl Node for FakeNode {
     }
     async fn park(&self, container_id: &str) -> Result<(), NodeError> {
         lock(&self.parked).push(container_id.to_string());
+        if self.slow_stops.load(Ordering::SeqCst) {
+            tokio::time::sleep(SLOW_STOP).await;
+        }
         Ok(())
     }
     async fn unpark(&self, container_id: &str, _: u16) -> Result<Started, NodeError> {
