@@ -1,7 +1,8 @@
 //! The stopped tier (`on_idle = "park"`) against a real gateway and real containers: an
 //! idle instance is stopped with its container kept, the next request starts that same
 //! container again (no create) and is answered; a parked instance is removed after
-//! `pause_timeout`; a gateway restarted on the same data dir adopts a parked container.
+//! `pause_timeout`; a gateway restarted on the same data dir adopts a parked container;
+//! an agent parks and starts its instances again through its tunnel.
 #![allow(clippy::disallowed_methods)] // tasks a test spawns end with the test
 
 mod common;
@@ -124,4 +125,33 @@ async fn a_gateway_restarted_on_its_data_dir_adopts_a_parked_container() {
         "adopted, not started"
     );
     common::remove_containers(&label);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_on_an_agent_parks_and_starts_again_through_its_tunnel() {
+    require_docker!();
+    let (gw, _agents) = common::cluster::cluster(&["far"]).await;
+    let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
+    gw.deploy("remote", &manifest("remote", "1h")).await;
+    let first = gw
+        .request(Method::GET, "/fn/remote/", &[], Bytes::new())
+        .await;
+    assert_eq!(first.status, 200);
+    let container = gw.containers("remote")[0].clone();
+    parked(&gw, "remote").await;
+    assert_eq!(
+        docker_state(&container),
+        "exited",
+        "stopped by the agent, kept"
+    );
+    let second = gw
+        .request(Method::GET, "/fn/remote/", &[], Bytes::new())
+        .await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("ember-cold-start"), Some("true".into()));
+    assert_eq!(second.header("x-echo-host"), first.header("x-echo-host"));
+    assert_eq!(gw.containers("remote"), std::slice::from_ref(&container));
+    let status = gw.function("remote").await;
+    assert_eq!(status["starts"], 1, "started again by the agent: {status}");
+    assert_eq!(status["instances"][0]["node"], "far");
 }
