@@ -91,6 +91,14 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A packed value could not be read.
+    #[error("state store: record {key} is unreadable: {reason}")]
+    Unpacked {
+        /// The record's key.
+        key: String,
+        /// What the decoder said.
+        reason: String,
+    },
     /// The data dir was written by a newer Ember.
     #[error("state store schema version {found} is newer than this Ember understands ({SCHEMA_VERSION}); upgrade Ember")]
     TooNew {
