@@ -10,6 +10,7 @@
 //! # Layout
 //! - [`access`]: bearer credentials, compared in constant time; key scopes; the admin
 //!   token's file.
+//! - [`text`]: addresses and numbers written as bytes, off `core::fmt` (the hot path).
 //! - [`model`]: shared leaf types (phases, node states, GPU assignments, error codes and
 //!   the error body); imports nothing of the crate.
 //! - [`manifest`]: the function manifest, its parsing and validation.
@@ -74,4 +75,5 @@ pub mod readiness;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;
+pub mod text;
 pub mod tls;

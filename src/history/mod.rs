@@ -236,7 +236,7 @@ async fn record(
                 .into_iter()
                 .map(|(id, client, mut r)| {
                     r.id = format_id(id);
-                    r.client = client.map(|c| c.to_string());
+                    r.client = client.map(crate::text::socket_addr);
                     r
                 })
                 .collect();

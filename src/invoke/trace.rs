@@ -125,7 +125,7 @@ impl Trace {
                 node: None,
                 gpus: Vec::new(),
                 client: None,
-                method: request.method().to_string(),
+                method: request.method().as_str().to_owned(),
                 path: request.uri().path().to_string(),
                 status: 0,
                 error: None,

@@ -15,7 +15,7 @@ mod direct;
 mod upgrade;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -40,6 +40,7 @@ pub use upgrade::UpgradeRequest;
 use crate::activator::Permit;
 use crate::model::error_chain;
 use crate::node::{Node, NodeConnector, NodeError};
+use crate::text::{dotted, socket_addr_v4};
 
 /// Idle pooled connections to instances are closed after this.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -327,9 +328,7 @@ fn upstream_uri(endpoint: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
     let authority = match endpoint {
         SocketAddr::V4(a) => {
             let mut text = Vec::with_capacity(21);
-            dotted(*a.ip(), &mut text);
-            text.push(b':');
-            decimal(a.port(), &mut text);
+            socket_addr_v4(a, &mut text);
             Authority::from_maybe_shared(Bytes::from(text))?
         }
         SocketAddr::V6(a) => a.to_string().parse::<Authority>()?,
@@ -343,30 +342,6 @@ fn upstream_uri(endpoint: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     Ok(Uri::from_parts(parts)?)
-}
-
-/// Appends an IPv4 address in dotted decimal.
-fn dotted(ip: Ipv4Addr, out: &mut Vec<u8>) {
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push(b'.');
-        }
-        decimal(u16::from(octet), out);
-    }
-}
-
-/// Appends `n` in decimal.
-fn decimal(mut n: u16, out: &mut Vec<u8>) {
-    let (mut digits, mut first) = ([0u8; 5], 5);
-    loop {
-        first -= 1;
-        digits[first] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[first..]);
 }
 
 #[cfg(test)]
@@ -398,19 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn dotted_addresses_read_as_the_formatter_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.0.0.1",
-            "172.17.100.9",
-            "1.20.199.250",
-        ] {
-            let ip: Ipv4Addr = ip.parse().unwrap();
-            let mut text = Vec::new();
-            dotted(ip, &mut text);
-            assert_eq!(text, ip.to_string().as_bytes());
-        }
+    fn forwarded_for_an_ipv6_client_is_its_address() {
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, "[::1]:5".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "::1");
