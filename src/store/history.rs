@@ -401,6 +401,37 @@ mod tests {
         assert_eq!(unpack(b"k", &encode(&batch)).unwrap(), batch);
     }
 
+    #[tokio::test]
+    async fn a_version_2_data_dir_keeps_its_json_history_beside_packed_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = records();
+        {
+            let db = sled::Config::new()
+                .path(dir.path().join("state"))
+                .open()
+                .unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("schema_version", &2u32.to_be_bytes()).unwrap();
+            let tree = db.open_tree("invocations").unwrap();
+            tree.insert(batch_key(5, 2), encode(&old)).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let new = records().into_iter().map(|r| InvocationRecord {
+            id: "0193a1b2c3d4e5f7".into(),
+            ..r
+        });
+        store.put_history_later(new.collect(), &[]);
+        store.flush().await.unwrap();
+        let ids = store
+            .fold_invocations(0, Vec::new(), |ids, r| ids.push(r.id.clone()))
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        assert_eq!(&ids[..2], [old[0].id.clone(), old[1].id.clone()]);
+        assert!(ids[2..].iter().all(|id| id == "0193a1b2c3d4e5f7"));
+    }
+
     #[test]
     fn a_damaged_packed_batch_is_an_error_that_names_it() {
         let packed = pack(&records());

@@ -72,7 +72,9 @@ use writer::{Trees, Write};
 /// Version of the store's layout (trees and keys), kept in `meta`.
 /// 1: instances keyed by id; node records with `url`, `cordoned`, `draining`.
 /// 2: instances keyed by `function/instance`; node records with `address` and `mark`.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: invocation batches may be packed (`history.rs`); version 2's JSON ones still read,
+///    so nothing is rewritten, but an Ember of version 2 would misread the packed ones.
+pub const SCHEMA_VERSION: u32 = 3;
 /// Version of the value envelope (`{"v":…,"data":…}`).
 pub const VALUE_VERSION: u32 = 1;
 
