@@ -216,6 +216,18 @@ async fn served_then_idle(
     (a, dir, f)
 }
 
+/// Waits (2 s at most) until `f`'s first instance is in `phase`; fails the test if not.
+async fn first_in_phase(a: &Activator, f: &Arc<Function>, phase: crate::model::Phase) {
+    let first = || a.status(f).instances.first().map(|i| i.phase);
+    for _ in 0..100 {
+        if first() == Some(phase) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not {phase:?}: {:?}", a.status(f));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
     let node = Arc::new(FakeNode::new("fake", Vec::new()));
@@ -439,15 +451,7 @@ async fn a_start_on_a_node_without_the_image_pulls_it_and_creates_again() {
 async fn a_parked_instance_serves_the_next_request_started_again_not_created() {
     let node = Arc::new(FakeNode::new("fake", Vec::new()));
     let (a, _dir, f) = served_then_idle(node.clone(), "park").await;
-    let parked =
-        || a.status(&f).instances.first().map(|i| i.phase) == Some(crate::model::Phase::Parked);
-    for _ in 0..100 {
-        if parked() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(parked(), "{:?}", a.status(&f));
+    first_in_phase(&a, &f, crate::model::Phase::Parked).await;
     assert_eq!(a.status(&f).parked, 1);
     drop(
         a.acquire(&f, None, None)
@@ -464,15 +468,7 @@ async fn a_request_that_waits_for_a_parking_instance_to_start_again_is_reported_
     let node = Arc::new(FakeNode::new("fake", Vec::new()));
     node.slow_stops.store(true, Ordering::SeqCst);
     let (a, _dir, f) = served_then_idle(node.clone(), "park").await;
-    let parking =
-        || a.status(&f).instances.first().map(|i| i.phase) == Some(crate::model::Phase::Parking);
-    for _ in 0..100 {
-        if parking() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(parking(), "{:?}", a.status(&f));
+    first_in_phase(&a, &f, crate::model::Phase::Parking).await;
     let permit = a
         .acquire(&f, None, None)
         .await
