@@ -151,6 +151,7 @@ async fn an_instance_on_an_agent_parks_and_starts_again_through_its_tunnel() {
     assert_eq!(second.header("ember-cold-start"), Some("true".into()));
     assert_eq!(second.header("x-echo-host"), first.header("x-echo-host"));
     assert_eq!(gw.containers("remote"), std::slice::from_ref(&container));
+    assert_eq!(docker_state(&container), "running");
     let status = gw.function("remote").await;
     assert_eq!(status["starts"], 1, "started again by the agent: {status}");
     assert_eq!(status["instances"][0]["node"], "far");

@@ -24,6 +24,10 @@ use std::sync::atomic::Ordering;
 use super::{decode, encode, Change, Store, StoreError, TreeId};
 
 /// One invocation: a request through the invoke core (later, a job's run).
+///
+/// Packed batches (`pack`) hold these fields by position, not by name: a field added,
+/// removed or reordered needs a new `PACKED` byte, with this layout kept to read the old
+/// batches (the test `packed_bytes_of_this_layout_still_read` fails until then).
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvocationRecord {
     /// Its id (16 hex digits), as sent in `Ember-Invocation-Id`.
@@ -393,6 +397,26 @@ mod tests {
             packed.len(),
             json.len()
         );
+    }
+
+    /// Two records as `pack` wrote them when the layout was introduced (schema 3).
+    const PACKED_V1: &str =
+        "010210303139336131623263336434653566360772657175657374036c6c6d0c6662656434623138 \
+        37366365010a6c6c6d2d37663361396301096770752d626f782d3102084750552d35613163084d49 \
+        472d39663265010e31302e302e302e373a353331323204504f5354142f76312f636861742f636f6d \
+        706c6574696f6e73c801000180e0d183ab859103019081e183ab859103c0e48e84ab859103800480 \
+        804010303139336131623263336434653566360772657175657374036c6c6d0c6662656434623138 \
+        373663650000000004504f5354142f76312f636861742f636f6d706c6574696f6e73f703010d7175 \
+        6575655f74696d656f75740080e0d183ab85910300c0e48e84ab859103800400";
+
+    #[test]
+    fn packed_bytes_of_this_layout_still_read() {
+        let hex: String = PACKED_V1.split_whitespace().collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(unpack(b"k", &bytes).unwrap(), records());
     }
 
     #[test]

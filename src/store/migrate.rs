@@ -26,6 +26,10 @@ pub(super) fn to_current(trees: &Trees) -> Result<(), StoreError> {
         v1_to_v2(trees)?;
         tracing::info!(from = found, to = 2, "state store upgraded");
     }
+    if found < 3 {
+        // Nothing to rewrite: JSON history batches read beside packed ones.
+        tracing::info!(from = found, to = 3, "state store upgraded");
+    }
     trees
         .meta
         .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;

@@ -30,7 +30,8 @@
 //! - `migrate.rs`: upgrades an older layout in place when the store is opened.
 //!
 //! Every value is JSON inside a versioned envelope (`{"v":1,"data":…}`) so later versions
-//! can still read old data. Point reads (`get`) are in-memory operations and run where they
+//! can still read old data, but for the invocation history's batches, which every request
+//! adds to and which are written packed (`history.rs`). Point reads (`get`) are in-memory operations and run where they
 //! are called; scans run on the blocking pool, off the runtime's threads.
 #![allow(clippy::disallowed_types)] // the one module that may hold sled's types
 
@@ -73,7 +74,7 @@ use writer::{Trees, Write};
 /// 1: instances keyed by id; node records with `url`, `cordoned`, `draining`.
 /// 2: instances keyed by `function/instance`; node records with `address` and `mark`.
 /// 3: invocation batches may be packed (`history.rs`); version 2's JSON ones still read,
-///    so nothing is rewritten, but an Ember of version 2 would misread the packed ones.
+///    so nothing is rewritten, but an Ember of version 2 could not read the packed ones.
 pub const SCHEMA_VERSION: u32 = 3;
 /// Version of the value envelope (`{"v":…,"data":…}`).
 pub const VALUE_VERSION: u32 = 1;
