@@ -23,11 +23,10 @@ use std::sync::atomic::Ordering;
 
 use super::{decode, encode, Change, Store, StoreError, TreeId};
 
+// Packed batches (`pack`) hold these fields by position, not by name: a field added,
+// removed or reordered needs a new `PACKED` byte, with this layout kept to read the old
+// batches (the test `packed_bytes_of_this_layout_still_read` fails until then).
 /// One invocation: a request through the invoke core (later, a job's run).
-///
-/// Packed batches (`pack`) hold these fields by position, not by name: a field added,
-/// removed or reordered needs a new `PACKED` byte, with this layout kept to read the old
-/// batches (the test `packed_bytes_of_this_layout_still_read` fails until then).
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvocationRecord {
     /// Its id (16 hex digits), as sent in `Ember-Invocation-Id`.
