@@ -5,7 +5,8 @@
 #
 #   bash benches/profile/instructions.sh [BINARY] [CONNECTIONS] [SECONDS]
 #
-# BINARY defaults to target/release/ember (cargo build --release first). Needs valgrind,
+# BINARY defaults to target/release/ember (cargo build --release first). SERVE_ARGS adds
+# flags to `ember serve`, e.g. SERVE_ARGS="--history-max 0" to count without the history. Needs valgrind,
 # wrk and Docker (apt install valgrind wrk). It starts the gateway under callgrind with
 # instrumentation off, deploys functions/echo with one warm instance, sends wrk's POSTs of
 # 5 bytes for a few seconds to warm up, then counts instructions over SECONDS of load
@@ -28,7 +29,7 @@ fi
 DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$DIR/callgrind.out" \
-    "$BIN" serve --data-dir "$DIR/data" --listen "127.0.0.1:$PORT" >"$DIR/gateway.log" 2>&1 &
+    "$BIN" serve --data-dir "$DIR/data" --listen "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$DIR/gateway.log" 2>&1 &
 GATEWAY=$!
 cleanup() {
     kill "$GATEWAY" 2>/dev/null || true
