@@ -439,6 +439,9 @@ async fn prompts_accepted_before_the_gateway_is_killed_run_after_it_restarts() {
     let Some(py) = python::python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::builder().data_dir(dir.path()).start().await;
+    // The restarted gateway keeps the id (same data dir) and leaves containers running
+    // when it stops, as every gateway does: this removes them.
+    let _cleanup = common::Cleanup(format!("ember.gateway={}", gw.id));
     deploy_stub(&gw, "durable", 100, "max = 1", "").await;
     let base = format!("{}/comfy/durable", gw.url);
     // One running 3 s prompt and two waiting behind it, then SIGKILL.
