@@ -343,8 +343,7 @@ impl FnState {
             .filter(|i| {
                 i.revision.id == self.revision.id
                     && !i.evacuating
-                    && (i.phase.counts_as_capacity()
-                        || (matches!(i.phase, Phase::Pausing | Phase::Parking) && i.resume_wanted))
+                    && (i.phase.counts_as_capacity() || i.wanted_back())
             })
             .count()
     }

@@ -129,6 +129,12 @@ impl Instance {
         }
     }
 
+    /// Whether it is being set aside (paused or parked) and a request has asked for it
+    /// back: it will serve once there, so it counts as capacity coming.
+    pub(crate) fn wanted_back(&self) -> bool {
+        matches!(self.phase, Phase::Pausing | Phase::Parking) && self.resume_wanted
+    }
+
     /// Moves to `next` if the lifecycle allows it; returns whether it moved. Draining and
     /// stopping take it out of service: its retirement is signalled.
     #[must_use]

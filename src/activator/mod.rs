@@ -276,7 +276,7 @@ impl Activator {
                 matches!(
                     i.phase,
                     Phase::Starting | Phase::Resuming | Phase::Unparking
-                ) || (matches!(i.phase, Phase::Pausing | Phase::Parking) && i.resume_wanted)
+                ) || i.wanted_back()
             });
             (rx, id, m.queue.timeout, buffered, cold)
         };

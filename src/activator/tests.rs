@@ -33,6 +33,16 @@ async fn activator(node: Arc<FakeNode>) -> (Activator, tempfile::TempDir) {
     (a, dir)
 }
 
+/// Waits until `done` holds, 2 s at the most (the caller asserts what it expects).
+async fn settle(done: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn manifest(concurrency: u32, max: u32) -> Manifest {
     Manifest::parse(
         &format!(
@@ -225,12 +235,7 @@ async fn a_permit_hears_its_instance_retire_when_a_new_revision_takes_over_or_th
     assert!(node.stopped().is_empty(), "{:?}", node.stopped());
     drop(held);
     a.reap();
-    for _ in 0..100 {
-        if !node.stopped().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(|| !node.stopped().is_empty()).await;
     assert_eq!(
         node.stopped(),
         ["c0"],

@@ -115,7 +115,10 @@ impl Activator {
         let id = inst.id.clone();
         let (retired, shutdown) = (inst.retired.token().clone(), self.inner.shutdown.clone());
         let restart = async move {
-            let started = node.unpark(&cid, manifest.port).await?;
+            let started = node
+                .unpark(&cid, manifest.port)
+                .await
+                .map_err(|e| e.to_string())?;
             let r = &manifest.readiness;
             readiness::wait_ready(
                 node.as_ref(),
@@ -126,7 +129,7 @@ impl Activator {
             )
             .await
             .map_err(|e| e.to_string())?;
-            Ok::<_, TierError>(started.endpoint)
+            Ok::<_, String>(started.endpoint)
         };
         // A restart may wait minutes for a model to load: it ends with the instance (whoever
         // retired it removes it) or the gateway (a restart adopts the container again).
@@ -152,7 +155,7 @@ impl Activator {
     /// Runs a move into or out of a tier on the node, off the function's lock; then, if
     /// the instance is still there, `done` applies the outcome, or a failure retires the
     /// instance (and replaces it when requests need one).
-    fn spawn_tier_change<T: Send + 'static, E: Into<TierError> + Send + 'static>(
+    fn spawn_tier_change<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
         &self,
         f: &Arc<Function>,
         id: String,
@@ -166,7 +169,7 @@ impl Activator {
         self.inner.tracker.spawn(
             async move {
                 let began = Instant::now();
-                let result = change.await.map_err(Into::into);
+                let result = change.await;
                 let mut st = f.lock();
                 let Some(idx) = st.instances.iter().position(|i| i.id == id) else {
                     return;
@@ -216,26 +219,5 @@ impl Activator {
             return true;
         }
         false
-    }
-}
-
-/// Why a move into or out of a tier failed, for the log.
-struct TierError(String);
-
-impl From<crate::node::NodeError> for TierError {
-    fn from(e: crate::node::NodeError) -> Self {
-        TierError(e.to_string())
-    }
-}
-
-impl From<String> for TierError {
-    fn from(e: String) -> Self {
-        TierError(e)
-    }
-}
-
-impl std::fmt::Display for TierError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
     }
 }

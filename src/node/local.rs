@@ -24,9 +24,9 @@ use super::{
 };
 use crate::gpu::{GpuDriver, GpuInfo, GpuMonitor};
 use crate::runtime::{
-    into_lines, ContainerRuntime, ImageProgress, LineStream, LogOptions, RegistryAuth,
-    RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE, LABEL_MANAGED,
-    LABEL_NODE, LABEL_PORT, LABEL_REVISION,
+    into_lines, ContainerInfo, ContainerRuntime, ImageProgress, LineStream, LogOptions,
+    RegistryAuth, RuntimeError, LABEL_FUNCTION, LABEL_GATEWAY, LABEL_GPUS, LABEL_INSTANCE,
+    LABEL_MANAGED, LABEL_NODE, LABEL_PORT, LABEL_REVISION,
 };
 use axum::body::Body;
 
@@ -135,6 +135,26 @@ impl LocalNode {
         self
     }
 
+    /// A container just started (created or parked before), listening on `port` inside:
+    /// where to reach it, or why it cannot be reached.
+    fn started(&self, port: u16, container: ContainerInfo) -> Result<Started, NodeError> {
+        if !container.running {
+            // Docker unpublishes the port of a stopped container: it exited already.
+            return Err(NodeError::ExitedAtStart {
+                container_id: container.id,
+                code: container.exit_code,
+                status: container.status,
+            });
+        }
+        match self.endpoint(port, container.host_port, container.ip) {
+            Some(endpoint) => Ok(Started {
+                container_id: container.id,
+                endpoint,
+            }),
+            None => Err(RuntimeError::NoPort(container.id).into()),
+        }
+    }
+
     fn endpoint(
         &self,
         container_port: u16,
@@ -180,25 +200,13 @@ impl Node for LocalNode {
     async fn start(&self, spec: &InstanceSpec) -> Result<Started, NodeError> {
         let container_spec = self.container_spec(spec).await?;
         let container = self.runtime.run(&container_spec).await?;
-        let endpoint = self.endpoint(spec.manifest.port, container.host_port, container.ip);
-        let Some(endpoint) = endpoint.filter(|_| container.running) else {
-            if !container.running {
-                // Docker unpublishes the port of a stopped container: it exited already.
-                return Err(NodeError::ExitedAtStart {
-                    container_id: container.id,
-                    code: container.exit_code,
-                    status: container.status,
-                });
+        let started = self.started(spec.manifest.port, container);
+        if let Err(NodeError::Runtime(RuntimeError::NoPort(id))) = &started {
+            if let Err(e) = self.runtime.remove(id).await {
+                tracing::warn!(container = %id, error = %e, "could not remove a container without a published port");
             }
-            if let Err(e) = self.runtime.remove(&container.id).await {
-                tracing::warn!(container = %container.id, error = %e, "could not remove a container without a published port");
-            }
-            return Err(RuntimeError::NoPort(container.id).into());
-        };
-        Ok(Started {
-            container_id: container.id,
-            endpoint,
-        })
+        }
+        started
     }
 
     async fn state(&self, container_id: &str) -> Result<ContainerState, NodeError> {
@@ -238,21 +246,8 @@ impl Node for LocalNode {
     }
 
     async fn unpark(&self, container_id: &str, port: u16) -> Result<Started, NodeError> {
-        let c = self.runtime.start(container_id).await?;
-        if !c.running {
-            return Err(NodeError::ExitedAtStart {
-                container_id: c.id,
-                code: c.exit_code,
-                status: c.status,
-            });
-        }
-        let endpoint = self
-            .endpoint(port, c.host_port, c.ip)
-            .ok_or_else(|| RuntimeError::NoPort(c.id.clone()))?;
-        Ok(Started {
-            container_id: c.id,
-            endpoint,
-        })
+        let container = self.runtime.start(container_id).await?;
+        self.started(port, container)
     }
 
     async fn stop(&self, container_id: &str) -> Result<(), NodeError> {

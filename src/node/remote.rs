@@ -224,6 +224,15 @@ impl RemoteNode {
             message,
         }
     }
+
+    /// Asks the agent to `verb` (pause, resume, park) a container.
+    async fn container_action(&self, container_id: &str, verb: &str) -> Result<(), NodeError> {
+        let path = format!("/node/v1/containers/{}/{verb}", encode(container_id));
+        let _: serde_json::Value = self
+            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -323,27 +332,15 @@ impl Node for RemoteNode {
     }
 
     async fn pause(&self, container_id: &str) -> Result<(), NodeError> {
-        let path = format!("/node/v1/containers/{}/pause", encode(container_id));
-        let _: serde_json::Value = self
-            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
-            .await?;
-        Ok(())
+        self.container_action(container_id, "pause").await
     }
 
     async fn resume(&self, container_id: &str) -> Result<(), NodeError> {
-        let path = format!("/node/v1/containers/{}/resume", encode(container_id));
-        let _: serde_json::Value = self
-            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
-            .await?;
-        Ok(())
+        self.container_action(container_id, "resume").await
     }
 
     async fn park(&self, container_id: &str) -> Result<(), NodeError> {
-        let path = format!("/node/v1/containers/{}/park", encode(container_id));
-        let _: serde_json::Value = self
-            .call(Method::POST, &path, Body::empty(), CALL_TIMEOUT)
-            .await?;
-        Ok(())
+        self.container_action(container_id, "park").await
     }
 
     async fn unpark(&self, container_id: &str, port: u16) -> Result<Started, NodeError> {

@@ -340,9 +340,10 @@ impl ContainerRuntime for DockerRuntime {
             .start_container(id, None)
             .await
             .map_err(docker_err("container start"))?;
-        self.inspect(id)
-            .await?
-            .ok_or_else(|| RuntimeError::NoPort(id.to_string()))
+        self.inspect(id).await?.ok_or_else(|| RuntimeError::Docker {
+            op: "container start",
+            source: "the container was removed as it started".into(),
+        })
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

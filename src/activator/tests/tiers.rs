@@ -26,13 +26,8 @@ async fn served_then_idle(
 /// Waits (2 s at most) until `f`'s first instance is in `phase`; fails the test if not.
 async fn first_in_phase(a: &Activator, f: &Arc<Function>, phase: crate::model::Phase) {
     let first = || a.status(f).instances.first().map(|i| i.phase);
-    for _ in 0..100 {
-        if first() == Some(phase) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not {phase:?}: {:?}", a.status(f));
+    settle(|| first() == Some(phase)).await;
+    assert_eq!(first(), Some(phase), "{:?}", a.status(f));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,23 +35,13 @@ async fn a_pause_that_fails_retires_the_instance_instead_of_losing_it() {
     let node = Arc::new(FakeNode::new("fake", Vec::new()));
     node.fail_pauses.store(true, Ordering::SeqCst);
     let (a, _dir, f) = served_then_idle(node.clone(), "pause").await;
-    for _ in 0..100 {
-        if !node.stopped().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(|| !node.stopped().is_empty()).await;
     assert_eq!(
         node.stopped(),
         ["c0"],
         "the instance that would not freeze is removed"
     );
-    for _ in 0..100 {
-        if a.status(&f).instances.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(|| a.status(&f).instances.is_empty()).await;
     assert!(a.status(&f).instances.is_empty());
     let permit = a
         .acquire(&f, None, None)
