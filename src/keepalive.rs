@@ -246,7 +246,7 @@ impl Hybrid {
     fn candidates(&self) -> (Vec<Candidate>, f64) {
         let start = self.start.as_secs_f64();
         let price = self.fallback.as_secs_f64() + start;
-        let edge = |i: usize| edge(i).as_secs_f64();
+        let edge_s = |i: usize| edge(i).as_secs_f64();
         // count[i]: gaps in bins below i; time[i]: their summed length (bin middles).
         let mut count = [0.0f64; ALL_BINS + 1];
         let mut time = [0.0f64; ALL_BINS + 1];
@@ -257,7 +257,7 @@ impl Hybrid {
             let summed = if i == 0 {
                 self.first_secs
             } else {
-                c * (edge(i) + edge(i + 1)) / 2.0
+                c * (edge_s(i) + edge_s(i + 1)) / 2.0
             };
             time[i + 1] = time[i] + summed;
             if c > 0.0 {
@@ -270,13 +270,13 @@ impl Hybrid {
         // A pre-warmed instance is ready this much ahead of the bin it is ready for.
         let early = SLACK.as_secs_f64() + MARGIN * start;
         for from in froms {
-            if from > 0 && edge(from) <= start + early {
+            if from > 0 && edge_s(from) <= start + early {
                 continue;
             }
             // Unloading at once (0) is always there to fall back on.
             let tos = std::iter::once(0).chain(held.iter().map(|&h| h + 1));
             for to in tos.filter(|&t| t > from || t == from && from == 0) {
-                let (ready, until) = (edge(from), edge(to));
+                let (ready, until) = (edge_s(from), edge_s(to));
                 let covered = count[to] - count[from];
                 let late = total - count[to];
                 let cold = count[from] + late;
@@ -357,14 +357,22 @@ impl KeepAlive for Hybrid {
     }
 
     fn observe_start(&mut self, took: Duration) {
-        self.start = if self.start.is_zero() {
+        let first = self.start.is_zero();
+        self.start = if first {
             took
         } else {
             self.start
                 .mul_f64(1.0 - START_WEIGHT)
                 .saturating_add(took.mul_f64(START_WEIGHT))
         };
-        self.current = self.recompute();
+        // The first start length prices at once; later ones move the average a little,
+        // and count toward the next pricing like gaps do (a burst of starts would
+        // otherwise price once each, under the function's lock).
+        self.unpriced += 1;
+        if first || self.unpriced >= RECOMPUTE_EVERY {
+            self.unpriced = 0;
+            self.current = self.recompute();
+        }
     }
 
     fn windows(&self) -> Windows {

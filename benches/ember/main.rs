@@ -1,7 +1,7 @@
 //! Ember against its baselines, side by side, in one run.
 //!
 //! `cargo bench --bench ember` runs every scenario at full size; `-- --quick` runs each small
-//! enough to finish in about a minute; `-- --only warm,tunnel,cold,cold-100,resume,burst,control,prefix,comfyui,history,batch,peer`
+//! enough to finish in about a minute; `-- --only warm,tunnel,cold,stopped,cold-100,resume,burst,control,prefix,comfyui,history,batch,peer`
 //! picks some.
 //! Both print a table (medians, p99s, ratios) and write `target/ember-bench.json`: a list of
 //! `{scenario, metric, ember, baseline, ratio, unit}`.
@@ -159,6 +159,9 @@ async fn run(size: &Size) -> Vec<Row> {
     if wanted("cold") {
         eprintln!("cold start…");
         cold::run(size, &mut rows).await;
+    }
+    if wanted("stopped") {
+        eprintln!("stopped tier…");
         stopped::run(size, &mut rows).await;
     }
     if wanted("cold-100") {

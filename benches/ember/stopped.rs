@@ -59,8 +59,7 @@ pub async fn run(size: &Size, rows: &mut Vec<Row>) {
     }
 }
 
-/// Milliseconds from `docker start` of the stopped container `id` to its first response
-/// .
+/// Milliseconds from `docker start` of the stopped container `id` to its first response.
 async fn restart(docker: &bollard::Docker, client: &HttpClient, id: &str) -> f64 {
     let t = Instant::now();
     docker.start_container(id, None).await.unwrap();
@@ -87,11 +86,10 @@ async fn through_gateway(client: &HttpClient, rounds: usize) -> Vec<f64> {
     assert_eq!(send(client, &url, Bytes::new()).await.0, 200);
     let mut ember = Vec::new();
     for _ in 0..rounds {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while gw.function("parked").await["instances"][0]["phase"] != "parked" {
-            assert!(Instant::now() < deadline, "the instance never parked");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::eventually(Duration::from_secs(15), "the instance parks", || async {
+            gw.function("parked").await["instances"][0]["phase"] == "parked"
+        })
+        .await;
         let t = Instant::now();
         assert_eq!(send(client, &url, Bytes::new()).await.0, 200);
         ember.push(t.elapsed().as_secs_f64() * 1e3);

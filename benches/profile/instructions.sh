@@ -35,6 +35,7 @@ cleanup() {
     kill "$GATEWAY" 2>/dev/null || true
     wait "$GATEWAY" 2>/dev/null || true
     docker ps -aq --filter label=ember.function=profile | xargs -r docker rm -f >/dev/null
+    rm -rf "$DIR"
 }
 trap cleanup EXIT
 for _ in $(seq 300); do

@@ -86,8 +86,8 @@ fn gap_outcome(w: &Windows, gap: f64, start: f64) -> Gap {
         };
     }
     let from = w.prewarm.as_secs_f64();
-    // The reaper pre-warms from the first moment `prewarm_due` holds: `from`.
-    if !keepalive::prewarm_due(w, Duration::from_secs_f64(gap)) && gap < from {
+    // The reaper pre-warms from the first moment `keepalive::prewarm_due` holds: `from`.
+    if gap < from {
         // Unloaded after the call and not pre-warmed yet.
         return Gap {
             cold_start: true,

@@ -280,11 +280,11 @@ fn a_full_bin_halves_the_histogram_so_older_gaps_weigh_less() {
 }
 
 #[test]
-fn the_policy_state_stays_about_a_kilobyte() {
+fn the_policy_state_stays_about_six_hundred_bytes() {
     let h = Hybrid::new(minutes(10));
     let bytes = std::mem::size_of_val(&h) + std::mem::size_of_val(&*h.bins);
     assert!(
-        bytes <= 1100,
+        bytes <= 700,
         "a function's keep-alive state takes {bytes} bytes"
     );
 }
