@@ -44,6 +44,9 @@ pub(super) struct Waiter {
     pub id: u64,
     /// The request's routing key (see `routing`).
     pub route: Option<u64>,
+    /// When it queued: the permit it gets is cold when its instance became ready (started,
+    /// resumed or started again) after that.
+    pub since: Instant,
     pub tx: oneshot::Sender<Result<Permit, AcquireError>>,
 }
 
@@ -145,10 +148,11 @@ impl Function {
                 continue;
             }
             let route = front.route;
-            let Some(permit) = self.take_slot(st, route) else {
+            let Some(mut permit) = self.take_slot(st, route) else {
                 break;
             };
             let waiter = st.queue.pop_front().expect("front exists");
+            permit.queued_since(waiter.since);
             if let Err(Ok(permit)) = waiter.tx.send(Ok(permit)) {
                 // The waiter left between the check and the send: give the slot back here,
                 // since dropping the permit would take this lock again.

@@ -228,7 +228,7 @@ impl Activator {
         body_bytes: Option<u64>,
         route: Option<u64>,
     ) -> Result<Permit, AcquireError> {
-        let (rx, waiter_id, wait, buffered, cold) = {
+        let (rx, waiter_id, wait, buffered) = {
             let mut st = f.lock();
             if st.removed {
                 return Err(AcquireError::Removed(f.name().to_string()));
@@ -267,18 +267,14 @@ impl Activator {
             let (tx, rx) = oneshot::channel();
             let id = st.next_waiter;
             st.next_waiter += 1;
-            st.queue.push_back(function::Waiter { id, route, tx });
-            self.scale_up(f, &mut st);
-            // It waits for a cold start when an instance is starting (or resuming) for it,
-            // or is being set aside and will be brought back for it.
-            let cold = st.instances.iter().any(|i| {
-                use crate::model::Phase;
-                matches!(
-                    i.phase,
-                    Phase::Starting | Phase::Resuming | Phase::Unparking
-                ) || i.wanted_back()
+            st.queue.push_back(function::Waiter {
+                id,
+                route,
+                since: now,
+                tx,
             });
-            (rx, id, m.queue.timeout, buffered, cold)
+            self.scale_up(f, &mut st);
+            (rx, id, m.queue.timeout, buffered)
         };
         // Removes the waiter if this future is dropped (client gone) or times out.
         let guard = WaiterGuard {
@@ -292,10 +288,7 @@ impl Activator {
         match outcome {
             Ok(Ok(result)) => {
                 guard.armed = false;
-                result.map(|mut permit| {
-                    permit.set_cold(cold);
-                    permit
-                })
+                result
             }
             Ok(Err(_)) => {
                 guard.armed = false;

@@ -25,6 +25,8 @@ pub struct Permit {
     devices: Arc<[String]>,
     _in_flight: InFlight,
     armed: bool,
+    /// When its instance last became ready.
+    ready_at: tokio::time::Instant,
     cold: bool,
 }
 
@@ -43,6 +45,7 @@ impl Permit {
             devices: inst.meter.devices().clone(),
             _in_flight: inst.reservation.track_request(),
             armed,
+            ready_at: inst.ready_at,
             cold: false,
         }
     }
@@ -83,13 +86,16 @@ impl Permit {
         &self.devices
     }
 
-    /// Whether its request waited for an instance to start (or resume).
+    /// Whether its request waited for an instance to start (or resume, or start again):
+    /// it queued, and its instance became ready after that. A request that queued while
+    /// an instance started but was served by one that had a slot free up is not cold.
     pub fn cold(&self) -> bool {
         self.cold
     }
 
-    pub(super) fn set_cold(&mut self, cold: bool) {
-        self.cold = cold;
+    /// Sets `cold` for a request that queued at `since`.
+    pub(super) fn queued_since(&mut self, since: tokio::time::Instant) {
+        self.cold = self.ready_at >= since;
     }
 
     /// The function the permit is for.

@@ -359,3 +359,46 @@ async fn a_cold_start_tells_the_keep_alive_policy_how_long_it_took() {
     assert_eq!(starts.len(), 1, "{starts:?}");
     assert!(starts[0] >= Duration::from_millis(200), "{starts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_cold_only_when_the_instance_that_serves_it_started_while_it_waited() {
+    let node = Arc::new(FakeNode::gated("fake"));
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 2)).await.unwrap();
+    let f = a.function("f").unwrap();
+    let acquire = || {
+        let (a, f) = (a.clone(), f.clone());
+        tokio::spawn(async move { a.acquire(&f, None, None).await.unwrap() })
+    };
+    node.gate.add_permits(1);
+    let first = acquire().await.unwrap();
+    assert!(first.cold(), "the first request waited for the first start");
+    let first_instance = first.instance().to_string();
+    let second = acquire();
+    settle(|| node.starts.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(
+        node.starts.load(Ordering::SeqCst),
+        2,
+        "a second instance starts"
+    );
+    drop(first);
+    let second = second.await.unwrap();
+    assert_eq!(
+        second.instance(),
+        first_instance,
+        "the first instance's slot freed up first"
+    );
+    assert!(
+        !second.cold(),
+        "it queued while an instance started, but a warm one served it"
+    );
+    let third = acquire();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.gate.add_permits(1);
+    let third = third.await.unwrap();
+    assert_ne!(third.instance(), second.instance());
+    assert!(
+        third.cold(),
+        "the instance that started while it waited served it"
+    );
+}
