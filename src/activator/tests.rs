@@ -393,7 +393,8 @@ async fn a_request_is_cold_only_when_the_instance_that_serves_it_started_while_i
         "it queued while an instance started, but a warm one served it"
     );
     let third = acquire();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    settle(|| f.load().0 == 1).await;
+    assert_eq!(f.load().0, 1, "the third request queued");
     node.gate.add_permits(1);
     let third = third.await.unwrap();
     assert_ne!(third.instance(), second.instance());
