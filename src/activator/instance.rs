@@ -44,6 +44,10 @@ pub struct Instance {
     pub(crate) resume_wanted: bool,
     /// When it last became ready (or was adopted or resumed).
     pub(crate) ready_at: Instant,
+    /// When it last came up for requests: started, resumed or started again (`None` for
+    /// one adopted as it ran). A request that queued before then and is served by it
+    /// waited for it: a cold start.
+    pub(crate) came_up: Option<Instant>,
     /// When its start began (unix ms; before a restart, for an adopted starting one).
     pub(crate) started_ms: u64,
     /// Cancelled when it leaves service.
@@ -113,6 +117,7 @@ impl Instance {
             paused_at: None,
             resume_wanted: false,
             ready_at: Instant::now(),
+            came_up: None,
             started_ms,
             retired: Retired::default(),
             image: None,
@@ -160,6 +165,7 @@ impl Instance {
         self.meter.resumed();
         self.last_used = now;
         self.ready_at = now;
+        self.came_up = Some(now);
         true
     }
 

@@ -25,8 +25,8 @@ pub struct Permit {
     devices: Arc<[String]>,
     _in_flight: InFlight,
     armed: bool,
-    /// When its instance last became ready.
-    ready_at: tokio::time::Instant,
+    /// When its instance last came up (`Instance::came_up`).
+    came_up: Option<tokio::time::Instant>,
     cold: bool,
 }
 
@@ -45,7 +45,7 @@ impl Permit {
             devices: inst.meter.devices().clone(),
             _in_flight: inst.reservation.track_request(),
             armed,
-            ready_at: inst.ready_at,
+            came_up: inst.came_up,
             cold: false,
         }
     }
@@ -87,15 +87,16 @@ impl Permit {
     }
 
     /// Whether its request waited for an instance to start (or resume, or start again):
-    /// it queued, and its instance became ready after that. A request that queued while
-    /// an instance started but was served by one that had a slot free up is not cold.
+    /// it queued, and its instance came up after that. A request that queued while an
+    /// instance started but was served by one that had a slot free up, or by a running
+    /// container adopted meanwhile, is not cold.
     pub fn cold(&self) -> bool {
         self.cold
     }
 
     /// Sets `cold` for a request that queued at `since`.
     pub(super) fn queued_since(&mut self, since: tokio::time::Instant) {
-        self.cold = self.ready_at >= since;
+        self.cold = self.came_up.is_some_and(|at| at >= since);
     }
 
     /// The function the permit is for.

@@ -403,3 +403,58 @@ async fn a_request_is_cold_only_when_the_instance_that_serves_it_started_while_i
         "the instance that started while it waited served it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_served_by_a_container_adopted_while_it_waited_is_not_cold() {
+    let node = Arc::new(FakeNode::gated("fake"));
+    let (a, _dir) = activator(node.clone()).await;
+    a.deploy(manifest(1, 2)).await.unwrap();
+    let f = a.function("f").unwrap();
+    // A container of `f` that ran all along, on a node that reports in late (an agent
+    // after the gateway restarted): its record, and the node listing it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = listener.local_addr().unwrap();
+    let revision = f.revision().id.clone();
+    let record = crate::store::InstanceRecord {
+        id: "i-ran".into(),
+        function: "f".into(),
+        revision: revision.clone(),
+        node: "fake".into(),
+        container_id: "c-ran".into(),
+        endpoint: endpoint.to_string(),
+        ready_ms: 1,
+        started_ms: 1,
+        gpus: Vec::new(),
+    };
+    a.inner.store.put_instance(&record).await.unwrap();
+    node.managed
+        .lock()
+        .unwrap()
+        .push(crate::node::ManagedContainer {
+            container_id: "c-ran".into(),
+            function: "f".into(),
+            revision,
+            instance: "i-ran".into(),
+            running: true,
+            paused: false,
+            endpoint: Some(endpoint),
+            gpus: Vec::new(),
+        });
+    let (a2, f2) = (a.clone(), f.clone());
+    let request = tokio::spawn(async move { a2.acquire(&f2, None, None).await.unwrap() });
+    settle(|| f.load().0 == 1).await;
+    assert_eq!(
+        f.load().0,
+        1,
+        "the request queued (its own start is held at the gate)"
+    );
+    let guard = a.begin_reconcile("fake").expect("no reconcile under way");
+    assert!(guard.reconcile(node.clone()).await);
+    let permit = request.await.unwrap();
+    assert_eq!(
+        permit.instance(),
+        "i-ran",
+        "the adopted container served it"
+    );
+    assert!(!permit.cold(), "its container ran all along: no cold start");
+}

@@ -67,6 +67,9 @@ pub struct FakeNode {
     pub failing_connects: Mutex<VecDeque<std::io::ErrorKind>>,
     /// What every container has written (stdout), for `logs` and `stream_logs`.
     pub output: Mutex<String>,
+    /// What `list_managed` reports: containers a reconcile finds (none unless a test
+    /// puts some).
+    pub managed: Mutex<Vec<ManagedContainer>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -87,6 +90,7 @@ impl FakeNode {
             slow_stops: AtomicBool::new(false),
             failing_connects: Mutex::default(),
             output: Mutex::new("crashing at start".into()),
+            managed: Mutex::default(),
             listeners: Mutex::default(),
         }
     }
@@ -272,7 +276,7 @@ impl Node for FakeNode {
         Ok(())
     }
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, NodeError> {
-        Ok(Vec::new())
+        Ok(lock(&self.managed).clone())
     }
     async fn image_exists(&self, _: &str) -> Result<bool, NodeError> {
         Ok(!self.lacks_image.load(Ordering::SeqCst))
