@@ -100,6 +100,9 @@ async fn a_cut_tunnel_disconnects_the_node_then_it_comes_back_and_adopts_without
     assert_eq!(before.status, 200);
     let container = gw.containers("kept");
 
+    // The agent stays away until the request below is waiting: it dials again within
+    // 100 ms, which a loaded machine's status polls could miss entirely.
+    relay.refuse_new(true);
     let cut_at = Instant::now();
     relay.cut();
     eventually(Duration::from_secs(5), "node disconnected", || {
@@ -116,7 +119,9 @@ async fn a_cut_tunnel_disconnects_the_node_then_it_comes_back_and_adopts_without
                 .await
         })
     };
-    eventually(Duration::from_secs(10), "node back", || {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relay.refuse_new(false);
+    eventually(Duration::from_secs(20), "node back", || {
         let gw = gw.clone();
         async move { node_state(&gw, "cut").await == "ready" }
     })
@@ -128,6 +133,11 @@ async fn a_cut_tunnel_disconnects_the_node_then_it_comes_back_and_adopts_without
         r.header("x-echo-host"),
         before.header("x-echo-host"),
         "the same container"
+    );
+    assert_eq!(
+        r.header("ember-cold-start"),
+        None,
+        "it waited for its node to come back, not for a start"
     );
     assert_eq!(gw.containers("kept"), container, "adopted, not duplicated");
     let status = gw.function("kept").await;
