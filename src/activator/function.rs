@@ -44,7 +44,7 @@ pub(super) struct Waiter {
     pub id: u64,
     /// The request's routing key (see `routing`).
     pub route: Option<u64>,
-    /// When it queued: the permit it gets is cold when its instance became ready (started,
+    /// When it queued: the permit it gets is cold when its instance came up (started,
     /// resumed or started again) after that.
     pub since: Instant,
     pub tx: oneshot::Sender<Result<Permit, AcquireError>>,
@@ -147,12 +147,11 @@ impl Function {
                 st.queue.pop_front();
                 continue;
             }
-            let route = front.route;
-            let Some(mut permit) = self.take_slot(st, route) else {
+            let (route, since) = (front.route, front.since);
+            let Some(permit) = self.take_slot(st, route, Some(since)) else {
                 break;
             };
             let waiter = st.queue.pop_front().expect("front exists");
-            permit.queued_since(waiter.since);
             if let Err(Ok(permit)) = waiter.tx.send(Ok(permit)) {
                 // The waiter left between the check and the send: give the slot back here,
                 // since dropping the permit would take this lock again.
@@ -163,11 +162,13 @@ impl Function {
 
     /// A permit on a ready instance with a free slot: one of the current revision's
     /// (not evacuating) when any is free, picked by `route` (see `routing`), else the
-    /// least loaded of the rest.
+    /// least loaded of the rest. `queued`: when its request queued (it is cold if the
+    /// instance came up after that).
     pub(super) fn take_slot(
         self: &Arc<Self>,
         st: &mut FnState,
         route: Option<u64>,
+        queued: Option<Instant>,
     ) -> Option<Permit> {
         let current = st.revision.clone();
         let current = current.id.as_str();
@@ -212,7 +213,8 @@ impl Function {
         if inst.in_flight == 1 {
             inst.meter.busy(Instant::now());
         }
-        Some(Permit::new(self.clone(), inst, true))
+        let cold = queued.is_some_and(|q| inst.came_up.is_some_and(|at| at >= q));
+        Some(Permit::new(self.clone(), inst, true, cold))
     }
 
     /// A permit on a ready instance with a free slot, without waiting or starting one.
@@ -222,7 +224,7 @@ impl Function {
             return None;
         }
         st.arrival(Instant::now());
-        self.take_slot(&mut st, None)
+        self.take_slot(&mut st, None, None)
     }
 
     /// Instances that serve now or soon will (starting, ready, or in the warm tier): what
@@ -256,7 +258,7 @@ impl Function {
             .iter()
             .filter(|i| i.phase.can_serve() && i.reservation.node().reachable())
             .min_by_key(|i| (i.evacuating, &i.revision.id != current, i.in_flight))?;
-        Some(Permit::new(self.clone(), inst, false))
+        Some(Permit::new(self.clone(), inst, false, false))
     }
 
     /// Removes a waiter that gave up (timeout or client gone).

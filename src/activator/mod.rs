@@ -237,7 +237,7 @@ impl Activator {
                 return Err(AcquireError::ShuttingDown);
             }
             st.arrival(Instant::now());
-            if let Some(permit) = f.take_slot(&mut st, route) {
+            if let Some(permit) = f.take_slot(&mut st, route, None) {
                 return Ok(permit);
             }
             let m = st.revision.manifest.clone();

@@ -25,15 +25,13 @@ pub struct Permit {
     devices: Arc<[String]>,
     _in_flight: InFlight,
     armed: bool,
-    /// When its instance last came up (`Instance::came_up`).
-    came_up: Option<tokio::time::Instant>,
     cold: bool,
 }
 
 impl Permit {
     /// A permit on a ready instance of `function`; `armed`: it holds a slot, given back on
-    /// drop.
-    pub(super) fn new(function: Arc<Function>, inst: &Instance, armed: bool) -> Permit {
+    /// drop; `cold`: its request waited for the instance to come up.
+    pub(super) fn new(function: Arc<Function>, inst: &Instance, armed: bool, cold: bool) -> Permit {
         Permit {
             function,
             instance: inst.id.clone(),
@@ -45,8 +43,7 @@ impl Permit {
             devices: inst.meter.devices().clone(),
             _in_flight: inst.reservation.track_request(),
             armed,
-            came_up: inst.came_up,
-            cold: false,
+            cold,
         }
     }
 
@@ -87,16 +84,11 @@ impl Permit {
     }
 
     /// Whether its request waited for an instance to start (or resume, or start again):
-    /// it queued, and its instance came up after that. A request that queued while an
+    /// it queued, and its instance came up after that (`Instance::came_up`). A request that queued while an
     /// instance started but was served by one that had a slot free up, or by a running
     /// container adopted meanwhile, is not cold.
     pub fn cold(&self) -> bool {
         self.cold
-    }
-
-    /// Sets `cold` for a request that queued at `since`.
-    pub(super) fn queued_since(&mut self, since: tokio::time::Instant) {
-        self.cold = self.came_up.is_some_and(|at| at >= since);
     }
 
     /// The function the permit is for.
