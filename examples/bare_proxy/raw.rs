@@ -9,8 +9,16 @@ use tokio::net::TcpStream;
 
 use super::Error;
 
-/// Headers a proxy does not pass on (RFC 9110, 7.6.1), besides those it refuses.
-const HOP_BY_HOP: [&str; 4] = ["connection", "keep-alive", "proxy-connection", "te"];
+/// Headers a proxy does not pass on (RFC 9110, 7.6.1): the list Ember's proxy strips
+/// (`proxy::HOP_BY_HOP`), less `upgrade` and `transfer-encoding`, which this mode refuses.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+];
 
 /// Parses a message's head from the front of a buffer, writing it as passed on: the head's
 /// length and the body's, or `None` while the head is incomplete.
@@ -78,7 +86,6 @@ fn request_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<(usize, usize)>,
     let httparse::Status::Complete(len) = req.parse(buf)? else {
         return Ok(None);
     };
-    out.clear();
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
@@ -94,7 +101,6 @@ fn response_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<(usize, usize)>
         return Ok(None);
     };
     let code = res.code.unwrap_or(502);
-    out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&[
         b'0' + (code / 100) as u8,

@@ -31,8 +31,9 @@
 //!
 //! Every value is JSON inside a versioned envelope (`{"v":1,"data":…}`) so later versions
 //! can still read old data, but for the invocation history's batches, which every request
-//! adds to and which are written packed (`history.rs`). Point reads (`get`) are in-memory operations and run where they
-//! are called; scans run on the blocking pool, off the runtime's threads.
+//! adds to and which are written packed (`history.rs`). Point reads (`get`) are in-memory
+//! operations and run where they are called; scans run on the blocking pool, off the
+//! runtime's threads.
 #![allow(clippy::disallowed_types)] // the one module that may hold sled's types
 
 mod comfy;
