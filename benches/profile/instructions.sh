@@ -6,8 +6,8 @@
 #   bash benches/profile/instructions.sh [BINARY] [CONNECTIONS] [SECONDS]
 #
 # BINARY defaults to target/release/ember (cargo build --release first). SERVE_ARGS adds
-# flags to `ember serve`, e.g. SERVE_ARGS="--history-max 0" to count without the history. Needs valgrind,
-# wrk and Docker (apt install valgrind wrk). It starts the gateway under callgrind with
+# flags to `ember serve`, e.g. SERVE_ARGS="--history-max 0" to count without the history.
+# Needs valgrind, wrk and Docker (apt install valgrind wrk). It starts the gateway under callgrind with
 # instrumentation off, deploys functions/echo with one warm instance, sends wrk's POSTs of
 # 5 bytes for a few seconds to warm up, then counts instructions over SECONDS of load
 # (default 10) and divides by the requests wrk completed. The gateway runs about 50 times
